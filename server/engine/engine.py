@@ -1,0 +1,129 @@
+"""The async boundary: HTTP handlers submit requests and iterate their outputs; a dedicated
+thread owns the model and runs scheduler steps, so no model call ever blocks the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+
+from ragtune.config import EngineConfig
+from ragtune.models import LoadedModel
+from server.engine.runner import HFModelRunner
+from server.engine.scheduler import Scheduler
+from server.engine.sequence import Sequence
+from server.engine.types import (
+    EngineStoppedError,
+    GenerationRequest,
+    QueueFullError,
+    StepOutput,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class RequestStream:
+    """Async iterator over one request's StepOutputs; cancel() frees its slot next step."""
+
+    def __init__(self, engine: Engine, request_id: str, loop: asyncio.AbstractEventLoop):
+        self.request_id = request_id
+        self._engine = engine
+        self._loop = loop
+        self._queue: asyncio.Queue[StepOutput] = asyncio.Queue()
+        self._done = False
+
+    def push(self, output: StepOutput) -> None:
+        """Thread-safe: called from the engine thread."""
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, output)
+
+    def __aiter__(self) -> AsyncIterator[StepOutput]:
+        return self
+
+    async def __anext__(self) -> StepOutput:
+        if self._done:
+            raise StopAsyncIteration
+        output = await self._queue.get()
+        if output.finished:
+            self._done = True
+        return output
+
+    def cancel(self) -> None:
+        if not self._done:
+            self._done = True
+            self._engine.abort(self.request_id)
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig, max_queue: int):
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.max_queue = max_queue
+        self.eos_ids = _eos_ids(loaded)
+        self.scheduler = Scheduler(
+            HFModelRunner(loaded), config.max_batch_size, config.max_batch_tokens
+        )
+        self._wake = threading.Event()
+        self._stopping = False
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="ragtune-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, request: GenerationRequest) -> RequestStream:
+        """Queue a request; raises QueueFullError or EngineStoppedError (never blocks)."""
+        if self._stopping:
+            raise EngineStoppedError()
+        if self.scheduler.num_waiting >= self.max_queue:
+            raise QueueFullError(self.max_queue)
+        stream = RequestStream(self, request.request_id, asyncio.get_running_loop())
+        self.scheduler.add(Sequence(request, self.tokenizer, self.eos_ids, stream.push))
+        self._wake.set()
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        self.scheduler.abort(request_id)
+        self._wake.set()
+
+    @property
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    def shutdown(self, drain_timeout_s: float = 30.0) -> None:
+        """Refuse new work, let running and queued requests finish, then stop the thread."""
+        self._stopping = True
+        deadline = time.monotonic() + drain_timeout_s
+        while self.scheduler.has_work() and time.monotonic() < deadline:
+            self._wake.set()
+            time.sleep(0.05)
+        self._closed = True
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        self.scheduler.abort_all("server shut down before the request finished")
+
+    def _loop(self) -> None:
+        while not self._closed:
+            if not self.scheduler.has_work():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            self.scheduler.step()
+
+
+def _eos_ids(loaded: LoadedModel) -> set[int]:
+    ids: set[int] = set()
+    if loaded.tokenizer.eos_token_id is not None:
+        ids.add(int(loaded.tokenizer.eos_token_id))
+    configured = getattr(loaded.model.generation_config, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(int(i) for i in configured)
+    return ids

@@ -1,0 +1,82 @@
+"""One request's life inside the engine: its tokens, its text state and when it is done."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.sampler import make_generator
+from server.engine.stop import StopMatcher
+from server.engine.types import FinishReason, GenerationRequest, StepOutput
+
+Emit = Callable[[StepOutput], None]
+
+
+class Sequence:
+    def __init__(self, request: GenerationRequest, tokenizer: Any, eos_ids: set[int], emit: Emit):
+        self.request = request
+        self.params = request.params
+        self.output_ids: list[int] = []
+        self.generator = make_generator(request.params.seed)
+        self.cache: Any = None  # owned by the model runner
+        self.finish_reason: FinishReason | None = None
+        self._eos_ids = eos_ids
+        self._detok = IncrementalDetokenizer(tokenizer, request.prompt_ids)
+        self._stop = StopMatcher(request.params.stop)
+        self._emit = emit
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.request.prompt_ids)
+
+    @property
+    def last_token(self) -> int:
+        return self.output_ids[-1] if self.output_ids else self.request.prompt_ids[-1]
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def append(self, token_id: int) -> None:
+        """Record a sampled token, emit the text it completes, and decide if we are done."""
+        if token_id in self._eos_ids:
+            self._finish("stop", self._stop.flush())
+            return
+        self.output_ids.append(token_id)
+        text = self._stop.feed(self._detok.push(token_id))
+        if self._stop.stopped:
+            self._finish("stop", text)
+        elif len(self.output_ids) >= self.params.max_tokens:
+            self._finish("length", text + self._stop.flush())
+        elif text:
+            self._emit(self._output(text, [token_id]))
+
+    def abort(self, reason: FinishReason = "abort", error: str | None = None) -> None:
+        if not self.finished:
+            self.finish_reason = reason
+            self._emit(self._output("", [], reason, error))
+
+    def _finish(self, reason: FinishReason, text: str) -> None:
+        self.finish_reason = reason
+        self._emit(self._output(text, self.output_ids[-1:], reason))
+
+    def _output(
+        self,
+        text: str,
+        ids: list[int],
+        reason: FinishReason | None = None,
+        error: str | None = None,
+    ) -> StepOutput:
+        return StepOutput(
+            text=text,
+            token_ids=ids,
+            finish_reason=reason,
+            prompt_tokens=self.prompt_len,
+            completion_tokens=len(self.output_ids),
+            error=error,
+        )

@@ -1,0 +1,46 @@
+"""`ragtune serve`: build the app from settings and run it under uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from ragtune.config import load_settings
+
+
+def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("serve", help="Run the OpenAI-compatible server.")
+    parser.add_argument("--config", help="YAML config file (default: configs/default.yaml)")
+    parser.add_argument("--host", help="bind address (server.host)")
+    parser.add_argument("--port", type=int, help="bind port (server.port)")
+    parser.set_defaults(handler=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.app import create_app
+
+    overrides: dict = {"server": {}}
+    if args.host:
+        overrides["server"]["host"] = args.host
+    if args.port is not None:
+        overrides["server"]["port"] = args.port
+    settings = load_settings(args.config, _without_empty(overrides))
+    logging.basicConfig(
+        level=settings.server.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=settings.server.host,
+        port=settings.server.port,
+        log_level=settings.server.log_level,
+        timeout_graceful_shutdown=int(settings.limits.request_timeout_s),
+    )
+    return 0
+
+
+def _without_empty(data: dict) -> dict:
+    return {k: v for k, v in data.items() if v != {}}

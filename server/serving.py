@@ -1,0 +1,274 @@
+"""Serving logic for /v1/chat/completions and /v1/completions: validate against the limits,
+turn the request into an engine request, and shape engine output as OpenAI JSON or SSE."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi.responses import StreamingResponse
+
+from ragtune.config import Settings
+from ragtune.models.chat import encode_prompt, render_chat
+from server.engine import Engine, GenerationRequest, RequestStream, StepOutput
+from server.errors import (
+    APIError,
+    BadRequestError,
+    InternalError,
+    ModelNotFoundError,
+    ServiceUnavailableError,
+    sse_error,
+    to_api_error,
+)
+from server.protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    ResponseMessage,
+    Usage,
+    _GenerationRequest,
+    new_id,
+)
+
+
+class RequestTimeoutError(APIError):
+    status_code = 504
+    error_type = "timeout_error"
+    code = "request_timeout"
+
+
+class OpenAIServing:
+    def __init__(self, engine: Engine, settings: Settings):
+        self.engine = engine
+        self.settings = settings
+        self.tokenizer = engine.tokenizer
+        self.base_model_id = settings.model.served_model_name
+        self.system_fingerprint = f"fp_{engine.loaded.fingerprint[:10]}"
+        self.context_length = engine.loaded.context_length
+
+    # ------------------------------------------------------------------------ model selection
+    def model_ids(self) -> list[str]:
+        return [self.base_model_id]
+
+    def resolve_adapter(self, model: str) -> str | None:
+        """The adapter a `model` field names (None = base); unknown names are a 404."""
+        if model == self.base_model_id:
+            return None
+        raise ModelNotFoundError(model, self.model_ids())
+
+    # ------------------------------------------------------------------------------ requests
+    async def create_chat_completion(self, request: ChatCompletionRequest) -> Any:
+        request.unsupported()
+        adapter = self.resolve_adapter(request.model)
+        prompt_text = render_chat(self.tokenizer, request.conversation())
+        prompt_ids = encode_prompt(self.tokenizer, prompt_text)
+        gen = self._engine_request("chatcmpl", request, prompt_ids, adapter)
+        stream = self._submit(gen)
+        if request.stream:
+            return _sse(self._chat_events(request, gen, stream))
+        text, final = await self._collect(stream)
+        return ChatCompletionResponse(
+            id=gen.request_id,
+            model=request.model,
+            system_fingerprint=self.system_fingerprint,
+            choices=[
+                ChatChoice(message=ResponseMessage(content=text), finish_reason=final.finish_reason)
+            ],
+            usage=Usage.of(final.prompt_tokens, final.completion_tokens),
+        )
+
+    async def create_completion(self, request: CompletionRequest) -> Any:
+        request.unsupported()
+        adapter = self.resolve_adapter(request.model)
+        prompt = request.prompt_text_or_ids()
+        if isinstance(prompt, str):
+            prompt_ids = encode_prompt(self.tokenizer, prompt)
+        else:
+            vocab = len(self.tokenizer)
+            if any(not 0 <= t < vocab for t in prompt):
+                raise BadRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
+            prompt_ids = list(prompt)
+        gen = self._engine_request("cmpl", request, prompt_ids, adapter)
+        stream = self._submit(gen)
+        if request.stream:
+            return _sse(self._completion_events(request, gen, stream))
+        text, final = await self._collect(stream)
+        return CompletionResponse(
+            id=gen.request_id,
+            model=request.model,
+            system_fingerprint=self.system_fingerprint,
+            choices=[CompletionChoice(text=text, finish_reason=final.finish_reason)],
+            usage=Usage.of(final.prompt_tokens, final.completion_tokens),
+        )
+
+    # ------------------------------------------------------------------------------- helpers
+    def _engine_request(
+        self, prefix: str, request: _GenerationRequest, prompt_ids: list[int], adapter: str | None
+    ) -> GenerationRequest:
+        limits = self.settings.limits
+        if not prompt_ids:
+            raise BadRequestError(
+                "the prompt is empty", "messages" if prefix == "chatcmpl" else "prompt"
+            )
+        max_prompt = min(limits.max_prompt_tokens, self.context_length - 1)
+        if len(prompt_ids) > max_prompt:
+            raise BadRequestError(
+                f"the prompt has {len(prompt_ids)} tokens but this server accepts at most "
+                f"{max_prompt} (limits.max_prompt_tokens); shorten the prompt",
+                "messages" if prefix == "chatcmpl" else "prompt",
+                code="context_length_exceeded",
+            )
+        room = self.context_length - len(prompt_ids)
+        wanted = request.requested_max_tokens()
+        if wanted is None:
+            wanted = min(limits.max_new_tokens, room)
+        elif wanted > limits.max_new_tokens:
+            raise BadRequestError(
+                f"max_tokens={wanted} exceeds this server's limit of {limits.max_new_tokens} "
+                "(limits.max_new_tokens)",
+                "max_tokens",
+            )
+        elif wanted > room:
+            raise BadRequestError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({wanted}) exceeds the model's "
+                f"context length of {self.context_length} tokens",
+                "max_tokens",
+                code="context_length_exceeded",
+            )
+        return GenerationRequest(
+            request_id=new_id(prefix),
+            prompt_ids=prompt_ids,
+            params=request.to_sampling_params(wanted),
+            adapter=adapter,
+        )
+
+    def _submit(self, gen: GenerationRequest) -> RequestStream:
+        try:
+            return self.engine.submit(gen)
+        except Exception as exc:
+            raise to_api_error(exc) from exc
+
+    async def _outputs(self, stream: RequestStream) -> AsyncIterator[StepOutput]:
+        """Engine outputs with the per-request deadline applied; always frees the slot."""
+        deadline = time.monotonic() + self.settings.limits.request_timeout_s
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                try:
+                    output = await asyncio.wait_for(anext(stream), timeout=max(remaining, 0.001))
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    raise RequestTimeoutError(
+                        f"request exceeded limits.request_timeout_s="
+                        f"{self.settings.limits.request_timeout_s}"
+                    ) from None
+                if output.finished and output.finish_reason in ("abort", "error"):
+                    error = output.error or "request aborted"
+                    if "shut down" in error:
+                        raise ServiceUnavailableError(error)
+                    raise InternalError(error)
+                yield output
+                if output.finished:
+                    return
+        finally:
+            stream.cancel()
+
+    async def _collect(self, stream: RequestStream) -> tuple[str, StepOutput]:
+        parts: list[str] = []
+        final = StepOutput()
+        async for output in self._outputs(stream):
+            parts.append(output.text)
+            final = output
+        return "".join(parts), final
+
+    async def _chat_events(
+        self, request: ChatCompletionRequest, gen: GenerationRequest, stream: RequestStream
+    ) -> AsyncIterator[str]:
+        created = int(time.time())
+
+        def chunk(delta: DeltaMessage, finish: str | None = None) -> str:
+            return _event(
+                ChatCompletionChunk(
+                    id=gen.request_id,
+                    created=created,
+                    model=request.model,
+                    system_fingerprint=self.system_fingerprint,
+                    choices=[ChatChunkChoice(delta=delta, finish_reason=finish)],
+                )
+            )
+
+        yield chunk(DeltaMessage(role="assistant", content=""))
+        try:
+            async for output in self._outputs(stream):
+                if output.text or output.finished:
+                    yield chunk(DeltaMessage(content=output.text or None), output.finish_reason)
+                if output.finished and request.include_usage:
+                    yield _event(
+                        ChatCompletionChunk(
+                            id=gen.request_id,
+                            created=created,
+                            model=request.model,
+                            system_fingerprint=self.system_fingerprint,
+                            choices=[],
+                            usage=Usage.of(output.prompt_tokens, output.completion_tokens),
+                        )
+                    )
+        except Exception as exc:
+            yield sse_error(to_api_error(exc))
+        yield "data: [DONE]\n\n"
+
+    async def _completion_events(
+        self, request: CompletionRequest, gen: GenerationRequest, stream: RequestStream
+    ) -> AsyncIterator[str]:
+        created = int(time.time())
+        try:
+            async for output in self._outputs(stream):
+                if output.text or output.finished:
+                    yield _event(
+                        CompletionResponse(
+                            id=gen.request_id,
+                            created=created,
+                            model=request.model,
+                            system_fingerprint=self.system_fingerprint,
+                            choices=[
+                                CompletionChoice(
+                                    text=output.text, finish_reason=output.finish_reason
+                                )
+                            ],
+                        )
+                    )
+                if output.finished and request.include_usage:
+                    yield _event(
+                        CompletionResponse(
+                            id=gen.request_id,
+                            created=created,
+                            model=request.model,
+                            system_fingerprint=self.system_fingerprint,
+                            choices=[],
+                            usage=Usage.of(output.prompt_tokens, output.completion_tokens),
+                        )
+                    )
+        except Exception as exc:
+            yield sse_error(to_api_error(exc))
+        yield "data: [DONE]\n\n"
+
+
+def _event(model: Any) -> str:
+    return f"data: {model.model_dump_json(exclude_none=True)}\n\n"
+
+
+def _sse(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(
+        events,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
