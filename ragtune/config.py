@@ -82,7 +82,29 @@ class LimitsConfig(_Section):
 class EngineConfig(_Section):
     max_batch_size: int = Field(16, ge=1, description="Sequences decoded together in one step.")
     max_batch_tokens: int = Field(
-        4096, ge=16, description="Prompt tokens admitted (prefilled) in one engine step."
+        1024, ge=16, description="Prompt tokens prefilled in one engine step (all sequences)."
+    )
+    prefill_chunk: int = Field(
+        512, ge=16, description="Longest piece of one prompt prefilled in a single forward."
+    )
+    max_seq_len: int | None = Field(
+        None, ge=64, description="KV cache length per sequence; default "
+        "limits.max_prompt_tokens + limits.max_new_tokens, capped at the model's context."
+    )
+    max_loras: int = Field(4, ge=1, description="Adapters that can be in one batch at once.")
+    max_lora_rank: int = Field(16, ge=1, description="Largest LoRA rank accepted.")
+
+
+class AdaptersConfig(_Section):
+    roots: list[Path] = Field(
+        default_factory=list,
+        description="Directories adapters may be loaded from, besides $RAGTUNE_HOME/adapters.",
+    )
+    max_cpu_loras: int = Field(
+        32, ge=1, description="Adapter versions kept in memory; older ones reload from disk."
+    )
+    preload: dict[str, str] = Field(
+        default_factory=dict, description="name -> adapter directory, loaded at start."
     )
 
 
@@ -108,6 +130,10 @@ class Settings(BaseSettings):
     server: ServerSection = Field(default_factory=ServerSection)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    adapters: AdaptersConfig = Field(default_factory=AdaptersConfig)
+    audit_log: Path | None = Field(
+        None, description="Append-only JSONL of admin actions; default $RAGTUNE_HOME/audit.log."
+    )
 
     @field_validator("api_keys", "admin_keys", mode="before")
     @classmethod
@@ -120,6 +146,12 @@ class Settings(BaseSettings):
     @classmethod
     def _expand_home(cls, value: Path) -> Path:
         return value.expanduser()
+
+    def adapter_roots(self) -> list[Path]:
+        return [self.home / "adapters", *self.adapters.roots]
+
+    def audit_path(self) -> Path:
+        return self.audit_log or self.home / "audit.log"
 
     @classmethod
     def settings_customise_sources(

@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.adapters.errors import AdapterError, AdapterNotFoundError
 from server.engine.types import EngineError, EngineStoppedError, QueueFullError
 from server.protocol import ErrorDetail, ErrorResponse, ProtocolError
 
@@ -104,6 +105,10 @@ def to_api_error(exc: Exception) -> APIError:
         return exc
     if isinstance(exc, ProtocolError):
         return BadRequestError(str(exc), param=exc.param)
+    if isinstance(exc, AdapterError):
+        return BadRequestError(str(exc), param=exc.param, code="invalid_adapter")
+    if isinstance(exc, AdapterNotFoundError):
+        return NotFoundError(str(exc), param="lora_name", code="adapter_not_found")
     if isinstance(exc, QueueFullError):
         return RateLimitError(str(exc), exc.retry_after_s)
     if isinstance(exc, EngineStoppedError):
@@ -156,7 +161,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     # Expected errors get their own handlers: Starlette re-raises whatever reaches the
     # catch-all `Exception` handler, which logs a traceback and drops the keep-alive connection.
-    for expected in (APIError, ProtocolError, EngineError):
+    for expected in (APIError, ProtocolError, EngineError, AdapterError, AdapterNotFoundError):
         app.add_exception_handler(expected, _on_expected)
 
     @app.exception_handler(Exception)

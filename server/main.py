@@ -13,6 +13,10 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--config", help="YAML config file (default: configs/default.yaml)")
     parser.add_argument("--host", help="bind address (server.host)")
     parser.add_argument("--port", type=int, help="bind port (server.port)")
+    parser.add_argument(
+        "--adapter", action="append", default=[], metavar="NAME=PATH",
+        help="load a PEFT LoRA adapter at start (repeatable; adds to adapters.preload)",
+    )
     parser.set_defaults(handler=run_serve)
 
 
@@ -27,6 +31,11 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.port is not None:
         overrides["server"]["port"] = args.port
     settings = load_settings(args.config, _without_empty(overrides))
+    for spec in args.adapter:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--adapter expects NAME=PATH, got {spec!r}")
+        settings.adapters.preload[name] = path
     logging.basicConfig(
         level=settings.server.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

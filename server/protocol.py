@@ -263,6 +263,32 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+# ------------------------------------------------------------------------------ admin: adapters
+class LoadLoraAdapterRequest(BaseModel):
+    """vLLM-compatible (`lora_name`, `lora_path`) plus ragtune's versioning fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lora_name: str
+    lora_path: str
+    version: str | None = None
+    replace: bool = False
+    activate: bool = True
+
+
+class UnloadLoraAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # vLLM clients may send lora_int_id
+
+    lora_name: str
+    version: str | None = None
+
+
+class ActivateAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: str
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str

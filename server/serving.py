@@ -12,7 +12,10 @@ from fastapi.responses import StreamingResponse
 
 from ragtune.config import Settings
 from ragtune.models.chat import encode_prompt, render_chat
+from server.adapters.errors import AdapterNotFoundError
+from server.adapters.registry import AdapterRegistry
 from server.engine import Engine, GenerationRequest, RequestStream, StepOutput
+from server.engine.lora import AdapterWeights
 from server.errors import (
     APIError,
     BadRequestError,
@@ -22,6 +25,7 @@ from server.errors import (
     sse_error,
     to_api_error,
 )
+from server.metrics import Metrics
 from server.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -46,35 +50,42 @@ class RequestTimeoutError(APIError):
 
 
 class OpenAIServing:
-    def __init__(self, engine: Engine, settings: Settings):
+    def __init__(self, engine: Engine, settings: Settings, registry: AdapterRegistry,
+                 metrics: Metrics):
         self.engine = engine
+        self.registry = registry
+        self.metrics = metrics
         self.settings = settings
         self.tokenizer = engine.tokenizer
         self.base_model_id = settings.model.served_model_name
         self.system_fingerprint = f"fp_{engine.loaded.fingerprint[:10]}"
-        self.context_length = engine.loaded.context_length
+        self.context_length = engine.max_seq_len
 
     # ------------------------------------------------------------------------ model selection
     def model_ids(self) -> list[str]:
-        return [self.base_model_id]
+        return [self.base_model_id, *self.registry.model_ids()]
 
-    def resolve_adapter(self, model: str) -> str | None:
-        """The adapter a `model` field names (None = base); unknown names are a 404."""
+    async def resolve_adapter(self, model: str) -> AdapterWeights | None:
+        """The adapter a `model` field names (None = base); unknown names are a 404, never
+        a silent fallback to the base model."""
         if model == self.base_model_id:
             return None
-        raise ModelNotFoundError(model, self.model_ids())
+        try:
+            return await asyncio.to_thread(self.registry.resolve, model)
+        except AdapterNotFoundError:
+            raise ModelNotFoundError(model, self.model_ids()) from None
 
     # ------------------------------------------------------------------------------ requests
     async def create_chat_completion(self, request: ChatCompletionRequest) -> Any:
         request.unsupported()
-        adapter = self.resolve_adapter(request.model)
+        adapter = await self.resolve_adapter(request.model)
         prompt_text = render_chat(self.tokenizer, request.conversation())
         prompt_ids = encode_prompt(self.tokenizer, prompt_text)
         gen = self._engine_request("chatcmpl", request, prompt_ids, adapter)
         stream = self._submit(gen)
         if request.stream:
             return _sse(self._chat_events(request, gen, stream))
-        text, final = await self._collect(stream)
+        text, final = await self._collect(stream, request.model)
         return ChatCompletionResponse(
             id=gen.request_id,
             model=request.model,
@@ -87,7 +98,7 @@ class OpenAIServing:
 
     async def create_completion(self, request: CompletionRequest) -> Any:
         request.unsupported()
-        adapter = self.resolve_adapter(request.model)
+        adapter = await self.resolve_adapter(request.model)
         prompt = request.prompt_text_or_ids()
         if isinstance(prompt, str):
             prompt_ids = encode_prompt(self.tokenizer, prompt)
@@ -100,7 +111,7 @@ class OpenAIServing:
         stream = self._submit(gen)
         if request.stream:
             return _sse(self._completion_events(request, gen, stream))
-        text, final = await self._collect(stream)
+        text, final = await self._collect(stream, request.model)
         return CompletionResponse(
             id=gen.request_id,
             model=request.model,
@@ -111,7 +122,11 @@ class OpenAIServing:
 
     # ------------------------------------------------------------------------------- helpers
     def _engine_request(
-        self, prefix: str, request: _GenerationRequest, prompt_ids: list[int], adapter: str | None
+        self,
+        prefix: str,
+        request: _GenerationRequest,
+        prompt_ids: list[int],
+        adapter: AdapterWeights | None,
     ) -> GenerationRequest:
         limits = self.settings.limits
         if not prompt_ids:
@@ -138,8 +153,8 @@ class OpenAIServing:
             )
         elif wanted > room:
             raise BadRequestError(
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({wanted}) exceeds the model's "
-                f"context length of {self.context_length} tokens",
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({wanted}) exceeds the "
+                f"{self.context_length}-token sequence limit (engine.max_seq_len)",
                 "max_tokens",
                 code="context_length_exceeded",
             )
@@ -156,9 +171,11 @@ class OpenAIServing:
         except Exception as exc:
             raise to_api_error(exc) from exc
 
-    async def _outputs(self, stream: RequestStream) -> AsyncIterator[StepOutput]:
+    async def _outputs(self, stream: RequestStream, model: str) -> AsyncIterator[StepOutput]:
         """Engine outputs with the per-request deadline applied; always frees the slot."""
-        deadline = time.monotonic() + self.settings.limits.request_timeout_s
+        started = time.monotonic()
+        deadline = started + self.settings.limits.request_timeout_s
+        first = True
         try:
             while True:
                 remaining = deadline - time.monotonic()
@@ -171,6 +188,11 @@ class OpenAIServing:
                         f"request exceeded limits.request_timeout_s="
                         f"{self.settings.limits.request_timeout_s}"
                     ) from None
+                if first:
+                    self.metrics.ttft.labels(model).observe(time.monotonic() - started)
+                    first = False
+                if output.finished:
+                    self._observe_finished(model, output, time.monotonic() - started)
                 if output.finished and output.finish_reason in ("abort", "error"):
                     error = output.error or "request aborted"
                     if "shut down" in error:
@@ -182,10 +204,16 @@ class OpenAIServing:
         finally:
             stream.cancel()
 
-    async def _collect(self, stream: RequestStream) -> tuple[str, StepOutput]:
+    def _observe_finished(self, model: str, output: StepOutput, seconds: float) -> None:
+        self.metrics.latency.labels(model).observe(seconds)
+        self.metrics.generations.labels(model, output.finish_reason).inc()
+        self.metrics.tokens.labels(model, "prompt").inc(output.prompt_tokens)
+        self.metrics.tokens.labels(model, "completion").inc(output.completion_tokens)
+
+    async def _collect(self, stream: RequestStream, model: str) -> tuple[str, StepOutput]:
         parts: list[str] = []
         final = StepOutput()
-        async for output in self._outputs(stream):
+        async for output in self._outputs(stream, model):
             parts.append(output.text)
             final = output
         return "".join(parts), final
@@ -208,7 +236,7 @@ class OpenAIServing:
 
         yield chunk(DeltaMessage(role="assistant", content=""))
         try:
-            async for output in self._outputs(stream):
+            async for output in self._outputs(stream, request.model):
                 if output.text or output.finished:
                     yield chunk(DeltaMessage(content=output.text or None), output.finish_reason)
                 if output.finished and request.include_usage:
@@ -231,7 +259,7 @@ class OpenAIServing:
     ) -> AsyncIterator[str]:
         created = int(time.time())
         try:
-            async for output in self._outputs(stream):
+            async for output in self._outputs(stream, request.model):
                 if output.text or output.finished:
                     yield _event(
                         CompletionResponse(

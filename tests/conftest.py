@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
+from tests.adapter_factory import ATTENTION, MLP, make_adapter
 from tests.helpers import RunningServer, start_server
 
 API_KEY = "test-client-key"
@@ -21,10 +25,34 @@ SERVER_ENV = {
 }
 
 
+ADAPTERS = {  # name -> (rank, target modules, seed)
+    "alpha": (8, ATTENTION, 1),
+    "beta": (16, ATTENTION + MLP, 2),
+    "gamma": (4, MLP, 3),
+}
+
+
 @pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> RunningServer:
+def adapter_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A configured adapter root holding real PEFT adapters made from the bundled model."""
+    root = tmp_path_factory.mktemp("adapters")
+    for name, (rank, targets, seed) in ADAPTERS.items():
+        make_adapter(root / name, rank, targets, seed)
+    return root
+
+
+@pytest.fixture(scope="session")
+def audit_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("audit") / "audit.log"
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, adapter_root: Path, audit_log: Path) -> RunningServer:
     log = tmp_path_factory.mktemp("server") / "server.log"
-    running = start_server(SERVER_ENV, log)
+    env = {**SERVER_ENV, "RAGTUNE_ADAPTERS__ROOTS": json.dumps([str(adapter_root)]),
+           "RAGTUNE_AUDIT_LOG": str(audit_log)}
+    args = [arg for name in ADAPTERS for arg in ("--adapter", f"{name}={adapter_root / name}")]
+    running = start_server(env, log, args)
     yield running
     running.stop()
 

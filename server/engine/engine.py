@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 from ragtune.config import EngineConfig
 from ragtune.models import LoadedModel
-from server.engine.runner import HFModelRunner
+from server.engine.runner import build_runner
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Sequence
 from server.engine.types import (
@@ -56,14 +56,15 @@ class RequestStream:
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, config: EngineConfig, max_queue: int):
+    def __init__(self, loaded: LoadedModel, config: EngineConfig, max_queue: int,
+                 max_seq_len: int):
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.max_queue = max_queue
+        self.max_seq_len = max_seq_len
         self.eos_ids = _eos_ids(loaded)
-        self.scheduler = Scheduler(
-            HFModelRunner(loaded), config.max_batch_size, config.max_batch_tokens
-        )
+        self.runner = build_runner(loaded, config, max_seq_len)
+        self.scheduler = Scheduler(self.runner, config.max_batch_tokens)
         self._wake = threading.Event()
         self._stopping = False
         self._closed = False

@@ -1,45 +1,208 @@
-"""Model runner: turns sequences into next-token logits. The only module that calls the model.
-
-This runner keeps one Hugging Face KV cache per sequence and runs them one after another;
-the scheduler above it does not care how the logits are produced.
-"""
+"""Model runners turn scheduled sequences into next-token logits; the only code that runs the
+model. `LlamaRunner` batches every running sequence (and its adapter) into one decode forward;
+`HFModelRunner` is the fallback for architectures the compact forward does not cover."""
 
 from __future__ import annotations
 
-import torch
-from transformers import DynamicCache
+import logging
+from collections import OrderedDict
 
+import torch
+
+from ragtune.config import EngineConfig
 from ragtune.models import LoadedModel
+from server.engine.kv_cache import KVCache
+from server.engine.llama import LlamaModel, supports
+from server.engine.lora import GROUPS, AdapterWeights, LoraSlots
 from server.engine.sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+
+class AdapterSlotTable:
+    """Which adapter occupies which LoRA slot; slots in use by running sequences are pinned,
+    the others are reused least-recently-used first."""
+
+    def __init__(self, lora: LoraSlots):
+        self.lora = lora
+        self._slot_of: OrderedDict[str, int] = OrderedDict()  # key -> slot, LRU order
+        self._users: dict[int, int] = {}  # slot -> running sequences using it
+        self._free = list(range(lora.num_slots))
+
+    def can_acquire(self, adapter: AdapterWeights) -> bool:
+        if adapter.key in self._slot_of or self._free:
+            return True
+        return any(self._users.get(slot, 0) == 0 for slot in self._slot_of.values())
+
+    def acquire(self, adapter: AdapterWeights) -> int:
+        slot = self._slot_of.get(adapter.key)
+        if slot is None:
+            if self._free:
+                slot = self._free.pop(0)
+            else:
+                victim = next(k for k, s in self._slot_of.items() if self._users.get(s, 0) == 0)
+                slot = self._slot_of.pop(victim)
+            self.lora.load(slot, adapter)
+            self._slot_of[adapter.key] = slot
+        self._slot_of.move_to_end(adapter.key)
+        self._users[slot] = self._users.get(slot, 0) + 1
+        return slot
+
+    def release(self, slot: int) -> None:
+        self._users[slot] -= 1
+
+    def evict(self, key: str) -> None:
+        """Drop an adapter's slot contents (after unload) once nothing running uses it."""
+        slot = self._slot_of.get(key)
+        if slot is not None and self._users.get(slot, 0) == 0:
+            del self._slot_of[key]
+            self.lora.clear(slot)
+            self._free.append(slot)
+
+
+class LlamaRunner:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig, max_seq_len: int):
+        self.model = LlamaModel(loaded.model, loaded.dtype, loaded.device)
+        self.device = loaded.device
+        self.max_seq_len = max_seq_len
+        self.prefill_chunk = config.prefill_chunk
+        m = self.model
+        self.cache = KVCache(m.num_layers, config.max_batch_size, m.num_kv_heads, max_seq_len,
+                             m.head_dim, m.dtype, loaded.device)
+        shapes = {
+            "q_proj": (m.hidden, m.q_size), "k_proj": (m.hidden, m.kv_size),
+            "v_proj": (m.hidden, m.kv_size), "o_proj": (m.q_size, m.hidden),
+            "gate_proj": (m.hidden, m.intermediate), "up_proj": (m.hidden, m.intermediate),
+            "down_proj": (m.intermediate, m.hidden),
+        }
+        self.module_shapes = shapes
+        self.lora = LoraSlots(m.num_layers, shapes, config.max_loras, config.max_lora_rank,
+                              m.dtype, loaded.device)
+        self.adapter_slots = AdapterSlotTable(self.lora)
+        self.slots: list[Sequence] = []  # index = KV slot = decode row
+        logger.info("KV cache %.0f MiB, LoRA buffers %.0f MiB", self.cache.nbytes / 2**20,
+                    self.lora.nbytes / 2**20)
+
+    def can_admit(self, seq: Sequence) -> bool:
+        if len(self.slots) >= self.cache.num_slots:
+            return False
+        adapter = seq.request.adapter
+        return adapter is None or self.adapter_slots.can_acquire(adapter)
+
+    def add(self, seq: Sequence) -> None:
+        seq.slot = len(self.slots)
+        seq.cache_len = 0
+        adapter = seq.request.adapter
+        seq.lora_slot = -1 if adapter is None else self.adapter_slots.acquire(adapter)
+        self.slots.append(seq)
+
+    def prefill(self, seq: Sequence) -> torch.Tensor | None:
+        """Run the next prompt chunk; return [vocab] logits once the whole prompt is in."""
+        prompt = seq.request.prompt_ids
+        chunk = prompt[seq.cache_len : seq.cache_len + self.prefill_chunk]
+        logits = self.model.prefill(chunk, seq.cache_len, seq.slot, self.cache, self.lora,
+                                    seq.lora_slot)
+        seq.cache_len += len(chunk)
+        return logits if seq.cache_len == len(prompt) else None
+
+    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        """One token for each of `seqs` (all fully prefilled); returns [len(seqs), vocab]."""
+        rows = len(self.slots)
+        tokens = [0] * rows
+        positions = [0] * rows
+        # Rows still prefilling ride along: they attend to position 0 and write their K/V to
+        # the last cache position, which their own prompt never reaches; outputs are dropped.
+        writes = [self.max_seq_len - 1] * rows
+        lora_rows = [-1] * rows
+        for seq in seqs:
+            tokens[seq.slot] = seq.last_token
+            positions[seq.slot] = writes[seq.slot] = seq.cache_len
+            lora_rows[seq.slot] = seq.lora_slot
+        device = self.device
+        lora = None
+        if any(s >= 0 for s in lora_rows):
+            lora = self.lora.batch(torch.tensor(lora_rows, device=device))
+        logits = self.model.decode(
+            torch.tensor(tokens, device=device),
+            torch.tensor(positions, device=device),
+            torch.tensor(writes, device=device),
+            self.cache,
+            lora,
+        )
+        for seq in seqs:
+            seq.cache_len += 1
+        return logits[torch.tensor([s.slot for s in seqs], device=device)]
+
+    def release(self, seq: Sequence) -> None:
+        """Free the sequence's slot; the last slot's sequence moves in to keep rows dense."""
+        slot = seq.slot
+        if slot is None or slot >= len(self.slots) or self.slots[slot] is not seq:
+            return
+        last = self.slots.pop()
+        if last is not seq:
+            self.cache.move(last.slot, slot, max(last.cache_len, 1))
+            last.slot = slot
+            self.slots[slot] = last
+        if seq.lora_slot >= 0:
+            self.adapter_slots.release(seq.lora_slot)
+        seq.slot = None
 
 
 class HFModelRunner:
-    def __init__(self, loaded: LoadedModel):
+    """Fallback for architectures LlamaModel does not cover: one sequence at a time with the
+    Hugging Face module and its own cache; base model only."""
+
+    def __init__(self, loaded: LoadedModel, config: EngineConfig, max_seq_len: int):
         self.model = loaded.model
         self.device = loaded.device
+        self.max_seq_len = max_seq_len
+        self.lora = None
+        self.adapter_slots = None
+        self._running: list[Sequence] = []
+        self._max = config.max_batch_size
+
+    def can_admit(self, seq: Sequence) -> bool:
+        return len(self._running) < self._max and seq.request.adapter is None
+
+    def add(self, seq: Sequence) -> None:
+        seq.cache_len = 0
+        self._running.append(seq)
 
     @torch.inference_mode()
-    def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
-        """Run each prompt; return [len(seqs), vocab] logits of its last position."""
-        rows = []
-        for seq in seqs:
-            ids = torch.tensor([seq.request.prompt_ids], device=self.device)
-            cache = DynamicCache()
-            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            seq.cache = out.past_key_values
-            rows.append(out.logits[0, -1])
-        return torch.stack(rows)
+    def prefill(self, seq: Sequence) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        ids = torch.tensor([seq.request.prompt_ids], device=self.device)
+        out = self.model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True,
+                         logits_to_keep=1)
+        seq.cache = out.past_key_values
+        seq.cache_len = seq.prompt_len
+        return out.logits[0, -1].float()
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        """Feed each sequence's last token; return [len(seqs), vocab] logits."""
         rows = []
         for seq in seqs:
             ids = torch.tensor([[seq.last_token]], device=self.device)
             out = self.model(input_ids=ids, past_key_values=seq.cache, use_cache=True)
             seq.cache = out.past_key_values
-            rows.append(out.logits[0, -1])
+            seq.cache_len += 1
+            rows.append(out.logits[0, -1].float())
         return torch.stack(rows)
 
     def release(self, seq: Sequence) -> None:
         seq.cache = None
+        if seq in self._running:
+            self._running.remove(seq)
+
+
+def build_runner(loaded: LoadedModel, config: EngineConfig, max_seq_len: int):
+    reason = supports(loaded.model.config)
+    if reason is None:
+        return LlamaRunner(loaded, config, max_seq_len)
+    logger.warning("compact forward does not support %s; using the serial fallback (no LoRA)",
+                   reason)
+    return HFModelRunner(loaded, config, max_seq_len)
+
+
+__all__ = ["GROUPS", "AdapterSlotTable", "HFModelRunner", "LlamaRunner", "build_runner"]

@@ -1,5 +1,6 @@
-"""Iteration-level scheduler: every step admits waiting requests, then advances every
-running sequence by one token; a finished sequence leaves at once and frees its slot."""
+"""Iteration-level scheduler: each step admits waiting requests (prefill, chunked if long),
+then advances every running sequence by one token in one batched forward; a finished
+sequence leaves at the end of the step and its slot is reused by the next admission."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import logging
 import threading
 from collections import deque
 
-from server.engine.runner import HFModelRunner
 from server.engine.sampler import sample_batch
 from server.engine.sequence import Sequence
 
@@ -15,14 +15,14 @@ logger = logging.getLogger(__name__)
 
 
 class Scheduler:
-    def __init__(self, runner: HFModelRunner, max_batch_size: int, max_batch_tokens: int):
+    def __init__(self, runner, max_batch_tokens: int):
         self.runner = runner
-        self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._aborted: set[str] = set()
         self._lock = threading.Lock()
+        self.steps = 0
 
     # -- called from the event loop thread ---------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -42,35 +42,64 @@ class Scheduler:
 
     # -- called from the engine thread --------------------------------------------------------
     def step(self) -> None:
+        self.steps += 1
         self._drop_aborted()
-        admitted = self._admit()
-        try:
-            if admitted:
-                self._advance(admitted, self.runner.prefill(admitted))
-            decoding = [s for s in self.running if s not in admitted]
-            if decoding:
-                self._advance(decoding, self.runner.decode(decoding))
-        except Exception as exc:  # a failed forward must not take the server down
-            logger.exception("engine step failed; failing its %d sequences", len(self.running))
-            for seq in self.running:
-                seq.abort("error", f"generation failed: {type(exc).__name__}")
+        budget = self._admit(self.max_batch_tokens)
+        self._prefill(budget)
+        ready = [s for s in self.running if not s.finished and s.cache_len >= s.prompt_len]
+        if ready:
+            try:
+                logits = self.runner.decode(ready)
+            except Exception as exc:  # a failed forward must not take the server down
+                logger.exception("decode step failed for %d sequences", len(ready))
+                for seq in ready:
+                    seq.abort("error", f"generation failed: {type(exc).__name__}")
+            else:
+                self._sample(ready, logits)
         self._retire_finished()
 
-    def _admit(self) -> list[Sequence]:
-        admitted: list[Sequence] = []
-        budget = self.max_batch_tokens
+    def _admit(self, budget: int) -> int:
+        """Admit waiting sequences while slots and this step's prefill budget allow."""
+        chunk = getattr(self.runner, "prefill_chunk", None)
         with self._lock:
-            while self.waiting and len(self.running) < self.max_batch_size:
-                seq = self.waiting[0]
-                if admitted and seq.prompt_len > budget:
-                    break
-                self.waiting.popleft()
-                budget -= seq.prompt_len
-                admitted.append(seq)
+            skipped: deque[Sequence] = deque()
+            while self.waiting and budget > 0:
+                seq = self.waiting.popleft()
+                if not self.runner.can_admit(seq):
+                    skipped.append(seq)  # e.g. its adapter needs a LoRA slot that is pinned
+                    if not self._has_free_slot():
+                        break
+                    continue
+                self.runner.add(seq)
                 self.running.append(seq)
-        return admitted
+                budget -= min(seq.prompt_len, chunk or seq.prompt_len)
+            self.waiting = skipped + self.waiting
+        return budget
 
-    def _advance(self, seqs: list[Sequence], logits) -> None:
+    def _has_free_slot(self) -> bool:
+        probe = getattr(self.runner, "slots", None)
+        return probe is None or len(probe) < self.runner.cache.num_slots
+
+    def _prefill(self, budget: int) -> None:
+        """Advance prompts chunk by chunk; a prompt that completes samples its first token."""
+        for seq in self.running:
+            if seq.finished or seq.cache_len >= seq.prompt_len:
+                continue
+            if budget <= 0 and seq.cache_len > 0:
+                break
+            before = seq.cache_len
+            try:
+                logits = self.runner.prefill(seq)
+            except Exception as exc:  # only this request fails
+                logger.exception("prefill failed for %s", seq.request_id)
+                seq.abort("error", f"prefill failed: {type(exc).__name__}")
+                continue
+            budget -= seq.cache_len - before
+            if logits is not None:
+                self._sample([seq], logits[None])
+
+    @staticmethod
+    def _sample(seqs: list[Sequence], logits) -> None:
         tokens = sample_batch(logits, [s.params for s in seqs], [s.generator for s in seqs])
         for seq, token in zip(seqs, tokens, strict=True):
             seq.append(token)
@@ -80,9 +109,12 @@ class Scheduler:
             if not self._aborted:
                 return
             aborted, self._aborted = self._aborted, set()
-            kept = deque()
+            kept: deque[Sequence] = deque()
             for seq in self.waiting:
-                (seq.abort() if seq.request_id in aborted else kept.append(seq))
+                if seq.request_id in aborted:
+                    seq.abort()
+                else:
+                    kept.append(seq)
             self.waiting = kept
         for seq in self.running:
             if seq.request_id in aborted:

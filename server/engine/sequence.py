@@ -19,7 +19,11 @@ class Sequence:
         self.params = request.params
         self.output_ids: list[int] = []
         self.generator = make_generator(request.params.seed)
-        self.cache: Any = None  # owned by the model runner
+        # Owned by the model runner: KV slot (= decode row), tokens in the cache, LoRA slot.
+        self.slot: int | None = None
+        self.cache_len = 0
+        self.lora_slot = -1
+        self.cache: Any = None  # the fallback runner's per-sequence cache
         self.finish_reason: FinishReason | None = None
         self._eos_ids = eos_ids
         self._detok = IncrementalDetokenizer(tokenizer, request.prompt_ids)

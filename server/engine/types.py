@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 
@@ -26,7 +26,7 @@ class GenerationRequest:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    adapter: str | None = None  # None = the base model
+    adapter: Any = None  # engine.lora.AdapterWeights, or None for the base model
 
 
 @dataclass

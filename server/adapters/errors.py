@@ -1,0 +1,19 @@
+"""Adapter problems the HTTP layer turns into 4xx (OpenAI error shape)."""
+
+from __future__ import annotations
+
+
+class AdapterError(Exception):
+    """The adapter exists but is invalid for this server (400)."""
+
+    def __init__(self, message: str, param: str | None = "lora_path"):
+        super().__init__(message)
+        self.param = param
+
+
+class AdapterNotFoundError(Exception):
+    """No adapter (or version) by that name is loaded (404)."""
+
+
+class AdapterConflictError(AdapterError):
+    """Name@version already loaded and `replace` not set (400, like vLLM)."""

@@ -1,0 +1,191 @@
+"""Read a PEFT LoRA directory into batched-LoRA factors, refusing anything the server cannot
+serve exactly: every problem is an AdapterError with a message that says the fix."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+
+from ragtune.manifest import AdapterManifest
+from server.adapters.errors import AdapterError
+from server.engine.lora import TARGETABLE, AdapterWeights
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+_KEY = re.compile(
+    r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])(?:\.[\w-]+)?\.weight$"
+)
+
+
+@dataclass
+class BaseSpec:
+    """What an adapter must match to be served on this base model."""
+
+    fingerprint: str
+    num_layers: int
+    module_shapes: dict[str, tuple[int, int]]  # module -> (in, out)
+    max_rank: int
+    dtype: torch.dtype
+    supports_lora: bool = True
+
+
+@dataclass
+class LoadedAdapter:
+    weights: AdapterWeights
+    version: str
+    path: Path
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+
+def read_adapter(path: Path, name: str, version: str | None, spec: BaseSpec,
+                 load_id: int) -> LoadedAdapter:
+    if not spec.supports_lora:
+        raise AdapterError("this base model runs on the fallback runner, which serves no "
+                           "adapters", param="lora_name")
+    config = _read_config(path)
+    manifest = _read_manifest(path, spec)
+    rank = int(config.get("r") or 0)
+    if rank < 1:
+        raise AdapterError(f"adapter_config.json: r={config.get('r')!r} is not a valid rank")
+    if rank > spec.max_rank:
+        raise AdapterError(
+            f"rank {rank} exceeds engine.max_lora_rank {spec.max_rank}; raise it in the server "
+            f"config or retrain with r <= {spec.max_rank}"
+        )
+    targets = config.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    unknown = sorted(t for t in targets if t not in TARGETABLE)
+    if unknown:
+        raise AdapterError(
+            f"target modules {unknown} do not exist in the base model or cannot be batched; "
+            f"supported: {list(TARGETABLE)}"
+        )
+    alpha = float(config.get("lora_alpha", rank))
+    factors = _read_factors(path, config, spec, rank, alpha)
+    final_version = version or (manifest.version if manifest else None) or "v1"
+    return LoadedAdapter(
+        weights=AdapterWeights(key=f"{name}@{final_version}#{load_id}", rank=rank,
+                               factors=factors),
+        version=final_version,
+        path=path,
+        rank=rank,
+        alpha=alpha,
+        target_modules=sorted({m for _, m in factors}),
+        manifest=manifest.model_dump() if manifest else {},
+    )
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        raise AdapterError(f"{CONFIG_FILE} is missing in {path}; is this a PEFT adapter?")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"{CONFIG_FILE} is corrupted: {exc}") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{CONFIG_FILE} must hold a JSON object")
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise AdapterError(
+            f"peft_type {peft_type} cannot be served: only LoRA adapters are batched "
+            "(merge a sparse adapter into the base, or retrain with --method lora)"
+        )
+    problems = []
+    if config.get("use_dora"):
+        problems.append("DoRA (use_dora)")
+    if config.get("modules_to_save"):
+        problems.append(f"modules_to_save {config['modules_to_save']}")
+    if config.get("bias", "none") != "none":
+        problems.append(f"bias={config['bias']!r}")
+    if config.get("fan_in_fan_out"):
+        problems.append("fan_in_fan_out")
+    if problems:
+        raise AdapterError("unsupported adapter features: " + ", ".join(problems))
+    return config
+
+
+def _read_manifest(path: Path, spec: BaseSpec) -> AdapterManifest | None:
+    try:
+        manifest = AdapterManifest.read(path)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValidationError) as exc:
+        raise AdapterError(f"ragtune_adapter.json is corrupted: {exc}") from None
+    if manifest and manifest.base_model_fingerprint != spec.fingerprint:
+        raise AdapterError(
+            f"adapter was trained on base model {manifest.base_model_fingerprint[:12]}…, "
+            f"this server runs {spec.fingerprint[:12]}…: wrong base model"
+        )
+    return manifest
+
+
+def _read_factors(path: Path, config: dict[str, Any], spec: BaseSpec, rank: int,
+                  alpha: float) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+    weights_path = path / WEIGHTS_FILE
+    if not weights_path.is_file():
+        if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+            raise AdapterError(
+                "weights are pickled (.bin/.pt), which this server never loads; save them as "
+                "adapter_model.safetensors (PEFT: save_pretrained(..., safe_serialization=True))"
+            )
+        raise AdapterError(f"{WEIGHTS_FILE} is missing in {path}")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(weights_path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterError(f"{WEIGHTS_FILE} is corrupted: {exc}") from None
+    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _KEY.search(key)
+        if not match:
+            raise AdapterError(f"weight {key!r} targets a module this server cannot adapt")
+        layer, module, which = int(match[1]), match[2], match[3]
+        if module not in TARGETABLE:
+            raise AdapterError(f"weight {key!r}: the base model has no module {module!r}")
+        if layer >= spec.num_layers:
+            raise AdapterError(f"weight {key!r}: the base model has {spec.num_layers} layers")
+        pairs.setdefault((layer, module), {})[which] = tensor
+    if not pairs:
+        raise AdapterError(f"{WEIGHTS_FILE} holds no LoRA weights")
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    factors = {}
+    for (layer, module), pair in pairs.items():
+        if set(pair) != {"A", "B"}:
+            raise AdapterError(f"layer {layer} {module}: lora_A and lora_B must both be present")
+        a, b = pair["A"], pair["B"]
+        in_features, out_features = spec.module_shapes[module]
+        r = a.shape[0]
+        if a.shape != (r, in_features) or b.shape != (out_features, r) or r > spec.max_rank:
+            raise AdapterError(
+                f"layer {layer} {module}: LoRA shapes A{tuple(a.shape)} B{tuple(b.shape)} do not "
+                f"fit the base ({in_features} -> {out_features}, rank <= {spec.max_rank}): "
+                "trained for a different base model?"
+            )
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise AdapterError(f"layer {layer} {module}: weights contain NaN or Inf")
+        r_cfg = _pattern_value(rank_pattern, module, layer, rank)
+        a_cfg = _pattern_value(alpha_pattern, module, layer, alpha)
+        scale = a_cfg / math.sqrt(r_cfg) if config.get("use_rslora") else a_cfg / r_cfg
+        factors[(layer, module)] = (a.to(spec.dtype).contiguous(),
+                                    (b.float() * scale).to(spec.dtype).contiguous())
+    return factors
+
+
+def _pattern_value(pattern: dict[str, Any], module: str, layer: int, default: float) -> float:
+    """PEFT rank/alpha patterns: keys are module names or regexes over the module path."""
+    for key, value in pattern.items():
+        if key == module or re.search(key, f"layers.{layer}.{module}"):
+            return float(value)
+    return float(default)

@@ -1,0 +1,214 @@
+"""The adapter registry: names, versions, which version is active, which are resident.
+
+Loads run on worker threads and validate everything before touching shared state, so a failed
+load changes nothing. Requests hold a reference to the exact weights they resolved, so a swap,
+rollback or unload never changes a request that is already running; new requests see the new
+state at once. Resident weights are bounded (least recently used go back to disk and are
+reloaded on demand, like vLLM's max_cpu_loras).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import re
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from server.adapters.errors import AdapterConflictError, AdapterError, AdapterNotFoundError
+from server.adapters.loader import BaseSpec, LoadedAdapter, read_adapter
+from server.adapters.paths import confine
+from server.engine.lora import AdapterWeights
+
+logger = logging.getLogger(__name__)
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+
+
+@dataclass
+class AdapterVersion:
+    name: str
+    version: str
+    path: Path
+    rank: int
+    target_modules: list[str]
+    manifest: dict[str, Any]
+    weights: AdapterWeights | None  # None = on disk only
+    nbytes: int
+    loaded_at: float = field(default_factory=time.time)
+    last_used: float | None = None
+    requests: int = 0
+
+
+@dataclass
+class AdapterRecord:
+    versions: dict[str, AdapterVersion] = field(default_factory=dict)
+    active: str | None = None
+    history: list[str] = field(default_factory=list)  # previously active versions, newest last
+
+
+class AdapterRegistry:
+    def __init__(self, spec: BaseSpec, roots: list[Path], max_resident: int, base_model_id: str):
+        self.spec = spec
+        self.roots = roots
+        self.max_resident = max_resident
+        self.base_model_id = base_model_id
+        self._records: dict[str, AdapterRecord] = {}
+        self._resident: OrderedDict[tuple[str, str], AdapterVersion] = OrderedDict()
+        self._lock = threading.RLock()
+        self._load_ids = itertools.count(1)
+
+    # ------------------------------------------------------------------------------- admin
+    def load(self, name: str, path: str, version: str | None = None, replace: bool = False,
+             activate: bool = True) -> AdapterVersion:
+        """Validate and load an adapter directory; blocking (call from a worker thread)."""
+        self._check_name(name)
+        if version is not None:
+            self._check_name(version, "version")
+        directory = confine(path, self.roots)
+        loaded = read_adapter(directory, name, version, self.spec, next(self._load_ids))
+        with self._lock:
+            record = self._records.get(name)
+            if record and loaded.version in record.versions and not replace:
+                raise AdapterConflictError(
+                    f"adapter {name}@{loaded.version} is already loaded; send \"replace\": true "
+                    "to overwrite it, or load it under a new version", param="lora_name")
+            entry = self._entry(name, loaded)
+            record = self._records.setdefault(name, AdapterRecord())
+            record.versions[entry.version] = entry
+            if activate or record.active is None:
+                self._set_active(record, entry.version)
+            self._make_resident(entry)
+        logger.info("loaded adapter %s@%s from %s", name, entry.version, directory)
+        return entry
+
+    def unload(self, name: str, version: str | None = None) -> list[str]:
+        """Forget a version (or every version); running requests keep their weights."""
+        with self._lock:
+            record = self._record(name)
+            versions = [version] if version else list(record.versions)
+            for v in versions:
+                if v not in record.versions:
+                    raise AdapterNotFoundError(f"adapter {name}@{v} is not loaded")
+            for v in versions:
+                record.versions.pop(v)
+                self._resident.pop((name, v), None)
+                record.history = [h for h in record.history if h != v]
+                if record.active == v:
+                    record.active = record.history.pop() if record.history else None
+            if not record.versions:
+                del self._records[name]
+            elif record.active is None:
+                record.active = next(reversed(record.versions))
+            return versions
+
+    def activate(self, name: str, version: str) -> AdapterVersion:
+        with self._lock:
+            record = self._record(name)
+            if version not in record.versions:
+                raise AdapterNotFoundError(f"adapter {name}@{version} is not loaded")
+            self._set_active(record, version)
+            return record.versions[version]
+
+    def rollback(self, name: str) -> AdapterVersion:
+        with self._lock:
+            record = self._record(name)
+            if not record.history:
+                raise AdapterError(f"adapter {name} has no previous version to roll back to",
+                                   param="lora_name")
+            previous = record.history.pop()
+            record.active = previous
+            return record.versions[previous]
+
+    # ------------------------------------------------------------------------------ serving
+    def resolve(self, model: str) -> AdapterWeights:
+        """Weights for `name` (its active version) or `name@version`; loads from disk if the
+        version was evicted from memory. Blocking (disk); call from a worker thread."""
+        name, _, version = model.partition("@")
+        with self._lock:
+            record = self._records.get(name)
+            if record is None or (version and version not in record.versions):
+                raise AdapterNotFoundError(model)
+            entry = record.versions[version or record.active]
+            entry.requests += 1
+            entry.last_used = time.time()
+            if entry.weights is not None:
+                self._resident.move_to_end((entry.name, entry.version))
+                return entry.weights
+        # Reload outside the lock; the directory was validated when it was first loaded.
+        reloaded = read_adapter(entry.path, entry.name, entry.version, self.spec,
+                                next(self._load_ids))
+        with self._lock:
+            if entry.weights is None:
+                entry.weights = reloaded.weights
+                self._make_resident(entry)
+            return entry.weights
+
+    def model_ids(self) -> list[str]:
+        with self._lock:
+            ids = []
+            for name, record in self._records.items():
+                ids.append(name)
+                ids.extend(f"{name}@{v}" for v in record.versions)
+            return ids
+
+    def describe(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [
+                {
+                    "name": name,
+                    "active_version": record.active,
+                    "previous_versions": list(record.history),
+                    "versions": [
+                        {
+                            "version": e.version, "path": str(e.path), "rank": e.rank,
+                            "target_modules": e.target_modules, "resident": e.weights is not None,
+                            "memory_bytes": e.nbytes if e.weights is not None else 0,
+                            "loaded_at": e.loaded_at, "last_used": e.last_used,
+                            "requests": e.requests, "manifest": e.manifest,
+                        }
+                        for e in record.versions.values()
+                    ],
+                }
+                for name, record in self._records.items()
+            ]
+
+    # ----------------------------------------------------------------------------- helpers
+    def _check_name(self, value: str, what: str = "lora_name") -> None:
+        if not NAME_PATTERN.match(value or ""):
+            raise AdapterError(f"{what} {value!r} must match {NAME_PATTERN.pattern}",
+                               param=what)
+        if what == "lora_name" and value == self.base_model_id:
+            raise AdapterError(f"{value!r} is the base model's id", param=what)
+
+    def _record(self, name: str) -> AdapterRecord:
+        record = self._records.get(name)
+        if record is None:
+            raise AdapterNotFoundError(f"adapter {name} is not loaded")
+        return record
+
+    @staticmethod
+    def _entry(name: str, loaded: LoadedAdapter) -> AdapterVersion:
+        return AdapterVersion(
+            name=name, version=loaded.version, path=loaded.path, rank=loaded.rank,
+            target_modules=loaded.target_modules, manifest=loaded.manifest,
+            weights=loaded.weights, nbytes=loaded.weights.nbytes,
+        )
+
+    @staticmethod
+    def _set_active(record: AdapterRecord, version: str) -> None:
+        if record.active is not None and record.active != version:
+            record.history.append(record.active)
+        record.active = version
+
+    def _make_resident(self, entry: AdapterVersion) -> None:
+        key = (entry.name, entry.version)
+        self._resident[key] = entry
+        self._resident.move_to_end(key)
+        while len(self._resident) > self.max_resident:
+            _, evicted = self._resident.popitem(last=False)
+            evicted.weights = None  # back to disk; reloaded on the next request

@@ -1,0 +1,62 @@
+"""Preallocated KV cache with one slot per running sequence.
+
+Running sequences always occupy slots 0..batch-1, so a decode step reads the cache as one
+strided view with no gather; when a sequence leaves, the last one moves into its slot.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(
+        self,
+        num_layers: int,
+        num_slots: int,
+        num_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: str,
+        bucket_size: int = 64,
+    ):
+        shape = (num_layers, num_slots, num_kv_heads, max_len, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.num_slots = num_slots
+        self.max_len = max_len
+        self.bucket_size = bucket_size
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+    def bucket(self, length: int) -> int:
+        """Attention length rounded up, so shapes repeat across steps (masking hides the rest)."""
+        rounded = -(-length // self.bucket_size) * self.bucket_size
+        return min(rounded, self.max_len)
+
+    def write_prompt(self, layer: int, slot: int, start: int, k: torch.Tensor,
+                     v: torch.Tensor) -> None:
+        """k, v: [tokens, kv_heads, d] for positions start..start+tokens."""
+        end = start + k.shape[0]
+        self.keys[layer, slot, :, start:end] = k.transpose(0, 1)
+        self.values[layer, slot, :, start:end] = v.transpose(0, 1)
+
+    def prompt_view(self, layer: int, slot: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys[layer, slot, :, :end], self.values[layer, slot, :, :end]
+
+    def write_decode(self, layer: int, rows: torch.Tensor, positions: torch.Tensor,
+                     k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: [batch, kv_heads, d]; row i writes slot i at positions[i]."""
+        self.keys[layer, rows, :, positions] = k
+        self.values[layer, rows, :, positions] = v
+
+    def batch_view(self, layer: int, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys[layer, :batch, :, :length], self.values[layer, :batch, :, :length]
+
+    def move(self, source: int, target: int, length: int) -> None:
+        """Copy a sequence's first `length` positions from one slot to another (all layers)."""
+        self.keys[:, target, :, :length] = self.keys[:, source, :, :length]
+        self.values[:, target, :, :length] = self.values[:, source, :, :length]

@@ -1,0 +1,134 @@
+"""Many LoRA adapters in one forward pass.
+
+Each resident adapter owns a slot in fixed-size buffers (`max_loras` slots of `max_lora_rank`,
+smaller ranks zero-padded, alpha/r folded into B). For a fused projection the batch computes
+t = x @ A_allᵀ once, zeroes the columns that do not belong to each row's slot, and adds
+t @ B. Shapes depend only on the configured sizes, never on which adapters share the batch,
+so a row's result is the same alone or next to any neighbours; base-model rows get a zero mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Fused projection groups of the Llama forward and the PEFT module names inside each, in the
+# order of their output columns.
+GROUPS: dict[str, tuple[str, ...]] = {
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "o": ("o_proj",),
+    "gate_up": ("gate_proj", "up_proj"),
+    "down": ("down_proj",),
+}
+TARGETABLE = tuple(module for modules in GROUPS.values() for module in modules)
+
+
+@dataclass
+class AdapterWeights:
+    """One adapter's LoRA factors on the compute device, ready to copy into a slot."""
+
+    key: str  # "name@version"
+    rank: int
+    # (layer, module) -> (A [rank, in], B_scaled [out, rank])
+    factors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes + b.nbytes for a, b in self.factors.values())
+
+    @property
+    def target_modules(self) -> set[str]:
+        return {module for _, module in self.factors}
+
+
+class LoraSlots:
+    def __init__(
+        self,
+        num_layers: int,
+        module_shapes: dict[str, tuple[int, int]],  # module -> (in, out)
+        num_slots: int,
+        max_rank: int,
+        dtype: torch.dtype,
+        device: str,
+    ):
+        self.num_slots = num_slots
+        self.max_rank = max_rank
+        self.dtype = dtype
+        self.device = device
+        self.module_shapes = module_shapes
+        width = num_slots * max_rank
+        self.a: dict[str, torch.Tensor] = {}  # group -> [layers, parts * width, in]
+        self.b: dict[str, list[torch.Tensor]] = {}  # group -> per part [layers, width, out]
+        self.out_offsets: dict[str, list[tuple[int, int]]] = {}
+        for group, modules in GROUPS.items():
+            in_features = module_shapes[modules[0]][0]
+            self.a[group] = torch.zeros(num_layers, len(modules) * width, in_features,
+                                        dtype=dtype, device=device)
+            self.b[group] = [
+                torch.zeros(num_layers, width, module_shapes[m][1], dtype=dtype, device=device)
+                for m in modules
+            ]
+            offsets, start = [], 0
+            for module in modules:
+                offsets.append((start, start + module_shapes[module][1]))
+                start += module_shapes[module][1]
+            self.out_offsets[group] = offsets
+        self.column_slot = torch.arange(num_slots, device=device).repeat_interleave(max_rank)
+        self._group_users: dict[str, set[int]] = {group: set() for group in GROUPS}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.a.values()) + sum(
+            b.nbytes for parts in self.b.values() for b in parts
+        )
+
+    def load(self, slot: int, adapter: AdapterWeights) -> None:
+        """Copy an adapter's factors into `slot` (zeroing whatever was there)."""
+        if adapter.rank > self.max_rank:
+            raise ValueError(f"rank {adapter.rank} exceeds engine.max_lora_rank {self.max_rank}")
+        self.clear(slot)
+        width = self.num_slots * self.max_rank
+        rows = slice(slot * self.max_rank, slot * self.max_rank + adapter.rank)
+        for (layer, module), (a, b) in adapter.factors.items():
+            group = next(g for g, modules in GROUPS.items() if module in modules)
+            part = GROUPS[group].index(module)
+            base = part * width
+            self.a[group][layer, base + rows.start : base + rows.stop] = a.to(self.dtype)
+            self.b[group][part][layer, rows] = b.t().to(self.dtype)
+            self._group_users[group].add(slot)
+
+    def clear(self, slot: int) -> None:
+        width = self.num_slots * self.max_rank
+        rows = slice(slot * self.max_rank, (slot + 1) * self.max_rank)
+        for group, modules in GROUPS.items():
+            for part in range(len(modules)):
+                self.a[group][:, part * width + rows.start : part * width + rows.stop] = 0
+                self.b[group][part][:, rows] = 0
+            self._group_users[group].discard(slot)
+
+    def batch(self, row_slots: torch.Tensor) -> LoraBatch:
+        """row_slots: [rows] slot of each row, -1 for the base model."""
+        mask = (self.column_slot[None, :] == row_slots[:, None]).to(self.dtype)
+        used = set(row_slots.unique().tolist()) - {-1}
+        active = {group for group, users in self._group_users.items() if users & used}
+        return LoraBatch(self, mask, active)
+
+
+class LoraBatch:
+    """The per-step view: which columns each row may use, and which groups are worth running."""
+
+    def __init__(self, slots: LoraSlots, mask: torch.Tensor, active_groups: set[str]):
+        self.slots = slots
+        self.mask = mask  # [rows, num_slots * max_rank]
+        self.active_groups = active_groups
+
+    def add(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        """out[:, group columns] += LoRA delta of each row's adapter (in place)."""
+        if group not in self.active_groups:
+            return
+        width = self.mask.shape[1]
+        t = x @ self.slots.a[group][layer].t()  # [rows, parts * width]
+        for part, (start, stop) in enumerate(self.slots.out_offsets[group]):
+            masked = t[:, part * width : (part + 1) * width] * self.mask
+            out[:, start:stop] += masked @ self.slots.b[group][part][layer]
