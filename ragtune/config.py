@@ -20,6 +20,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from retrieval.config import RetrievalConfig
+
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 BUNDLED_MODEL = "bundled"
 
@@ -131,6 +133,7 @@ class Settings(BaseSettings):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     adapters: AdaptersConfig = Field(default_factory=AdaptersConfig)
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     audit_log: Path | None = Field(
         None, description="Append-only JSONL of admin actions; default $RAGTUNE_HOME/audit.log."
     )

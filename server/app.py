@@ -26,6 +26,8 @@ from server.protocol import (
     ActivateAdapterRequest,
     ChatCompletionRequest,
     CompletionRequest,
+    EmbeddingRequest,
+    EmbeddingResponse,
     ErrorResponse,
     LoadLoraAdapterRequest,
     ModelCard,
@@ -77,17 +79,36 @@ def _load(state: ServerState) -> None:
         registry = build_registry(settings, engine)
         for name, path in settings.adapters.preload.items():
             entry = registry.load(name, path)
-            state.audit.record(None, "preload_adapter", "ok", adapter=name,
-                               version=entry.version, path=str(entry.path))
+            state.audit.record(
+                None,
+                "preload_adapter",
+                "ok",
+                adapter=name,
+                version=entry.version,
+                path=str(entry.path),
+            )
         engine.start()
         state.metrics.watch_engine(lambda: engine.num_running, lambda: engine.num_waiting)
-        state.serving = OpenAIServing(engine, settings, registry, state.metrics)
+        state.serving = OpenAIServing(
+            engine, settings, registry, state.metrics, _retrieval_service(settings)
+        )
         logger.info("ready: serving %s", settings.model.served_model_name)
     except Exception as exc:
         logger.exception("model failed to load")
         state.load_error = f"model failed to load: {type(exc).__name__}: {exc}"
     finally:
         state.loaded.set()
+
+
+def _retrieval_service(settings: Settings):
+    """The retrieval backend, or None (RAG and embeddings answer 503) if it cannot start."""
+    from server.rag import RetrievalService
+
+    try:
+        return RetrievalService(settings.retrieval, settings.home)
+    except Exception:
+        logger.exception("retrieval is unavailable")
+        return None
 
 
 def build_registry(settings: Settings, engine) -> AdapterRegistry:
@@ -105,13 +126,21 @@ def build_registry(settings: Settings, engine) -> AdapterRegistry:
     )
     for root in settings.adapter_roots():
         root.mkdir(parents=True, exist_ok=True)
-    return AdapterRegistry(spec, settings.adapter_roots(), settings.adapters.max_cpu_loras,
-                           settings.model.served_model_name)
+    return AdapterRegistry(
+        spec,
+        settings.adapter_roots(),
+        settings.adapters.max_cpu_loras,
+        settings.model.served_model_name,
+    )
 
 
 def create_app(settings: Settings) -> FastAPI:
-    state = ServerState(settings=settings, keys=KeyStore(settings.api_keys, settings.admin_keys),
-                        audit=AuditLog(settings.audit_path()), metrics=Metrics())
+    state = ServerState(
+        settings=settings,
+        keys=KeyStore(settings.api_keys, settings.admin_keys),
+        audit=AuditLog(settings.audit_path()),
+        metrics=Metrics(),
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -150,8 +179,9 @@ def create_app(settings: Settings) -> FastAPI:
     async def count_requests(request: Request, call_next):
         response = await call_next(request)
         route = request.scope.get("route")
-        state.metrics.requests.labels(getattr(route, "path", "unmatched"),
-                                      str(response.status_code)).inc()
+        state.metrics.requests.labels(
+            getattr(route, "path", "unmatched"), str(response.status_code)
+        ).inc()
         return response
 
     @app.get("/metrics", dependencies=[Depends(require_client)])
@@ -167,11 +197,14 @@ def create_app(settings: Settings) -> FastAPI:
         cards = [ModelCard(id=base, root=str(serving.engine.loaded.model_dir))]
         for adapter in serving.registry.describe():
             name = adapter["name"]
-            active = next(v for v in adapter["versions"]
-                          if v["version"] == adapter["active_version"])
+            active = next(
+                v for v in adapter["versions"] if v["version"] == adapter["active_version"]
+            )
             cards.append(ModelCard(id=name, root=active["path"], parent=base))
-            cards += [ModelCard(id=f"{name}@{v['version']}", root=v["path"], parent=base)
-                      for v in adapter["versions"]]
+            cards += [
+                ModelCard(id=f"{name}@{v['version']}", root=v["path"], parent=base)
+                for v in adapter["versions"]
+            ]
         return ModelList(data=cards)
 
     @v1.post("/chat/completions")
@@ -181,6 +214,10 @@ def create_app(settings: Settings) -> FastAPI:
     @v1.post("/completions")
     async def completions(body: CompletionRequest) -> Any:
         return await state.require_serving().create_completion(body)
+
+    @v1.post("/embeddings", response_model=EmbeddingResponse)
+    async def embeddings(body: EmbeddingRequest) -> EmbeddingResponse:
+        return await state.require_serving().create_embeddings(body)
 
     app.include_router(v1)
     app.include_router(admin_router(state))
@@ -212,15 +249,24 @@ def admin_router(state: ServerState) -> APIRouter:
     ) -> dict[str, Any]:
         def work(registry: AdapterRegistry) -> dict[str, Any]:
             started = time.perf_counter()
-            entry = registry.load(body.lora_name, body.lora_path, body.version, body.replace,
-                                  body.activate)
+            entry = registry.load(
+                body.lora_name, body.lora_path, body.version, body.replace, body.activate
+            )
             load_ms = round((time.perf_counter() - started) * 1000, 1)
-            return {"status": "ok", "lora_name": entry.name, "version": entry.version,
-                    "load_ms": load_ms, "audit": {"version": entry.version}}
+            return {
+                "status": "ok",
+                "lora_name": entry.name,
+                "version": entry.version,
+                "load_ms": load_ms,
+                "audit": {"version": entry.version},
+            }
 
-        return await audited(key_id, "load_adapter",
-                             {"adapter": body.lora_name, "path": body.lora_path,
-                              "requested_version": body.version}, work)
+        return await audited(
+            key_id,
+            "load_adapter",
+            {"adapter": body.lora_name, "path": body.lora_path, "requested_version": body.version},
+            work,
+        )
 
     @router.post("/unload_lora_adapter")
     async def unload_lora_adapter(
@@ -228,8 +274,12 @@ def admin_router(state: ServerState) -> APIRouter:
     ) -> dict[str, Any]:
         def work(registry: AdapterRegistry) -> dict[str, Any]:
             versions = registry.unload(body.lora_name, body.version)
-            return {"status": "ok", "lora_name": body.lora_name, "unloaded_versions": versions,
-                    "audit": {"version": ",".join(versions)}}
+            return {
+                "status": "ok",
+                "lora_name": body.lora_name,
+                "unloaded_versions": versions,
+                "audit": {"version": ",".join(versions)},
+            }
 
         return await audited(key_id, "unload_adapter", {"adapter": body.lora_name}, work)
 
@@ -245,15 +295,20 @@ def admin_router(state: ServerState) -> APIRouter:
             entry = registry.activate(name, body.version)
             return {"status": "ok", "lora_name": name, "active_version": entry.version}
 
-        return await audited(key_id, "activate_adapter",
-                             {"adapter": name, "version": body.version}, work)
+        return await audited(
+            key_id, "activate_adapter", {"adapter": name, "version": body.version}, work
+        )
 
     @router.post("/adapters/{name}/rollback")
     async def rollback_adapter(name: str, key_id: str = Depends(require_admin)) -> dict[str, Any]:
         def work(registry: AdapterRegistry) -> dict[str, Any]:
             entry = registry.rollback(name)
-            return {"status": "ok", "lora_name": name, "active_version": entry.version,
-                    "audit": {"version": entry.version}}
+            return {
+                "status": "ok",
+                "lora_name": name,
+                "active_version": entry.version,
+                "audit": {"version": entry.version},
+            }
 
         return await audited(key_id, "rollback_adapter", {"adapter": name}, work)
 

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from retrieval.errors import IndexNotFoundError, IndexUnavailableError
 from server.adapters.errors import AdapterError, AdapterNotFoundError
 from server.engine.types import EngineError, EngineStoppedError, QueueFullError
 from server.protocol import ErrorDetail, ErrorResponse, ProtocolError
@@ -107,6 +109,10 @@ def to_api_error(exc: Exception) -> APIError:
         return BadRequestError(str(exc), param=exc.param)
     if isinstance(exc, AdapterError):
         return BadRequestError(str(exc), param=exc.param, code="invalid_adapter")
+    if isinstance(exc, IndexNotFoundError):
+        return NotFoundError(str(exc), param="rag.index", code="index_not_found")
+    if isinstance(exc, IndexUnavailableError):
+        return ServiceUnavailableError(str(exc), code="index_unavailable")
     if isinstance(exc, AdapterNotFoundError):
         return NotFoundError(str(exc), param="lora_name", code="adapter_not_found")
     if isinstance(exc, QueueFullError):
@@ -134,13 +140,20 @@ def _validation_error(exc: RequestValidationError) -> BadRequestError:
         return BadRequestError(
             f"request body is not valid JSON: {first.get('msg', '')}", code="invalid_json"
         )
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
-    message = "; ".join(
-        f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
-        for e in errors[:5]
-    )
-    return BadRequestError(message, param=param, code="invalid_value")
+    # A value that fits no member of a union yields one error per member; the deepest
+    # location names the field the client got wrong.
+    best = max(errors, key=lambda e: len(_param_path(e)), default=first)
+    message = "; ".join(f"{_param_path(e) or 'body'}: {e.get('msg')}" for e in errors[:5])
+    return BadRequestError(message, param=_param_path(best) or None, code="invalid_value")
+
+
+_TYPE_TAG = re.compile(r"^(str|int|float|bool|list|dict|none)(\[.*\])?$|^[A-Z]\w*(\[.*\])?$")
+
+
+def _param_path(error: dict) -> str:
+    """'rag.top_k' from a pydantic loc, without 'body' and union-member type tags."""
+    parts = [str(p) for p in error.get("loc", ()) if p != "body"]
+    return ".".join(p for p in parts if not _TYPE_TAG.match(p) and "[" not in p)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -161,7 +174,15 @@ def install_error_handlers(app: FastAPI) -> None:
 
     # Expected errors get their own handlers: Starlette re-raises whatever reaches the
     # catch-all `Exception` handler, which logs a traceback and drops the keep-alive connection.
-    for expected in (APIError, ProtocolError, EngineError, AdapterError, AdapterNotFoundError):
+    for expected in (
+        APIError,
+        ProtocolError,
+        EngineError,
+        AdapterError,
+        AdapterNotFoundError,
+        IndexNotFoundError,
+        IndexUnavailableError,
+    ):
         app.add_exception_handler(expected, _on_expected)
 
     @app.exception_handler(Exception)

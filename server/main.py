@@ -14,7 +14,10 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--host", help="bind address (server.host)")
     parser.add_argument("--port", type=int, help="bind port (server.port)")
     parser.add_argument(
-        "--adapter", action="append", default=[], metavar="NAME=PATH",
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
         help="load a PEFT LoRA adapter at start (repeatable; adds to adapters.preload)",
     )
     parser.set_defaults(handler=run_serve)

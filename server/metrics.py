@@ -22,20 +22,42 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("ragtune_http_requests", "HTTP requests by route and status",
-                                ["route", "status"], registry=r)
-        self.generations = Counter("ragtune_generations", "Finished generations by model",
-                                   ["model", "finish_reason"], registry=r)
-        self.tokens = Counter("ragtune_tokens", "Tokens by model and kind (prompt|completion)",
-                              ["model", "kind"], registry=r)
-        self.latency = Histogram("ragtune_request_latency_seconds", "Generation latency",
-                                 ["model"], buckets=LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("ragtune_time_to_first_token_seconds", "Time to first token",
-                              ["model"], buckets=LATENCY_BUCKETS, registry=r)
-        self.running = Gauge("ragtune_sequences_running", "Sequences in the running batch",
-                             registry=r)
-        self.waiting = Gauge("ragtune_sequences_waiting", "Requests waiting for a slot",
-                             registry=r)
+        self.requests = Counter(
+            "ragtune_http_requests",
+            "HTTP requests by route and status",
+            ["route", "status"],
+            registry=r,
+        )
+        self.generations = Counter(
+            "ragtune_generations",
+            "Finished generations by model",
+            ["model", "finish_reason"],
+            registry=r,
+        )
+        self.tokens = Counter(
+            "ragtune_tokens",
+            "Tokens by model and kind (prompt|completion)",
+            ["model", "kind"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "ragtune_request_latency_seconds",
+            "Generation latency",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "ragtune_time_to_first_token_seconds",
+            "Time to first token",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.running = Gauge(
+            "ragtune_sequences_running", "Sequences in the running batch", registry=r
+        )
+        self.waiting = Gauge("ragtune_sequences_waiting", "Requests waiting for a slot", registry=r)
 
     def watch_engine(self, running: Callable[[], float], waiting: Callable[[], float]) -> None:
         self.running.set_function(running)

@@ -48,6 +48,17 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class RagOptions(BaseModel):
+    """The `rag` request field as an object; `rag: true` means all defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    index: str | None = None
+    top_k: int | None = Field(None, ge=1, le=50)
+    mode: Literal["dense", "bm25", "hybrid"] | None = None
+    min_score: float | None = None
+
+
 class _GenerationRequest(BaseModel):
     """Fields shared by /v1/chat/completions and /v1/completions."""
 
@@ -68,6 +79,12 @@ class _GenerationRequest(BaseModel):
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    rag: bool | RagOptions | None = None
+
+    def rag_options(self) -> RagOptions | None:
+        if self.rag is None or self.rag is False:
+            return None
+        return RagOptions() if self.rag is True else self.rag
 
     @field_validator("stop")
     @classmethod
@@ -200,6 +217,17 @@ class ChatChoice(BaseModel):
     logprobs: None = None
 
 
+class Source(BaseModel):
+    """A retrieved chunk cited by the answer; `[n]` in the text is sources[n-1]."""
+
+    index: str
+    source: str
+    chunk_id: str
+    score: float
+    text: str
+    title: str | None = None
+
+
 class ChatCompletionResponse(BaseModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
@@ -208,6 +236,7 @@ class ChatCompletionResponse(BaseModel):
     system_fingerprint: str | None = None
     choices: list[ChatChoice]
     usage: Usage
+    sources: list[Source] | None = None
 
 
 class DeltaMessage(BaseModel):
@@ -230,6 +259,7 @@ class ChatCompletionChunk(BaseModel):
     system_fingerprint: str | None = None
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+    sources: list[Source] | None = None
 
 
 class CompletionChoice(BaseModel):
@@ -247,6 +277,7 @@ class CompletionResponse(BaseModel):
     system_fingerprint: str | None = None
     choices: list[CompletionChoice]
     usage: Usage | None = None
+    sources: list[Source] | None = None
 
 
 class ModelCard(BaseModel):
@@ -261,6 +292,47 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# -------------------------------------------------------------------------------- embeddings
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+
+    def texts(self) -> list[str]:
+        items = [self.input] if isinstance(self.input, str) else self.input
+        if not items:
+            raise ProtocolError("input must not be empty", "input")
+        if not all(isinstance(item, str) for item in items):
+            raise ProtocolError("token-id input is not supported; send text", "input")
+        if len(items) > 2048:
+            raise ProtocolError("at most 2048 inputs per request", "input")
+        if any(not item.strip() for item in items):
+            raise ProtocolError("input strings must not be empty", "input")
+        return list(items)
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage
 
 
 # ------------------------------------------------------------------------------ admin: adapters

@@ -4,6 +4,7 @@ turn the request into an engine request, and shape engine output as OpenAI JSON 
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -21,6 +22,7 @@ from server.errors import (
     BadRequestError,
     InternalError,
     ModelNotFoundError,
+    NotFoundError,
     ServiceUnavailableError,
     sse_error,
     to_api_error,
@@ -36,11 +38,18 @@ from server.protocol import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    EmbeddingData,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    EmbeddingUsage,
+    RagOptions,
     ResponseMessage,
+    Source,
     Usage,
     _GenerationRequest,
     new_id,
 )
+from server.rag import RetrievalService
 
 
 class RequestTimeoutError(APIError):
@@ -50,11 +59,18 @@ class RequestTimeoutError(APIError):
 
 
 class OpenAIServing:
-    def __init__(self, engine: Engine, settings: Settings, registry: AdapterRegistry,
-                 metrics: Metrics):
+    def __init__(
+        self,
+        engine: Engine,
+        settings: Settings,
+        registry: AdapterRegistry,
+        metrics: Metrics,
+        retrieval: RetrievalService | None,
+    ):
         self.engine = engine
         self.registry = registry
         self.metrics = metrics
+        self.retrieval = retrieval
         self.settings = settings
         self.tokenizer = engine.tokenizer
         self.base_model_id = settings.model.served_model_name
@@ -79,12 +95,18 @@ class OpenAIServing:
     async def create_chat_completion(self, request: ChatCompletionRequest) -> Any:
         request.unsupported()
         adapter = await self.resolve_adapter(request.model)
-        prompt_text = render_chat(self.tokenizer, request.conversation())
-        prompt_ids = encode_prompt(self.tokenizer, prompt_text)
+        conversation = request.conversation()
+        sources = None
+        if (options := request.rag_options()) is not None:
+            turn = next((m for m in reversed(conversation) if m["role"] == "user"), None)
+            if turn is None:
+                raise BadRequestError("rag needs a user message to search for", "messages")
+            turn["content"], sources = await self._retrieve(options, turn["content"], request.model)
+        prompt_ids = encode_prompt(self.tokenizer, render_chat(self.tokenizer, conversation))
         gen = self._engine_request("chatcmpl", request, prompt_ids, adapter)
         stream = self._submit(gen)
         if request.stream:
-            return _sse(self._chat_events(request, gen, stream))
+            return _sse(self._chat_events(request, gen, stream, sources))
         text, final = await self._collect(stream, request.model)
         return ChatCompletionResponse(
             id=gen.request_id,
@@ -94,12 +116,18 @@ class OpenAIServing:
                 ChatChoice(message=ResponseMessage(content=text), finish_reason=final.finish_reason)
             ],
             usage=Usage.of(final.prompt_tokens, final.completion_tokens),
+            sources=sources,
         )
 
     async def create_completion(self, request: CompletionRequest) -> Any:
         request.unsupported()
         adapter = await self.resolve_adapter(request.model)
         prompt = request.prompt_text_or_ids()
+        sources = None
+        if (options := request.rag_options()) is not None:
+            if not isinstance(prompt, str):
+                raise BadRequestError("rag needs a text prompt, not token ids", "prompt")
+            prompt, sources = await self._retrieve(options, prompt, request.model)
         if isinstance(prompt, str):
             prompt_ids = encode_prompt(self.tokenizer, prompt)
         else:
@@ -110,7 +138,7 @@ class OpenAIServing:
         gen = self._engine_request("cmpl", request, prompt_ids, adapter)
         stream = self._submit(gen)
         if request.stream:
-            return _sse(self._completion_events(request, gen, stream))
+            return _sse(self._completion_events(request, gen, stream, sources))
         text, final = await self._collect(stream, request.model)
         return CompletionResponse(
             id=gen.request_id,
@@ -118,7 +146,54 @@ class OpenAIServing:
             system_fingerprint=self.system_fingerprint,
             choices=[CompletionChoice(text=text, finish_reason=final.finish_reason)],
             usage=Usage.of(final.prompt_tokens, final.completion_tokens),
+            sources=sources,
         )
+
+    async def create_embeddings(self, request: EmbeddingRequest) -> EmbeddingResponse:
+        service = self._retrieval()
+        if request.model != service.embedder_name:
+            raise NotFoundError(
+                f"embedding model {request.model!r} is not served; use {service.embedder_name!r}",
+                "model",
+                code="model_not_found",
+            )
+        texts = request.texts()
+        if request.dimensions is not None and request.dimensions != service.embedder.dim:
+            raise BadRequestError(
+                f"this embedder has {service.embedder.dim} dimensions", "dimensions"
+            )
+        vectors, tokens = await asyncio.to_thread(service.embed, texts)
+        data = [
+            EmbeddingData(
+                index=i,
+                embedding=(
+                    base64.b64encode(v.astype("<f4").tobytes()).decode()
+                    if request.encoding_format == "base64"
+                    else v.tolist()
+                ),
+            )
+            for i, v in enumerate(vectors)
+        ]
+        return EmbeddingResponse(
+            data=data,
+            model=service.embedder_name,
+            usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens),
+        )
+
+    # ----------------------------------------------------------------------------- retrieval
+    def _retrieval(self) -> RetrievalService:
+        if self.retrieval is None:
+            raise ServiceUnavailableError(
+                "retrieval is unavailable on this server; see its log", code="retrieval_unavailable"
+            )
+        return self.retrieval
+
+    async def _retrieve(
+        self, options: RagOptions, question: str, model: str
+    ) -> tuple[str, list[Source]]:
+        service = self._retrieval()
+        adapter_index = self.registry.default_index(model) if model != self.base_model_id else None
+        return await asyncio.to_thread(service.retrieve, options, question, adapter_index)
 
     # ------------------------------------------------------------------------------- helpers
     def _engine_request(
@@ -219,7 +294,11 @@ class OpenAIServing:
         return "".join(parts), final
 
     async def _chat_events(
-        self, request: ChatCompletionRequest, gen: GenerationRequest, stream: RequestStream
+        self,
+        request: ChatCompletionRequest,
+        gen: GenerationRequest,
+        stream: RequestStream,
+        sources: list[Source] | None,
     ) -> AsyncIterator[str]:
         created = int(time.time())
 
@@ -234,7 +313,16 @@ class OpenAIServing:
                 )
             )
 
-        yield chunk(DeltaMessage(role="assistant", content=""))
+        yield _event(
+            ChatCompletionChunk(
+                id=gen.request_id,
+                created=created,
+                model=request.model,
+                system_fingerprint=self.system_fingerprint,
+                choices=[ChatChunkChoice(delta=DeltaMessage(role="assistant", content=""))],
+                sources=sources,
+            )
+        )
         try:
             async for output in self._outputs(stream, request.model):
                 if output.text or output.finished:
@@ -255,9 +343,24 @@ class OpenAIServing:
         yield "data: [DONE]\n\n"
 
     async def _completion_events(
-        self, request: CompletionRequest, gen: GenerationRequest, stream: RequestStream
+        self,
+        request: CompletionRequest,
+        gen: GenerationRequest,
+        stream: RequestStream,
+        sources: list[Source] | None,
     ) -> AsyncIterator[str]:
         created = int(time.time())
+        if sources is not None:  # citations come first, before any text
+            yield _event(
+                CompletionResponse(
+                    id=gen.request_id,
+                    created=created,
+                    model=request.model,
+                    system_fingerprint=self.system_fingerprint,
+                    choices=[CompletionChoice(text="", finish_reason=None)],
+                    sources=sources,
+                )
+            )
         try:
             async for output in self._outputs(stream, request.model):
                 if output.text or output.finished:

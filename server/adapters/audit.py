@@ -20,6 +20,8 @@ class AuditLog:
             "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
             "key_id": key_id,
             "action": action,
+            "adapter": None,  # always present, None when the action names none
+            "version": None,
             "result": result,
             **fields,
         }

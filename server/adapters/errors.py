@@ -17,3 +17,9 @@ class AdapterNotFoundError(Exception):
 
 class AdapterConflictError(AdapterError):
     """Name@version already loaded and `replace` not set (400, like vLLM)."""
+
+
+class AdapterUnavailableError(Exception):
+    """A loaded version was evicted from memory and its directory can no longer be reloaded
+    (moved, changed or now linking outside the roots). Deliberately not an AdapterError: the
+    details (paths) go to the server log, the client gets a server error."""

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from ragtune.manifest import AdapterManifest
+from ragtune.manifest import MANIFEST_NAME, AdapterManifest
 from server.adapters.errors import AdapterError
 from server.engine.lora import TARGETABLE, AdapterWeights
 
@@ -45,43 +45,83 @@ class LoadedAdapter:
     alpha: float
     target_modules: list[str]
     manifest: dict[str, Any] = field(default_factory=dict)
+    # (size, mtime_ns, inode) of each file read, taken before reading: a version is immutable,
+    # so a reload after eviction refuses files that changed since the first load.
+    files: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
 
-def read_adapter(path: Path, name: str, version: str | None, spec: BaseSpec,
-                 load_id: int) -> LoadedAdapter:
+def file_signature(path: Path) -> dict[str, tuple[int, int, int]]:
+    signature = {}
+    for name in (CONFIG_FILE, WEIGHTS_FILE, MANIFEST_NAME):
+        try:
+            st = (path / name).stat()
+        except FileNotFoundError:
+            continue
+        signature[name] = (st.st_size, st.st_mtime_ns, st.st_ino)
+    return signature
+
+
+def read_adapter(
+    path: Path, name: str, version: str | None, spec: BaseSpec, load_id: int
+) -> LoadedAdapter:
     if not spec.supports_lora:
-        raise AdapterError("this base model runs on the fallback runner, which serves no "
-                           "adapters", param="lora_name")
+        raise AdapterError(
+            "this base model runs on the fallback runner, which serves no adapters",
+            param="lora_name",
+        )
+    files = file_signature(path)
     config = _read_config(path)
     manifest = _read_manifest(path, spec)
-    rank = int(config.get("r") or 0)
-    if rank < 1:
-        raise AdapterError(f"adapter_config.json: r={config.get('r')!r} is not a valid rank")
+    rank = config.get("r")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise AdapterError(f"{CONFIG_FILE}: r={rank!r} is not a valid rank")
     if rank > spec.max_rank:
         raise AdapterError(
             f"rank {rank} exceeds engine.max_lora_rank {spec.max_rank}; raise it in the server "
             f"config or retrain with r <= {spec.max_rank}"
         )
     targets = config.get("target_modules") or []
-    targets = [targets] if isinstance(targets, str) else list(targets)
+    targets = [targets] if isinstance(targets, str) else targets
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise AdapterError(f"{CONFIG_FILE}: target_modules must be a list of module names")
     unknown = sorted(t for t in targets if t not in TARGETABLE)
     if unknown:
         raise AdapterError(
             f"target modules {unknown} do not exist in the base model or cannot be batched; "
             f"supported: {list(TARGETABLE)}"
         )
-    alpha = float(config.get("lora_alpha", rank))
+    alpha = _number(config.get("lora_alpha", rank), "lora_alpha")
     factors = _read_factors(path, config, spec, rank, alpha)
+    # rank_pattern gives modules their own ranks; the slots need one rank per adapter, so
+    # smaller factors are zero-padded to the largest (B @ A is unchanged).
+    rank = max(a.shape[0] for a, _ in factors.values())
+    factors = {key: _pad(a, b, rank) for key, (a, b) in factors.items()}
     final_version = version or (manifest.version if manifest else None) or "v1"
     return LoadedAdapter(
-        weights=AdapterWeights(key=f"{name}@{final_version}#{load_id}", rank=rank,
-                               factors=factors),
+        weights=AdapterWeights(key=f"{name}@{final_version}#{load_id}", rank=rank, factors=factors),
         version=final_version,
         path=path,
         rank=rank,
         alpha=alpha,
         target_modules=sorted({m for _, m in factors}),
         manifest=manifest.model_dump() if manifest else {},
+        files=files,
+    )
+
+
+def _number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise AdapterError(f"{CONFIG_FILE}: {what}={value!r} must be a positive number")
+    return float(value)
+
+
+def _pad(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    extra = rank - a.shape[0]
+    if extra == 0:
+        return a, b
+    return (
+        torch.cat([a, a.new_zeros(extra, a.shape[1])]).contiguous(),
+        torch.cat([b, b.new_zeros(b.shape[0], extra)], dim=1).contiguous(),
     )
 
 
@@ -128,8 +168,9 @@ def _read_manifest(path: Path, spec: BaseSpec) -> AdapterManifest | None:
     return manifest
 
 
-def _read_factors(path: Path, config: dict[str, Any], spec: BaseSpec, rank: int,
-                  alpha: float) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+def _read_factors(
+    path: Path, config: dict[str, Any], spec: BaseSpec, rank: int, alpha: float
+) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
     weights_path = path / WEIGHTS_FILE
     if not weights_path.is_file():
         if any(path.glob("*.bin")) or any(path.glob("*.pt")):
@@ -146,6 +187,7 @@ def _read_factors(path: Path, config: dict[str, Any], spec: BaseSpec, rank: int,
     except (SafetensorError, OSError, ValueError) as exc:
         raise AdapterError(f"{WEIGHTS_FILE} is corrupted: {exc}") from None
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    key_paths: dict[tuple[int, str], str] = {}
     for key, tensor in tensors.items():
         match = _KEY.search(key)
         if not match:
@@ -156,10 +198,12 @@ def _read_factors(path: Path, config: dict[str, Any], spec: BaseSpec, rank: int,
         if layer >= spec.num_layers:
             raise AdapterError(f"weight {key!r}: the base model has {spec.num_layers} layers")
         pairs.setdefault((layer, module), {})[which] = tensor
+        # PEFT module path for rank/alpha patterns, e.g. model.layers.0.self_attn.q_proj
+        key_paths[(layer, module)] = key.split(".lora_")[0].removeprefix("base_model.model.")
     if not pairs:
         raise AdapterError(f"{WEIGHTS_FILE} holds no LoRA weights")
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
+    rank_pattern = _pattern(config, "rank_pattern")
+    alpha_pattern = _pattern(config, "alpha_pattern")
     factors = {}
     for (layer, module), pair in pairs.items():
         if set(pair) != {"A", "B"}:
@@ -175,17 +219,42 @@ def _read_factors(path: Path, config: dict[str, Any], spec: BaseSpec, rank: int,
             )
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise AdapterError(f"layer {layer} {module}: weights contain NaN or Inf")
-        r_cfg = _pattern_value(rank_pattern, module, layer, rank)
-        a_cfg = _pattern_value(alpha_pattern, module, layer, alpha)
+        module_path = key_paths[(layer, module)]
+        r_cfg = _pattern_value(rank_pattern, module_path, rank)
+        a_cfg = _pattern_value(alpha_pattern, module_path, alpha)
+        if r_cfg != r:
+            raise AdapterError(
+                f"layer {layer} {module}: {CONFIG_FILE} gives rank {r_cfg:g} but the weights "
+                f"have rank {r}; the config does not belong to these weights"
+            )
         scale = a_cfg / math.sqrt(r_cfg) if config.get("use_rslora") else a_cfg / r_cfg
-        factors[(layer, module)] = (a.to(spec.dtype).contiguous(),
-                                    (b.float() * scale).to(spec.dtype).contiguous())
+        factors[(layer, module)] = (
+            a.to(spec.dtype).contiguous(),
+            (b.float() * scale).to(spec.dtype).contiguous(),
+        )
     return factors
 
 
-def _pattern_value(pattern: dict[str, Any], module: str, layer: int, default: float) -> float:
-    """PEFT rank/alpha patterns: keys are module names or regexes over the module path."""
+def _pattern(config: dict[str, Any], what: str) -> dict[re.Pattern[str], float]:
+    """PEFT rank/alpha patterns: module-path regexes -> value (checked here, not at use)."""
+    pattern = config.get(what) or {}
+    if not isinstance(pattern, dict):
+        raise AdapterError(f"{CONFIG_FILE}: {what} must be an object")
+    compiled = {}
     for key, value in pattern.items():
-        if key == module or re.search(key, f"layers.{layer}.{module}"):
-            return float(value)
+        try:
+            compiled[re.compile(rf"(.*\.)?({key})$")] = _number(value, f"{what}[{key!r}]")
+        except re.error as exc:
+            raise AdapterError(f"{CONFIG_FILE}: {what} key {key!r} is not a regex: {exc}") from None
+    return compiled
+
+
+def _pattern_value(
+    pattern: dict[re.Pattern[str], float], module_path: str, default: float
+) -> float:
+    """PEFT's rule (peft.utils.other.get_pattern_key): the first key matching the end of the
+    module path."""
+    for regex, value in pattern.items():
+        if regex.match(module_path):
+            return value
     return float(default)

@@ -10,6 +10,13 @@ from server.adapters.errors import AdapterError
 def confine(path: str, roots: list[Path]) -> Path:
     """Resolve `path` (relative paths are taken against the first root) and require that it
     and every file in it stay inside one of `roots` after following symlinks."""
+    try:
+        return _confine(path, roots)
+    except (OSError, ValueError) as exc:  # NUL bytes, names too long, unreadable directories
+        raise AdapterError(f"{path!r} cannot be used as an adapter path: {exc}") from None
+
+
+def _confine(path: str, roots: list[Path]) -> Path:
     if not roots:
         raise AdapterError("no adapter roots are configured (adapters.roots)")
     candidate = Path(path).expanduser()
@@ -22,8 +29,10 @@ def confine(path: str, roots: list[Path]) -> Path:
     root = next((r for r in real_roots if resolved == r or r in resolved.parents), None)
     if root is None:
         allowed = ", ".join(str(r) for r in real_roots)
-        raise AdapterError(f"{path!r} is outside the adapter roots ({allowed}); "
-                           "copy it under a root or add one to adapters.roots")
+        raise AdapterError(
+            f"{path!r} is outside the adapter roots ({allowed}); "
+            "copy it under a root or add one to adapters.roots"
+        )
     if not resolved.is_dir():
         raise AdapterError(f"{path!r} is not a directory")
     for entry in resolved.iterdir():

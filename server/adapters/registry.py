@@ -19,7 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server.adapters.errors import AdapterConflictError, AdapterError, AdapterNotFoundError
+from server.adapters.errors import (
+    AdapterConflictError,
+    AdapterError,
+    AdapterNotFoundError,
+    AdapterUnavailableError,
+)
 from server.adapters.loader import BaseSpec, LoadedAdapter, read_adapter
 from server.adapters.paths import confine
 from server.engine.lora import AdapterWeights
@@ -39,6 +44,7 @@ class AdapterVersion:
     manifest: dict[str, Any]
     weights: AdapterWeights | None  # None = on disk only
     nbytes: int
+    files: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     loaded_at: float = field(default_factory=time.time)
     last_used: float | None = None
     requests: int = 0
@@ -63,20 +69,33 @@ class AdapterRegistry:
         self._load_ids = itertools.count(1)
 
     # ------------------------------------------------------------------------------- admin
-    def load(self, name: str, path: str, version: str | None = None, replace: bool = False,
-             activate: bool = True) -> AdapterVersion:
+    def load(
+        self,
+        name: str,
+        path: str,
+        version: str | None = None,
+        replace: bool = False,
+        activate: bool = True,
+    ) -> AdapterVersion:
         """Validate and load an adapter directory; blocking (call from a worker thread)."""
         self._check_name(name)
         if version is not None:
             self._check_name(version, "version")
         directory = confine(path, self.roots)
         loaded = read_adapter(directory, name, version, self.spec, next(self._load_ids))
+        if version is None and not NAME_PATTERN.fullmatch(loaded.version):
+            raise AdapterError(
+                f"ragtune_adapter.json version {loaded.version!r} must match "
+                f'{NAME_PATTERN.pattern}; fix the manifest or send "version"',
+            )
         with self._lock:
             record = self._records.get(name)
             if record and loaded.version in record.versions and not replace:
                 raise AdapterConflictError(
-                    f"adapter {name}@{loaded.version} is already loaded; send \"replace\": true "
-                    "to overwrite it, or load it under a new version", param="lora_name")
+                    f'adapter {name}@{loaded.version} is already loaded; send "replace": true '
+                    "to overwrite it, or load it under a new version",
+                    param="lora_name",
+                )
             entry = self._entry(name, loaded)
             record = self._records.setdefault(name, AdapterRecord())
             record.versions[entry.version] = entry
@@ -118,8 +137,9 @@ class AdapterRegistry:
         with self._lock:
             record = self._record(name)
             if not record.history:
-                raise AdapterError(f"adapter {name} has no previous version to roll back to",
-                                   param="lora_name")
+                raise AdapterError(
+                    f"adapter {name} has no previous version to roll back to", param="lora_name"
+                )
             previous = record.history.pop()
             record.active = previous
             return record.versions[previous]
@@ -128,10 +148,10 @@ class AdapterRegistry:
     def resolve(self, model: str) -> AdapterWeights:
         """Weights for `name` (its active version) or `name@version`; loads from disk if the
         version was evicted from memory. Blocking (disk); call from a worker thread."""
-        name, _, version = model.partition("@")
+        name, at, version = model.partition("@")
         with self._lock:
             record = self._records.get(name)
-            if record is None or (version and version not in record.versions):
+            if record is None or (at and version not in record.versions):
                 raise AdapterNotFoundError(model)
             entry = record.versions[version or record.active]
             entry.requests += 1
@@ -139,14 +159,42 @@ class AdapterRegistry:
             if entry.weights is not None:
                 self._resident.move_to_end((entry.name, entry.version))
                 return entry.weights
-        # Reload outside the lock; the directory was validated when it was first loaded.
-        reloaded = read_adapter(entry.path, entry.name, entry.version, self.spec,
-                                next(self._load_ids))
+        # Reload outside the lock, checked again: the directory must still be inside the roots
+        # and hold the very files first loaded (a version never changes behind its name).
+        try:
+            directory = confine(str(entry.path), self.roots)
+            reloaded = read_adapter(
+                directory, entry.name, entry.version, self.spec, next(self._load_ids)
+            )
+            if reloaded.files != entry.files:
+                raise AdapterError("its files changed on disk since it was loaded")
+        except AdapterError as exc:
+            logger.error(
+                "cannot reload adapter %s@%s from %s: %s",
+                entry.name,
+                entry.version,
+                entry.path,
+                exc,
+            )
+            raise AdapterUnavailableError(
+                f"adapter {entry.name}@{entry.version} could not be reloaded from disk; "
+                "an admin must load it again (see the server log)"
+            ) from None
         with self._lock:
             if entry.weights is None:
                 entry.weights = reloaded.weights
-                self._make_resident(entry)
+                record = self._records.get(entry.name)
+                if record is not None and record.versions.get(entry.version) is entry:
+                    self._make_resident(entry)  # not when unloaded or replaced meanwhile
             return entry.weights
+
+    def default_index(self, model: str) -> str | None:
+        """The retrieval index an adapter's manifest names for `rag: true`, if any."""
+        name, _, version = model.partition("@")
+        with self._lock:
+            record = self._records.get(name)
+            entry = record and record.versions.get(version or record.active)
+            return entry.manifest.get("default_index") if entry else None
 
     def model_ids(self) -> list[str]:
         with self._lock:
@@ -165,11 +213,16 @@ class AdapterRegistry:
                     "previous_versions": list(record.history),
                     "versions": [
                         {
-                            "version": e.version, "path": str(e.path), "rank": e.rank,
-                            "target_modules": e.target_modules, "resident": e.weights is not None,
+                            "version": e.version,
+                            "path": str(e.path),
+                            "rank": e.rank,
+                            "target_modules": e.target_modules,
+                            "resident": e.weights is not None,
                             "memory_bytes": e.nbytes if e.weights is not None else 0,
-                            "loaded_at": e.loaded_at, "last_used": e.last_used,
-                            "requests": e.requests, "manifest": e.manifest,
+                            "loaded_at": e.loaded_at,
+                            "last_used": e.last_used,
+                            "requests": e.requests,
+                            "manifest": e.manifest,
                         }
                         for e in record.versions.values()
                     ],
@@ -179,9 +232,8 @@ class AdapterRegistry:
 
     # ----------------------------------------------------------------------------- helpers
     def _check_name(self, value: str, what: str = "lora_name") -> None:
-        if not NAME_PATTERN.match(value or ""):
-            raise AdapterError(f"{what} {value!r} must match {NAME_PATTERN.pattern}",
-                               param=what)
+        if not NAME_PATTERN.fullmatch(value or ""):
+            raise AdapterError(f"{what} {value!r} must match {NAME_PATTERN.pattern}", param=what)
         if what == "lora_name" and value == self.base_model_id:
             raise AdapterError(f"{value!r} is the base model's id", param=what)
 
@@ -194,9 +246,15 @@ class AdapterRegistry:
     @staticmethod
     def _entry(name: str, loaded: LoadedAdapter) -> AdapterVersion:
         return AdapterVersion(
-            name=name, version=loaded.version, path=loaded.path, rank=loaded.rank,
-            target_modules=loaded.target_modules, manifest=loaded.manifest,
-            weights=loaded.weights, nbytes=loaded.weights.nbytes,
+            name=name,
+            version=loaded.version,
+            path=loaded.path,
+            rank=loaded.rank,
+            target_modules=loaded.target_modules,
+            manifest=loaded.manifest,
+            weights=loaded.weights,
+            nbytes=loaded.weights.nbytes,
+            files=loaded.files,
         )
 
     @staticmethod

@@ -56,8 +56,7 @@ class RequestStream:
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, config: EngineConfig, max_queue: int,
-                 max_seq_len: int):
+    def __init__(self, loaded: LoadedModel, config: EngineConfig, max_queue: int, max_seq_len: int):
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.max_queue = max_queue

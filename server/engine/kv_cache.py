@@ -37,8 +37,9 @@ class KVCache:
         rounded = -(-length // self.bucket_size) * self.bucket_size
         return min(rounded, self.max_len)
 
-    def write_prompt(self, layer: int, slot: int, start: int, k: torch.Tensor,
-                     v: torch.Tensor) -> None:
+    def write_prompt(
+        self, layer: int, slot: int, start: int, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
         """k, v: [tokens, kv_heads, d] for positions start..start+tokens."""
         end = start + k.shape[0]
         self.keys[layer, slot, :, start:end] = k.transpose(0, 1)
@@ -47,8 +48,14 @@ class KVCache:
     def prompt_view(self, layer: int, slot: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.keys[layer, slot, :, :end], self.values[layer, slot, :, :end]
 
-    def write_decode(self, layer: int, rows: torch.Tensor, positions: torch.Tensor,
-                     k: torch.Tensor, v: torch.Tensor) -> None:
+    def write_decode(
+        self,
+        layer: int,
+        rows: torch.Tensor,
+        positions: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+    ) -> None:
         """k, v: [batch, kv_heads, d]; row i writes slot i at positions[i]."""
         self.keys[layer, rows, :, positions] = k
         self.values[layer, rows, :, positions] = v

@@ -79,16 +79,24 @@ class LlamaModel:
         self.layers = []
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            self.layers.append(LayerWeights(
-                input_norm=layer.input_layernorm.weight.detach().to(dtype),
-                qkv=torch.cat([dense_weight(attn.q_proj, dtype), dense_weight(attn.k_proj, dtype),
-                               dense_weight(attn.v_proj, dtype)]).contiguous(),
-                o=dense_weight(attn.o_proj, dtype),
-                post_norm=layer.post_attention_layernorm.weight.detach().to(dtype),
-                gate_up=torch.cat([dense_weight(mlp.gate_proj, dtype),
-                                   dense_weight(mlp.up_proj, dtype)]).contiguous(),
-                down=dense_weight(mlp.down_proj, dtype),
-            ))
+            self.layers.append(
+                LayerWeights(
+                    input_norm=layer.input_layernorm.weight.detach().to(dtype),
+                    qkv=torch.cat(
+                        [
+                            dense_weight(attn.q_proj, dtype),
+                            dense_weight(attn.k_proj, dtype),
+                            dense_weight(attn.v_proj, dtype),
+                        ]
+                    ).contiguous(),
+                    o=dense_weight(attn.o_proj, dtype),
+                    post_norm=layer.post_attention_layernorm.weight.detach().to(dtype),
+                    gate_up=torch.cat(
+                        [dense_weight(mlp.gate_proj, dtype), dense_weight(mlp.up_proj, dtype)]
+                    ).contiguous(),
+                    down=dense_weight(mlp.down_proj, dtype),
+                )
+            )
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
@@ -184,8 +192,12 @@ class LlamaModel:
             cache.write_prompt(layer, slot, start, k, v)
             keys, values = cache.prompt_view(layer, slot, end)  # [kv_heads, end, d]
             out = F.scaled_dot_product_attention(
-                q.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask[None, None],
-                scale=self.scale, enable_gqa=True,
+                q.transpose(0, 1)[None],
+                keys[None],
+                values[None],
+                attn_mask=mask[None, None],
+                scale=self.scale,
+                enable_gqa=True,
             )  # [1, heads, count, d]
             return out[0].transpose(0, 1).reshape(count, self.q_size)
 
@@ -215,7 +227,11 @@ class LlamaModel:
             cache.write_decode(layer, rows, write_positions, k, v)
             keys, values = cache.batch_view(layer, batch, length)  # [batch, kv_heads, length, d]
             out = F.scaled_dot_product_attention(
-                q[:, :, None, :], keys, values, attn_mask=mask, scale=self.scale,
+                q[:, :, None, :],
+                keys,
+                values,
+                attn_mask=mask,
+                scale=self.scale,
                 enable_gqa=True,
             )  # [batch, heads, 1, d]
             return out.reshape(batch, self.q_size)

@@ -63,8 +63,9 @@ class LoraSlots:
         self.out_offsets: dict[str, list[tuple[int, int]]] = {}
         for group, modules in GROUPS.items():
             in_features = module_shapes[modules[0]][0]
-            self.a[group] = torch.zeros(num_layers, len(modules) * width, in_features,
-                                        dtype=dtype, device=device)
+            self.a[group] = torch.zeros(
+                num_layers, len(modules) * width, in_features, dtype=dtype, device=device
+            )
             self.b[group] = [
                 torch.zeros(num_layers, width, module_shapes[m][1], dtype=dtype, device=device)
                 for m in modules

@@ -67,21 +67,35 @@ class LlamaRunner:
         self.max_seq_len = max_seq_len
         self.prefill_chunk = config.prefill_chunk
         m = self.model
-        self.cache = KVCache(m.num_layers, config.max_batch_size, m.num_kv_heads, max_seq_len,
-                             m.head_dim, m.dtype, loaded.device)
+        self.cache = KVCache(
+            m.num_layers,
+            config.max_batch_size,
+            m.num_kv_heads,
+            max_seq_len,
+            m.head_dim,
+            m.dtype,
+            loaded.device,
+        )
         shapes = {
-            "q_proj": (m.hidden, m.q_size), "k_proj": (m.hidden, m.kv_size),
-            "v_proj": (m.hidden, m.kv_size), "o_proj": (m.q_size, m.hidden),
-            "gate_proj": (m.hidden, m.intermediate), "up_proj": (m.hidden, m.intermediate),
+            "q_proj": (m.hidden, m.q_size),
+            "k_proj": (m.hidden, m.kv_size),
+            "v_proj": (m.hidden, m.kv_size),
+            "o_proj": (m.q_size, m.hidden),
+            "gate_proj": (m.hidden, m.intermediate),
+            "up_proj": (m.hidden, m.intermediate),
             "down_proj": (m.intermediate, m.hidden),
         }
         self.module_shapes = shapes
-        self.lora = LoraSlots(m.num_layers, shapes, config.max_loras, config.max_lora_rank,
-                              m.dtype, loaded.device)
+        self.lora = LoraSlots(
+            m.num_layers, shapes, config.max_loras, config.max_lora_rank, m.dtype, loaded.device
+        )
         self.adapter_slots = AdapterSlotTable(self.lora)
         self.slots: list[Sequence] = []  # index = KV slot = decode row
-        logger.info("KV cache %.0f MiB, LoRA buffers %.0f MiB", self.cache.nbytes / 2**20,
-                    self.lora.nbytes / 2**20)
+        logger.info(
+            "KV cache %.0f MiB, LoRA buffers %.0f MiB",
+            self.cache.nbytes / 2**20,
+            self.lora.nbytes / 2**20,
+        )
 
     def can_admit(self, seq: Sequence) -> bool:
         if len(self.slots) >= self.cache.num_slots:
@@ -100,8 +114,9 @@ class LlamaRunner:
         """Run the next prompt chunk; return [vocab] logits once the whole prompt is in."""
         prompt = seq.request.prompt_ids
         chunk = prompt[seq.cache_len : seq.cache_len + self.prefill_chunk]
-        logits = self.model.prefill(chunk, seq.cache_len, seq.slot, self.cache, self.lora,
-                                    seq.lora_slot)
+        logits = self.model.prefill(
+            chunk, seq.cache_len, seq.slot, self.cache, self.lora, seq.lora_slot
+        )
         seq.cache_len += len(chunk)
         return logits if seq.cache_len == len(prompt) else None
 
@@ -173,8 +188,9 @@ class HFModelRunner:
         from transformers import DynamicCache
 
         ids = torch.tensor([seq.request.prompt_ids], device=self.device)
-        out = self.model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True,
-                         logits_to_keep=1)
+        out = self.model(
+            input_ids=ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1
+        )
         seq.cache = out.past_key_values
         seq.cache_len = seq.prompt_len
         return out.logits[0, -1].float()
@@ -200,8 +216,9 @@ def build_runner(loaded: LoadedModel, config: EngineConfig, max_seq_len: int):
     reason = supports(loaded.model.config)
     if reason is None:
         return LlamaRunner(loaded, config, max_seq_len)
-    logger.warning("compact forward does not support %s; using the serial fallback (no LoRA)",
-                   reason)
+    logger.warning(
+        "compact forward does not support %s; using the serial fallback (no LoRA)", reason
+    )
     return HFModelRunner(loaded, config, max_seq_len)
 
 
