@@ -1,0 +1,169 @@
+"""Closed-loop load against any OpenAI-compatible server; prints one JSON line.
+
+Each of `--concurrency` workers sends a chat completion, waits for it to finish, and sends the
+next, until `--requests` are done. Streaming (the default) measures time to first token too.
+
+    python bench/serve_load.py --url http://127.0.0.1:8000/v1 --concurrency 16 \\
+        --requests 64 --max-tokens 128 --models smollm2-135m-instruct
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import statistics
+import time
+
+import httpx
+
+PROMPTS = [
+    "Write a long story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain in detail how a refrigerator works, step by step.",
+    "Describe a walk through a busy market in a large city, with many details.",
+    "Write a detailed guide to planting and caring for a vegetable garden.",
+    "Tell a long adventure story about a cat who sails around the world.",
+    "Explain the history of the bicycle and how it changed over time, in detail.",
+]
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+async def one_request(
+    http: httpx.AsyncClient,
+    url: str,
+    model: str,
+    prompt: str,
+    max_tokens: int,
+    stream: bool,
+    headers: dict,
+) -> dict:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": stream,
+    }
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    started = time.perf_counter()
+    ttft = None
+    tokens = 0
+    chunks = 0
+    if not stream:
+        response = await http.post(f"{url}/chat/completions", json=body, headers=headers)
+        if response.status_code != 200:
+            return {"ok": False, "status": response.status_code}
+        tokens = response.json()["usage"]["completion_tokens"]
+        return {"ok": True, "latency": time.perf_counter() - started, "tokens": tokens}
+    async with http.stream(
+        "POST", f"{url}/chat/completions", json=body, headers=headers
+    ) as response:
+        if response.status_code != 200:
+            await response.aread()
+            return {"ok": False, "status": response.status_code}
+        async for line in response.aiter_lines():
+            if not line.startswith("data:") or line.strip() == "data: [DONE]":
+                continue
+            event = json.loads(line[5:])
+            if "error" in event:
+                return {"ok": False, "status": "stream-error"}
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+            for choice in event.get("choices") or []:
+                if (choice.get("delta") or {}).get("content"):
+                    chunks += 1
+                    if ttft is None:
+                        ttft = time.perf_counter() - started
+    return {
+        "ok": True,
+        "latency": time.perf_counter() - started,
+        "ttft": ttft,
+        "tokens": tokens or chunks,
+    }
+
+
+async def run(args: argparse.Namespace) -> dict:
+    models = itertools.cycle(args.models.split(","))
+    prompts = itertools.cycle(PROMPTS)
+    jobs = [(next(models), next(prompts)) for _ in range(args.requests)]
+    queue: asyncio.Queue = asyncio.Queue()
+    for job in jobs:
+        queue.put_nowait(job)
+    results: list[dict] = []
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    limits = httpx.Limits(max_connections=args.concurrency * 2)
+    async with httpx.AsyncClient(timeout=args.timeout, limits=limits) as http:
+        if args.warmup:
+            await one_request(http, args.url, jobs[0][0], jobs[0][1], 8, args.stream, headers)
+
+        async def worker() -> None:
+            while not queue.empty():
+                model, prompt = queue.get_nowait()
+                try:
+                    results.append(
+                        await one_request(
+                            http, args.url, model, prompt, args.max_tokens, args.stream, headers
+                        )
+                    )
+                except httpx.HTTPError as exc:
+                    results.append({"ok": False, "status": type(exc).__name__})
+
+        started = time.perf_counter()
+        await asyncio.gather(*[worker() for _ in range(args.concurrency)])
+        elapsed = time.perf_counter() - started
+    ok = [r for r in results if r["ok"]]
+    latencies = [r["latency"] for r in ok]
+    ttfts = [r["ttft"] for r in ok if r.get("ttft") is not None]
+    tokens = sum(r["tokens"] for r in ok)
+    return {
+        "label": args.label,
+        "url": args.url,
+        "concurrency": args.concurrency,
+        "requests": args.requests,
+        "models": args.models,
+        "max_tokens": args.max_tokens,
+        "stream": args.stream,
+        "errors": len(results) - len(ok),
+        "error_statuses": sorted({str(r["status"]) for r in results if not r["ok"]}),
+        "completion_tokens": tokens,
+        "mean_tokens_per_request": round(tokens / max(len(ok), 1), 1),
+        "elapsed_s": round(elapsed, 2),
+        "tok_per_s": round(tokens / elapsed, 1),
+        "req_per_s": round(len(ok) / elapsed, 3),
+        "latency_p50_s": round(percentile(latencies, 50), 3),
+        "latency_p95_s": round(percentile(latencies, 95), 3),
+        "ttft_p50_s": round(percentile(ttfts, 50), 3) if ttfts else None,
+        "ttft_mean_s": round(statistics.mean(ttfts), 3) if ttfts else None,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--url", default="http://127.0.0.1:8000/v1")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument(
+        "--models",
+        default="smollm2-135m-instruct",
+        help="comma-separated model names, used round-robin",
+    )
+    parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--label", default="")
+    print(json.dumps(asyncio.run(run(parser.parse_args()))))
+
+
+if __name__ == "__main__":
+    main()

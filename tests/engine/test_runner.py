@@ -1,0 +1,173 @@
+"""The compact forward, KV slots and batched LoRA against Hugging Face and PEFT, on a tiny
+random Llama (fast and exact in fp32); the real model is covered over HTTP elsewhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ragtune.config import EngineConfig
+from ragtune.models.loader import LoadedModel
+from server.adapters.loader import BaseSpec, read_adapter
+from server.engine.runner import LlamaRunner
+from server.engine.sequence import Sequence
+from server.engine.types import GenerationRequest, SamplingParams
+
+VOCAB = 128
+
+
+@pytest.fixture(scope="module")
+def tiny() -> LoadedModel:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config).eval()
+    return LoadedModel(
+        model=model,
+        tokenizer=None,
+        model_dir=None,
+        fingerprint="f" * 64,
+        device="cpu",
+        dtype=torch.float32,
+        quantization="none",
+    )
+
+
+def runner_for(tiny: LoadedModel, **engine) -> LlamaRunner:
+    return LlamaRunner(tiny, EngineConfig(**{"max_batch_size": 4, **engine}), max_seq_len=128)
+
+
+def sequence(prompt: list[int], adapter=None) -> Sequence:
+    seq = Sequence.__new__(Sequence)  # no tokenizer needed below the text layer
+    seq.request = GenerationRequest("r", prompt, SamplingParams(64, temperature=0), adapter)
+    seq.params = seq.request.params
+    seq.output_ids, seq.slot, seq.cache_len, seq.lora_slot = [], None, 0, -1
+    seq.finish_reason = None
+    return seq
+
+
+def generate(runner: LlamaRunner, seqs: list[Sequence], steps: int) -> list[list[int]]:
+    """Greedy: prefill everything, then `steps` batched decode steps."""
+    for seq in seqs:
+        runner.add(seq)
+    for seq in seqs:
+        logits = None
+        while logits is None:
+            logits = runner.prefill(seq)
+        seq.output_ids.append(int(logits.argmax()))
+    for _ in range(steps):
+        for seq, row in zip(seqs, runner.decode(seqs), strict=True):
+            seq.output_ids.append(int(row.argmax()))
+    return [s.output_ids for s in seqs]
+
+
+def hf_greedy(model, prompt: list[int], steps: int) -> list[int]:
+    out = model.generate(
+        input_ids=torch.tensor([prompt]),
+        max_new_tokens=steps + 1,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+PROMPTS = [[5, 9, 2, 77], list(range(3, 40)), [100] * 11]
+
+
+def test_matches_hugging_face_greedy(tiny):
+    runner = runner_for(tiny)
+    for prompt in PROMPTS:
+        [ours] = generate(runner, [sequence(prompt)], steps=12)
+        assert ours == hf_greedy(tiny.model, prompt, 12)
+        runner.release(runner.slots[0])
+
+
+def test_batch_of_different_lengths_equals_each_alone(tiny):
+    runner = runner_for(tiny)
+    alone = []
+    for prompt in PROMPTS:
+        alone += generate(runner, [sequence(prompt)], steps=10)
+        runner.release(runner.slots[0])
+    together = generate(runner, [sequence(p) for p in PROMPTS], steps=10)
+    assert together == alone
+
+
+def test_chunked_prefill_gives_the_same_logits(tiny):
+    prompt = list(range(1, 90))
+    whole = runner_for(tiny, prefill_chunk=512)
+    chunked = runner_for(tiny, prefill_chunk=16)
+    a, b = sequence(prompt), sequence(prompt)
+    whole.add(a)
+    chunked.add(b)
+    logits_a = whole.prefill(a)
+    steps = 0
+    logits_b = None
+    while logits_b is None:
+        logits_b = chunked.prefill(b)
+        steps += 1
+    assert steps == 6
+    torch.testing.assert_close(logits_a, logits_b, rtol=1e-4, atol=1e-4)
+
+
+def test_neighbour_mid_prefill_and_slot_compaction_leave_others_unchanged(tiny):
+    runner = runner_for(tiny, prefill_chunk=16)
+    [reference] = generate(runner, [sequence(PROMPTS[0])], steps=8)
+    runner.release(runner.slots[0])
+
+    first, victim, long_one = sequence(PROMPTS[2]), sequence(PROMPTS[0]), sequence(PROMPTS[1])
+    generate(runner, [first, victim], steps=2)
+    runner.release(first)  # victim moves from slot 1 into slot 0
+    assert victim.slot == 0
+    runner.add(long_one)
+    for _ in range(5):  # the long prompt is prefilled 16 tokens per step, alongside decoding
+        if long_one.cache_len < long_one.prompt_len:
+            runner.prefill(long_one)
+        [row] = runner.decode([victim])
+        victim.output_ids.append(int(row.argmax()))
+    assert victim.output_ids == reference[: len(victim.output_ids)]
+
+
+def test_batched_lora_matches_peft(tiny, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    specs = {
+        "a": (4, ["q_proj", "v_proj", "down_proj"]),
+        "b": (8, ["k_proj", "o_proj", "gate_proj", "up_proj"]),
+    }
+    runner = runner_for(tiny, max_loras=2, max_lora_rank=8)
+    spec = BaseSpec("f" * 64, 2, runner.module_shapes, 8, torch.float32)
+    adapters, expected = {}, {}
+    prompt = PROMPTS[1]
+    for i, (name, (rank, targets)) in enumerate(specs.items()):
+        torch.manual_seed(10 + i)
+        config = LoraConfig(
+            r=rank, lora_alpha=rank * 3, target_modules=targets, init_lora_weights=False
+        )
+        import copy
+
+        peft_model = get_peft_model(copy.deepcopy(tiny.model), config).eval()
+        peft_model.save_pretrained(tmp_path / name)
+        adapters[name] = read_adapter(tmp_path / name, name, None, spec, i).weights
+        with torch.no_grad():
+            expected[name] = peft_model(torch.tensor([prompt])).logits[0, -1]
+    seqs = {name: sequence(prompt, adapters[name]) for name in specs}
+    base = sequence(prompt)
+    for seq in [*seqs.values(), base]:
+        runner.add(seq)
+    for name, seq in seqs.items():
+        torch.testing.assert_close(runner.prefill(seq), expected[name], rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        base_logits = tiny.model(torch.tensor([prompt])).logits[0, -1]
+    torch.testing.assert_close(runner.prefill(base), base_logits, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(expected["a"], expected["b"])
