@@ -10,8 +10,8 @@ import time
 import httpx
 import pytest
 
+from ragtune.launcher import start_server
 from tests.conftest import API_KEY, BASE_MODEL, SERVER_ENV
-from tests.helpers import start_server
 
 PROMPTS = [  # different lengths on purpose
     "Hi",

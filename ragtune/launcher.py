@@ -1,4 +1,5 @@
-"""Starting a real `ragtune serve` process on a free loopback port, for tests and benches."""
+"""Start a real `ragtune serve` process on a free loopback port (used by `ragtune bench`,
+the benchmark scripts and the tests)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
@@ -46,7 +45,11 @@ class RunningServer:
 
 
 def start_server(
-    env: dict[str, str], log_path: Path, args: list[str] | None = None, ready_timeout: float = 300
+    env: dict[str, str],
+    log_path: Path,
+    args: list[str] | None = None,
+    ready_timeout: float = 300,
+    cwd: Path | None = None,
 ) -> RunningServer:
     port = free_port()
     full_env = {**os.environ, **env}
@@ -66,7 +69,7 @@ def start_server(
         env=full_env,
         stdout=log,
         stderr=subprocess.STDOUT,
-        cwd=REPO_ROOT,
+        cwd=cwd,
     )
     server = RunningServer(process, f"http://127.0.0.1:{port}", log_path)
     deadline = time.monotonic() + ready_timeout
