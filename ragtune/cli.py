@@ -54,7 +54,8 @@ def _area_commands() -> list:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
-            if exc.name != module_name:
+            # Only a missing area package is optional; a missing dependency inside one is not.
+            if exc.name is None or not (module_name + ".").startswith(exc.name + "."):
                 raise
             continue
         registers.append(module.register)
