@@ -61,6 +61,9 @@ class ServerSection(_Section):
     host: str = Field("127.0.0.1", description="Bind address.")
     port: int = Field(8000, ge=0, le=65535, description="Bind port (0 picks a free one).")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = Field(
+        "text", description="'json' writes one JSON object per log line."
+    )
 
 
 class LimitsConfig(_Section):

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import threading
 import time
+import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,7 @@ from server.adapters.loader import BaseSpec
 from server.adapters.registry import AdapterRegistry
 from server.auth import KeyStore
 from server.errors import ServiceUnavailableError, install_error_handlers
+from server.logs import request_id
 from server.metrics import Metrics
 from server.middleware import BodySizeLimit
 from server.protocol import (
@@ -176,8 +178,15 @@ def create_app(settings: Settings) -> FastAPI:
         return JSONResponse({"status": "ready", "model": settings.model.served_model_name})
 
     @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        response = await call_next(request)
+    async def request_context(request: Request, call_next):
+        """Request id (the client's X-Request-ID is kept), in logs and the response; metrics."""
+        rid = request.headers.get("x-request-id", "")[:128].strip() or uuid.uuid4().hex
+        token = request_id.set(rid)
+        try:
+            response = await call_next(request)
+        finally:
+            request_id.reset(token)
+        response.headers["X-Request-ID"] = rid
         route = request.scope.get("route")
         state.metrics.requests.labels(
             getattr(route, "path", "unmatched"), str(response.status_code)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
 from ragtune.config import load_settings
 
@@ -27,6 +26,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.app import create_app
+    from server.logs import configure_logging
 
     overrides: dict = {"server": {}}
     if args.host:
@@ -39,16 +39,14 @@ def run_serve(args: argparse.Namespace) -> int:
         if not sep or not name or not path:
             raise ValueError(f"--adapter expects NAME=PATH, got {spec!r}")
         settings.adapters.preload[name] = path
-    logging.basicConfig(
-        level=settings.server.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings.server.log_level, settings.server.log_format)
     app = create_app(settings)
     uvicorn.run(
         app,
         host=settings.server.host,
         port=settings.server.port,
         log_level=settings.server.log_level,
+        log_config=None,  # keep our handlers (request ids, JSON)
         timeout_graceful_shutdown=int(settings.limits.request_timeout_s),
     )
     return 0

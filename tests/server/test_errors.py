@@ -192,3 +192,12 @@ def test_server_still_serves_after_bad_input(http):
     )
     assert response.status_code == 200
     assert response.json()["usage"]["completion_tokens"] <= 3
+
+
+def test_request_id_is_returned_and_a_client_one_is_kept(http):
+    generated = http.get("/health").headers["X-Request-ID"]
+    assert len(generated) == 32
+    kept = http.get("/v1/models", headers={**AUTH, "X-Request-ID": "trace-123"})
+    assert kept.headers["X-Request-ID"] == "trace-123"
+    error = http.get("/v1/models", headers={"X-Request-ID": "trace-456"})
+    assert error.status_code == 401 and error.headers["X-Request-ID"] == "trace-456"
