@@ -18,33 +18,16 @@ import torch
 from ragtune.config import EngineConfig, ModelConfig, default_home
 from ragtune.models import load_base_model
 from ragtune.models.chat import encode_prompt, render_chat
+from ragtune.random_adapter import ALL_PROJECTIONS, make_adapter
 from server.adapters.loader import BaseSpec, read_adapter
 from server.engine.runner import LlamaRunner
 from server.engine.sequence import Sequence
 from server.engine.types import GenerationRequest, SamplingParams
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-
-def make_adapters(count: int, rank: int, folder: Path, model_dir: Path) -> list[Path]:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    paths = []
-    for i in range(count):
-        torch.manual_seed(i)
-        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        config = LoraConfig(
-            r=rank, lora_alpha=2 * rank, target_modules=TARGETS, init_lora_weights=False
-        )
-        model = get_peft_model(base, config)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if "lora_B" in name:
-                    param.mul_(0.05)
-        model.save_pretrained(folder / f"a{i}")
-        paths.append(folder / f"a{i}")
-    return paths
+def make_adapters(count: int, rank: int, folder: Path) -> list[Path]:
+    return [make_adapter(folder / f"a{i}", rank, ALL_PROJECTIONS, seed=i, scale=0.05)
+            for i in range(count)]
 
 
 def bench_peft(
@@ -140,7 +123,7 @@ def main() -> None:
         for i in range(args.batch)
     ]
     with tempfile.TemporaryDirectory() as scratch:
-        paths = make_adapters(args.adapters, args.rank, Path(scratch), loaded.model_dir)
+        paths = make_adapters(args.adapters, args.rank, Path(scratch))
         peft = bench_peft(loaded.model_dir, paths, prompts, args.tokens, tokenizer.pad_token_id)
         ours = bench_ragtune(paths, prompts, args.tokens, args.quantization)
         ours_one = bench_ragtune(paths[:1], prompts, args.tokens, args.quantization)

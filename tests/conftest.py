@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ragtune.launcher import RunningServer, start_server
-from tests.adapter_factory import ATTENTION, MLP, make_adapter
+from ragtune.random_adapter import ATTENTION, MLP, make_adapter
 
 API_KEY = "test-client-key"
 ADMIN_KEY = "test-admin-key"

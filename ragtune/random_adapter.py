@@ -1,6 +1,7 @@
-"""Real PEFT LoRA adapters for the bundled base model, made with PEFT itself.
+"""Random-weight PEFT LoRA adapters for the bundled base model, for tests and benchmarks.
 
-`init_lora_weights=False` gives non-zero B, so each adapter visibly changes the output.
+Made with PEFT itself (so the files are exactly what users bring); `init_lora_weights=False`
+gives non-zero B, so each adapter visibly changes the output.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from ragtune.models.loader import model_fingerprint
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
+ALL_PROJECTIONS = ATTENTION + MLP
 
 
 def make_adapter(out: Path, rank: int, targets: list[str], seed: int, scale: float = 0.3,

@@ -1,0 +1,219 @@
+"""Serve the bundled model with ragtune and its peers, one at a time, and run the same
+closed-loop load (bench/serve_load.py) against each; prints JSON lines and a markdown table.
+
+    python bench/compare_serving.py --systems ragtune,transformers,transformers-cb,llama-cpp \\
+        --llama-cpp-python /path/to/venv/bin/python
+
+Peers: `transformers serve` (with and without --continuous-batching) on the converted
+safetensors directory, and llama-cpp-python's OpenAI server on the same GGUF file (built once
+with `pip install 'llama-cpp-python[server]'` in a separate virtualenv).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from ragtune.config import default_home
+from ragtune.launcher import free_port, start_server
+from ragtune.models import resolve_model_dir
+from ragtune.models.bundled import bundled_llm_gguf
+from ragtune.random_adapter import ALL_PROJECTIONS, make_adapter
+
+LOAD = Path(__file__).with_name("serve_load.py")
+BASE = "smollm2-135m-instruct"
+REQUESTS = {1: 8, 4: 16, 16: 48}
+
+
+def run_load(url: str, concurrency: int, models: str, label: str, max_tokens: int) -> dict:
+    command = [
+        sys.executable,
+        str(LOAD),
+        "--url",
+        url,
+        "--concurrency",
+        str(concurrency),
+        "--requests",
+        str(REQUESTS.get(concurrency, concurrency * 3)),
+        "--max-tokens",
+        str(max_tokens),
+        "--models",
+        models,
+        "--label",
+        label,
+    ]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    result = json.loads(output.strip().splitlines()[-1])
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def wait_ready(url: str, process: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[0]} exited with {process.returncode}")
+        try:
+            if httpx.get(f"{url}/models", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"{url} not ready after {timeout}s")
+
+
+def peer(command: list[str], url: str, log: Path) -> subprocess.Popen:
+    process = subprocess.Popen(
+        command,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,  # noqa: SIM115
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    wait_ready(url, process)
+    return process
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def bench_ragtune(scratch: Path, args: argparse.Namespace) -> list[dict]:
+    adapters = scratch / "adapters"
+    names = [f"lora{i}" for i in range(4)]
+    for i, name in enumerate(names):
+        make_adapter(adapters / name, 16, ALL_PROJECTIONS, seed=i, scale=0.05)
+    env = {
+        "RAGTUNE_ADAPTERS__ROOTS": json.dumps([str(adapters)]),
+        "RAGTUNE_SERVER__LOG_LEVEL": "warning",
+        "RAGTUNE_MODEL__QUANTIZATION": args.quantization,
+    }
+    flags = [arg for name in names for arg in ("--adapter", f"{name}={adapters / name}")]
+    server = start_server(env, scratch / "ragtune.log", flags)
+    results = []
+    try:
+        for c in args.concurrency:
+            results.append(run_load(server.v1, c, BASE, f"ragtune base c={c}", args.max_tokens))
+            results.append(
+                run_load(server.v1, c, names[0], f"ragtune 1 adapter c={c}", args.max_tokens)
+            )
+            results.append(
+                run_load(
+                    server.v1, c, ",".join(names), f"ragtune 4 adapters c={c}", args.max_tokens
+                )
+            )
+    finally:
+        server.stop()
+    return results
+
+
+def bench_transformers(scratch: Path, args: argparse.Namespace, continuous: bool) -> list[dict]:
+    model_dir = resolve_model_dir("bundled", default_home())
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/v1"
+    command = [
+        str(Path(sys.executable).with_name("transformers")),
+        "serve",
+        str(model_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+    ]
+    if continuous:
+        command.append("--continuous-batching")
+    label = "transformers serve" + (" --continuous-batching" if continuous else "")
+    process = peer(command, url, scratch / "transformers.log")
+    try:
+        return [
+            run_load(url, c, str(model_dir), f"{label} c={c}", args.max_tokens)
+            for c in args.concurrency
+        ]
+    finally:
+        stop(process)
+
+
+def bench_llama_cpp(scratch: Path, args: argparse.Namespace) -> list[dict]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/v1"
+    command = [
+        args.llama_cpp_python,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(bundled_llm_gguf()),
+        "--n_threads",
+        "2",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_ctx",
+        "2048",
+    ]
+    process = peer(command, url, scratch / "llama_cpp.log")
+    try:
+        return [
+            run_load(url, c, BASE, f"llama-cpp-python c={c}", args.max_tokens)
+            for c in args.concurrency
+        ]
+    finally:
+        stop(process)
+
+
+def table(results: list[dict]) -> str:
+    lines = [
+        "| run | tok/s | req/s | p50 latency s | p95 latency s | TTFT p50 s | errors |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['label']} | {r['tok_per_s']} | {r['req_per_s']} | "
+            f"{r['latency_p50_s']} | {r['latency_p95_s']} | {r['ttft_p50_s']} | "
+            f"{r['errors']} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--systems", default="ragtune,transformers,transformers-cb")
+    parser.add_argument(
+        "--concurrency", type=lambda s: [int(c) for c in s.split(",")], default=[1, 4, 16]
+    )
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--quantization", default="nf4")
+    parser.add_argument(
+        "--llama-cpp-python",
+        default=None,
+        help="python of a virtualenv with llama-cpp-python[server]",
+    )
+    args = parser.parse_args()
+    results: list[dict] = []
+    with tempfile.TemporaryDirectory() as scratch_dir:
+        scratch = Path(scratch_dir)
+        for system in args.systems.split(","):
+            if system == "ragtune":
+                results += bench_ragtune(scratch, args)
+            elif system in ("transformers", "transformers-cb"):
+                results += bench_transformers(scratch, args, system == "transformers-cb")
+            elif system == "llama-cpp" and args.llama_cpp_python:
+                results += bench_llama_cpp(scratch, args)
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
