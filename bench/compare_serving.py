@@ -71,12 +71,13 @@ def wait_ready(url: str, process: subprocess.Popen, timeout: float = 600) -> Non
 
 
 def peer(command: list[str], url: str, log: Path) -> subprocess.Popen:
-    process = subprocess.Popen(
-        command,
-        stdout=open(log, "w"),
-        stderr=subprocess.STDOUT,  # noqa: SIM115
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
+    with open(log, "w") as log_file:  # the child keeps its own descriptor
+        process = subprocess.Popen(
+            command,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
     wait_ready(url, process)
     return process
 
