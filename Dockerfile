@@ -19,6 +19,7 @@ COPY ragtune ragtune
 COPY server server
 COPY retrieval retrieval
 COPY training training
+COPY evaluation evaluation
 COPY configs configs
 # Outside this project's machines the CPU torch build comes from PyTorch's index.
 ENV PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu

@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.ragtune-installed
 PYTEST_ARGS ?=
 
-.PHONY: run test install models lint fuzz clean
+.PHONY: run test install models lint clean demo-adapter demo-eval bench-pubmedqa bench-pubmedqa-quick
 
 run: models
 	$(BIN)/ragtune serve
@@ -34,6 +34,22 @@ $(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 # Converts the bundled GGUF into $(RAGTUNE_HOME)/models once; later runs only verify the cache.
 models: $(STAMP)
 	$(BIN)/ragtune models prepare
+
+# Fictional Orvane Logistics docs -> LoRA adapter on the bundled model ($(RAGTUNE_HOME)/adapters/demo/vN)
+DEMO_DATA := data/demo/prepared
+demo-adapter: models
+	$(BIN)/ragtune prepare --source data/demo/docs --recipe qa --val-ratio 0.1 --test-ratio 0 --out $(DEMO_DATA)
+	$(BIN)/ragtune train --config configs/train/demo.yaml --data $(DEMO_DATA)
+
+# Base vs newest demo adapter on 20 held-out questions (keyword hit rate, token F1)
+demo-eval: models
+	$(BIN)/python -m training.evaluate --adapter demo --questions data/demo/eval_questions.jsonl --out $(DEMO_DATA)/eval.json
+
+# RAG vs fine-tuned vs both on PubMedQA (docs/benchmarks.md)
+bench-pubmedqa: models
+	$(BIN)/ragtune bench --preset pubmedqa --out out/pubmedqa
+bench-pubmedqa-quick: models
+	$(BIN)/ragtune bench --preset pubmedqa --limit 10 --out out/pubmedqa-10
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

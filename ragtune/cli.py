@@ -46,11 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _area_commands() -> list:
-    """Subcommands owned by the data-path packages (`retrieval`, `training`)."""
+    """Subcommands owned by the data-path packages (`retrieval`, `training`, `evaluation`)."""
     import importlib
 
     registers = []
-    for module_name in ("retrieval.cli", "training.cli"):
+    for module_name in ("retrieval.cli", "training.cli", "evaluation.cli"):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
