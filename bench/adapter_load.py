@@ -5,7 +5,7 @@
   server's own `load_ms`; compared with PEFT's `PeftModel.load_adapter` of the same adapter
   into the same base model in this process (the plain Hugging Face way to add an adapter);
 - memory: server RSS (psutil on the server pid) before, after loading `--adapters` distinct
-  adapters, and after unloading them all.
+  adapters, after unloading them all, and after a second load/unload cycle (a leak grows).
 
     nice -n 10 .venv/bin/python bench/adapter_load.py [--loads 20] [--adapters 20]
 """
@@ -164,16 +164,20 @@ def main() -> None:
                     http_ms.append(round_trip)
                     server_ms.append(inside)
 
+                def cycle() -> tuple[float, float]:
+                    for i, path in enumerate(paths[: args.adapters]):
+                        load(f"m{i:02d}", path)
+                    time.sleep(1)
+                    loaded = rss_mb(server.process.pid)
+                    for i in range(args.adapters):
+                        unload(f"m{i:02d}")
+                    time.sleep(1)
+                    return loaded, rss_mb(server.process.pid)
+
                 time.sleep(1)
                 rss_start = rss_mb(server.process.pid)
-                for i, path in enumerate(paths[: args.adapters]):
-                    load(f"m{i:02d}", path)
-                time.sleep(1)
-                rss_loaded = rss_mb(server.process.pid)
-                for i in range(args.adapters):
-                    unload(f"m{i:02d}")
-                time.sleep(1)
-                rss_unloaded = rss_mb(server.process.pid)
+                rss_loaded, rss_unloaded = cycle()
+                _, rss_second = cycle()  # a leak would grow again here
                 chat("smollm2-135m-instruct")  # still serving
         finally:
             server.stop()
@@ -196,9 +200,9 @@ def main() -> None:
                     "start": rss_start,
                     f"after_loading_{args.adapters}": rss_loaded,
                     "after_unloading": rss_unloaded,
+                    "after_a_second_cycle": rss_second,
                 },
                 "rss_after_unload_vs_start": round(rss_unloaded / rss_start, 3),
-                "threads": torch.get_num_threads(),
                 "cpu_count": psutil.cpu_count(),
             }
         )

@@ -30,7 +30,7 @@ from ragtune.random_adapter import ALL_PROJECTIONS, make_adapter
 
 LOAD = Path(__file__).with_name("serve_load.py")
 BASE = "smollm2-135m-instruct"
-REQUESTS = {1: 8, 4: 16, 16: 48}
+REQUESTS = {1: 6, 4: 12, 16: 32}
 
 
 def run_load(url: str, concurrency: int, models: str, label: str, max_tokens: int) -> dict:

@@ -26,8 +26,10 @@ from server.engine.types import GenerationRequest, SamplingParams
 
 
 def make_adapters(count: int, rank: int, folder: Path) -> list[Path]:
-    return [make_adapter(folder / f"a{i}", rank, ALL_PROJECTIONS, seed=i, scale=0.05)
-            for i in range(count)]
+    return [
+        make_adapter(folder / f"a{i}", rank, ALL_PROJECTIONS, seed=i, scale=0.05)
+        for i in range(count)
+    ]
 
 
 def bench_peft(

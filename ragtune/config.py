@@ -93,8 +93,10 @@ class EngineConfig(_Section):
         512, ge=16, description="Longest piece of one prompt prefilled in a single forward."
     )
     max_seq_len: int | None = Field(
-        None, ge=64, description="KV cache length per sequence; default "
-        "limits.max_prompt_tokens + limits.max_new_tokens, capped at the model's context."
+        None,
+        ge=64,
+        description="KV cache length per sequence; default "
+        "limits.max_prompt_tokens + limits.max_new_tokens, capped at the model's context.",
     )
     max_loras: int = Field(4, ge=1, description="Adapters that can be in one batch at once.")
     max_lora_rank: int = Field(16, ge=1, description="Largest LoRA rank accepted.")

@@ -20,16 +20,28 @@ MLP = ["gate_proj", "up_proj", "down_proj"]
 ALL_PROJECTIONS = ATTENTION + MLP
 
 
-def make_adapter(out: Path, rank: int, targets: list[str], seed: int, scale: float = 0.3,
-                 manifest_version: str | None = None, fingerprint: str | None = None) -> Path:
+def make_adapter(
+    out: Path,
+    rank: int,
+    targets: list[str],
+    seed: int,
+    scale: float = 0.3,
+    manifest_version: str | None = None,
+    fingerprint: str | None = None,
+) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     model_dir = resolve_model_dir("bundled", default_home())
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    config = LoraConfig(r=rank, lora_alpha=rank * 2, target_modules=targets,
-                        init_lora_weights=False, task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank * 2,
+        target_modules=targets,
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(base, config)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -38,8 +50,11 @@ def make_adapter(out: Path, rank: int, targets: list[str], seed: int, scale: flo
     model.save_pretrained(out, safe_serialization=True)
     if manifest_version is not None:
         AdapterManifest(
-            name=out.name, version=manifest_version,
+            name=out.name,
+            version=manifest_version,
             base_model_fingerprint=fingerprint or model_fingerprint(model_dir, default_home()),
-            method="lora", rank=rank, target_modules=targets,
+            method="lora",
+            rank=rank,
+            target_modules=targets,
         ).write(out)
     return out

@@ -53,12 +53,15 @@ class RetrievalConfig(BaseModel):
         "all-minilm-l6-v2", description="Model id clients send to /v1/embeddings."
     )
     default_index: str | None = Field(
-        None, description="Index used by requests with `rag: true` (an adapter's manifest "
-        "field `default_index` wins for that adapter)."
+        None,
+        description="Index used by requests with `rag: true` (an adapter's manifest "
+        "field `default_index` wins for that adapter).",
     )
     max_source_chars: int = Field(
-        1200, ge=100, description="Each retrieved chunk is cut to this many characters in the "
-        "prompt, to bound its length."
+        1200,
+        ge=100,
+        description="Each retrieved chunk is cut to this many characters in the "
+        "prompt, to bound its length.",
     )
 
     @model_validator(mode="after")

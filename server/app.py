@@ -290,7 +290,9 @@ def admin_router(state: ServerState) -> APIRouter:
                 "audit": {"version": ",".join(versions)},
             }
 
-        return await audited(key_id, "unload_adapter", {"adapter": body.lora_name}, work)
+        return await audited(
+            key_id, "unload_adapter", {"adapter": body.lora_name, "version": body.version}, work
+        )
 
     @router.get("/adapters")
     async def list_adapters(_: str = Depends(require_admin)) -> dict[str, Any]:

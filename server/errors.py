@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from retrieval.errors import IndexNotFoundError, IndexUnavailableError
-from server.adapters.errors import AdapterError, AdapterNotFoundError
+from server.adapters.errors import AdapterError, AdapterNotFoundError, AdapterUnavailableError
 from server.engine.types import EngineError, EngineStoppedError, QueueFullError
 from server.protocol import ErrorDetail, ErrorResponse, ProtocolError
 
@@ -113,6 +113,8 @@ def to_api_error(exc: Exception) -> APIError:
         return NotFoundError(str(exc), param="rag.index", code="index_not_found")
     if isinstance(exc, IndexUnavailableError):
         return ServiceUnavailableError(str(exc), code="index_unavailable")
+    if isinstance(exc, AdapterUnavailableError):
+        return ServiceUnavailableError(str(exc), code="adapter_unavailable")
     if isinstance(exc, AdapterNotFoundError):
         return NotFoundError(str(exc), param="lora_name", code="adapter_not_found")
     if isinstance(exc, QueueFullError):

@@ -53,11 +53,16 @@ def index_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory, adapter_root: Path, audit_log: Path,
-           index_root: Path) -> RunningServer:
+def server(
+    tmp_path_factory, adapter_root: Path, audit_log: Path, index_root: Path
+) -> RunningServer:
     log = tmp_path_factory.mktemp("server") / "server.log"
-    env = {**SERVER_ENV, "RAGTUNE_ADAPTERS__ROOTS": json.dumps([str(adapter_root)]),
-           "RAGTUNE_AUDIT_LOG": str(audit_log), "RAGTUNE_RETRIEVAL__ROOT": str(index_root)}
+    env = {
+        **SERVER_ENV,
+        "RAGTUNE_ADAPTERS__ROOTS": json.dumps([str(adapter_root)]),
+        "RAGTUNE_AUDIT_LOG": str(audit_log),
+        "RAGTUNE_RETRIEVAL__ROOT": str(index_root),
+    }
     args = [arg for name in ADAPTERS for arg in ("--adapter", f"{name}={adapter_root / name}")]
     running = start_server(env, log, args)
     yield running

@@ -49,10 +49,11 @@ def test_load_with_each_quantization_answers(quantization, dtype, linear_kind):
     assert loaded.device == ("cuda" if torch.cuda.is_available() else "cpu")
     q_proj = loaded.model.model.layers[0].self_attn.q_proj
     assert type(q_proj).__name__ == linear_kind
-    prompt = render_chat(loaded.tokenizer,
-                         [{"role": "user", "content": "What is the capital of France?"}])
+    prompt = render_chat(
+        loaded.tokenizer, [{"role": "user", "content": "What is the capital of France?"}]
+    )
     ids = torch.tensor([encode_prompt(loaded.tokenizer, prompt)])
     with torch.inference_mode():
         out = loaded.model.generate(input_ids=ids, max_new_tokens=12, do_sample=False)
-    assert "Paris" in loaded.tokenizer.decode(out[0, ids.shape[1]:])
+    assert "Paris" in loaded.tokenizer.decode(out[0, ids.shape[1] :])
     assert len(loaded.fingerprint) == 64

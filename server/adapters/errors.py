@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from server.engine.types import EngineError
+
 
 class AdapterError(Exception):
     """The adapter exists but is invalid for this server (400)."""
@@ -19,7 +21,9 @@ class AdapterConflictError(AdapterError):
     """Name@version already loaded and `replace` not set (400, like vLLM)."""
 
 
-class AdapterUnavailableError(Exception):
+class AdapterUnavailableError(EngineError):
     """A loaded version was evicted from memory and its directory can no longer be reloaded
-    (moved, changed or now linking outside the roots). Deliberately not an AdapterError: the
-    details (paths) go to the server log, the client gets a server error."""
+    (moved, changed or now linking outside the roots). Deliberately not an AdapterError (a
+    client 400 naming server paths): the details go to the server log, the client gets a
+    server error. An EngineError so the HTTP layer's registered handler answers it (an
+    unregistered exception type would drop the connection)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,7 +96,7 @@ def read_adapter(
     # rank_pattern gives modules their own ranks; the slots need one rank per adapter, so
     # smaller factors are zero-padded to the largest (B @ A is unchanged).
     rank = max(a.shape[0] for a, _ in factors.values())
-    factors = {key: _pad(a, b, rank) for key, (a, b) in factors.items()}
+    factors = _pack({key: _pad(a, b, rank) for key, (a, b) in factors.items()}, spec.dtype)
     final_version = version or (manifest.version if manifest else None) or "v1"
     return LoadedAdapter(
         weights=AdapterWeights(key=f"{name}@{final_version}#{load_id}", rank=rank, factors=factors),
@@ -113,6 +114,28 @@ def _number(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise AdapterError(f"{CONFIG_FILE}: {what}={value!r} must be a positive number")
     return float(value)
+
+
+def _pack(
+    factors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype
+) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+    """Copy all factors into views of one anonymous memory map. Hundreds of small tensors per
+    adapter would come from malloc's heaps, which keep freed memory, so the server's RSS would
+    not come down after unloads; a map is returned to the OS as soon as its last view is gone
+    (unload, eviction, or the last request using it finishing)."""
+    total = sum(a.numel() + b.numel() for a, b in factors.values())
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    flat = torch.frombuffer(mmap.mmap(-1, total * itemsize), dtype=dtype, count=total)
+    packed, offset = {}, 0
+    for key, pair in factors.items():
+        views = []
+        for tensor in pair:
+            view = flat[offset : offset + tensor.numel()].view(tensor.shape)
+            view.copy_(tensor)
+            views.append(view)
+            offset += tensor.numel()
+        packed[key] = (views[0], views[1])
+    return packed
 
 
 def _pad(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -42,7 +42,12 @@ class AdapterSlotTable:
             else:
                 victim = next(k for k, s in self._slot_of.items() if self._users.get(s, 0) == 0)
                 slot = self._slot_of.pop(victim)
-            self.lora.load(slot, adapter)
+            try:
+                self.lora.load(slot, adapter)
+            except Exception:
+                self.lora.clear(slot)
+                self._free.append(slot)
+                raise
             self._slot_of[adapter.key] = slot
         self._slot_of.move_to_end(adapter.key)
         self._users[slot] = self._users.get(slot, 0) + 1

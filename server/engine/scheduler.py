@@ -70,7 +70,12 @@ class Scheduler:
                     if not self._has_free_slot():
                         break
                     continue
-                self.runner.add(seq)
+                try:
+                    self.runner.add(seq)
+                except Exception as exc:  # e.g. an adapter the LoRA slots cannot take
+                    logger.exception("admitting %s failed", seq.request_id)
+                    seq.abort("error", f"could not start the request: {type(exc).__name__}")
+                    continue
                 self.running.append(seq)
                 budget -= min(seq.prompt_len, chunk or seq.prompt_len)
             self.waiting = skipped + self.waiting

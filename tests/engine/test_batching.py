@@ -26,7 +26,9 @@ MODELS = [BASE_MODEL, "alpha", "beta", "gamma"]
 
 async def chat(client, model: str, prompt: str, **kwargs) -> tuple[str, str]:
     response = await client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": prompt}], temperature=0,
+        model=model,
+        messages=[{"role": "user", "content": prompt}],
+        temperature=0,
         **{"max_tokens": 24, **kwargs},
     )
     return response.choices[0].message.content, response.choices[0].finish_reason
@@ -52,12 +54,18 @@ async def test_stop_strings_and_max_tokens_apply_per_row_in_a_mixed_batch(async_
         dict(model=BASE_MODEL, prompt=PROMPTS[1], max_tokens=5),
         dict(model="gamma", prompt=PROMPTS[4], max_tokens=17),
     ]
-    results = await asyncio.gather(*[
-        async_client.chat.completions.create(
-            model=j["model"], messages=[{"role": "user", "content": j["prompt"]}],
-            temperature=0, max_tokens=j["max_tokens"], stop=j.get("stop"),
-        ) for j in jobs
-    ])
+    results = await asyncio.gather(
+        *[
+            async_client.chat.completions.create(
+                model=j["model"],
+                messages=[{"role": "user", "content": j["prompt"]}],
+                temperature=0,
+                max_tokens=j["max_tokens"],
+                stop=j.get("stop"),
+            )
+            for j in jobs
+        ]
+    )
     stopped = results[0].choices[0]
     assert stopped.finish_reason == "stop" and cut not in stopped.message.content
     assert stopped.message.content == base_text[: base_text.index(cut)]
@@ -69,10 +77,16 @@ async def test_stop_strings_and_max_tokens_apply_per_row_in_a_mixed_batch(async_
 
 async def test_japanese_streams_without_broken_characters(async_client):
     prompt = "東京は日本の首都です。大阪は"
-    full = await async_client.completions.create(model=BASE_MODEL, prompt=prompt, temperature=0,
-                                                 max_tokens=40)
-    pieces = [c.choices[0].text async for c in await async_client.completions.create(
-        model=BASE_MODEL, prompt=prompt, temperature=0, max_tokens=40, stream=True) if c.choices]
+    full = await async_client.completions.create(
+        model=BASE_MODEL, prompt=prompt, temperature=0, max_tokens=40
+    )
+    pieces = [
+        c.choices[0].text
+        async for c in await async_client.completions.create(
+            model=BASE_MODEL, prompt=prompt, temperature=0, max_tokens=40, stream=True
+        )
+        if c.choices
+    ]
     assert all("\ufffd" not in piece for piece in pieces)
     assert "".join(pieces) == full.choices[0].text
     assert re.search(r"[\u3040-\u30ff\u4e00-\u9fff]", full.choices[0].text)
@@ -84,8 +98,13 @@ def running_sequences(base_url: str) -> float:
 
 
 def test_client_disconnect_frees_the_slot(server):
-    body = {"model": BASE_MODEL, "messages": [{"role": "user", "content": "Tell a long story."}],
-            "max_tokens": 128, "temperature": 0, "stream": True}
+    body = {
+        "model": BASE_MODEL,
+        "messages": [{"role": "user", "content": "Tell a long story."}],
+        "max_tokens": 128,
+        "temperature": 0,
+        "stream": True,
+    }
     headers = {"Authorization": f"Bearer {API_KEY}"}
     with httpx.Client(base_url=server.base_url, timeout=60) as http:
         for _ in range(3):
@@ -110,10 +129,15 @@ def tiny_server(tmp_path_factory):
 
 
 async def test_full_queue_gets_429_with_retry_after_and_others_succeed(tiny_server):
-    body = {"model": BASE_MODEL, "messages": [{"role": "user", "content": "Tell a story."}],
-            "max_tokens": 64, "temperature": 0}
+    body = {
+        "model": BASE_MODEL,
+        "messages": [{"role": "user", "content": "Tell a story."}],
+        "max_tokens": 64,
+        "temperature": 0,
+    }
     headers = {"Authorization": f"Bearer {API_KEY}"}
     async with httpx.AsyncClient(base_url=tiny_server.base_url, timeout=120) as http:
+
         async def post(delay: float) -> httpx.Response:
             await asyncio.sleep(delay)
             return await http.post("/v1/chat/completions", json=body, headers=headers)

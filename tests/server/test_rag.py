@@ -14,9 +14,9 @@ from tests.conftest import API_KEY, BASE_MODEL
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 DOCS = {
     "valves.md": "# Valve maintenance\n\nThe Zorblax valve must be tightened to a torque of "
-                 "42 newton-metres. Check the Zorblax valve seal every 90 days.\n",
+    "42 newton-metres. Check the Zorblax valve seal every 90 days.\n",
     "holidays.txt": "Company holidays: the office is closed on the first Monday of August "
-                    "for the summer picnic.\n",
+    "for the summer picnic.\n",
     "shipping.md": "# Shipping\n\nParcels to Osaka leave the warehouse every Thursday at 10:00.\n",
 }
 QUESTION = "What torque should the Zorblax valve be tightened to?"
@@ -40,7 +40,9 @@ def sources_of(response) -> list[dict]:
 
 def test_rag_object_through_extra_body_returns_cited_sources(client, manuals):
     response = client.chat.completions.create(
-        model=BASE_MODEL, temperature=0, max_tokens=40,
+        model=BASE_MODEL,
+        temperature=0,
+        max_tokens=40,
         messages=[{"role": "user", "content": QUESTION}],
         extra_body={"rag": {"index": "manuals", "top_k": 2, "mode": "hybrid"}},
     )
@@ -52,26 +54,37 @@ def test_rag_object_through_extra_body_returns_cited_sources(client, manuals):
     assert "42" in response.choices[0].message.content
     # the same question without retrieval does not know the fact and carries no sources
     plain = client.chat.completions.create(
-        model=BASE_MODEL, temperature=0, max_tokens=40,
-        messages=[{"role": "user", "content": QUESTION}])
+        model=BASE_MODEL,
+        temperature=0,
+        max_tokens=40,
+        messages=[{"role": "user", "content": QUESTION}],
+    )
     assert (plain.model_extra or {}).get("sources") is None
 
 
 @pytest.mark.parametrize("mode", ["dense", "bm25", "hybrid"])
 def test_each_mode_finds_the_document(client, manuals, mode):
     response = client.completions.create(
-        model=BASE_MODEL, prompt="When do parcels to Osaka leave?", max_tokens=8, temperature=0,
+        model=BASE_MODEL,
+        prompt="When do parcels to Osaka leave?",
+        max_tokens=8,
+        temperature=0,
         extra_body={"rag": {"index": "manuals", "top_k": 1, "mode": mode}},
     )
     assert sources_of(response)[0]["source"].endswith("shipping.md")
 
 
 def test_streaming_sends_sources_in_the_first_chunk(client, manuals):
-    chunks = list(client.chat.completions.create(
-        model=BASE_MODEL, temperature=0, max_tokens=12, stream=True,
-        messages=[{"role": "user", "content": QUESTION}],
-        extra_body={"rag": {"index": "manuals", "top_k": 1}},
-    ))
+    chunks = list(
+        client.chat.completions.create(
+            model=BASE_MODEL,
+            temperature=0,
+            max_tokens=12,
+            stream=True,
+            messages=[{"role": "user", "content": QUESTION}],
+            extra_body={"rag": {"index": "manuals", "top_k": 1}},
+        )
+    )
     first = chunks[0].model_extra.get("sources")
     assert first and "Zorblax" in first[0]["text"]
     assert all(not (c.model_extra or {}).get("sources") for c in chunks[1:])
@@ -79,7 +92,9 @@ def test_streaming_sends_sources_in_the_first_chunk(client, manuals):
 
 def test_min_score_can_filter_everything(client, manuals):
     response = client.chat.completions.create(
-        model=BASE_MODEL, temperature=0, max_tokens=8,
+        model=BASE_MODEL,
+        temperature=0,
+        max_tokens=8,
         messages=[{"role": "user", "content": QUESTION}],
         extra_body={"rag": {"index": "manuals", "mode": "dense", "min_score": 1.5}},
     )
@@ -106,8 +121,9 @@ def test_rag_errors(server, manuals, rag, status, param):
         assert error["param"] == param
 
 
-def test_corrupt_index_is_unavailable_and_the_server_keeps_serving(server, manuals, index_root,
-                                                                   tmp_path):
+def test_corrupt_index_is_unavailable_and_the_server_keeps_serving(
+    server, manuals, index_root, tmp_path
+):
     from retrieval.store import IndexStore
 
     folder = tmp_path / "docs"
@@ -117,14 +133,20 @@ def test_corrupt_index_is_unavailable_and_the_server_keeps_serving(server, manua
     for path in (index_root / "fragile").rglob("*"):
         if path.is_file() and path.suffix in (".faiss", ".npy", ".json", ".jsonl"):
             path.write_bytes(b"\x00garbage")
-    body = {"model": BASE_MODEL, "messages": [{"role": "user", "content": "hi"}],
-            "rag": {"index": "fragile"}, "max_tokens": 4}
+    body = {
+        "model": BASE_MODEL,
+        "messages": [{"role": "user", "content": "hi"}],
+        "rag": {"index": "fragile"},
+        "max_tokens": 4,
+    }
     response = httpx.post(f"{server.v1}/chat/completions", json=body, headers=AUTH, timeout=60)
     assert response.status_code == 503, response.text
     assert response.json()["error"]["code"] == "index_unavailable"
     body["rag"] = {"index": "manuals"}
-    assert httpx.post(f"{server.v1}/chat/completions", json=body, headers=AUTH,
-                      timeout=60).status_code == 200
+    assert (
+        httpx.post(f"{server.v1}/chat/completions", json=body, headers=AUTH, timeout=60).status_code
+        == 200
+    )
     shutil.rmtree(index_root / "fragile", ignore_errors=True)
 
 
@@ -139,8 +161,12 @@ def test_embeddings_through_the_openai_client(client):
     expected = Embedder("bundled").embed(texts)
     assert np.allclose(vectors, expected, atol=1e-4)
     assert response.usage.prompt_tokens > 0
-    raw = httpx.post(f"{client.base_url}embeddings", headers=AUTH, timeout=60, json={
-        "model": "all-minilm-l6-v2", "input": texts[0], "encoding_format": "base64"}).json()
+    raw = httpx.post(
+        f"{client.base_url}embeddings",
+        headers=AUTH,
+        timeout=60,
+        json={"model": "all-minilm-l6-v2", "input": texts[0], "encoding_format": "base64"},
+    ).json()
     decoded = np.frombuffer(base64.b64decode(raw["data"][0]["embedding"]), dtype="<f4")
     assert np.allclose(decoded, vectors[0], atol=1e-6)
 
