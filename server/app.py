@@ -248,7 +248,7 @@ def admin_router(state: ServerState) -> APIRouter:
         except Exception as exc:
             state.audit.record(key_id, action, "error", error=str(exc), **fields)
             raise
-        state.audit.record(key_id, action, "ok", **fields, **result.get("audit", {}))
+        state.audit.record(key_id, action, "ok", **{**fields, **result.get("audit", {})})
         result.pop("audit", None)
         return result
 
