@@ -9,13 +9,20 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.ragtune-installed
 PYTEST_ARGS ?=
 
-.PHONY: run test install models lint clean demo-adapter demo-eval bench-pubmedqa bench-pubmedqa-quick
+.PHONY: run test fuzz install models lint clean demo-adapter demo-eval bench-pubmedqa bench-pubmedqa-quick
 
 run: models
 	$(BIN)/ragtune serve
 
 test: models
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Seeded schemathesis fuzzing of every route on a real server (tests/fuzz); fails below 1000
+# generated cases. `make test` runs the same file with RAGTUNE_FUZZ_EXAMPLES=10.
+RAGTUNE_FUZZ_EXAMPLES ?= 200
+fuzz: models
+	RAGTUNE_FUZZ_EXAMPLES=$(RAGTUNE_FUZZ_EXAMPLES) RAGTUNE_FUZZ_MIN_CASES=1000 \
+		$(BIN)/python -m pytest tests/fuzz -m fuzz $(PYTEST_ARGS)
 
 install: $(STAMP)
 

@@ -31,6 +31,7 @@ def _run_models_prepare(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from server.keys import add_keys_command
     from server.main import add_serve_command
 
     parser = argparse.ArgumentParser(
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_serve_command(subparsers)
+    add_keys_command(subparsers)
     _add_models_command(subparsers)
     for register in _area_commands():
         register(subparsers)

@@ -133,6 +133,11 @@ class Settings(BaseSettings):
     admin_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Keys allowed on admin routes (adapters, indexes)."
     )
+    api_key_file: Path | None = Field(
+        None,
+        description="File of hashed client/admin keys (`ragtune keys create`); adds to the "
+        "keys from the environment.",
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     server: ServerSection = Field(default_factory=ServerSection)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)

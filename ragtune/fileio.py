@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -28,6 +30,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -38,20 +41,78 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     """Yield a scratch directory that replaces `target` only if the block completes.
 
     A crash (or kill -9) mid-write leaves `target` as it was; the scratch directory is a
-    dot-prefixed sibling that the next attempt removes.
+    dot-prefixed sibling that the next write to the same target removes. Each writer holds an
+    flock on its scratch directory while it works (the kernel drops it when the process dies),
+    so only scratch whose writer is gone is removed, never a concurrent writer's.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
+    _restore_backup(target)
+    _remove_stale_scratch(target)
     scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    lock = os.open(scratch, os.O_RDONLY)
+    fcntl.flock(lock, fcntl.LOCK_EX)
     try:
         yield scratch
+        _fsync_tree(scratch)  # the data is on disk before the rename makes it visible
         backup = None
         if target.exists():
-            backup = target.with_name(f".{target.name}.old")
+            backup = _backup_path(target)
             shutil.rmtree(backup, ignore_errors=True)
             os.replace(target, backup)
         os.replace(scratch, target)
+        _fsync_dir(target.parent)  # the rename itself survives a power loss
         if backup is not None:
             shutil.rmtree(backup, ignore_errors=True)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
+    finally:
+        os.close(lock)
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in sorted(directory.rglob("*"), reverse=True):
+        if path.is_file() and not path.is_symlink():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _backup_path(target: Path) -> Path:
+    return target.with_name(f".{target.name}.old")
+
+
+def _restore_backup(target: Path) -> None:
+    """A writer killed between moving `target` aside and moving its replacement in leaves
+    only the backup: put it back, so the target is never lost."""
+    backup = _backup_path(target)
+    if backup.is_dir() and not target.exists():
+        os.replace(backup, target)
+
+
+def _remove_stale_scratch(target: Path) -> None:
+    """Remove scratch directories of `target` left by writers that died (unlocked ones)."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.[A-Za-z0-9_]+\.tmp")
+    for scratch in target.parent.iterdir():
+        if not pattern.fullmatch(scratch.name):
+            continue
+        try:
+            fd = os.open(scratch, os.O_RDONLY)
+        except OSError:
+            continue  # removed meanwhile, or not a directory we can open
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live writer holds it
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
+        finally:
+            os.close(fd)

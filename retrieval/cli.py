@@ -30,8 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = parser.add_subparsers(dest="index_command", required=True)
 
     for command, help_text, handler in (
-        ("build", "Create or replace an index from files and directories.", _run_build),
-        ("add", "Add or refresh documents in an existing index.", _run_add),
+        ("build", "Create or replace an index from files and directories.", _audited(_run_build)),
+        ("add", "Add or refresh documents in an existing index.", _audited(_run_add)),
     ):
         cmd = sub.add_parser(command, parents=[common], help=help_text)
         cmd.add_argument("--name", required=True, help="index name")
@@ -43,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     delete = sub.add_parser("delete", parents=[common], help="Delete an index.")
     delete.add_argument("name")
-    delete.set_defaults(handler=_guard(_run_delete))
+    delete.set_defaults(handler=_guard(_audited(_run_delete)))
 
     listing = sub.add_parser("list", parents=[common], help="List indexes.")
     listing.add_argument("--json", action="store_true", help="print JSON")
@@ -78,6 +78,34 @@ def _guard(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.N
         except RetrievalError as exc:
             print(f"ragtune: error: {exc}", file=sys.stderr)
             return 1
+
+    run.__name__ = handler.__name__
+    return run
+
+
+AUDITED_ACTIONS = {"_run_build": "build_index", "_run_add": "add_to_index"}
+
+
+def _audited(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Record index changes in the same audit log as the admin API, as `cli:<user>`."""
+    action = AUDITED_ACTIONS.get(handler.__name__, "delete_index")
+
+    def run(args: argparse.Namespace) -> int:
+        import getpass
+
+        from ragtune.audit import AuditLog
+        from ragtune.config import load_settings
+
+        log = AuditLog(load_settings(args.config).audit_path())
+        fields: dict[str, Any] = {"index": args.name, "sources": getattr(args, "source", None)}
+        who = f"cli:{getpass.getuser()}"
+        try:
+            code = handler(args)
+        except Exception as exc:
+            log.record(who, action, "error", error=str(exc), **fields)
+            raise
+        log.record(who, action, "ok", **fields)
+        return code
 
     run.__name__ = handler.__name__
     return run

@@ -64,6 +64,12 @@ class RetrievalConfig(BaseModel):
         "prompt, to bound its length.",
     )
 
+    source_roots: list[Path] = Field(
+        default_factory=list,
+        description="Directories the admin index API may read documents from, besides "
+        "<home>/documents (the CLI reads any path the operator names).",
+    )
+
     @model_validator(mode="after")
     def _overlap_below_size(self) -> RetrievalConfig:
         if self.chunk_overlap >= self.chunk_tokens:
@@ -79,3 +85,8 @@ class RetrievalConfig(BaseModel):
 
             home = default_home()
         return Path(home).expanduser() / "indexes"
+
+    def resolve_source_roots(self, home: Path) -> list[Path]:
+        """Where `POST /v1/indexes/...` may read documents: the configured roots, then
+        <home>/documents (relative paths are taken against the first)."""
+        return [*(r.expanduser() for r in self.source_roots), Path(home).expanduser() / "documents"]

@@ -11,6 +11,11 @@ class InvalidIndexNameError(RetrievalError, ValueError):
     """The name does not match ``^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`` (server: 400)."""
 
 
+class InvalidSourcesError(RetrievalError, ValueError):
+    """The sources give nothing to index (none named, no text in them) or do not fit the
+    index (another embedder or chunking); the caller must change them (server: 400)."""
+
+
 class IndexNotFoundError(RetrievalError, LookupError):
     """No index of that name exists under the root (server: 404)."""
 

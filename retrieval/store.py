@@ -44,6 +44,7 @@ from retrieval.errors import (
     IndexNotFoundError,
     IndexUnavailableError,
     InvalidIndexNameError,
+    InvalidSourcesError,
     LoaderError,
 )
 from retrieval.loaders import Document, file_hash, iter_source_files, load_file, source_key
@@ -542,7 +543,7 @@ class IndexStore:
 
     def _pending_files(self, sources: Sequence[str | Path]) -> list[_Pending]:
         if not sources:
-            raise ValueError("no sources given")
+            raise InvalidSourcesError("no sources given")
         pending = []
         for path in iter_source_files(sources):
             digest = file_hash(path)
@@ -570,7 +571,7 @@ class IndexStore:
             settings = self._chunk_settings(counter)
             compatible = old is not None and self._compatible(old.manifest, embedder, settings)
             if old is not None and not replace and not compatible:
-                raise ValueError(
+                raise InvalidSourcesError(
                     f"index {name!r} was built with another embedder or chunk settings; "
                     "rebuild it with `ragtune index build`"
                 )
@@ -642,7 +643,9 @@ class IndexStore:
                 logger.info("index %s: no document changed; kept %s", name, report.generation)
                 return report
             if not chunks:
-                raise ValueError(f"index {name!r} would be empty: no text found in the sources")
+                raise InvalidSourcesError(
+                    f"index {name!r} would be empty: no text found in the sources"
+                )
 
             embeddings, report.embedded_chunks = self._assemble(
                 chunks, rows, old, embedder, progress
@@ -798,9 +801,12 @@ def _next_generation(directory: Path) -> str:
 
 def _prune(directory: Path, keep: set[str]) -> None:
     """Drop generations other than the current and previous one, and scratch left by a
-    crashed writer (we hold the write lock, so no scratch is in use)."""
+    crashed writer: generation directories and CURRENT's temporary file (we hold the write
+    lock, so no scratch is in use)."""
     for entry in directory.iterdir():
         if entry.name in keep or entry.name == CURRENT:
             continue
         if _GENERATION.fullmatch(entry.name) or (entry.name.startswith(".gen-") and entry.is_dir()):
             shutil.rmtree(entry, ignore_errors=True)
+        elif entry.name.startswith(f".{CURRENT}.") and entry.name.endswith(".tmp"):
+            entry.unlink(missing_ok=True)

@@ -5,36 +5,33 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from ragtune import __version__
+from ragtune.audit import AuditLog
 from ragtune.config import Settings
-from server.adapters.audit import AuditLog
 from server.adapters.loader import BaseSpec
 from server.adapters.registry import AdapterRegistry
+from server.admin import admin_router
 from server.auth import KeyStore
-from server.errors import ServiceUnavailableError, install_error_handlers
+from server.errors import ServiceUnavailableError, error_response, install_error_handlers
 from server.logs import request_id
-from server.metrics import Metrics
+from server.metrics import UNKNOWN_MODEL, Metrics
 from server.middleware import BodySizeLimit
 from server.protocol import (
-    ActivateAdapterRequest,
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
     EmbeddingResponse,
     ErrorResponse,
-    LoadLoraAdapterRequest,
     ModelCard,
     ModelList,
-    UnloadLoraAdapterRequest,
 )
 from server.serving import OpenAIServing
 
@@ -42,6 +39,11 @@ logger = logging.getLogger(__name__)
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 503)
+}
+
+# JSON, or server-sent events with `stream: true`
+GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/json": {}, "text/event-stream": {}}}
 }
 
 
@@ -55,6 +57,7 @@ class ServerState:
     metrics: Metrics
     serving: OpenAIServing | None = None
     load_error: str | None = None
+    draining: bool = False  # set on SIGTERM: finish in-flight work, refuse new requests
     loaded: threading.Event = field(default_factory=threading.Event)
 
     def require_serving(self) -> OpenAIServing:
@@ -79,8 +82,12 @@ def _load(state: ServerState) -> None:
         )
         engine = Engine(loaded, settings.engine, limits.max_queue, max_seq_len)
         registry = build_registry(settings, engine)
+        registry.on_event = lambda event, result: state.metrics.adapter_events.labels(
+            event, result
+        ).inc()
         for name, path in settings.adapters.preload.items():
             entry = registry.load(name, path)
+            state.metrics.adapter_events.labels("load", "ok").inc()
             state.audit.record(
                 None,
                 "preload_adapter",
@@ -91,6 +98,7 @@ def _load(state: ServerState) -> None:
             )
         engine.start()
         state.metrics.watch_engine(lambda: engine.num_running, lambda: engine.num_waiting)
+        engine.scheduler.on_batch = state.metrics.batch_size.observe
         state.serving = OpenAIServing(
             engine, settings, registry, state.metrics, _retrieval_service(settings)
         )
@@ -139,7 +147,7 @@ def build_registry(settings: Settings, engine) -> AdapterRegistry:
 def create_app(settings: Settings) -> FastAPI:
     state = ServerState(
         settings=settings,
-        keys=KeyStore(settings.api_keys, settings.admin_keys),
+        keys=KeyStore(settings.api_keys, settings.admin_keys, settings.api_key_file),
         audit=AuditLog(settings.audit_path()),
         metrics=Metrics(),
     )
@@ -173,6 +181,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/ready", responses={503: {"model": ErrorResponse}})
     async def ready() -> JSONResponse:
+        if state.draining:
+            raise ServiceUnavailableError("the server is shutting down", code="shutting_down")
         if state.serving is None:
             raise ServiceUnavailableError(state.load_error or "model is loading")
         return JSONResponse({"status": "ready", "model": settings.model.served_model_name})
@@ -183,17 +193,25 @@ def create_app(settings: Settings) -> FastAPI:
         rid = request.headers.get("x-request-id", "")[:128].strip() or uuid.uuid4().hex
         token = request_id.set(rid)
         try:
-            response = await call_next(request)
+            if state.draining and request.url.path != "/health":
+                response = error_response(
+                    ServiceUnavailableError("the server is shutting down", code="shutting_down")
+                )
+                response.headers["Connection"] = "close"
+            else:
+                response = await call_next(request)
         finally:
             request_id.reset(token)
         response.headers["X-Request-ID"] = rid
         route = request.scope.get("route")
         state.metrics.requests.labels(
-            getattr(route, "path", "unmatched"), str(response.status_code)
+            getattr(route, "path", "unmatched"),
+            _model_label(state, request),
+            str(response.status_code),
         ).inc()
         return response
 
-    @app.get("/metrics", dependencies=[Depends(require_client)])
+    @app.get("/metrics", dependencies=[Depends(require_client)], response_class=PlainTextResponse)
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=state.metrics.content_type)
 
@@ -216,111 +234,38 @@ def create_app(settings: Settings) -> FastAPI:
             ]
         return ModelList(data=cards)
 
-    @v1.post("/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest) -> Any:
+    @v1.post("/chat/completions", responses=GENERATION_RESPONSES)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        request.state.model = body.model
         return await state.require_serving().create_chat_completion(body)
 
-    @v1.post("/completions")
-    async def completions(body: CompletionRequest) -> Any:
+    @v1.post("/completions", responses=GENERATION_RESPONSES)
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        request.state.model = body.model
         return await state.require_serving().create_completion(body)
 
     @v1.post("/embeddings", response_model=EmbeddingResponse)
-    async def embeddings(body: EmbeddingRequest) -> EmbeddingResponse:
+    async def embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingResponse:
+        request.state.model = body.model
         return await state.require_serving().create_embeddings(body)
+
+    @v1.get("/indexes")
+    async def list_indexes() -> dict[str, Any]:
+        """Indexes a request may name in `rag.index`; unusable ones are listed with why."""
+        service = state.require_serving().retrieval_service()
+        return {"object": "list", "data": await asyncio.to_thread(service.list_indexes)}
 
     app.include_router(v1)
     app.include_router(admin_router(state))
     return app
 
 
-def admin_router(state: ServerState) -> APIRouter:
-    """Adapter management; admin scope only, every action audited (success or failure)."""
-
-    def require_admin(request: Request) -> str:
-        return state.keys.check_admin(request)
-
-    router = APIRouter(prefix="/v1", responses={**ERROR_RESPONSES, 403: {"model": ErrorResponse}})
-
-    async def audited(key_id: str, action: str, fields: dict[str, Any], work) -> Any:
-        serving = state.require_serving()
-        try:
-            result = await asyncio.to_thread(work, serving.registry)
-        except Exception as exc:
-            state.audit.record(key_id, action, "error", error=str(exc), **fields)
-            raise
-        state.audit.record(key_id, action, "ok", **{**fields, **result.get("audit", {})})
-        result.pop("audit", None)
-        return result
-
-    @router.post("/load_lora_adapter")
-    async def load_lora_adapter(
-        body: LoadLoraAdapterRequest, key_id: str = Depends(require_admin)
-    ) -> dict[str, Any]:
-        def work(registry: AdapterRegistry) -> dict[str, Any]:
-            started = time.perf_counter()
-            entry = registry.load(
-                body.lora_name, body.lora_path, body.version, body.replace, body.activate
-            )
-            load_ms = round((time.perf_counter() - started) * 1000, 1)
-            return {
-                "status": "ok",
-                "lora_name": entry.name,
-                "version": entry.version,
-                "load_ms": load_ms,
-                "audit": {"version": entry.version},
-            }
-
-        return await audited(
-            key_id,
-            "load_adapter",
-            {"adapter": body.lora_name, "path": body.lora_path, "requested_version": body.version},
-            work,
-        )
-
-    @router.post("/unload_lora_adapter")
-    async def unload_lora_adapter(
-        body: UnloadLoraAdapterRequest, key_id: str = Depends(require_admin)
-    ) -> dict[str, Any]:
-        def work(registry: AdapterRegistry) -> dict[str, Any]:
-            versions = registry.unload(body.lora_name, body.version)
-            return {
-                "status": "ok",
-                "lora_name": body.lora_name,
-                "unloaded_versions": versions,
-                "audit": {"version": ",".join(versions)},
-            }
-
-        return await audited(
-            key_id, "unload_adapter", {"adapter": body.lora_name, "version": body.version}, work
-        )
-
-    @router.get("/adapters")
-    async def list_adapters(_: str = Depends(require_admin)) -> dict[str, Any]:
-        return {"object": "list", "data": state.require_serving().registry.describe()}
-
-    @router.post("/adapters/{name}/activate")
-    async def activate_adapter(
-        name: str, body: ActivateAdapterRequest, key_id: str = Depends(require_admin)
-    ) -> dict[str, Any]:
-        def work(registry: AdapterRegistry) -> dict[str, Any]:
-            entry = registry.activate(name, body.version)
-            return {"status": "ok", "lora_name": name, "active_version": entry.version}
-
-        return await audited(
-            key_id, "activate_adapter", {"adapter": name, "version": body.version}, work
-        )
-
-    @router.post("/adapters/{name}/rollback")
-    async def rollback_adapter(name: str, key_id: str = Depends(require_admin)) -> dict[str, Any]:
-        def work(registry: AdapterRegistry) -> dict[str, Any]:
-            entry = registry.rollback(name)
-            return {
-                "status": "ok",
-                "lora_name": name,
-                "active_version": entry.version,
-                "audit": {"version": entry.version},
-            }
-
-        return await audited(key_id, "rollback_adapter", {"adapter": name}, work)
-
-    return router
+def _model_label(state: ServerState, request: Request) -> str:
+    """The `model` a request named, if it is served; "unknown" otherwise (bounded labels)."""
+    model = getattr(request.state, "model", None)
+    if model is None:
+        return ""
+    serving = state.serving
+    if serving is None or model not in serving.served_ids():
+        return UNKNOWN_MODEL
+    return model

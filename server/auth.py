@@ -6,22 +6,23 @@ and the audit trail is the first 8 hex characters of its digest.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
+from pathlib import Path
 
 from fastapi import Request
 
 from server.errors import AuthenticationError, PermissionDeniedError
-
-
-def key_digest(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
+from server.keys import key_digest, read_key_file
 
 
 class KeyStore:
-    def __init__(self, client_keys: list[str], admin_keys: list[str]):
+    """Digests only: plaintext keys from the environment are hashed at start and dropped."""
+
+    def __init__(self, client_keys: list[str], admin_keys: list[str], key_file: Path | None = None):
         self._client = [key_digest(k) for k in client_keys]
         self._admin = [key_digest(k) for k in admin_keys]
+        for stored in read_key_file(key_file) if key_file else []:
+            (self._admin if stored.scope == "admin" else self._client).append(stored.digest)
 
     @property
     def enabled(self) -> bool:

@@ -14,7 +14,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from retrieval.errors import IndexNotFoundError, IndexUnavailableError
+from retrieval.errors import (
+    IndexNotFoundError,
+    IndexUnavailableError,
+    InvalidIndexNameError,
+    RetrievalError,
+)
 from server.adapters.errors import AdapterError, AdapterNotFoundError, AdapterUnavailableError
 from server.engine.types import EngineError, EngineStoppedError, QueueFullError
 from server.protocol import ErrorDetail, ErrorResponse, ProtocolError
@@ -109,10 +114,14 @@ def to_api_error(exc: Exception) -> APIError:
         return BadRequestError(str(exc), param=exc.param)
     if isinstance(exc, AdapterError):
         return BadRequestError(str(exc), param=exc.param, code="invalid_adapter")
+    if isinstance(exc, InvalidIndexNameError):  # an index name in the path (rag.py maps its own)
+        return BadRequestError(str(exc), param="name", code="invalid_index_name")
     if isinstance(exc, IndexNotFoundError):
         return NotFoundError(str(exc), param="rag.index", code="index_not_found")
     if isinstance(exc, IndexUnavailableError):
         return ServiceUnavailableError(str(exc), code="index_unavailable")
+    if isinstance(exc, RetrievalError):  # unreadable documents, nothing to index
+        return BadRequestError(str(exc), param="sources", code="invalid_documents")
     if isinstance(exc, AdapterUnavailableError):
         return ServiceUnavailableError(str(exc), code="adapter_unavailable")
     if isinstance(exc, AdapterNotFoundError):
@@ -167,6 +176,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         kinds = {404: NotFoundError, 401: AuthenticationError, 403: PermissionDeniedError}
         error = kinds.get(exc.status_code, APIError)(str(exc.detail))
+        if exc.status_code == 400:  # e.g. a body that is not UTF-8, caught before validation
+            error.code = "invalid_body"
         if exc.status_code not in kinds:
             error.status_code = exc.status_code
         return error_response(error)
@@ -184,6 +195,8 @@ def install_error_handlers(app: FastAPI) -> None:
         AdapterNotFoundError,
         IndexNotFoundError,
         IndexUnavailableError,
+        InvalidIndexNameError,
+        RetrievalError,
     ):
         app.add_exception_handler(expected, _on_expected)
 

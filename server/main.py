@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
+
+import uvicorn
 
 from ragtune.config import load_settings
 
@@ -23,8 +27,6 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from server.app import create_app
     from server.logs import configure_logging
 
@@ -41,7 +43,7 @@ def run_serve(args: argparse.Namespace) -> int:
         settings.adapters.preload[name] = path
     configure_logging(settings.server.log_level, settings.server.log_format)
     app = create_app(settings)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.server.host,
         port=settings.server.port,
@@ -49,7 +51,30 @@ def run_serve(args: argparse.Namespace) -> int:
         log_config=None,  # keep our handlers (request ids, JSON)
         timeout_graceful_shutdown=int(settings.limits.request_timeout_s),
     )
+    DrainingServer(config, app.state.ragtune).run()
     return 0
+
+
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM/SIGINT: mark the app draining (new requests get 503, /ready turns 503),
+    then uvicorn closes the listener and waits for in-flight requests to finish; the engine
+    drains last, in the app's lifespan shutdown."""
+
+    def __init__(self, config: uvicorn.Config, state) -> None:
+        super().__init__(config)
+        self._state = state
+
+    def handle_exit(self, sig: int, frame) -> None:
+        self._state.draining = True
+        super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            yield
+            # uvicorn re-raises the signal after shutdown; a fully drained stop is a clean
+            # exit (status 0), so supervisors do not report a crash.
+            self._captured_signals.clear()
 
 
 def _without_empty(data: dict) -> dict:

@@ -1,4 +1,9 @@
-"""Prometheus metrics, one registry per app (so several apps can live in one process)."""
+"""Prometheus metrics, one registry per app (so several apps can live in one process).
+
+Label values come only from bounded sets (routes, loaded model ids, finish reasons): a
+client-sent model name that is not loaded is counted as "unknown", so hostile input cannot
+grow the series without bound.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,9 @@ from prometheus_client import (
 )
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
+FAST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+UNKNOWN_MODEL = "unknown"
 
 
 class Metrics:
@@ -24,8 +32,8 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             "ragtune_http_requests",
-            "HTTP requests by route and status",
-            ["route", "status"],
+            "HTTP requests by route, model (base, adapter, or 'unknown') and status",
+            ["route", "model", "status"],
             registry=r,
         )
         self.generations = Counter(
@@ -57,7 +65,28 @@ class Metrics:
         self.running = Gauge(
             "ragtune_sequences_running", "Sequences in the running batch", registry=r
         )
-        self.waiting = Gauge("ragtune_sequences_waiting", "Requests waiting for a slot", registry=r)
+        self.waiting = Gauge(
+            "ragtune_sequences_waiting", "Requests waiting for a slot (queue depth)", registry=r
+        )
+        self.batch_size = Histogram(
+            "ragtune_batch_size",
+            "Sequences in each engine step's forward pass",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.adapter_events = Counter(
+            "ragtune_adapter_events",
+            "Adapter loads (admin or preload), unloads, LRU evictions and reloads from disk",
+            ["event", "result"],
+            registry=r,
+        )
+        self.retrieval_latency = Histogram(
+            "ragtune_retrieval_latency_seconds",
+            "Retrieval time per request (query embedding + search + prompt assembly)",
+            ["mode"],
+            buckets=FAST_BUCKETS,
+            registry=r,
+        )
 
     def watch_engine(self, running: Callable[[], float], waiting: Callable[[], float]) -> None:
         self.running.set_function(running)

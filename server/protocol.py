@@ -24,12 +24,43 @@ class ProtocolError(ValueError):
 
 
 # ----------------------------------------------------------------------------------- requests
-class TextPart(BaseModel):
+def _encodable(value: Any) -> Any:
+    """Raise if a string anywhere in `value` holds a lone UTF-16 surrogate."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"text holds a lone UTF-16 surrogate ({value[exc.start]!r} at position "
+                f"{exc.start}); send valid Unicode"
+            ) from None
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _encodable(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _encodable(key)
+            _encodable(item)
+    return value
+
+
+class RequestModel(BaseModel):
+    """Base of every request body. JSON may escape lone surrogates ("\\ud800") that no
+    tokenizer, path or log line can encode; they are refused here as a 400 naming the field,
+    not met later as a 500."""
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_unicode(cls, value: Any) -> Any:
+        return _encodable(value)
+
+
+class TextPart(RequestModel):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(RequestModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant"]
@@ -44,11 +75,11 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
-class RagOptions(BaseModel):
+class RagOptions(RequestModel):
     """The `rag` request field as an object; `rag: true` means all defaults."""
 
     model_config = ConfigDict(extra="forbid")
@@ -59,7 +90,7 @@ class RagOptions(BaseModel):
     min_score: float | None = None
 
 
-class _GenerationRequest(BaseModel):
+class _GenerationRequest(RequestModel):
     """Fields shared by /v1/chat/completions and /v1/completions."""
 
     # Unknown fields are accepted and ignored (new SDK versions add optional fields); fields we
@@ -70,7 +101,8 @@ class _GenerationRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    # The range torch's generator accepts (int64 and uint64); beyond it seeding would fail.
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -295,7 +327,7 @@ class ModelList(BaseModel):
 
 
 # -------------------------------------------------------------------------------- embeddings
-class EmbeddingRequest(BaseModel):
+class EmbeddingRequest(RequestModel):
     model_config = ConfigDict(extra="allow")
 
     model: str
@@ -336,7 +368,7 @@ class EmbeddingResponse(BaseModel):
 
 
 # ------------------------------------------------------------------------------ admin: adapters
-class LoadLoraAdapterRequest(BaseModel):
+class LoadLoraAdapterRequest(RequestModel):
     """vLLM-compatible (`lora_name`, `lora_path`) plus ragtune's versioning fields."""
 
     model_config = ConfigDict(extra="forbid")
@@ -348,14 +380,14 @@ class LoadLoraAdapterRequest(BaseModel):
     activate: bool = True
 
 
-class UnloadLoraAdapterRequest(BaseModel):
+class UnloadLoraAdapterRequest(RequestModel):
     model_config = ConfigDict(extra="allow")  # vLLM clients may send lora_int_id
 
     lora_name: str
     version: str | None = None
 
 
-class ActivateAdapterRequest(BaseModel):
+class ActivateAdapterRequest(RequestModel):
     model_config = ConfigDict(extra="forbid")
 
     version: str
@@ -370,3 +402,11 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+class IndexSourcesRequest(RequestModel):
+    """Documents to index: files or directories under `retrieval.source_roots`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sources: list[str] = Field(min_length=1, max_length=256)

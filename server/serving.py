@@ -81,6 +81,13 @@ class OpenAIServing:
     def model_ids(self) -> list[str]:
         return [self.base_model_id, *self.registry.model_ids()]
 
+    def served_ids(self) -> set[str]:
+        """Every id a request's `model` may name: base, adapters, versions, the embedder."""
+        ids = set(self.model_ids())
+        if self.retrieval is not None:
+            ids.add(self.retrieval.embedder_name)
+        return ids
+
     async def resolve_adapter(self, model: str) -> AdapterWeights | None:
         """The adapter a `model` field names (None = base); unknown names are a 404, never
         a silent fallback to the base model."""
@@ -150,7 +157,7 @@ class OpenAIServing:
         )
 
     async def create_embeddings(self, request: EmbeddingRequest) -> EmbeddingResponse:
-        service = self._retrieval()
+        service = self.retrieval_service()
         if request.model != service.embedder_name:
             raise NotFoundError(
                 f"embedding model {request.model!r} is not served; use {service.embedder_name!r}",
@@ -181,7 +188,7 @@ class OpenAIServing:
         )
 
     # ----------------------------------------------------------------------------- retrieval
-    def _retrieval(self) -> RetrievalService:
+    def retrieval_service(self) -> RetrievalService:
         if self.retrieval is None:
             raise ServiceUnavailableError(
                 "retrieval is unavailable on this server; see its log", code="retrieval_unavailable"
@@ -191,9 +198,13 @@ class OpenAIServing:
     async def _retrieve(
         self, options: RagOptions, question: str, model: str
     ) -> tuple[str, list[Source]]:
-        service = self._retrieval()
+        service = self.retrieval_service()
         adapter_index = self.registry.default_index(model) if model != self.base_model_id else None
-        return await asyncio.to_thread(service.retrieve, options, question, adapter_index)
+        started = time.perf_counter()
+        result = await asyncio.to_thread(service.retrieve, options, question, adapter_index)
+        mode = options.mode or service.config.default_mode
+        self.metrics.retrieval_latency.labels(mode).observe(time.perf_counter() - started)
+        return result
 
     # ------------------------------------------------------------------------------- helpers
     def _engine_request(
@@ -220,6 +231,8 @@ class OpenAIServing:
         wanted = request.requested_max_tokens()
         if wanted is None:
             wanted = min(limits.max_new_tokens, room)
+        elif not {"max_tokens", "max_completion_tokens"} & request.model_fields_set:
+            wanted = min(wanted, limits.max_new_tokens, room)  # a default, not the client's ask
         elif wanted > limits.max_new_tokens:
             raise BadRequestError(
                 f"max_tokens={wanted} exceeds this server's limit of {limits.max_new_tokens} "

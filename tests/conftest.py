@@ -53,8 +53,30 @@ def index_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def document_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test server's retrieval.source_roots: documents the admin index API may read."""
+    return tmp_path_factory.mktemp("documents")
+
+
+@pytest.fixture(scope="session")
+def file_keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Keys that exist only as digests in the server's key file: scope -> plaintext key."""
+    from server.keys import create_key
+
+    path = tmp_path_factory.mktemp("keys") / "keys.txt"
+    keys = {scope: create_key(path, scope, f"test-{scope}") for scope in ("client", "admin")}
+    keys["file"] = str(path)
+    return keys
+
+
+@pytest.fixture(scope="session")
 def server(
-    tmp_path_factory, adapter_root: Path, audit_log: Path, index_root: Path
+    tmp_path_factory,
+    adapter_root: Path,
+    audit_log: Path,
+    index_root: Path,
+    document_root: Path,
+    file_keys: dict[str, str],
 ) -> RunningServer:
     log = tmp_path_factory.mktemp("server") / "server.log"
     env = {
@@ -62,6 +84,8 @@ def server(
         "RAGTUNE_ADAPTERS__ROOTS": json.dumps([str(adapter_root)]),
         "RAGTUNE_AUDIT_LOG": str(audit_log),
         "RAGTUNE_RETRIEVAL__ROOT": str(index_root),
+        "RAGTUNE_RETRIEVAL__SOURCE_ROOTS": json.dumps([str(document_root)]),
+        "RAGTUNE_API_KEY_FILE": file_keys["file"],
     }
     args = [arg for name in ADAPTERS for arg in ("--adapter", f"{name}={adapter_root / name}")]
     running = start_server(env, log, args)

@@ -339,21 +339,18 @@ def train(
         "estimated_memory_bytes": _estimate_for(config, loaded.model_dir, loaded.device),
     }
     if trainer.is_world_process_zero():
-        with atomic_directory(adapter_dir) as scratch:
-            peft_model.save_pretrained(str(scratch), safe_serialization=True)
-            if not (scratch / "adapter_model.safetensors").is_file() or any(scratch.glob("*.bin")):
-                raise RuntimeError("PEFT did not write adapter_model.safetensors")
-            AdapterManifest(
-                name=config.name,
-                version=adapter_dir.name,
-                base_model_fingerprint=loaded.fingerprint,
-                method=config.method,
-                rank=config.adapter.r,
-                target_modules=list(config.adapter.target_modules),
-                data_hash=dataset_hash(config.data),
-                metrics=metrics,
-                config=config.model_dump(mode="json"),
-            ).write(scratch)
+        manifest = AdapterManifest(
+            name=config.name,
+            version=adapter_dir.name,
+            base_model_fingerprint=loaded.fingerprint,
+            method=config.method,
+            rank=config.adapter.r,
+            target_modules=list(config.adapter.target_modules),
+            data_hash=dataset_hash(config.data),
+            metrics=metrics,
+            config=config.model_dump(mode="json"),
+        )
+        write_adapter_version(adapter_dir, peft_model, manifest)
         if not config.keep_checkpoints:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
         logger.info("adapter written to %s (eval_loss=%s)", adapter_dir, metrics["eval_loss"])
@@ -361,6 +358,17 @@ def train(
     return TrainResult(
         adapter_dir=adapter_dir, metrics=metrics, is_main_process=trainer.is_world_process_zero()
     )
+
+
+def write_adapter_version(adapter_dir: Path, peft_model: Any, manifest: AdapterManifest) -> None:
+    """Write a finished adapter version: PEFT's files and the manifest go to a scratch
+    directory that is renamed into place only once complete, so a crash (or kill -9) never
+    leaves a half-written version under its name."""
+    with atomic_directory(adapter_dir) as scratch:
+        peft_model.save_pretrained(str(scratch), safe_serialization=True)
+        if not (scratch / "adapter_model.safetensors").is_file() or any(scratch.glob("*.bin")):
+            raise RuntimeError("PEFT did not write adapter_model.safetensors")
+        manifest.write(scratch)
 
 
 def _disable_cpu_weight_packing(model: Any) -> None:

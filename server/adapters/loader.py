@@ -251,10 +251,13 @@ def _read_factors(
                 f"have rank {r}; the config does not belong to these weights"
             )
         scale = a_cfg / math.sqrt(r_cfg) if config.get("use_rslora") else a_cfg / r_cfg
-        factors[(layer, module)] = (
-            a.to(spec.dtype).contiguous(),
-            (b.float() * scale).to(spec.dtype).contiguous(),
-        )
+        scaled = (b.float() * scale).to(spec.dtype).contiguous()
+        if not torch.isfinite(scaled).all():
+            raise AdapterError(
+                f"layer {layer} {module}: lora_alpha/r = {scale:g} overflows the weights "
+                f"in {spec.dtype}; check lora_alpha in {CONFIG_FILE}"
+            )
+        factors[(layer, module)] = (a.to(spec.dtype).contiguous(), scaled)
     return factors
 
 

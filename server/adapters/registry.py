@@ -15,6 +15,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,8 @@ class AdapterRegistry:
         self._resident: OrderedDict[tuple[str, str], AdapterVersion] = OrderedDict()
         self._lock = threading.RLock()
         self._load_ids = itertools.count(1)
+        # metrics hook: ("evict" | "reload", "ok" | "error") for residency changes
+        self.on_event: Callable[[str, str], None] = lambda event, result: None
 
     # ------------------------------------------------------------------------------- admin
     def load(
@@ -169,6 +172,7 @@ class AdapterRegistry:
             if reloaded.files != entry.files:
                 raise AdapterError("its files changed on disk since it was loaded")
         except AdapterError as exc:
+            self.on_event("reload", "error")
             logger.error(
                 "cannot reload adapter %s@%s from %s: %s",
                 entry.name,
@@ -180,6 +184,7 @@ class AdapterRegistry:
                 f"adapter {entry.name}@{entry.version} could not be reloaded from disk; "
                 "an admin must load it again (see the server log)"
             ) from None
+        self.on_event("reload", "ok")
         with self._lock:
             if entry.weights is None:
                 entry.weights = reloaded.weights
@@ -270,3 +275,4 @@ class AdapterRegistry:
         while len(self._resident) > self.max_resident:
             _, evicted = self._resident.popitem(last=False)
             evicted.weights = None  # back to disk; reloaded on the next request
+            self.on_event("evict", "ok")

@@ -114,7 +114,11 @@ class Engine:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
-            self.scheduler.step()
+            try:
+                self.scheduler.step()
+            except Exception:  # the engine thread must outlive any one step
+                logger.exception("engine step failed; failing the running requests")
+                self.scheduler.fail_running("generation failed: internal engine error")
 
 
 def _eos_ids(loaded: LoadedModel) -> set[int]:

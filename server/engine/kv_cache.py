@@ -63,6 +63,14 @@ class KVCache:
     def batch_view(self, layer: int, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.keys[layer, :batch, :, :length], self.values[layer, :batch, :, :length]
 
+    def clear(self, slot: int, length: int) -> None:
+        """Zero a slot's first `length` positions and its last one (where rows still
+        prefilling write). Masked attention still multiplies masked positions by zero, so a
+        NaN or Inf left there would turn a later occupant's output into NaN."""
+        for cache in (self.keys, self.values):
+            cache[:, slot, :, :length] = 0
+            cache[:, slot, :, -1] = 0
+
     def move(self, source: int, target: int, length: int) -> None:
         """Copy a sequence's first `length` positions from one slot to another (all layers)."""
         self.keys[:, target, :, :length] = self.keys[:, source, :, :length]

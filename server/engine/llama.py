@@ -214,7 +214,16 @@ class LlamaModel:
         cache: KVCache,
         lora: LoraBatch | None,
     ) -> torch.Tensor:
-        """One decode step for the sequences in slots 0..batch-1; returns [batch, vocab]."""
+        """One decode step for the sequences in slots 0..batch-1; returns [batch, vocab].
+
+        A lone row is computed as two identical rows: on some CPUs oneDNN's one-row (GEMV)
+        kernel sums in another order than its kernels for two or more rows, which would make
+        a request's tokens depend on whether it had batch neighbours.
+        """
+        real = tokens.shape[0]
+        if real == 1:
+            tokens, positions = tokens.repeat(2), positions.repeat(2)
+            lora = lora.repeat_rows(2) if lora is not None else None
         batch = tokens.shape[0]
         x = self.embed[tokens]
         cos, sin = self._cos[positions][:, None, :], self._sin[positions][:, None, :]
@@ -224,8 +233,10 @@ class LlamaModel:
         mask = mask[:, None, None, :]  # [batch, 1, 1, length]
 
         def attend(layer: int, q, k, v):
-            cache.write_decode(layer, rows, write_positions, k, v)
-            keys, values = cache.batch_view(layer, batch, length)  # [batch, kv_heads, length, d]
+            cache.write_decode(layer, rows[:real], write_positions, k[:real], v[:real])
+            keys, values = cache.batch_view(layer, real, length)  # [real, kv_heads, length, d]
+            if batch > real:
+                keys, values = keys.repeat(batch, 1, 1, 1), values.repeat(batch, 1, 1, 1)
             out = F.scaled_dot_product_attention(
                 q[:, :, None, :],
                 keys,
@@ -238,4 +249,4 @@ class LlamaModel:
 
         for index in range(self.num_layers):
             x = self._layer(index, x, cos, sin, attend, lora)
-        return self._logits(x)
+        return self._logits(x)[:real]

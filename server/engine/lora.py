@@ -124,6 +124,10 @@ class LoraBatch:
         self.mask = mask  # [rows, num_slots * max_rank]
         self.active_groups = active_groups
 
+    def repeat_rows(self, times: int) -> LoraBatch:
+        """The same view for `times` copies of a one-row batch."""
+        return LoraBatch(self.slots, self.mask.repeat(times, 1), self.active_groups)
+
     def add(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """out[:, group columns] += LoRA delta of each row's adapter (in place)."""
         if group not in self.active_groups:

@@ -154,10 +154,17 @@ class LlamaRunner:
         return logits[torch.tensor([s.slot for s in seqs], device=device)]
 
     def release(self, seq: Sequence) -> None:
-        """Free the sequence's slot; the last slot's sequence moves in to keep rows dense."""
+        """Free the sequence's slot; the last slot's sequence moves in to keep rows dense.
+
+        A sequence that ended abnormally may have left NaN/Inf in its cache (non-finite
+        logits, or aborted between prompt chunks before they were checked): its slot is
+        zeroed first. A normal finish had finite logits at every step, so its cache is clean.
+        """
         slot = seq.slot
         if slot is None or slot >= len(self.slots) or self.slots[slot] is not seq:
             return
+        if seq.finish_reason in ("error", "abort"):  # + 1: a decode that failed mid-way
+            self.cache.clear(slot, seq.cache_len + 1)
         last = self.slots.pop()
         if last is not seq:
             self.cache.move(last.slot, slot, max(last.cache_len, 1))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 
 from server.engine.types import SamplingParams
@@ -31,13 +34,37 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+class NonFiniteLogitsError(ValueError):
+    """The model produced NaN or Inf for this row (e.g. an adapter whose scale overflows the
+    activations); any token drawn from it would be garbage."""
+
+
+def _refuse() -> int:
+    raise NonFiniteLogitsError("non-finite logits")
+
+
+def row_draws(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]
+) -> list[Callable[[], int]]:
+    """logits: [batch, vocab]. One zero-argument draw per row, so the caller takes each row's
+    token on its own and a draw that fails fails only its row. Greedy rows are decided here,
+    in one host transfer; a row with NaN/Inf logits fails instead of yielding a token."""
+    logits = logits.float().cpu()
+    greedy = torch.argmax(logits, dim=-1).tolist()
+    finite = torch.isfinite(logits).all(dim=-1).tolist()
+
+    def draw(row: int, p: SamplingParams, generator: torch.Generator) -> Callable[[], int]:
+        if not finite[row]:
+            return _refuse
+        if p.greedy:
+            return partial(int, greedy[row])
+        return partial(sample_row, logits[row], p, generator)
+
+    return [draw(row, *pair) for row, pair in enumerate(zip(params, generators, strict=True))]
+
+
 def sample_batch(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]
 ) -> list[int]:
-    """logits: [batch, vocab]. One host transfer for the greedy rows, per-row draws otherwise."""
-    logits = logits.float().cpu()
-    greedy = torch.argmax(logits, dim=-1).tolist()
-    return [
-        greedy[row] if p.greedy else sample_row(logits[row], p, generators[row])
-        for row, p in enumerate(params)
-    ]
+    """logits: [batch, vocab] -> one token per row."""
+    return [draw() for draw in row_draws(logits, params, generators)]

@@ -7,9 +7,11 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+from collections.abc import Callable
 
-from server.engine.sampler import sample_batch
+from server.engine.sampler import row_draws
 from server.engine.sequence import Sequence
+from server.engine.types import FinishReason
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +25,7 @@ class Scheduler:
         self._aborted: set[str] = set()
         self._lock = threading.Lock()
         self.steps = 0
+        self.on_batch: Callable[[int], None] | None = None  # metrics: rows per decode forward
 
     # -- called from the event loop thread ---------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -47,13 +50,15 @@ class Scheduler:
         budget = self._admit(self.max_batch_tokens)
         self._prefill(budget)
         ready = [s for s in self.running if not s.finished and s.cache_len >= s.prompt_len]
+        if ready and self.on_batch is not None:
+            self.on_batch(len(ready))
         if ready:
             try:
                 logits = self.runner.decode(ready)
             except Exception as exc:  # a failed forward must not take the server down
                 logger.exception("decode step failed for %d sequences", len(ready))
                 for seq in ready:
-                    seq.abort("error", f"generation failed: {type(exc).__name__}")
+                    fail(seq, "generation failed", exc)
             else:
                 self._sample(ready, logits)
         self._retire_finished()
@@ -73,8 +78,7 @@ class Scheduler:
                 try:
                     self.runner.add(seq)
                 except Exception as exc:  # e.g. an adapter the LoRA slots cannot take
-                    logger.exception("admitting %s failed", seq.request_id)
-                    seq.abort("error", f"could not start the request: {type(exc).__name__}")
+                    fail(seq, "could not start the request", exc)
                     continue
                 self.running.append(seq)
                 budget -= min(seq.prompt_len, chunk or seq.prompt_len)
@@ -96,8 +100,7 @@ class Scheduler:
             try:
                 logits = self.runner.prefill(seq)
             except Exception as exc:  # only this request fails
-                logger.exception("prefill failed for %s", seq.request_id)
-                seq.abort("error", f"prefill failed: {type(exc).__name__}")
+                fail(seq, "prefill failed", exc)
                 continue
             budget -= seq.cache_len - before
             if logits is not None:
@@ -105,9 +108,15 @@ class Scheduler:
 
     @staticmethod
     def _sample(seqs: list[Sequence], logits) -> None:
-        tokens = sample_batch(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        for seq, token in zip(seqs, tokens, strict=True):
-            seq.append(token)
+        """Each row takes its token on its own: an exception in one sequence's draw,
+        detokenization, stop matching or output callback finishes that sequence alone with
+        finish_reason "error"; its batch neighbours carry on."""
+        draws = row_draws(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        for seq, draw in zip(seqs, draws, strict=True):
+            try:
+                seq.append(draw())
+            except Exception as exc:
+                fail(seq, "generation failed", exc)
 
     def _drop_aborted(self) -> None:
         with self._lock:
@@ -117,13 +126,13 @@ class Scheduler:
             kept: deque[Sequence] = deque()
             for seq in self.waiting:
                 if seq.request_id in aborted:
-                    seq.abort()
+                    quiet_abort(seq)
                 else:
                     kept.append(seq)
             self.waiting = kept
         for seq in self.running:
             if seq.request_id in aborted:
-                seq.abort()
+                quiet_abort(seq)
 
     def _retire_finished(self) -> None:
         still = []
@@ -138,5 +147,27 @@ class Scheduler:
         with self._lock:
             pending, self.waiting = list(self.waiting), deque()
         for seq in pending + self.running:
-            seq.abort("error", reason)
+            quiet_abort(seq, "error", reason)
         self._retire_finished()
+
+    def fail_running(self, reason: str) -> None:
+        """Last resort after a step failed outside any one sequence: finish every running
+        sequence with an error and free its slot; waiting requests keep their place."""
+        for seq in self.running:
+            quiet_abort(seq, "error", reason)
+        self._retire_finished()
+
+
+def fail(seq: Sequence, what: str, exc: Exception) -> None:
+    """Finish one sequence with finish_reason "error" (the client gets an error response);
+    the traceback goes to the log only."""
+    logger.error("%s for %s", what, seq.request_id, exc_info=exc)
+    quiet_abort(seq, "error", f"{what}: {type(exc).__name__}")
+
+
+def quiet_abort(seq: Sequence, reason: FinishReason = "abort", error: str | None = None) -> None:
+    """Abort that never raises: the sequence is finished even if its output callback fails."""
+    try:
+        seq.abort(reason, error)
+    except Exception:
+        logger.exception("could not deliver the end of %s", seq.request_id)

@@ -61,13 +61,17 @@ class Sequence:
             self._emit(self._output(text, [token_id]))
 
     def abort(self, reason: FinishReason = "abort", error: str | None = None) -> None:
+        """Finish now; marked finished before emitting, so a failing callback cannot keep the
+        sequence running."""
         if not self.finished:
             self.finish_reason = reason
             self._emit(self._output("", [], reason, error))
 
     def _finish(self, reason: FinishReason, text: str) -> None:
-        self.finish_reason = reason
+        # Emitted before it counts as finished: if the callback fails, the scheduler can
+        # still finish the sequence with an error the client sees.
         self._emit(self._output(text, self.output_ids[-1:], reason))
+        self.finish_reason = reason
 
     def _output(
         self,

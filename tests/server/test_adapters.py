@@ -963,6 +963,11 @@ def test_residency_is_bounded_and_evicted_adapters_reload(small_server, http, ma
         assert {n: adapters(admin)[n]["versions"][0]["requests"] for n in names} == dict.fromkeys(
             names, 1
         )
+        metrics = admin.get("/metrics", headers=CLIENT).text
+        for event, at_least in (("load", 4), ("evict", 6), ("reload", 4)):
+            line = f'ragtune_adapter_events_total{{event="{event}",result="ok"}}'
+            count = float(next(x for x in metrics.splitlines() if x.startswith(line)).split()[-1])
+            assert count >= at_least, (event, count)
 
         # an evicted version is reloaded only from the very files it was loaded from
         moved = copy_adapter(made.s1, made.root / f"{P}-tamper-inplace")

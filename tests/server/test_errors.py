@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
-from tests.conftest import ADMIN_KEY, API_KEY, BASE_MODEL
+from ragtune.launcher import start_server
+from tests.conftest import ADMIN_KEY, API_KEY, BASE_MODEL, SERVER_ENV
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 CHAT = "/v1/chat/completions"
@@ -201,3 +204,77 @@ def test_request_id_is_returned_and_a_client_one_is_kept(http):
     assert kept.headers["X-Request-ID"] == "trace-123"
     error = http.get("/v1/models", headers={"X-Request-ID": "trace-456"})
     assert error.status_code == 401 and error.headers["X-Request-ID"] == "trace-456"
+
+
+# Regressions found by the schemathesis fuzz run (tests/fuzz): each was a 500.
+LONE = "valve \ud800"  # JSON may escape a lone UTF-16 surrogate; UTF-8 cannot encode it
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param", "headers"),
+    [
+        (
+            CHAT,
+            {"model": BASE_MODEL, "messages": [{"role": "user", "content": LONE}]},
+            "messages.0.content",
+            AUTH,
+        ),
+        (CHAT, {"model": BASE_MODEL, "messages": GOOD_MESSAGES, "stop": [LONE]}, "stop", AUTH),
+        ("/v1/completions", {"model": BASE_MODEL, "prompt": LONE}, "prompt", AUTH),
+        ("/v1/embeddings", {"model": "all-minilm-l6-v2", "input": [LONE]}, "input", AUTH),
+        ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": LONE}, "lora_path", ADMIN),
+    ],
+)
+def test_lone_surrogates_are_400_naming_the_field(http, path, body, param, headers):
+    raw = json.dumps(body).encode()  # ASCII-escaped, as any JSON client may send it
+    response = http.post(path, content=raw, headers={**headers, "Content-Type": "application/json"})
+    error = assert_error(response, 400, param)
+    assert "surrogate" in error["message"]
+
+
+@pytest.mark.parametrize("seed", [2**64, -(2**63) - 1])
+def test_seed_outside_the_generator_range_is_400(http, seed):
+    body = {"model": BASE_MODEL, "messages": GOOD_MESSAGES, "max_tokens": 1, "seed": seed}
+    assert_error(http.post(CHAT, json=body, headers=AUTH), 400, "seed")
+
+
+def test_largest_seed_is_accepted(http):
+    body = {"model": BASE_MODEL, "messages": GOOD_MESSAGES, "max_tokens": 1, "seed": 2**64 - 1}
+    assert http.post(CHAT, json=body, headers=AUTH).status_code == 200
+
+
+def test_invalid_index_name_in_the_path_is_400(http):
+    error = assert_error(http.delete("/v1/indexes/%C3%9ER%C3%BF", headers=ADMIN), 400, "name")
+    assert error["code"] == "invalid_index_name"
+
+
+def test_body_that_is_not_utf8_is_400_with_a_code(http):
+    raw = b'{"model": "' + BASE_MODEL.encode() + b'", "prompt": "\xff\xfe"}'
+    response = http.post(
+        "/v1/completions", content=raw, headers={**AUTH, "Content-Type": "application/json"}
+    )
+    assert assert_error(response, 400)["code"] in ("invalid_body", "invalid_json")
+
+
+@pytest.fixture(scope="module")
+def tiny_limit_server(tmp_path_factory):
+    """A server whose limits.max_new_tokens (4) is below /v1/completions' default of 16."""
+    log = tmp_path_factory.mktemp("tiny-limit") / "server.log"
+    running = start_server({**SERVER_ENV, "RAGTUNE_LIMITS__MAX_NEW_TOKENS": "4"}, log)
+    yield running.base_url, AUTH
+    running.stop()
+
+
+def test_completions_default_max_tokens_never_exceeds_the_server_limit(tiny_limit_server):
+    """OpenAI's default of 16 for /v1/completions is capped by limits.max_new_tokens; only a
+    client-sent max_tokens above the limit is an error."""
+    url, headers = tiny_limit_server
+    body = {"model": BASE_MODEL, "prompt": "One, two,", "temperature": 0}
+    ok = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=60)
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["usage"]["completion_tokens"] <= 4
+    too_many = httpx.post(
+        f"{url}/v1/completions", json={**body, "max_tokens": 16}, headers=headers, timeout=60
+    )
+    assert_error(too_many, 400, "max_tokens")

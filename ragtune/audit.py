@@ -1,4 +1,5 @@
-"""Append-only audit trail of admin actions: one JSON object per line, fsynced."""
+"""Append-only audit trail of admin actions (adapters and indexes, from HTTP or the CLI):
+one JSON object per line, fsynced."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ class AuditLog:
             "key_id": key_id,
             "action": action,
             "adapter": None,  # always present, None when the action names none
+            "index": None,
             "version": None,
             "result": result,
             **fields,
