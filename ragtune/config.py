@@ -98,6 +98,12 @@ class EngineConfig(_Section):
         description="KV cache length per sequence; default "
         "limits.max_prompt_tokens + limits.max_new_tokens, capped at the model's context.",
     )
+    weights: Literal["auto", "dense", "int8"] = Field(
+        "auto",
+        description="Base weights in the compact forward: 'int8' (weight-only, per-channel, "
+        "for bf16 compute on CPU; about half the decode time at small batches), 'dense' "
+        "(the compute dtype), or 'auto' (int8 where supported, else dense).",
+    )
     max_loras: int = Field(4, ge=1, description="Adapters that can be in one batch at once.")
     max_lora_rank: int = Field(16, ge=1, description="Largest LoRA rank accepted.")
 

@@ -12,7 +12,7 @@ import torch
 from ragtune.config import EngineConfig
 from ragtune.models import LoadedModel
 from server.engine.kv_cache import KVCache
-from server.engine.llama import LlamaModel, supports
+from server.engine.llama import LlamaModel, int8_supported, supports
 from server.engine.lora import GROUPS, AdapterWeights, LoraSlots
 from server.engine.sequence import Sequence
 
@@ -67,7 +67,9 @@ class AdapterSlotTable:
 
 class LlamaRunner:
     def __init__(self, loaded: LoadedModel, config: EngineConfig, max_seq_len: int):
-        self.model = LlamaModel(loaded.model, loaded.dtype, loaded.device)
+        self.model = LlamaModel(
+            loaded.model, loaded.dtype, loaded.device, use_int8_weights(config, loaded)
+        )
         self.device = loaded.device
         self.max_seq_len = max_seq_len
         self.prefill_chunk = config.prefill_chunk
@@ -222,6 +224,15 @@ class HFModelRunner:
         seq.cache = None
         if seq in self._running:
             self._running.remove(seq)
+
+
+def use_int8_weights(config: EngineConfig, loaded: LoadedModel) -> bool:
+    supported = int8_supported(loaded.dtype, loaded.device)
+    if config.weights == "int8" and not supported:
+        raise ValueError(
+            "engine.weights=int8 needs bf16 compute on a CPU (model.dtype=bf16, device cpu)"
+        )
+    return config.weights == "int8" or (config.weights == "auto" and supported)
 
 
 def build_runner(loaded: LoadedModel, config: EngineConfig, max_seq_len: int):

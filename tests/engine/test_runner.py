@@ -171,3 +171,43 @@ def test_batched_lora_matches_peft(tiny, tmp_path):
         base_logits = tiny.model(torch.tensor([prompt])).logits[0, -1]
     torch.testing.assert_close(runner.prefill(base), base_logits, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(expected["a"], expected["b"])
+
+
+@pytest.fixture(scope="module")
+def tiny_bf16(tiny: LoadedModel) -> LoadedModel:
+    import copy
+
+    model = copy.deepcopy(tiny.model).to(torch.bfloat16)
+    return LoadedModel(model, None, None, "f" * 64, "cpu", torch.bfloat16, "none")
+
+
+@pytest.mark.parametrize("weights", ["dense", "int8"])
+def test_bf16_rows_are_bitwise_the_same_alone_and_batched(tiny_bf16, weights):
+    """The serving dtype: a row's greedy tokens and logits do not depend on its neighbours
+    (one-row GEMV kernels, packed int8 GEMMs and the decode attention over a longer padded
+    length included)."""
+    prompts = [[5, 9, 13, 2], list(range(1, 40)), [7] * 70, [3, 1]]
+    batched = generate(runner_for(tiny_bf16, weights=weights), [sequence(p) for p in prompts], 24)
+    for prompt, tokens in zip(prompts, batched, strict=True):
+        assert generate(runner_for(tiny_bf16, weights=weights), [sequence(prompt)], 24) == [tokens]
+
+
+def test_int8_weights_stay_close_to_dense(tiny_bf16):
+    """Weight-only int8 changes logits by rounding error, not behaviour."""
+    prompt = list(range(1, 30))
+    logits = {}
+    for weights in ("dense", "int8"):
+        runner = runner_for(tiny_bf16, weights=weights)
+        seq = sequence(prompt)
+        runner.add(seq)
+        logits[weights] = runner.prefill(seq)
+    dense, packed = logits["dense"], logits["int8"]
+    assert torch.allclose(dense, packed, atol=0.05 * dense.abs().max().item())
+    assert runner_for(tiny_bf16, weights="int8").model.int8_weights
+    assert runner_for(tiny_bf16, weights="auto").model.int8_weights  # the CPU default
+
+
+def test_int8_weights_need_bf16_on_cpu(tiny):
+    with pytest.raises(ValueError, match="bf16"):
+        runner_for(tiny, weights="int8")  # the tiny model computes in fp32
+    assert not runner_for(tiny, weights="auto").model.int8_weights
