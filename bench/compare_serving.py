@@ -62,8 +62,11 @@ def wait_ready(url: str, process: subprocess.Popen, timeout: float = 600) -> Non
         if process.poll() is not None:
             raise RuntimeError(f"{process.args[0]} exited with {process.returncode}")
         try:
-            if httpx.get(f"{url}/models", timeout=2).status_code == 200:
-                return
+            # Any HTTP answer means the server is up: `transformers serve` answers /v1/models
+            # with a 500 offline (it scans the hub cache); models load on the first request,
+            # which serve_load's warm-up makes before timing.
+            httpx.get(f"{url}/models", timeout=2)
+            return
         except httpx.HTTPError:
             pass
         time.sleep(1)
@@ -164,6 +167,9 @@ def bench_llama_cpp(scratch: Path, args: argparse.Namespace) -> list[dict]:
         str(port),
         "--n_ctx",
         "2048",
+        # its default cuts off a running stream whenever another request arrives; queue them
+        "--interrupt_requests",
+        "False",
     ]
     process = peer(command, url, scratch / "llama_cpp.log")
     try:

@@ -59,30 +59,29 @@ class LoraSlots:
         self.module_shapes = module_shapes
         width = num_slots * max_rank
         self.a: dict[str, torch.Tensor] = {}  # group -> [layers, parts * width, in]
-        self.b: dict[str, list[torch.Tensor]] = {}  # group -> per part [layers, width, out]
+        # group -> [layers, parts * width, group out], block-diagonal: part p's rows feed only
+        # part p's output columns, so one GEMM applies every part (zero blocks add exact 0)
+        self.b: dict[str, torch.Tensor] = {}
         self.out_offsets: dict[str, list[tuple[int, int]]] = {}
         for group, modules in GROUPS.items():
             in_features = module_shapes[modules[0]][0]
             self.a[group] = torch.zeros(
                 num_layers, len(modules) * width, in_features, dtype=dtype, device=device
             )
-            self.b[group] = [
-                torch.zeros(num_layers, width, module_shapes[m][1], dtype=dtype, device=device)
-                for m in modules
-            ]
             offsets, start = [], 0
             for module in modules:
                 offsets.append((start, start + module_shapes[module][1]))
                 start += module_shapes[module][1]
             self.out_offsets[group] = offsets
+            self.b[group] = torch.zeros(
+                num_layers, len(modules) * width, start, dtype=dtype, device=device
+            )
         self.column_slot = torch.arange(num_slots, device=device).repeat_interleave(max_rank)
         self._group_users: dict[str, set[int]] = {group: set() for group in GROUPS}
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.a.values()) + sum(
-            b.nbytes for parts in self.b.values() for b in parts
-        )
+        return sum(a.nbytes for a in self.a.values()) + sum(b.nbytes for b in self.b.values())
 
     def load(self, slot: int, adapter: AdapterWeights) -> None:
         """Copy an adapter's factors into `slot` (zeroing whatever was there)."""
@@ -95,8 +94,11 @@ class LoraSlots:
             group = next(g for g, modules in GROUPS.items() if module in modules)
             part = GROUPS[group].index(module)
             base = part * width
+            start, stop = self.out_offsets[group][part]
             self.a[group][layer, base + rows.start : base + rows.stop] = a.to(self.dtype)
-            self.b[group][part][layer, rows] = b.t().to(self.dtype)
+            self.b[group][layer, base + rows.start : base + rows.stop, start:stop] = b.t().to(
+                self.dtype
+            )
             self._group_users[group].add(slot)
 
     def clear(self, slot: int) -> None:
@@ -105,7 +107,7 @@ class LoraSlots:
         for group, modules in GROUPS.items():
             for part in range(len(modules)):
                 self.a[group][:, part * width + rows.start : part * width + rows.stop] = 0
-                self.b[group][part][:, rows] = 0
+                self.b[group][:, part * width + rows.start : part * width + rows.stop] = 0
             self._group_users[group].discard(slot)
 
     def batch(self, row_slots: torch.Tensor) -> LoraBatch:
@@ -123,6 +125,8 @@ class LoraBatch:
         self.slots = slots
         self.mask = mask  # [rows, num_slots * max_rank]
         self.active_groups = active_groups
+        # the mask tiled once per part of a fused group (qkv: 3, gate_up: 2, o/down: 1)
+        self._tiled = {parts: mask.repeat(1, parts) for parts in {len(m) for m in GROUPS.values()}}
 
     def repeat_rows(self, times: int) -> LoraBatch:
         """The same view for `times` copies of a one-row batch."""
@@ -132,8 +136,5 @@ class LoraBatch:
         """out[:, group columns] += LoRA delta of each row's adapter (in place)."""
         if group not in self.active_groups:
             return
-        width = self.mask.shape[1]
         t = x @ self.slots.a[group][layer].t()  # [rows, parts * width]
-        for part, (start, stop) in enumerate(self.slots.out_offsets[group]):
-            masked = t[:, part * width : (part + 1) * width] * self.mask
-            out[:, start:stop] += masked @ self.slots.b[group][part][layer]
+        out += (t * self._tiled[len(GROUPS[group])]) @ self.slots.b[group][layer]
