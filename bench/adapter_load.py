@@ -27,6 +27,7 @@ import torch
 from ragtune.config import default_home
 from ragtune.launcher import start_server
 from ragtune.models import resolve_model_dir
+from ragtune.random_adapter import random_peft_model
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADMIN_KEY = "bench-admin-key"
@@ -49,20 +50,7 @@ def percentiles(values: list[float]) -> dict[str, float]:
 
 def make_adapters(root: Path, count: int, rank: int) -> list[Path]:
     """`count` distinct PEFT adapters (different seeds) saved as safetensors."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(
-        resolve_model_dir("bundled", default_home()), dtype=torch.float32
-    )
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=2 * rank,
-        target_modules=TARGETS,
-        init_lora_weights=False,
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(base, config)
+    model = random_peft_model(rank, TARGETS, seed=0)
     paths = []
     for i in range(count):
         torch.manual_seed(1000 + i)

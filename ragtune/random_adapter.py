@@ -20,21 +20,15 @@ MLP = ["gate_proj", "up_proj", "down_proj"]
 ALL_PROJECTIONS = ATTENTION + MLP
 
 
-def make_adapter(
-    out: Path,
-    rank: int,
-    targets: list[str],
-    seed: int,
-    scale: float = 0.3,
-    manifest_version: str | None = None,
-    fingerprint: str | None = None,
-) -> Path:
+def random_peft_model(rank: int, targets: list[str], seed: int, scale: float = 0.3):
+    """The bundled base (fp32) wrapped by PEFT with random LoRA factors (B scaled by `scale`)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model_dir = resolve_model_dir("bundled", default_home())
     torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(
+        resolve_model_dir("bundled", default_home()), dtype=torch.float32
+    )
     config = LoraConfig(
         r=rank,
         lora_alpha=rank * 2,
@@ -47,8 +41,21 @@ def make_adapter(
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.mul_(scale)
-    model.save_pretrained(out, safe_serialization=True)
+    return model
+
+
+def make_adapter(
+    out: Path,
+    rank: int,
+    targets: list[str],
+    seed: int,
+    scale: float = 0.3,
+    manifest_version: str | None = None,
+    fingerprint: str | None = None,
+) -> Path:
+    random_peft_model(rank, targets, seed, scale).save_pretrained(out, safe_serialization=True)
     if manifest_version is not None:
+        model_dir = resolve_model_dir("bundled", default_home())
         AdapterManifest(
             name=out.name,
             version=manifest_version,

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Depends, Request
 
 from server.adapters.registry import AdapterRegistry
+from server.memory import release_free_memory
 from server.protocol import (
     ActivateAdapterRequest,
     ErrorResponse,
@@ -95,6 +96,7 @@ def admin_router(state: ServerState) -> APIRouter:
 
         def work() -> dict[str, Any]:
             versions = adapters.unload(body.lora_name, body.version)
+            release_free_memory()
             return {
                 "status": "ok",
                 "lora_name": body.lora_name,
@@ -138,34 +140,29 @@ def admin_router(state: ServerState) -> APIRouter:
         return await audited(key_id, "rollback_adapter", {"adapter": name}, work)
 
     # ----------------------------------------------------------------------------- indexes
+    async def write_index(name: str, sources: list[str], key_id: str, replace: bool) -> Any:
+        service = retrieval()
+        return await audited(
+            key_id,
+            "build_index" if replace else "add_to_index",
+            {"index": name, "sources": sources},
+            lambda: service.write_index(name, sources, replace=replace),
+        )
+
     @router.post("/indexes/{name}/build")
     async def build_index(
         name: str, body: IndexSourcesRequest, key_id: str = Depends(require_admin)
     ) -> dict[str, Any]:
         """Create or replace the index with exactly these documents (atomic; unchanged
         documents reuse their embeddings)."""
-        service = retrieval()
-        fields = {"index": name, "sources": body.sources}
-        return await audited(
-            key_id,
-            "build_index",
-            fields,
-            lambda: service.write_index(name, body.sources, replace=True),
-        )
+        return await write_index(name, body.sources, key_id, replace=True)
 
     @router.post("/indexes/{name}/add")
     async def add_to_index(
         name: str, body: IndexSourcesRequest, key_id: str = Depends(require_admin)
     ) -> dict[str, Any]:
         """Add or refresh documents in an existing index (404 if it does not exist)."""
-        service = retrieval()
-        fields = {"index": name, "sources": body.sources}
-        return await audited(
-            key_id,
-            "add_to_index",
-            fields,
-            lambda: service.write_index(name, body.sources, replace=False),
-        )
+        return await write_index(name, body.sources, key_id, replace=False)
 
     @router.delete("/indexes/{name}")
     async def delete_index(name: str, key_id: str = Depends(require_admin)) -> dict[str, Any]:

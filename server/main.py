@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import uvicorn
 
 from ragtune.config import load_settings
+from server.memory import limit_arenas
 
 
 def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
@@ -42,6 +43,7 @@ def run_serve(args: argparse.Namespace) -> int:
             raise ValueError(f"--adapter expects NAME=PATH, got {spec!r}")
         settings.adapters.preload[name] = path
     configure_logging(settings.server.log_level, settings.server.log_format)
+    limit_arenas()
     app = create_app(settings)
     config = uvicorn.Config(
         app,

@@ -12,39 +12,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ragtune.config import default_home
 from ragtune.manifest import AdapterManifest
 from ragtune.models import resolve_model_dir
 from ragtune.models.loader import model_fingerprint
-from ragtune.random_adapter import ATTENTION
+from ragtune.random_adapter import ATTENTION, random_peft_model
 from training.trainer import write_adapter_version
 
 RANK = 8
 
 
 def peft_model(seed: int) -> Any:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(
-        resolve_model_dir("bundled", default_home()), dtype=torch.float32
-    )
-    config = LoraConfig(
-        r=RANK,
-        lora_alpha=2 * RANK,
-        target_modules=ATTENTION,
-        init_lora_weights=False,
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(base, config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.mul_(0.5)
-    return model
+    return random_peft_model(RANK, ATTENTION, seed, scale=0.5)
 
 
 def write_version(target: Path, model: Any) -> None:

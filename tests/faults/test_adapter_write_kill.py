@@ -9,10 +9,6 @@ the real server, and the next write must succeed and clean up what the killed on
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,9 +18,8 @@ import openai
 import pytest
 
 from tests.faults.adapter_writer import peft_model, write_version
+from tests.faults.killing import kill_when_paused
 from tests.server.test_adapters import assert_error, chat, load, must_load, unload
-
-REPO = Path(__file__).resolve().parents[2]
 
 # What the killed writer must have left in its scratch, so the kill really landed mid-write.
 EVIDENCE: dict[str, Callable[[Path], bool]] = {
@@ -53,22 +48,11 @@ def first_version(fault_root: Path, model: Any) -> Path:
 
 def kill_mid_write(target: Path, point: str, log: Path) -> Path:
     """Run the writer until it pauses at `point`, SIGKILL it, return its scratch directory."""
-    with open(log, "w") as stderr:
-        child = subprocess.Popen(
-            [sys.executable, "-m", "tests.faults.adapter_writer", str(target), "22", point],
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            text=True,
-            cwd=REPO,
-            env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
-        )
-        try:
-            assert child.stdout.readline() == "paused\n", log.read_text()
-            scratch = list(target.parent.glob(f".{target.name}.*.tmp"))
-        finally:
-            child.send_signal(signal.SIGKILL)
-            child.wait()
-    assert child.returncode == -signal.SIGKILL
+    scratch = kill_when_paused(
+        ["-m", "tests.faults.adapter_writer", str(target), "22", point],
+        log,
+        lambda: list(target.parent.glob(f".{target.name}.*.tmp")),
+    )
     assert len(scratch) == 1
     return scratch[0]
 

@@ -9,10 +9,6 @@ left behind.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,8 +16,8 @@ import pytest
 
 from retrieval.config import RetrievalConfig
 from retrieval.store import IndexStore
+from tests.faults.killing import kill_when_paused
 
-REPO = Path(__file__).resolve().parents[2]
 OLD_DOCS = {
     "vpn.md": "# VPN\n\nError ERR-4471 means the device certificate expired; renew it.\n",
     "parking.txt": "Parking permits are issued by the facilities team on floor 2.\n",
@@ -95,23 +91,12 @@ def test_kill_9_mid_build_keeps_the_previous_index(point: str, tmp_path: Path, e
     IndexStore(root, config=config, embedder=embedder).build("kb", [old_docs], progress=False)
     before = results(IndexStore(root, config=config, embedder=embedder), "certificate expired")
 
-    log = tmp_path / "child.log"
-    with open(log, "w") as stderr:
-        child = subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(root), str(new_docs), point],
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            text=True,
-            cwd=REPO,
-            env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
-        )
-        try:
-            assert child.stdout.readline() == "paused\n", log.read_text()
-            assert EVIDENCE[point](root / "kb")
-        finally:
-            child.send_signal(signal.SIGKILL)
-            child.wait()
-    assert child.returncode == -signal.SIGKILL
+    paused_where_expected = kill_when_paused(
+        ["-c", CHILD, str(root), str(new_docs), point],
+        tmp_path / "child.log",
+        lambda: EVIDENCE[point](root / "kb"),
+    )
+    assert paused_where_expected
 
     after = IndexStore(root, config=config, embedder=embedder)  # a fresh reader
     info = after.info("kb")
