@@ -45,7 +45,7 @@ models: $(STAMP)
 # Fictional Orvane Logistics docs -> LoRA adapter on the bundled model ($(RAGTUNE_HOME)/adapters/demo/vN)
 DEMO_DATA := data/demo/prepared
 demo-adapter: models
-	$(BIN)/ragtune prepare --source data/demo/docs --recipe qa --val-ratio 0.1 --test-ratio 0 --out $(DEMO_DATA)
+	$(BIN)/ragtune prepare --source data/demo/docs --recipe qa --val-ratio 0 --test-ratio 0 --out $(DEMO_DATA)
 	$(BIN)/ragtune train --config configs/train/demo.yaml --data $(DEMO_DATA)
 
 # Base vs newest demo adapter on 20 held-out questions (keyword hit rate, token F1)
