@@ -145,3 +145,19 @@ def test_estimate_within_30_percent_of_measured_peak_on_the_bundled_model(tmp_pa
         ).total_bytes
     )
     assert 0.7 * measured <= estimated <= 1.3 * measured, (measured / GiB, estimated / GiB)
+
+
+def test_peak_rss_is_the_process_own_not_its_parents() -> None:
+    """Linux keeps ru_maxrss across execve, so a child spawned by a big parent (pytest after
+    many tests) would report the parent's size as its own peak."""
+    ballast = bytearray(768 * 2**20)
+    for i in range(0, len(ballast), 4096):
+        ballast[i] = 1  # make it resident
+    child = subprocess.run(
+        [sys.executable, "-c", "from training.trainer import peak_rss_bytes as p; print(p())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert int(child.stdout) < 512 * 2**20, int(child.stdout) / 2**20
+    del ballast
