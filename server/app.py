@@ -96,9 +96,9 @@ def _load(state: ServerState) -> None:
                 version=entry.version,
                 path=str(entry.path),
             )
-        engine.start()
         state.metrics.watch_engine(lambda: engine.num_running, lambda: engine.num_waiting)
         engine.scheduler.on_batch = state.metrics.batch_size.observe
+        engine.start()
         state.serving = OpenAIServing(
             engine, settings, registry, state.metrics, _retrieval_service(settings)
         )
