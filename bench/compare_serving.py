@@ -101,8 +101,9 @@ def bench_ragtune(scratch: Path, args: argparse.Namespace) -> list[dict]:
     env = {
         "RAGTUNE_ADAPTERS__ROOTS": json.dumps([str(adapters)]),
         "RAGTUNE_SERVER__LOG_LEVEL": "warning",
-        "RAGTUNE_MODEL__QUANTIZATION": args.quantization,
     }
+    if args.quantization:
+        env["RAGTUNE_MODEL__QUANTIZATION"] = args.quantization
     flags = [arg for name in names for arg in ("--adapter", f"{name}={adapters / name}")]
     server = start_server(env, scratch / "ragtune.log", flags)
     results = []
@@ -202,7 +203,9 @@ def main() -> None:
         "--concurrency", type=lambda s: [int(c) for c in s.split(",")], default=[1, 4, 16]
     )
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--quantization", default="nf4")
+    parser.add_argument(
+        "--quantization", default=None, help="model.quantization (default: the server's)"
+    )
     parser.add_argument(
         "--llama-cpp-python",
         default=None,

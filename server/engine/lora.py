@@ -132,9 +132,29 @@ class LoraBatch:
         """The same view for `times` copies of a one-row batch."""
         return LoraBatch(self.slots, self.mask.repeat(times, 1), self.active_groups)
 
-    def add(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
-        """out[:, group columns] += LoRA delta of each row's adapter (in place)."""
-        if group not in self.active_groups:
-            return
-        t = x @ self.slots.a[group][layer].t()  # [rows, parts * width]
-        out += (t * self._tiled[len(GROUPS[group])]) @ self.slots.b[group][layer]
+    def layer(self, index: int) -> LayerLora:
+        """The factors one layer needs, as plain tensors: what the (compiled) layer function
+        takes, so one compiled graph serves every layer."""
+        return {
+            group: (
+                self.slots.a[group][index],
+                self.slots.b[group][index],
+                self._tiled[len(GROUPS[group])],
+            )
+            for group in self.active_groups
+        }
+
+
+# group -> (A [parts * width, in], B [parts * width, out], row mask [rows, parts * width]);
+# a group that no row of the batch uses is absent
+LayerLora = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def add_lora(
+    lora: LayerLora | None, group: str, x: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
+    """out + the LoRA delta of each row's adapter for one fused projection group."""
+    if lora is None or group not in lora:
+        return out
+    a, b, mask = lora[group]
+    return out + ((x @ a.t()) * mask) @ b

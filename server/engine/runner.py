@@ -12,7 +12,7 @@ import torch
 from ragtune.config import EngineConfig
 from ragtune.models import LoadedModel
 from server.engine.kv_cache import KVCache
-from server.engine.llama import LlamaModel, int8_supported, supports
+from server.engine.llama import LlamaModel, packed_weights_supported, supports
 from server.engine.lora import GROUPS, AdapterWeights, LoraSlots
 from server.engine.sequence import Sequence
 
@@ -68,7 +68,11 @@ class AdapterSlotTable:
 class LlamaRunner:
     def __init__(self, loaded: LoadedModel, config: EngineConfig, max_seq_len: int):
         self.model = LlamaModel(
-            loaded.model, loaded.dtype, loaded.device, use_int8_weights(config, loaded)
+            loaded.model,
+            loaded.dtype,
+            loaded.device,
+            decode_weights(config, loaded),
+            loaded.model_dir,
         )
         self.device = loaded.device
         self.max_seq_len = max_seq_len
@@ -226,13 +230,18 @@ class HFModelRunner:
             self._running.remove(seq)
 
 
-def use_int8_weights(config: EngineConfig, loaded: LoadedModel) -> bool:
-    supported = int8_supported(loaded.dtype, loaded.device)
-    if config.weights == "int8" and not supported:
+def decode_weights(config: EngineConfig, loaded: LoadedModel) -> str:
+    """engine.weights resolved for this model: 'auto' is int4 where the packed kernels run
+    (bf16 compute on a CPU), else dense."""
+    supported = packed_weights_supported(loaded.dtype, loaded.device)
+    if config.weights in ("int8", "int4") and not supported:
         raise ValueError(
-            "engine.weights=int8 needs bf16 compute on a CPU (model.dtype=bf16, device cpu)"
+            f"engine.weights={config.weights} needs bf16 compute on a CPU "
+            "(model.dtype=bf16, device cpu)"
         )
-    return config.weights == "int8" or (config.weights == "auto" and supported)
+    if config.weights == "auto":
+        return "int4" if supported else "dense"
+    return config.weights
 
 
 def build_runner(loaded: LoadedModel, config: EngineConfig, max_seq_len: int):

@@ -181,33 +181,60 @@ def tiny_bf16(tiny: LoadedModel) -> LoadedModel:
     return LoadedModel(model, None, None, "f" * 64, "cpu", torch.bfloat16, "none")
 
 
-@pytest.mark.parametrize("weights", ["dense", "int8"])
+@pytest.mark.parametrize("weights", ["dense", "int8", "int4"])
 def test_bf16_rows_are_bitwise_the_same_alone_and_batched(tiny_bf16, weights):
     """The serving dtype: a row's greedy tokens and logits do not depend on its neighbours
-    (one-row GEMV kernels, packed int8 GEMMs and the decode attention over a longer padded
-    length included)."""
+    (one-row GEMV kernels, packed int8/int4 GEMMs and the decode attention over a longer
+    padded length included)."""
     prompts = [[5, 9, 13, 2], list(range(1, 40)), [7] * 70, [3, 1]]
     batched = generate(runner_for(tiny_bf16, weights=weights), [sequence(p) for p in prompts], 24)
     for prompt, tokens in zip(prompts, batched, strict=True):
         assert generate(runner_for(tiny_bf16, weights=weights), [sequence(prompt)], 24) == [tokens]
 
 
-def test_int8_weights_stay_close_to_dense(tiny_bf16):
-    """Weight-only int8 changes logits by rounding error, not behaviour."""
-    prompt = list(range(1, 30))
-    logits = {}
-    for weights in ("dense", "int8"):
-        runner = runner_for(tiny_bf16, weights=weights)
+@pytest.mark.parametrize(("weights", "tolerance"), [("int8", 0.05), ("int4", 0.2)])
+def test_packed_weights_stay_close_to_dense(tiny_bf16, weights, tolerance):
+    """Weight-only int8/int4 change logits by rounding error, not behaviour; prompt chunks
+    (dequantized grid) and decode rows (packed kernel) see the same weights."""
+    prompt = list(range(1, 40))  # > WIDE_ROWS: the dequantized path
+    logits: dict[tuple[str, str], torch.Tensor] = {}
+    for kind in ("dense", weights):
+        runner = runner_for(tiny_bf16, weights=kind)
+        assert runner.model.weights == kind
         seq = sequence(prompt)
         runner.add(seq)
-        logits[weights] = runner.prefill(seq)
-    dense, packed = logits["dense"], logits["int8"]
-    assert torch.allclose(dense, packed, atol=0.05 * dense.abs().max().item())
-    assert runner_for(tiny_bf16, weights="int8").model.int8_weights
-    assert runner_for(tiny_bf16, weights="auto").model.int8_weights  # the CPU default
+        logits[kind, "prefill"] = runner.prefill(seq)
+        seq.output_ids.append(7)
+        logits[kind, "decode"] = runner.decode([seq])[0]
+    for step in ("prefill", "decode"):
+        dense, packed = logits["dense", step], logits[weights, step]
+        assert torch.allclose(dense, packed, atol=tolerance * dense.abs().max().item())
 
 
-def test_int8_weights_need_bf16_on_cpu(tiny):
+def test_int4_packs_the_bundled_layout_exactly():
+    """Weights already on a 4-bit grid of 32-wide groups (like the Q4_1 GGUF the bundled
+    model was published in) come back exactly from the int4 packing."""
+    from server.engine.llama import Int4Linear
+
+    torch.manual_seed(0)
+    codes = torch.randint(0, 16, (64, 96)).float()
+    codes[:, ::32] = 0  # every group spans its full range, as Q4_1 quantization makes it
+    codes[:, 1::32] = 15
+    scale = torch.rand(64, 3, 1) * 0.01 + 0.001
+    low = torch.randn(64, 3, 1) * 0.01
+    weight = (codes.view(64, 3, 32) * scale + low).view(64, 96).to(torch.bfloat16)
+    linear = Int4Linear(weight)
+    torch.testing.assert_close(linear.dense, weight, rtol=0.02, atol=1e-3)
+    x = torch.randn(4, 96, dtype=torch.bfloat16)
+    torch.testing.assert_close(linear(x), x @ linear.dense.t(), rtol=0.02, atol=0.02)
+
+
+def test_auto_weights_are_int4_on_cpu_bf16(tiny_bf16):
+    assert runner_for(tiny_bf16, weights="auto").model.weights == "int4"
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_packed_weights_need_bf16_on_cpu(tiny, weights):
     with pytest.raises(ValueError, match="bf16"):
-        runner_for(tiny, weights="int8")  # the tiny model computes in fp32
-    assert not runner_for(tiny, weights="auto").model.int8_weights
+        runner_for(tiny, weights=weights)  # the tiny model computes in fp32
+    assert runner_for(tiny, weights="auto").model.weights == "dense"

@@ -59,13 +59,10 @@ def test_message_content_as_text_parts_matches_plain_string(client):
 
 
 def test_streaming_chat_equals_non_streaming(client):
-    full = (
-        client.chat.completions.create(
-            model=BASE_MODEL, messages=CAPITAL, temperature=0, max_tokens=24
-        )
-        .choices[0]
-        .message.content
+    response = client.chat.completions.create(
+        model=BASE_MODEL, messages=CAPITAL, temperature=0, max_tokens=24
     )
+    whole, full = response.choices[0], response.choices[0].message.content
     stream = client.chat.completions.create(
         model=BASE_MODEL,
         messages=CAPITAL,
@@ -79,8 +76,8 @@ def test_streaming_chat_equals_non_streaming(client):
     assert text == full
     assert chunks[0].choices[0].delta.role == "assistant"
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
-    assert finishes[-1] == "length" and all(f is None for f in finishes[:-1])
-    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 24
+    assert finishes[-1] == whole.finish_reason and all(f is None for f in finishes[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage == response.usage
 
 
 def test_streaming_without_usage_has_no_usage_chunk(client):

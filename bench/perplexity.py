@@ -1,0 +1,64 @@
+"""Perplexity of the served weights: teacher-forced, one token per decode step through the
+engine's own forward (so `engine.weights` int4/int8/dense is what gets measured), on the
+first --tokens tokens of the repository's docs. Prints one JSON line per configuration.
+
+    python bench/perplexity.py --quantization nf4,none --weights int4,int8,dense
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from ragtune.config import EngineConfig, ModelConfig, default_home
+from ragtune.models import load_base_model
+from server.engine.runner import LlamaRunner
+from server.engine.sequence import Sequence
+from server.engine.types import GenerationRequest, SamplingParams
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def doc_tokens(tokenizer, count: int) -> list[int]:
+    text = "\n\n".join(
+        p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    )
+    return tokenizer(text)["input_ids"][:count]
+
+
+def perplexity(runner: LlamaRunner, tokenizer, tokens: list[int]) -> float:
+    params = SamplingParams(len(tokens), 0.0)
+    seq = Sequence(GenerationRequest("ppl", tokens[:1], params, None), tokenizer, set(), print)
+    runner.add(seq)
+    logits = runner.prefill(seq)
+    nll = 0.0
+    for target in tokens[1:]:
+        nll -= torch.log_softmax(logits.float(), -1)[target].item()
+        seq.output_ids.append(target)
+        logits = runner.decode([seq])[0]
+    runner.release(seq)
+    return math.exp(nll / (len(tokens) - 1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quantization", default="nf4,int8,none")
+    parser.add_argument("--weights", default="int4,int8,dense")
+    parser.add_argument("--tokens", type=int, default=1000)
+    args = parser.parse_args()
+    for quantization in args.quantization.split(","):
+        loaded = load_base_model(ModelConfig(quantization=quantization), default_home())
+        tokens = doc_tokens(loaded.tokenizer, args.tokens)
+        for weights in args.weights.split(","):
+            runner = LlamaRunner(loaded, EngineConfig(max_batch_size=1, weights=weights), 2048)
+            value = perplexity(runner, loaded.tokenizer, tokens)
+            row = {"quantization": quantization, "weights": weights, "tokens": len(tokens)}
+            print(json.dumps({**row, "perplexity": round(value, 2)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
