@@ -1,6 +1,7 @@
 """Perplexity of the served weights: teacher-forced, one token per decode step through the
 engine's own forward (so `engine.weights` int4/int8/dense is what gets measured), on the
-first --tokens tokens of the repository's docs. Prints one JSON line per configuration.
+first --tokens tokens of the demo manuals shipped in data/demo/docs (fixed text, unlike the
+project's own docs). Prints one JSON line per configuration.
 
     python bench/perplexity.py --quantization nf4,none --weights int4,int8,dense
 """
@@ -24,9 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def doc_tokens(tokenizer, count: int) -> list[int]:
-    text = "\n\n".join(
-        p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-    )
+    text = "\n\n".join(p.read_text() for p in sorted((ROOT / "data/demo/docs").glob("*")))
     return tokenizer(text)["input_ids"][:count]
 
 

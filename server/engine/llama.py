@@ -229,7 +229,10 @@ class LlamaModel:
         positions = torch.arange(length, device=self.device)[None]
         probe = torch.zeros(1, device=self.device, dtype=torch.float32)
         cos, sin = rotary(probe, positions)
-        return cos[0].to(self.dtype), sin[0].to(self.dtype)  # [positions, head_dim]
+        cos, sin = cos[0].to(self.dtype), sin[0].to(self.dtype)  # [positions, head_dim]
+        half = sin.shape[-1] // 2
+        # sin with the rotate-half sign folded in, so _rotate needs one roll (see there)
+        return cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
 
     # ------------------------------------------------------------------------------ helpers
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -239,10 +242,10 @@ class LlamaModel:
         return weight * normed.to(self.dtype)
 
     @staticmethod
-    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+        """HF's x * cos + rotate_half(x) * sin, where rotate_half(x) = cat(-x2, x1): the same
+        products bit for bit (the sign moved onto sin), in one roll instead of three ops."""
+        return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
     def _attention_input(
         self,
