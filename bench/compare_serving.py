@@ -4,6 +4,10 @@ closed-loop load (bench/serve_load.py) against each; prints JSON lines and a mar
     python bench/compare_serving.py --systems ragtune,transformers,transformers-cb,llama-cpp \\
         --llama-cpp-python /path/to/venv/bin/python
 
+Single-stream speed alone, ragtune and llama-cpp-python alternating for N rounds:
+
+    python bench/compare_serving.py --interleave 5 --llama-cpp-python /path/to/venv/bin/python
+
 Peers: `transformers serve` (with and without --continuous-batching) on the converted
 safetensors directory, and llama-cpp-python's OpenAI server on the same GGUF file (built once
 with `pip install 'llama-cpp-python[server]'` in a separate virtualenv).
@@ -151,11 +155,11 @@ def bench_transformers(scratch: Path, args: argparse.Namespace, continuous: bool
         stop(process)
 
 
-def bench_llama_cpp(scratch: Path, args: argparse.Namespace) -> list[dict]:
+def start_llama_cpp(python: str, scratch: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}/v1"
     command = [
-        args.llama_cpp_python,
+        python,
         "-m",
         "llama_cpp.server",
         "--model",
@@ -172,7 +176,11 @@ def bench_llama_cpp(scratch: Path, args: argparse.Namespace) -> list[dict]:
         "--interrupt_requests",
         "False",
     ]
-    process = peer(command, url, scratch / "llama_cpp.log")
+    return peer(command, url, scratch / "llama_cpp.log"), url
+
+
+def bench_llama_cpp(scratch: Path, args: argparse.Namespace) -> list[dict]:
+    process, url = start_llama_cpp(args.llama_cpp_python, scratch)
     try:
         return [
             run_load(url, c, BASE, f"llama-cpp-python c={c}", args.max_tokens)
@@ -180,6 +188,28 @@ def bench_llama_cpp(scratch: Path, args: argparse.Namespace) -> list[dict]:
         ]
     finally:
         stop(process)
+
+
+def bench_single_stream(scratch: Path, args: argparse.Namespace) -> list[dict]:
+    """c=1 only, ragtune (base model) and llama-cpp-python both up, alternating for
+    `--interleave` rounds: single-stream speed drifts between runs on a shared VM, and
+    alternating shows whether a gap is the system or the moment."""
+    env = {"RAGTUNE_SERVER__LOG_LEVEL": "warning"}
+    if args.quantization:
+        env["RAGTUNE_MODEL__QUANTIZATION"] = args.quantization
+    server = start_server(env, scratch / "ragtune.log")
+    llama, url = start_llama_cpp(args.llama_cpp_python, scratch)
+    results = []
+    try:
+        for round_ in range(1, args.interleave + 1):
+            results.append(run_load(server.v1, 1, BASE, f"ragtune c=1 #{round_}", args.max_tokens))
+            results.append(
+                run_load(url, 1, BASE, f"llama-cpp-python c=1 #{round_}", args.max_tokens)
+            )
+    finally:
+        stop(llama)
+        server.stop()
+    return results
 
 
 def table(results: list[dict]) -> str:
@@ -211,11 +241,19 @@ def main() -> None:
         default=None,
         help="python of a virtualenv with llama-cpp-python[server]",
     )
+    parser.add_argument(
+        "--interleave",
+        type=int,
+        default=0,
+        help="instead: c=1 only, ragtune and llama-cpp-python alternating this many rounds",
+    )
     args = parser.parse_args()
     results: list[dict] = []
     with tempfile.TemporaryDirectory() as scratch_dir:
         scratch = Path(scratch_dir)
-        for system in args.systems.split(","):
+        if args.interleave and args.llama_cpp_python:
+            results += bench_single_stream(scratch, args)
+        for system in [] if args.interleave else args.systems.split(","):
             if system == "ragtune":
                 results += bench_ragtune(scratch, args)
             elif system in ("transformers", "transformers-cb"):

@@ -199,8 +199,8 @@ class LlamaModel:
             return linear_for(weights, fused)
 
         # The vocabulary projection keeps 8 bits under int4, as 4-bit GGUF presets keep
-        # token_embd/output at 6-8 bits (the bundled Q4_1 file: Q8_0): all-int4 cost
-        # +5 % perplexity and broke a greedy fact the tests check.
+        # token_embd/output at 6-8 bits (the bundled Q4_1 file: Q8_0); int4 there cost +7 %
+        # perplexity.
         head_weights = "int8" if weights == "int4" else weights
         self.lm_head = linear_for(head_weights, dense_weight(hf_model.lm_head, dtype))
         self.layers = []
@@ -340,19 +340,21 @@ class LlamaModel:
     ) -> torch.Tensor:
         """One decode step for the sequences in slots 0..batch-1; returns [batch, vocab].
 
-        A lone row is computed as two identical rows: on some CPUs oneDNN's one-row (GEMV)
-        kernel sums in another order than its kernels for two or more rows, which would make
-        a request's tokens depend on whether it had batch neighbours.
+        A lone row that goes through oneDNN GEMMs (dense weights, or LoRA) is computed as two
+        identical rows: on some CPUs oneDNN's one-row (GEMV) kernel sums in another order than
+        its kernels for two or more rows, which would make a request's tokens depend on
+        whether it had batch neighbours. The packed int4/int8 kernels give a row the same bits
+        at one row as at two (checked in tests/engine), so a lone base-model row runs alone.
         """
         real = tokens.shape[0]
-        if real == 1:
+        if real == 1 and (self.weights == "dense" or lora is not None):
             tokens, positions = tokens.repeat(2), positions.repeat(2)
             lora = lora.repeat_rows(2) if lora is not None else None
         batch = tokens.shape[0]
         x = self.embed[tokens]
         cos, sin = self._cos[positions][:, None, :], self._sin[positions][:, None, :]
         length = cache.bucket(int(positions.max()) + 1)
-        rows = torch.arange(batch, device=self.device)
+        rows = torch.arange(real, device=self.device)
         hidden = torch.arange(length, device=self.device)[None, :] > positions[:real, None]
         # [real * kv_heads, heads per kv head, length]: 0 where a row may look, -inf where not
         bias = torch.zeros(hidden.shape, dtype=self.dtype, device=self.device)
@@ -363,7 +365,7 @@ class LlamaModel:
         for index, w in enumerate(self.layers):
             layer_lora = lora.layer(index) if lora is not None else None
             q, k, v = self._attention_input(w, x, cos, sin, layer_lora)
-            cache.write_decode(index, rows[:real], write_positions, k[:real], v[:real])
+            cache.write_decode(index, rows, write_positions, k[:real], v[:real])
             keys_t, values = cache.batch_view(index, real, length)
             attn = self._decode_attention(q[:real], keys_t, values, bias)
             if batch > real:  # the copy of a lone row: attention is per row, GEMMs are not
@@ -381,7 +383,7 @@ class LlamaModel:
         """One query token per row, as Hugging Face's eager attention computes it (scores in
         the compute dtype, softmax in float32), in four ops: the CPU flash kernel is mostly
         overhead for a single query (1.47 ms against 0.19 ms at 16 rows x 256 keys), and
-        the fused scale+mask GEMM on transposed keys halves what remained. Each row is its
+        the fused scale+mask GEMM on transposed keys takes 30 % off what remained. Each row is its
         own small GEMM and masked keys weigh exactly zero, so a row's result does not depend
         on its neighbours or on the padded length (checked in tests/engine)."""
         batch, length = q.shape[0], values.shape[-2]

@@ -238,3 +238,15 @@ def test_packed_weights_need_bf16_on_cpu(tiny, weights):
     with pytest.raises(ValueError, match="bf16"):
         runner_for(tiny, weights=weights)  # the tiny model computes in fp32
     assert runner_for(tiny, weights="auto").model.weights == "dense"
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_packed_kernels_give_one_row_the_bits_it_gets_among_two(weights):
+    """Why a lone base-model row may skip the two-row trick with packed weights."""
+    from server.engine.llama import linear_for
+
+    torch.manual_seed(0)
+    for out_features, in_features in ((96, 64), (64, 128)):
+        linear = linear_for(weights, torch.randn(out_features, in_features).bfloat16() * 0.05)
+        rows = torch.randn(2, in_features, dtype=torch.bfloat16)
+        assert torch.equal(linear(rows[:1].contiguous()), linear(rows)[:1])
