@@ -103,7 +103,8 @@ class LlamaRunner:
         self.adapter_slots = AdapterSlotTable(self.lora)
         self.slots: list[Sequence] = []  # index = KV slot = decode row
         logger.info(
-            "KV cache %.0f MiB, LoRA buffers %.0f MiB",
+            "decode weights %s, KV cache %.0f MiB, LoRA buffers %.0f MiB",
+            m.weights,
             self.cache.nbytes / 2**20,
             self.lora.nbytes / 2**20,
         )
