@@ -10,6 +10,7 @@ independent of batch neighbours.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,8 @@ import torch.nn.functional as F
 from ragtune.models.checkpoint import open_checkpoint
 from server.engine.kv_cache import KVCache
 from server.engine.lora import LayerLora, LoraBatch, LoraSlots, add_lora
+
+logger = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 WIDE_ROWS = 32  # prompt chunks above this many tokens run packed weights dequantized (dense GEMM)
@@ -190,8 +193,10 @@ class LlamaModel:
 
         def weight(name: str, module: torch.nn.Module) -> torch.Tensor:
             key = f"{name}.weight"
-            if source is not None and is_bnb(module) and key in source:
-                return source.tensor(key).to(dtype).contiguous()
+            if weights != "dense" and is_bnb(module):
+                if source is not None and key in source:
+                    return source.tensor(key).to(dtype).contiguous()
+                logger.warning("%s not in the checkpoint: packing its bitsandbytes weights", key)
             return dense_weight(module, dtype)
 
         def linear(*parts: tuple[str, torch.nn.Module]) -> Linear:

@@ -250,3 +250,37 @@ def test_packed_kernels_give_one_row_the_bits_it_gets_among_two(weights):
         linear = linear_for(weights, torch.randn(out_features, in_features).bfloat16() * 0.05)
         rows = torch.randn(2, in_features, dtype=torch.bfloat16)
         assert torch.equal(linear(rows[:1].contiguous()), linear(rows)[:1])
+
+
+def test_packed_weights_come_from_the_checkpoint_whatever_the_bnb_format(tiny_bf16, tmp_path):
+    """An NF4-loaded model decodes with the same int4/int8 weights, bit for bit, as the
+    unquantized one: both are packed from the safetensors checkpoint, never re-rounded from
+    bitsandbytes' grid. `dense` serves the loaded (NF4) weights as they are."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tiny_bf16.model.save_pretrained(tmp_path)
+
+    def load(quantization: str, **kwargs) -> LoadedModel:
+        # both through from_pretrained, as the server loads them (rotary buffers included)
+        model = AutoModelForCausalLM.from_pretrained(
+            tmp_path, dtype=torch.bfloat16, device_map={"": "cpu"}, **kwargs
+        )
+        return LoadedModel(model, None, tmp_path, "f" * 64, "cpu", torch.bfloat16, quantization)
+
+    nf4 = load(
+        "nf4",
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+        ),
+    )
+    plain = load("none")
+    prompts = [[5, 9, 13, 2], list(range(1, 40))]
+    for weights in ("int4", "int8"):
+        from_nf4 = generate(runner_for(nf4, weights=weights), [sequence(p) for p in prompts], 12)
+        from_plain = generate(
+            runner_for(plain, weights=weights), [sequence(p) for p in prompts], 12
+        )
+        assert from_nf4 == from_plain
+    dense_nf4 = runner_for(nf4, weights="dense").model.layers[0].qkv.weight
+    dense_plain = runner_for(plain, weights="dense").model.layers[0].qkv.weight
+    assert not torch.equal(dense_nf4, dense_plain)
