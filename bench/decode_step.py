@@ -29,7 +29,7 @@ def step_ms(runner: LlamaRunner, tokenizer, rows: int, steps: int) -> float:
         runner.add(seq)
         seqs.append(seq)
     for seq in seqs:
-        seq.output_ids.append(int(runner.prefill(seq).argmax()))
+        seq.output_ids.append(int(runner.prefill([seq])[0].argmax()))
 
     def advance() -> None:
         tokens = runner.decode(seqs).argmax(-1).tolist()

@@ -88,7 +88,7 @@ def bench_ragtune(
             runner.add(seq)
             seqs.append(seq)
         for seq in seqs:
-            seq.output_ids.append(int(runner.prefill(seq).argmax()))
+            seq.output_ids.append(int(runner.prefill([seq])[0].argmax()))
         for _ in range(steps):
             for seq, token in zip(seqs, runner.decode(seqs).argmax(-1).tolist(), strict=True):
                 seq.output_ids.append(token)

@@ -33,7 +33,7 @@ def perplexity(runner: LlamaRunner, tokenizer, tokens: list[int]) -> float:
     params = SamplingParams(len(tokens), 0.0)
     seq = Sequence(GenerationRequest("ppl", tokens[:1], params, None), tokenizer, set(), print)
     runner.add(seq)
-    logits = runner.prefill(seq)
+    logits = runner.prefill([seq])[0]
     nll = 0.0
     for target in tokens[1:]:
         nll -= torch.log_softmax(logits.float(), -1)[target].item()

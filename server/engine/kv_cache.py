@@ -1,10 +1,16 @@
-"""Preallocated KV cache with one slot per running sequence.
+"""Preallocated-per-layer KV cache with one slot per running sequence.
 
 Running sequences always occupy slots 0..batch-1, so a decode step reads the cache as one
 strided view with no gather; when a sequence leaves, the last one moves into its slot.
 Keys are stored transposed ([head_dim, positions] per head): the decode score GEMM q·Kᵀ then
 reads K in the layout the batched GEMM wants, 2.5x faster than a transposed view at 16 rows
 x 192 positions, with bit-identical results.
+
+The position axis is only as long as the running sequences need (its capacity, rounded up to
+a bucket), not `max_len`: oneDNN's batched GEMM copies any input that is not one contiguous
+block before it multiplies, and a decode step's view (slots 0..batch-1, every position) is
+contiguous only when it spans the whole axis. The copies cost 84 µs a layer at 16 rows x 160
+positions; changing the capacity copies the cache once, every bucket's worth of steps at most.
 """
 
 from __future__ import annotations
@@ -24,37 +30,78 @@ class KVCache:
         device: str,
         bucket_size: int = 16,
     ):
-        shape = (num_layers, num_slots, num_kv_heads, max_len, head_dim)
-        transposed = (num_layers, num_slots, num_kv_heads, head_dim, max_len)
-        self.keys_t = torch.zeros(transposed, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.num_layers = num_layers
         self.num_slots = num_slots
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
         self.max_len = max_len
+        self.dtype = dtype
+        self.device = device
         self.bucket_size = bucket_size
+        self.capacity = 0
+        self.resizes = 0  # how often the position axis was re-laid out (bench/decode_step.py)
+        self.keys_t: list[torch.Tensor] = []  # per layer [slots, kv_heads, d, capacity]
+        self.values: list[torch.Tensor] = []  # per layer [slots, kv_heads, capacity, d]
+        self._resize(self.bucket(1), rows=0)
 
     @property
     def nbytes(self) -> int:
-        return self.keys_t.nbytes + self.values.nbytes
+        """The most the cache can take: every slot at max_len positions."""
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        per_layer = self.num_slots * self.num_kv_heads * self.head_dim * self.max_len * itemsize
+        return 2 * self.num_layers * per_layer
 
     def bucket(self, length: int) -> int:
-        """Attention length rounded up, so shapes repeat across steps (masking hides the rest);
-        small buckets, since every row of a decode step reads the batch's longest length."""
+        """Length rounded up, so shapes repeat across steps (masking hides the rest); small
+        buckets, since every row of a decode step reads the batch's longest length."""
         rounded = -(-length // self.bucket_size) * self.bucket_size
         return min(rounded, self.max_len)
+
+    def fit(self, length: int, rows: int) -> None:
+        """Make the capacity exactly bucket(length), keeping slots 0..rows-1 (whose sequences
+        must all fit in `length`): grows as sequences lengthen, shrinks when long ones leave."""
+        capacity = self.bucket(length)
+        if capacity != self.capacity:
+            self._resize(capacity, rows)
+
+    def reserve(self, length: int, rows: int) -> None:
+        """Grow (never shrink) so that `length` positions fit, keeping slots 0..rows-1."""
+        if length > self.capacity:
+            self._resize(self.bucket(length), rows)
+
+    def _resize(self, capacity: int, rows: int) -> None:
+        """New zeroed buffers (positions no sequence has written must hold finite values:
+        masked attention still multiplies them by zero), one layer at a time so the
+        transient extra memory is one layer's."""
+        keep = min(capacity, self.capacity)
+        slots, heads, d = self.num_slots, self.num_kv_heads, self.head_dim
+        for layer in range(self.num_layers):
+            keys_t = torch.zeros((slots, heads, d, capacity), dtype=self.dtype, device=self.device)
+            values = torch.zeros((slots, heads, capacity, d), dtype=self.dtype, device=self.device)
+            if rows and keep:
+                keys_t[:rows, ..., :keep] = self.keys_t[layer][:rows, ..., :keep]
+                values[:rows, :, :keep] = self.values[layer][:rows, :, :keep]
+            if layer < len(self.keys_t):
+                self.keys_t[layer], self.values[layer] = keys_t, values
+            else:
+                self.keys_t.append(keys_t)
+                self.values.append(values)
+        self.capacity = capacity
+        self.resizes += 1
 
     def write_prompt(
         self, layer: int, slot: int, start: int, k: torch.Tensor, v: torch.Tensor
     ) -> None:
-        """k, v: [tokens, kv_heads, d] for positions start..start+tokens."""
+        """k, v: [tokens, kv_heads, d] for positions start..start+tokens (within capacity)."""
         end = start + k.shape[0]
-        self.keys_t[layer, slot, :, :, start:end] = k.permute(1, 2, 0)
-        self.values[layer, slot, :, start:end] = v.transpose(0, 1)
+        self.keys_t[layer][slot, :, :, start:end] = k.permute(1, 2, 0)
+        self.values[layer][slot, :, start:end] = v.transpose(0, 1)
 
     def prompt_view(self, layer: int, slot: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """keys, values [kv_heads, end, d] (keys a transposed view)."""
         return (
-            self.keys_t[layer, slot, :, :, :end].transpose(-1, -2),
-            self.values[layer, slot, :, :end],
+            self.keys_t[layer][slot, :, :, :end].transpose(-1, -2),
+            self.values[layer][slot, :, :end],
         )
 
     def write_decode(
@@ -66,23 +113,23 @@ class KVCache:
         v: torch.Tensor,
     ) -> None:
         """k, v: [batch, kv_heads, d]; row i writes slot i at positions[i]."""
-        self.keys_t[layer, rows, :, :, positions] = k
-        self.values[layer, rows, :, positions] = v
+        self.keys_t[layer][rows, :, :, positions] = k
+        self.values[layer][rows, :, positions] = v
 
     def batch_view(self, layer: int, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """keys_t [batch, kv_heads, d, length] and values [batch, kv_heads, length, d]."""
-        return self.keys_t[layer, :batch, ..., :length], self.values[layer, :batch, :, :length]
+        """keys_t [batch, kv_heads, d, length] and values [batch, kv_heads, length, d]:
+        contiguous when `length` is the capacity."""
+        return self.keys_t[layer][:batch, ..., :length], self.values[layer][:batch, :, :length]
 
     def clear(self, slot: int, length: int) -> None:
-        """Zero a slot's first `length` positions and its last one (where rows still
-        prefilling write). Masked attention still multiplies masked positions by zero, so a
-        NaN or Inf left there would turn a later occupant's output into NaN."""
-        self.keys_t[:, slot, ..., :length] = 0
-        self.keys_t[:, slot, ..., -1] = 0
-        self.values[:, slot, :, :length] = 0
-        self.values[:, slot, :, -1] = 0
+        """Zero a slot's first `length` positions: a NaN or Inf left there by a sequence that
+        ended abnormally would turn a later occupant's masked attention into NaN."""
+        for keys_t, values in zip(self.keys_t, self.values, strict=True):
+            keys_t[slot, ..., :length] = 0
+            values[slot, :, :length] = 0
 
     def move(self, source: int, target: int, length: int) -> None:
         """Copy a sequence's first `length` positions from one slot to another (all layers)."""
-        self.keys_t[:, target, ..., :length] = self.keys_t[:, source, ..., :length]
-        self.values[:, target, :, :length] = self.values[:, source, :, :length]
+        for keys_t, values in zip(self.keys_t, self.values, strict=True):
+            keys_t[target, ..., :length] = keys_t[source, ..., :length]
+            values[target, :, :length] = values[source, :, :length]

@@ -24,7 +24,9 @@ from server.engine.lora import LayerLora, LoraBatch, LoraSlots, add_lora
 logger = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
-WIDE_ROWS = 32  # prompt chunks above this many tokens run packed weights dequantized (dense GEMM)
+# Prompt chunks above this many tokens run packed weights dequantized (dense GEMM): one chunk
+# alone breaks even at ~24 tokens (int4 23.2 ms, dense 22.6), prompts sharing a forward gain more.
+WIDE_ROWS = 24
 
 
 def supports(config) -> str | None:
@@ -148,6 +150,38 @@ def packed_weights_supported(dtype: torch.dtype, device: str) -> bool:
     return dtype == torch.bfloat16 and str(device).startswith("cpu")
 
 
+def rows_independent(model: LlamaModel) -> bool:
+    """Whether every GEMM of the forward gives a row the same bits whatever other rows share
+    the call, so that prompts can be prefilled together without changing any of them. True
+    of oneDNN's bf16 GEMM and of the packed kernels on the CPUs measured here, but a kernel
+    may pick its summation order by the row count (split-K GEMMs on GPUs, oneDNN's one-row
+    path on some CPUs), so it is checked on this device, with the model's own weights."""
+    generator = torch.Generator().manual_seed(0)
+
+    def same_rows(linear, in_features: int, wide: bool, rows: int, slices) -> bool:
+        x = torch.randn(rows, in_features, generator=generator).to(model.dtype)
+        x = x.to(model.device)
+        full = linear(x, wide)
+        return all(torch.equal(linear(x[lo:hi], wide), full[lo:hi]) for lo, hi in slices)
+
+    layer = model.layers[0]
+    shapes = (
+        (layer.qkv, model.hidden),
+        (layer.o, model.num_heads * model.head_dim),
+        (layer.gate_up, model.hidden),
+        (layer.down, model.intermediate),
+    )
+    narrow = ((0, 1), (0, 2), (5, 5 + WIDE_ROWS), (64, 96))
+    wide = ((0, WIDE_ROWS + 1), (100, 300), (470, 512))
+    lora_a = torch.randn(64, model.hidden, generator=generator).to(model.dtype).to(model.device)
+    return (
+        all(same_rows(linear, n, False, 96, narrow) for linear, n in shapes)
+        and all(same_rows(linear, n, True, 512, wide) for linear, n in shapes)
+        and same_rows(model.lm_head, model.hidden, False, 16, ((0, 1), (3, 9)))
+        and same_rows(DenseLinear(lora_a), model.hidden, False, 96, narrow)
+    )
+
+
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor  # [hidden]
@@ -156,6 +190,16 @@ class LayerWeights:
     post_norm: torch.Tensor  # [hidden]
     gate_up: Linear  # [2 * intermediate, hidden]
     down: Linear  # [hidden, intermediate]
+
+
+@dataclass
+class PromptChunk:
+    """Positions start..start+len(tokens) of one sequence's prompt."""
+
+    tokens: list[int]
+    start: int
+    slot: int  # KV cache slot
+    lora_slot: int  # -1: the base model
 
 
 class LlamaModel:
@@ -227,6 +271,9 @@ class LlamaModel:
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
         self._cos, self._sin = self._rope_tables(hf_model, config.max_position_embeddings)
+        self.batch_prefill = rows_independent(self)
+        if not self.batch_prefill:
+            logger.info("this device's GEMMs depend on the batch: prompts prefill one at a time")
 
     def _rope_tables(self, hf_model, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         # Reuse the model's own rotary module so every rope_scaling variant is handled.
@@ -293,46 +340,65 @@ class LlamaModel:
     # ------------------------------------------------------------------------------ passes
     @torch.inference_mode()
     def prefill(
-        self,
-        tokens: list[int],
-        start: int,
-        slot: int,
-        cache: KVCache,
-        lora_slots: LoraSlots | None,
-        lora_slot: int,
+        self, chunks: list[PromptChunk], cache: KVCache, lora_slots: LoraSlots | None
     ) -> torch.Tensor:
-        """Run one chunk of a prompt (positions start..start+len) for one sequence.
+        """Run one chunk of each of several prompts in one forward: their rows share every
+        GEMM (one read of the weights for all of them), attention runs per prompt. The chunks
+        must be of one kernel class (see `prefill_groups`).
 
-        Returns [vocab] float32 logits of the chunk's last token.
+        Returns [len(chunks), vocab] float32 logits of each chunk's last token.
         """
-        count = len(tokens)
-        ids = torch.tensor(tokens, device=self.device)
-        positions = torch.arange(start, start + count, device=self.device)
+        counts = [len(c.tokens) for c in chunks]
+        wide = counts[0] > WIDE_ROWS
+        if any((n > WIDE_ROWS) != wide for n in counts):
+            raise ValueError("prompt chunks of both kernel classes in one forward")
+        device = self.device
+        ids = torch.tensor([t for c in chunks for t in c.tokens], device=device)
+        positions = torch.cat([torch.arange(c.start, c.start + len(c.tokens)) for c in chunks])
+        positions = positions.to(device)
         x = self.embed[ids]
         cos, sin = self._cos[positions][:, None, :], self._sin[positions][:, None, :]
-        end = start + count
-        # [count, end]: token i sees cache positions <= start + i
-        mask = torch.arange(end, device=self.device)[None, :] <= positions[:, None]
+        bounds, masks, offset = [], [], 0
+        for c, n in zip(chunks, counts, strict=True):
+            bounds.append((offset, offset + n))
+            # [n, end]: token i sees cache positions <= start + i
+            rows = positions[offset : offset + n]
+            masks.append(torch.arange(c.start + n, device=device)[None, :] <= rows[:, None])
+            offset += n
         lora = None
-        if lora_slots is not None and lora_slot >= 0:
-            lora = lora_slots.batch(torch.full((count,), lora_slot, device=self.device))
-        wide = count > WIDE_ROWS
+        if lora_slots is not None and any(c.lora_slot >= 0 for c in chunks):
+            row_slots = [c.lora_slot for c in chunks for _ in c.tokens]
+            lora = lora_slots.batch(torch.tensor(row_slots, device=device))
         for index, w in enumerate(self.layers):
             layer_lora = lora.layer(index) if lora is not None else None
             q, k, v = self._attention_input(w, x, cos, sin, layer_lora, wide)
-            cache.write_prompt(index, slot, start, k, v)
-            keys, values = cache.prompt_view(index, slot, end)  # [kv_heads, end, d]
-            attn = F.scaled_dot_product_attention(
-                q.transpose(0, 1)[None],
-                keys[None],
-                values[None],
-                attn_mask=mask[None, None],
-                scale=self.scale,
-                enable_gqa=True,
-            )[0]  # [heads, count, d]
-            attn = attn.transpose(0, 1).reshape(count, self.q_size)
+            parts = []
+            for c, (lo, hi), mask in zip(chunks, bounds, masks, strict=True):
+                cache.write_prompt(index, c.slot, c.start, k[lo:hi], v[lo:hi])
+                keys, values = cache.prompt_view(index, c.slot, c.start + hi - lo)
+                attn = F.scaled_dot_product_attention(
+                    q[lo:hi].transpose(0, 1)[None],
+                    keys[None],
+                    values[None],
+                    attn_mask=mask[None, None],
+                    scale=self.scale,
+                    enable_gqa=True,
+                )[0]  # [heads, n, d]
+                parts.append(attn.transpose(0, 1).reshape(hi - lo, self.q_size))
+            attn = parts[0] if len(parts) == 1 else torch.cat(parts)
             x = self._attention_output(w, x, attn, layer_lora, wide)
-        return self._logits(x[-1:])[0]
+        last = torch.tensor([hi - 1 for _, hi in bounds], device=device)
+        return self._logits(x[last])
+
+    def prefill_groups(self, chunks: list[PromptChunk]) -> list[list[int]]:
+        """Which chunks may share a forward: those of one kernel class (a chunk's GEMMs are
+        packed or dense by its own length, never by its neighbours'), and only where every
+        GEMM gives a row the same bits in any batch (`rows_independent`); else one each."""
+        if not self.batch_prefill:
+            return [[i] for i in range(len(chunks))]
+        narrow = [i for i, c in enumerate(chunks) if len(c.tokens) <= WIDE_ROWS]
+        wide = [i for i, c in enumerate(chunks) if len(c.tokens) > WIDE_ROWS]
+        return [group for group in (narrow, wide) if group]
 
     @torch.inference_mode()
     def decode(

@@ -12,7 +12,7 @@ import torch
 from ragtune.config import EngineConfig
 from ragtune.models import LoadedModel
 from server.engine.kv_cache import KVCache
-from server.engine.llama import LlamaModel, packed_weights_supported, supports
+from server.engine.llama import LlamaModel, PromptChunk, packed_weights_supported, supports
 from server.engine.lora import GROUPS, AdapterWeights, LoraSlots
 from server.engine.sequence import Sequence
 
@@ -122,29 +122,46 @@ class LlamaRunner:
         seq.lora_slot = -1 if adapter is None else self.adapter_slots.acquire(adapter)
         self.slots.append(seq)
 
-    def prefill(self, seq: Sequence) -> torch.Tensor | None:
-        """Run the next prompt chunk; return [vocab] logits once the whole prompt is in."""
-        prompt = seq.request.prompt_ids
-        chunk = prompt[seq.cache_len : seq.cache_len + self.prefill_chunk]
-        logits = self.model.prefill(
-            chunk, seq.cache_len, seq.slot, self.cache, self.lora, seq.lora_slot
-        )
-        seq.cache_len += len(chunk)
-        return logits if seq.cache_len == len(prompt) else None
+    def prefill(self, seqs: list[Sequence]) -> list[torch.Tensor | None]:
+        """Run the next prompt chunk of each sequence, sharing forwards where the model
+        allows; each sequence gets its [vocab] logits once its whole prompt is in, else None.
+        On an exception no sequence has advanced."""
+        chunks = [
+            PromptChunk(
+                seq.request.prompt_ids[seq.cache_len : seq.cache_len + self.prefill_chunk],
+                seq.cache_len,
+                seq.slot,
+                seq.lora_slot,
+            )
+            for seq in seqs
+        ]
+        self.cache.reserve(max(c.start + len(c.tokens) for c in chunks), len(self.slots))
+        logits: list[torch.Tensor | None] = [None] * len(seqs)
+        for group in self.model.prefill_groups(chunks):
+            rows = self.model.prefill([chunks[i] for i in group], self.cache, self.lora)
+            for row, i in enumerate(group):
+                logits[i] = rows[row]
+        for i, (seq, chunk) in enumerate(zip(seqs, chunks, strict=True)):
+            seq.cache_len += len(chunk.tokens)
+            if seq.cache_len < seq.prompt_len:
+                logits[i] = None
+        return logits
 
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """One token for each of `seqs` (all fully prefilled); returns [len(seqs), vocab]."""
         rows = len(self.slots)
         tokens = [0] * rows
         positions = [0] * rows
-        # Rows still prefilling ride along: they attend to position 0 and write their K/V to
-        # the last cache position, which their own prompt never reaches; outputs are dropped.
-        writes = [self.max_seq_len - 1] * rows
+        # Rows still prefilling ride along: they attend to position 0 and write their K/V at
+        # their next unfilled position, which their next prompt chunk overwrites before any
+        # attention reads it; their outputs are dropped.
+        writes = [s.cache_len for s in self.slots]
         lora_rows = [-1] * rows
         for seq in seqs:
             tokens[seq.slot] = seq.last_token
-            positions[seq.slot] = writes[seq.slot] = seq.cache_len
+            positions[seq.slot] = seq.cache_len
             lora_rows[seq.slot] = seq.lora_slot
+        self.cache.fit(max(writes) + 1, rows)
         device = self.device
         lora = None
         if any(s >= 0 for s in lora_rows):
@@ -203,16 +220,19 @@ class HFModelRunner:
         self._running.append(seq)
 
     @torch.inference_mode()
-    def prefill(self, seq: Sequence) -> torch.Tensor:
+    def prefill(self, seqs: list[Sequence]) -> list[torch.Tensor | None]:
         from transformers import DynamicCache
 
-        ids = torch.tensor([seq.request.prompt_ids], device=self.device)
-        out = self.model(
-            input_ids=ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1
-        )
-        seq.cache = out.past_key_values
-        seq.cache_len = seq.prompt_len
-        return out.logits[0, -1].float()
+        logits = []
+        for seq in seqs:
+            ids = torch.tensor([seq.request.prompt_ids], device=self.device)
+            out = self.model(
+                input_ids=ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1
+            )
+            seq.cache = out.past_key_values
+            seq.cache_len = seq.prompt_len
+            logits.append(out.logits[0, -1].float())
+        return logits
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:

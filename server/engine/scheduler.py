@@ -9,6 +9,8 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
+import torch
+
 from server.engine.sampler import row_draws
 from server.engine.sequence import Sequence
 from server.engine.types import FinishReason
@@ -90,21 +92,36 @@ class Scheduler:
         return probe is None or len(probe) < self.runner.cache.num_slots
 
     def _prefill(self, budget: int) -> None:
-        """Advance prompts chunk by chunk; a prompt that completes samples its first token."""
+        """Advance prompts by a chunk each, within this step's budget, in shared forwards;
+        a prompt that completes samples its first token."""
+        chunk = getattr(self.runner, "prefill_chunk", None)
+        batch = []
         for seq in self.running:
             if seq.finished or seq.cache_len >= seq.prompt_len:
                 continue
             if budget <= 0 and seq.cache_len > 0:
                 break
-            before = seq.cache_len
-            try:
-                logits = self.runner.prefill(seq)
-            except Exception as exc:  # only this request fails
-                fail(seq, "prefill failed", exc)
-                continue
-            budget -= seq.cache_len - before
-            if logits is not None:
-                self._sample([seq], logits[None])
+            batch.append(seq)
+            budget -= min(seq.prompt_len - seq.cache_len, chunk or seq.prompt_len)
+        if not batch:
+            return
+        try:
+            outputs = self.runner.prefill(batch)
+        except Exception as exc:  # only the sequence that fails alone fails
+            if len(batch) == 1:
+                fail(batch[0], "prefill failed", exc)
+                return
+            logger.warning("shared prefill of %d prompts failed; one at a time", len(batch))
+            outputs = []
+            for seq in batch:
+                try:
+                    outputs.extend(self.runner.prefill([seq]))
+                except Exception as exc:
+                    fail(seq, "prefill failed", exc)
+                    outputs.append(None)
+        done = [(s, logits) for s, logits in zip(batch, outputs, strict=True) if logits is not None]
+        if done:
+            self._sample([s for s, _ in done], torch.stack([logits for _, logits in done]))
 
     @staticmethod
     def _sample(seqs: list[Sequence], logits) -> None:

@@ -56,15 +56,20 @@ def sequence(prompt: list[int], adapter=None) -> Sequence:
     return seq
 
 
-def generate(runner: LlamaRunner, seqs: list[Sequence], steps: int) -> list[list[int]]:
-    """Greedy: prefill everything, then `steps` batched decode steps."""
+def generate(
+    runner: LlamaRunner, seqs: list[Sequence], steps: int, shared_prefill: bool = False
+) -> list[list[int]]:
+    """Greedy: prefill everything (one prompt at a time, or all in shared forwards), then
+    `steps` batched decode steps."""
     for seq in seqs:
         runner.add(seq)
-    for seq in seqs:
-        logits = None
-        while logits is None:
-            logits = runner.prefill(seq)
-        seq.output_ids.append(int(logits.argmax()))
+    pending = list(seqs)
+    while pending:
+        for group in [pending] if shared_prefill else [[seq] for seq in pending]:
+            for seq, logits in zip(group, runner.prefill(group), strict=True):
+                if logits is not None:
+                    seq.output_ids.append(int(logits.argmax()))
+        pending = [seq for seq in pending if seq.cache_len < seq.prompt_len]
     for _ in range(steps):
         for seq, row in zip(seqs, runner.decode(seqs), strict=True):
             seq.output_ids.append(int(row.argmax()))
@@ -110,11 +115,11 @@ def test_chunked_prefill_gives_the_same_logits(tiny):
     a, b = sequence(prompt), sequence(prompt)
     whole.add(a)
     chunked.add(b)
-    logits_a = whole.prefill(a)
+    logits_a = whole.prefill([a])[0]
     steps = 0
     logits_b = None
     while logits_b is None:
-        logits_b = chunked.prefill(b)
+        logits_b = chunked.prefill([b])[0]
         steps += 1
     assert steps == 6
     torch.testing.assert_close(logits_a, logits_b, rtol=1e-4, atol=1e-4)
@@ -132,7 +137,7 @@ def test_neighbour_mid_prefill_and_slot_compaction_leave_others_unchanged(tiny):
     runner.add(long_one)
     for _ in range(5):  # the long prompt is prefilled 16 tokens per step, alongside decoding
         if long_one.cache_len < long_one.prompt_len:
-            runner.prefill(long_one)
+            runner.prefill([long_one])[0]
         [row] = runner.decode([victim])
         victim.output_ids.append(int(row.argmax()))
     assert victim.output_ids == reference[: len(victim.output_ids)]
@@ -166,10 +171,10 @@ def test_batched_lora_matches_peft(tiny, tmp_path):
     for seq in [*seqs.values(), base]:
         runner.add(seq)
     for name, seq in seqs.items():
-        torch.testing.assert_close(runner.prefill(seq), expected[name], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(runner.prefill([seq])[0], expected[name], rtol=1e-4, atol=1e-4)
     with torch.no_grad():
         base_logits = tiny.model(torch.tensor([prompt])).logits[0, -1]
-    torch.testing.assert_close(runner.prefill(base), base_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(runner.prefill([base])[0], base_logits, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(expected["a"], expected["b"])
 
 
@@ -190,6 +195,23 @@ def test_bf16_rows_are_bitwise_the_same_alone_and_batched(tiny_bf16, weights):
     batched = generate(runner_for(tiny_bf16, weights=weights), [sequence(p) for p in prompts], 24)
     for prompt, tokens in zip(prompts, batched, strict=True):
         assert generate(runner_for(tiny_bf16, weights=weights), [sequence(prompt)], 24) == [tokens]
+    # the prompts prefilled in shared forwards (short and long ones apart: their GEMMs differ)
+    runner = runner_for(tiny_bf16, weights=weights)
+    shared = generate(runner, [sequence(p) for p in prompts], 24, shared_prefill=True)
+    assert shared == batched
+
+
+def test_prompts_share_prefill_forwards_by_kernel_class(tiny_bf16):
+    """Where the GEMMs are row-independent (checked at load; true of this CPU kind), chunks
+    of up to WIDE_ROWS tokens share one forward and longer ones another."""
+    from server.engine.llama import WIDE_ROWS, PromptChunk
+
+    model = runner_for(tiny_bf16, weights="int4").model
+    if not model.batch_prefill:
+        pytest.skip("this CPU's GEMMs depend on the batch; prompts prefill one at a time")
+    lengths = [4, WIDE_ROWS + 1, 2, 70, WIDE_ROWS]
+    chunks = [PromptChunk(list(range(n)), 0, i, -1) for i, n in enumerate(lengths)]
+    assert model.prefill_groups(chunks) == [[0, 2, 4], [1, 3]]
 
 
 @pytest.mark.parametrize(("weights", "tolerance"), [("int8", 0.05), ("int4", 0.2)])
@@ -203,7 +225,7 @@ def test_packed_weights_stay_close_to_dense(tiny_bf16, weights, tolerance):
         assert runner.model.weights == kind
         seq = sequence(prompt)
         runner.add(seq)
-        logits[kind, "prefill"] = runner.prefill(seq)
+        logits[kind, "prefill"] = runner.prefill([seq])[0]
         seq.output_ids.append(7)
         logits[kind, "decode"] = runner.decode([seq])[0]
     for step in ("prefill", "decode"):
@@ -284,3 +306,67 @@ def test_packed_weights_come_from_the_checkpoint_whatever_the_bnb_format(tiny_bf
     dense_nf4 = runner_for(nf4, weights="dense").model.layers[0].qkv.weight
     dense_plain = runner_for(plain, weights="dense").model.layers[0].qkv.weight
     assert not torch.equal(dense_nf4, dense_plain)
+
+
+def test_kv_cache_capacity_follows_the_longest_sequence_and_keeps_the_data():
+    """The position axis grows and shrinks by buckets; slots in use keep their positions, new
+    positions are zero (masked attention multiplies them), and a decode view spanning the
+    capacity is one contiguous block (no copy before the batched GEMM)."""
+    from server.engine.kv_cache import KVCache
+
+    cache = KVCache(2, 4, 1, 128, 2, torch.float32, "cpu", bucket_size=16)
+    assert cache.capacity == 16
+    k = torch.arange(10 * 2, dtype=torch.float32).view(10, 1, 2)
+    for slot in (0, 1):
+        cache.write_prompt(1, slot, 0, k + slot, -(k + slot))
+    cache.fit(40, rows=2)
+    assert cache.capacity == 48
+    keys, values = cache.prompt_view(1, 1, 10)
+    assert torch.equal(keys, (k + 1).transpose(0, 1)) and torch.equal(
+        values, -(k + 1).transpose(0, 1)
+    )
+    assert not cache.keys_t[1][:, ..., 10:].any() and not cache.values[0].any()
+    keys_t, values = cache.batch_view(1, 2, cache.capacity)
+    assert keys_t.is_contiguous() and values.is_contiguous()
+    cache.fit(11, rows=1)  # the sequence in slot 1 left
+    assert cache.capacity == 16
+    assert torch.equal(cache.prompt_view(1, 0, 10)[0], k.transpose(0, 1))
+    assert not cache.keys_t[1][1].any()
+    cache.reserve(200, rows=1)
+    assert cache.capacity == 128  # never past max_len
+
+
+def test_a_prompt_whose_shared_prefill_fails_fails_alone(tiny):
+    """A forward shared by several prompts that raises is retried one prompt at a time, so
+    only the prompt that fails on its own ends with an error; the others start decoding."""
+    from transformers import AutoTokenizer
+
+    from ragtune.config import default_home
+    from ragtune.models import resolve_model_dir
+    from server.engine.scheduler import Scheduler
+
+    runner = runner_for(tiny)
+
+    class PoisonedPrompt:  # the real runner, except that token 99 makes a prefill raise
+        def __getattr__(self, name):
+            return getattr(runner, name)
+
+        def prefill(self, seqs):
+            if any(99 in seq.request.prompt_ids for seq in seqs):
+                raise RuntimeError("poisoned prompt")
+            return runner.prefill(seqs)
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir("bundled", default_home()))
+    prompts = [[5, 9, 2], [99, 4, 4, 4], list(range(3, 40))]
+    seqs = [
+        Sequence(
+            GenerationRequest(f"r{i}", p, SamplingParams(8, 0.0), None), tokenizer, set(), print
+        )
+        for i, p in enumerate(prompts)
+    ]
+    scheduler = Scheduler(PoisonedPrompt(), max_batch_tokens=1024)
+    for seq in seqs:
+        scheduler.add(seq)
+    scheduler.step()
+    assert seqs[1].finish_reason == "error"
+    assert [len(seqs[0].output_ids), len(seqs[2].output_ids)] == [2, 2]  # prefill + one decode
