@@ -98,11 +98,8 @@ class KVCache:
         self.values[layer][slot, :, start:end] = v.transpose(0, 1)
 
     def prompt_view(self, layer: int, slot: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """keys, values [kv_heads, end, d] (keys a transposed view)."""
-        return (
-            self.keys_t[layer][slot, :, :, :end].transpose(-1, -2),
-            self.values[layer][slot, :, :end],
-        )
+        """One slot's keys_t [kv_heads, d, end] and values [kv_heads, end, d]."""
+        return self.keys_t[layer][slot, :, :, :end], self.values[layer][slot, :, :end]
 
     def write_decode(
         self,

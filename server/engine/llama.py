@@ -200,6 +200,9 @@ class PromptChunk:
     start: int
     slot: int  # KV cache slot
     lora_slot: int  # -1: the base model
+    # The prompt's kernel class: more than WIDE_ROWS tokens in the whole prompt (not this
+    # chunk), so every chunk of a prompt, cached or computed, runs the same GEMMs.
+    wide: bool
 
 
 class LlamaModel:
@@ -346,11 +349,15 @@ class LlamaModel:
         GEMM (one read of the weights for all of them), attention runs per prompt. The chunks
         must be of one kernel class (see `prefill_groups`).
 
+        Every row's result depends on its own prompt only, not on how the prompt is cut into
+        chunks nor on the other prompts of the forward (where `rows_independent`): the GEMMs
+        give a row the same bits in any batch, and the attention below is exact under any
+        query subset and masked key extent.
+
         Returns [len(chunks), vocab] float32 logits of each chunk's last token.
         """
-        counts = [len(c.tokens) for c in chunks]
-        wide = counts[0] > WIDE_ROWS
-        if any((n > WIDE_ROWS) != wide for n in counts):
+        wide = chunks[0].wide
+        if any(c.wide != wide for c in chunks):
             raise ValueError("prompt chunks of both kernel classes in one forward")
         device = self.device
         ids = torch.tensor([t for c in chunks for t in c.tokens], device=device)
@@ -358,13 +365,18 @@ class LlamaModel:
         positions = positions.to(device)
         x = self.embed[ids]
         cos, sin = self._cos[positions][:, None, :], self._sin[positions][:, None, :]
-        bounds, masks, offset = [], [], 0
-        for c, n in zip(chunks, counts, strict=True):
-            bounds.append((offset, offset + n))
-            # [n, end]: token i sees cache positions <= start + i
-            rows = positions[offset : offset + n]
-            masks.append(torch.arange(c.start + n, device=device)[None, :] <= rows[:, None])
-            offset += n
+        bounds, biases, offset = [], [], 0
+        group = self.num_heads // self.num_kv_heads
+        for c in chunks:
+            count = len(c.tokens)
+            bounds.append((offset, offset + count))
+            rows = positions[offset : offset + count]
+            end = c.start + count
+            # [1, group * count, end]: token i sees cache positions <= start + i
+            hidden = torch.arange(end, device=device)[None, :] > rows[:, None]
+            bias = torch.zeros(hidden.shape, dtype=self.dtype, device=device)
+            biases.append(bias.masked_fill(hidden, float("-inf")).repeat(group, 1)[None])
+            offset += count
         lora = None
         if lora_slots is not None and any(c.lora_slot >= 0 for c in chunks):
             row_slots = [c.lora_slot for c in chunks for _ in c.tokens]
@@ -373,31 +385,26 @@ class LlamaModel:
             layer_lora = lora.layer(index) if lora is not None else None
             q, k, v = self._attention_input(w, x, cos, sin, layer_lora, wide)
             parts = []
-            for c, (lo, hi), mask in zip(chunks, bounds, masks, strict=True):
+            for c, (lo, hi), bias in zip(chunks, bounds, biases, strict=True):
                 cache.write_prompt(index, c.slot, c.start, k[lo:hi], v[lo:hi])
-                keys, values = cache.prompt_view(index, c.slot, c.start + hi - lo)
-                attn = F.scaled_dot_product_attention(
-                    q[lo:hi].transpose(0, 1)[None],
-                    keys[None],
-                    values[None],
-                    attn_mask=mask[None, None],
-                    scale=self.scale,
-                    enable_gqa=True,
-                )[0]  # [heads, n, d]
-                parts.append(attn.transpose(0, 1).reshape(hi - lo, self.q_size))
+                keys_t, values = cache.prompt_view(index, c.slot, c.start + hi - lo)
+                # the query heads that share a kv head, all rows: [kv_heads, group * rows, d]
+                grouped = q[lo:hi].transpose(0, 1).reshape(self.num_kv_heads, -1, self.head_dim)
+                attn = self._attention(grouped, keys_t, values, bias)
+                attn = attn.view(self.num_kv_heads, group, hi - lo, self.head_dim)
+                parts.append(attn.permute(2, 0, 1, 3).reshape(hi - lo, self.q_size))
             attn = parts[0] if len(parts) == 1 else torch.cat(parts)
             x = self._attention_output(w, x, attn, layer_lora, wide)
         last = torch.tensor([hi - 1 for _, hi in bounds], device=device)
         return self._logits(x[last])
 
     def prefill_groups(self, chunks: list[PromptChunk]) -> list[list[int]]:
-        """Which chunks may share a forward: those of one kernel class (a chunk's GEMMs are
-        packed or dense by its own length, never by its neighbours'), and only where every
+        """Which chunks may share a forward: those of one kernel class, and only where every
         GEMM gives a row the same bits in any batch (`rows_independent`); else one each."""
         if not self.batch_prefill:
             return [[i] for i in range(len(chunks))]
-        narrow = [i for i, c in enumerate(chunks) if len(c.tokens) <= WIDE_ROWS]
-        wide = [i for i, c in enumerate(chunks) if len(c.tokens) > WIDE_ROWS]
+        narrow = [i for i, c in enumerate(chunks) if not c.wide]
+        wide = [i for i, c in enumerate(chunks) if c.wide]
         return [group for group in (narrow, wide) if group]
 
     @torch.inference_mode()
@@ -438,31 +445,32 @@ class LlamaModel:
             q, k, v = self._attention_input(w, x, cos, sin, layer_lora)
             cache.write_decode(index, rows, write_positions, k[:real], v[:real])
             keys_t, values = cache.batch_view(index, real, length)
-            attn = self._decode_attention(q[:real], keys_t, values, bias)
+            groups = real * self.num_kv_heads  # one query token per row: [groups, group, d]
+            attn = self._attention(
+                q[:real].reshape(groups, group, self.head_dim),
+                keys_t.reshape(groups, self.head_dim, length),
+                values.reshape(groups, length, self.head_dim),
+                bias,
+            ).reshape(real, self.q_size)
             if batch > real:  # the copy of a lone row: attention is per row, GEMMs are not
                 attn = attn.expand(batch, -1)
             x = self._attention_output(w, x, attn, layer_lora)
         return self._logits(x)[:real]
 
-    def _decode_attention(
+    def _attention(
         self,
-        q: torch.Tensor,  # [batch, heads, d]
-        keys_t: torch.Tensor,  # [batch, kv_heads, d, length]
-        values: torch.Tensor,  # [batch, kv_heads, length, d]
-        bias: torch.Tensor,  # [batch * kv_heads, heads per kv head, length] 0 or -inf
+        grouped: torch.Tensor,  # [batch, group * queries, d] query heads sharing a kv head
+        keys_t: torch.Tensor,  # [batch, d, length]
+        values: torch.Tensor,  # [batch, length, d]
+        bias: torch.Tensor,  # broadcast to [batch, group * queries, length]: 0 or -inf
     ) -> torch.Tensor:
-        """One query token per row, as Hugging Face's eager attention computes it (scores in
-        the compute dtype, softmax in float32), in four ops: the CPU flash kernel is mostly
-        overhead for a single query (1.47 ms against 0.19 ms at 16 rows x 256 keys), and
-        the fused scale+mask GEMM on transposed keys takes 30 % off what remained. Each row is its
-        own small GEMM and masked keys weigh exactly zero, so a row's result does not depend
-        on its neighbours or on the padded length (checked in tests/engine)."""
-        batch, length = q.shape[0], values.shape[-2]
-        groups = batch * self.num_kv_heads
-        grouped = q.reshape(groups, -1, self.head_dim)  # the query heads sharing a kv head
-        scores = torch.baddbmm(
-            bias, grouped, keys_t.reshape(groups, self.head_dim, length), alpha=self.scale
-        )
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        out = torch.bmm(probs, values.reshape(groups, length, self.head_dim))
-        return out.reshape(batch, self.q_size)
+        """Hugging Face's eager attention arithmetic (scores in the compute dtype, softmax in
+        float32) in three ops: the scale and the mask fused into the score GEMM on transposed
+        keys, one GEMM for the values. Exact under any subset of query rows and any masked
+        key extent (masked keys weigh exactly zero; checked in tests/engine), which keeps a
+        row's result independent of its batch neighbours, padded lengths and prompt chunking.
+        For one query per row the CPU flash kernel is mostly overhead (1.47 ms against
+        0.19 ms at 16 rows x 256 keys); for prompts SDPA fell back to its unfused math path."""
+        scores = torch.baddbmm(bias, grouped, keys_t, alpha=self.scale)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(grouped.dtype)
+        return torch.bmm(probs, values)

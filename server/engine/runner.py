@@ -12,7 +12,13 @@ import torch
 from ragtune.config import EngineConfig
 from ragtune.models import LoadedModel
 from server.engine.kv_cache import KVCache
-from server.engine.llama import LlamaModel, PromptChunk, packed_weights_supported, supports
+from server.engine.llama import (
+    WIDE_ROWS,
+    LlamaModel,
+    PromptChunk,
+    packed_weights_supported,
+    supports,
+)
 from server.engine.lora import GROUPS, AdapterWeights, LoraSlots
 from server.engine.sequence import Sequence
 
@@ -132,6 +138,7 @@ class LlamaRunner:
                 seq.cache_len,
                 seq.slot,
                 seq.lora_slot,
+                seq.prompt_len > WIDE_ROWS,
             )
             for seq in seqs
         ]

@@ -122,6 +122,8 @@ def test_chunked_prefill_gives_the_same_logits(tiny):
         logits_b = chunked.prefill([b])[0]
         steps += 1
     assert steps == 6
+    if whole.model.batch_prefill:  # row-independent GEMMs: chunking changes no bit
+        assert torch.equal(logits_a, logits_b)
     torch.testing.assert_close(logits_a, logits_b, rtol=1e-4, atol=1e-4)
 
 
@@ -199,6 +201,10 @@ def test_bf16_rows_are_bitwise_the_same_alone_and_batched(tiny_bf16, weights):
     runner = runner_for(tiny_bf16, weights=weights)
     shared = generate(runner, [sequence(p) for p in prompts], 24, shared_prefill=True)
     assert shared == batched
+    # and cut into chunks of 16 tokens: a prompt's kernel class is set by its whole length
+    runner = runner_for(tiny_bf16, weights=weights, prefill_chunk=16)
+    chunked = generate(runner, [sequence(p) for p in prompts], 24, shared_prefill=True)
+    assert chunked == batched
 
 
 def test_prompts_share_prefill_forwards_by_kernel_class(tiny_bf16):
@@ -210,7 +216,7 @@ def test_prompts_share_prefill_forwards_by_kernel_class(tiny_bf16):
     if not model.batch_prefill:
         pytest.skip("this CPU's GEMMs depend on the batch; prompts prefill one at a time")
     lengths = [4, WIDE_ROWS + 1, 2, 70, WIDE_ROWS]
-    chunks = [PromptChunk(list(range(n)), 0, i, -1) for i, n in enumerate(lengths)]
+    chunks = [PromptChunk(list(range(n)), 0, i, -1, n > WIDE_ROWS) for i, n in enumerate(lengths)]
     assert model.prefill_groups(chunks) == [[0, 2, 4], [1, 3]]
 
 
@@ -321,16 +327,15 @@ def test_kv_cache_capacity_follows_the_longest_sequence_and_keeps_the_data():
         cache.write_prompt(1, slot, 0, k + slot, -(k + slot))
     cache.fit(40, rows=2)
     assert cache.capacity == 48
-    keys, values = cache.prompt_view(1, 1, 10)
-    assert torch.equal(keys, (k + 1).transpose(0, 1)) and torch.equal(
-        values, -(k + 1).transpose(0, 1)
-    )
+    keys_t, values = cache.prompt_view(1, 1, 10)
+    assert torch.equal(keys_t, (k + 1).permute(1, 2, 0))
+    assert torch.equal(values, -(k + 1).transpose(0, 1))
     assert not cache.keys_t[1][:, ..., 10:].any() and not cache.values[0].any()
     keys_t, values = cache.batch_view(1, 2, cache.capacity)
     assert keys_t.is_contiguous() and values.is_contiguous()
     cache.fit(11, rows=1)  # the sequence in slot 1 left
     assert cache.capacity == 16
-    assert torch.equal(cache.prompt_view(1, 0, 10)[0], k.transpose(0, 1))
+    assert torch.equal(cache.prompt_view(1, 0, 10)[0], k.permute(1, 2, 0))
     assert not cache.keys_t[1][1].any()
     cache.reserve(200, rows=1)
     assert cache.capacity == 128  # never past max_len
