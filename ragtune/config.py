@@ -105,6 +105,12 @@ class EngineConfig(_Section):
         "(weight-only, per channel, bf16 on CPU), 'dense' (the compute dtype), or 'auto' "
         "(int4 where supported, else dense). Packed kinds are quantized from the checkpoint.",
     )
+    prefix_cache_mb: int = Field(
+        256,
+        ge=0,
+        description="Memory for the K/V of recent prompt prefixes (blocks of 16 tokens), "
+        "reused exactly by later prompts that start with the same tokens; 0 turns it off.",
+    )
     max_loras: int = Field(4, ge=1, description="Adapters that can be in one batch at once.")
     max_lora_rank: int = Field(16, ge=1, description="Largest LoRA rank accepted.")
 

@@ -20,6 +20,7 @@ from server.engine.llama import (
     supports,
 )
 from server.engine.lora import GROUPS, AdapterWeights, LoraSlots
+from server.engine.prefix_cache import PrefixCache
 from server.engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
@@ -108,6 +109,11 @@ class LlamaRunner:
         )
         self.adapter_slots = AdapterSlotTable(self.lora)
         self.slots: list[Sequence] = []  # index = KV slot = decode row
+        self.prefix_cache = None
+        if config.prefix_cache_mb > 0 and m.batch_prefill:  # exact reuse needs both
+            self.prefix_cache = PrefixCache(
+                self.cache, self.cache.bucket_size, config.prefix_cache_mb * 2**20
+            )
         logger.info(
             "decode weights %s, KV cache %.0f MiB, LoRA buffers %.0f MiB",
             m.weights,
@@ -122,8 +128,13 @@ class LlamaRunner:
         return adapter is None or self.adapter_slots.can_acquire(adapter)
 
     def add(self, seq: Sequence) -> None:
+        """Give the sequence the next slot, starting from its longest cached prompt prefix."""
         seq.slot = len(self.slots)
         seq.cache_len = 0
+        if self.prefix_cache is not None:
+            seq.cache_len = self.prefix_cache.restore(
+                seq.request.prompt_ids, prefix_namespace(seq), seq.slot, len(self.slots)
+            )
         adapter = seq.request.adapter
         seq.lora_slot = -1 if adapter is None else self.adapter_slots.acquire(adapter)
         self.slots.append(seq)
@@ -152,6 +163,8 @@ class LlamaRunner:
             seq.cache_len += len(chunk.tokens)
             if seq.cache_len < seq.prompt_len:
                 logits[i] = None
+            elif self.prefix_cache is not None:
+                self.prefix_cache.store(seq.request.prompt_ids, prefix_namespace(seq), seq.slot)
         return logits
 
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
@@ -256,6 +269,12 @@ class HFModelRunner:
         seq.cache = None
         if seq in self._running:
             self._running.remove(seq)
+
+
+def prefix_namespace(seq: Sequence) -> str:
+    """What besides the tokens decides a prompt's K/V: its adapter and its kernel class."""
+    adapter = seq.request.adapter
+    return f"{adapter.key if adapter is not None else ''}|{seq.prompt_len > WIDE_ROWS}"
 
 
 def decode_weights(config: EngineConfig, loaded: LoadedModel) -> str:

@@ -83,7 +83,7 @@ class Scheduler:
                     fail(seq, "could not start the request", exc)
                     continue
                 self.running.append(seq)
-                budget -= min(seq.prompt_len, chunk or seq.prompt_len)
+                budget -= min(seq.prompt_len - seq.cache_len, chunk or seq.prompt_len)
             self.waiting = skipped + self.waiting
         return budget
 

@@ -375,3 +375,27 @@ def test_a_prompt_whose_shared_prefill_fails_fails_alone(tiny):
     scheduler.step()
     assert seqs[1].finish_reason == "error"
     assert [len(seqs[0].output_ids), len(seqs[2].output_ids)] == [2, 2]  # prefill + one decode
+
+
+@pytest.mark.parametrize("weights", ["dense", "int4"])
+def test_prompts_reuse_cached_prefixes_exactly(tiny_bf16, weights):
+    """A prompt that starts like an earlier one restores the shared blocks of 16 tokens and
+    prefills only the rest, with the same tokens as on a server that never saw the first."""
+    shared = list(range(1, 41))  # two full blocks and a half
+    first, second = [*shared, 7, 8, 9], [*shared, 50, 51]
+    runner = runner_for(tiny_bf16, weights=weights)
+    if runner.prefix_cache is None:
+        pytest.skip("this CPU's GEMMs depend on the batch: no exact prefix reuse")
+    generate(runner, [sequence(first)], 12)
+    runner.release(runner.slots[0])
+    warm = sequence(second)
+    [tokens] = generate(runner, [warm], 12)
+    assert runner.prefix_cache.hit_tokens == 32
+    cold = runner_for(tiny_bf16, weights=weights, prefix_cache_mb=0)
+    assert cold.prefix_cache is None
+    assert generate(cold, [sequence(second)], 12) == [tokens]
+    # a prompt no longer than the cached blocks still computes its last token
+    runner.release(warm)
+    [again] = generate(runner, [sequence(shared[:32])], 4)
+    assert runner.prefix_cache.hit_tokens == 32 + 16
+    assert generate(cold, [sequence(shared[:32])], 4)[-1] == again
