@@ -96,7 +96,7 @@ def _load(state: ServerState) -> None:
                 version=entry.version,
                 path=str(entry.path),
             )
-        state.metrics.watch_engine(lambda: engine.num_running, lambda: engine.num_waiting)
+        state.metrics.watch_engine(engine)
         engine.scheduler.on_batch = state.metrics.batch_size.observe
         engine.start()
         state.serving = OpenAIServing(

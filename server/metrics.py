@@ -7,8 +7,6 @@ grow the series without bound.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -68,6 +66,16 @@ class Metrics:
         self.waiting = Gauge(
             "ragtune_sequences_waiting", "Requests waiting for a slot (queue depth)", registry=r
         )
+        self.prefix_hit_tokens = Gauge(
+            "ragtune_prefix_cache_hit_tokens",
+            "Prompt tokens restored from the prefix cache instead of computed, since start",
+            registry=r,
+        )
+        self.prefix_prompt_tokens = Gauge(
+            "ragtune_prefix_cache_prompt_tokens",
+            "Prompt tokens looked up in the prefix cache, since start (hit rate: hit / these)",
+            registry=r,
+        )
         self.batch_size = Histogram(
             "ragtune_batch_size",
             "Sequences in each engine step's forward pass",
@@ -88,9 +96,13 @@ class Metrics:
             registry=r,
         )
 
-    def watch_engine(self, running: Callable[[], float], waiting: Callable[[], float]) -> None:
-        self.running.set_function(running)
-        self.waiting.set_function(waiting)
+    def watch_engine(self, engine) -> None:
+        self.running.set_function(lambda: engine.num_running)
+        self.waiting.set_function(lambda: engine.num_waiting)
+        prefix = getattr(engine.runner, "prefix_cache", None)
+        if prefix is not None:
+            self.prefix_hit_tokens.set_function(lambda: prefix.hit_tokens)
+            self.prefix_prompt_tokens.set_function(lambda: prefix.prompt_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

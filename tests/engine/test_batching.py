@@ -36,6 +36,9 @@ async def chat(client, model: str, prompt: str, **kwargs) -> tuple[str, str]:
 
 async def test_greedy_output_is_the_same_alone_and_in_a_mixed_adapter_batch(async_client):
     jobs = [(MODELS[i % len(MODELS)], prompt) for i, prompt in enumerate(PROMPTS + PROMPTS[:4])]
+    # Alone, a model's first request computes the chat template's system prompt and later
+    # ones restore it from the prefix cache; together, the prompts also share prefill
+    # forwards: neither may change a token.
     alone = [await chat(async_client, model, prompt) for model, prompt in jobs]
     together = await asyncio.gather(*[chat(async_client, m, p) for m, p in jobs])
     assert list(together) == alone

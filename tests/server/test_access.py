@@ -107,23 +107,26 @@ def test_metrics_count_by_route_model_and_status(http):
 
     route = "/v1/chat/completions"
     before = scrape()
-    ok = http.post(route, headers=bearer(API_KEY), json={**CHAT, "model": "alpha"})
-    assert ok.status_code == 200
+    for _ in range(2):  # the second starts from the first's cached prompt prefix
+        ok = http.post(route, headers=bearer(API_KEY), json={**CHAT, "model": "alpha"})
+        assert ok.status_code == 200
     missing = http.post(route, headers=bearer(API_KEY), json={**CHAT, "model": "no-such-xyz"})
     assert missing.status_code == 404
     after = scrape()
 
     requests = "ragtune_http_requests_total"
-    for labels in (
-        {"route": route, "model": "alpha", "status": "200"},
-        {"route": route, "model": "unknown", "status": "404"},
+    for labels, count in (
+        ({"route": route, "model": "alpha", "status": "200"}, 2),
+        ({"route": route, "model": "unknown", "status": "404"}, 1),
     ):
-        assert metric(after, requests, **labels) == metric(before, requests, **labels) + 1
+        assert metric(after, requests, **labels) == metric(before, requests, **labels) + count
     assert "no-such-xyz" not in after  # client input never becomes a label
     tokens = "ragtune_tokens_total"
     out_before = metric(before, tokens, model="alpha", kind="completion")
-    assert metric(after, tokens, model="alpha", kind="completion") == out_before + 2
+    assert metric(after, tokens, model="alpha", kind="completion") == out_before + 4
     assert metric(after, "ragtune_batch_size_count") >= 1
+    # the chat template's system prompt is a cached prefix by the second request
+    assert metric(after, "ragtune_prefix_cache_hit_tokens") >= 16
     assert metric(after, "ragtune_adapter_events_total", event="load", result="ok") >= 3
     for family in (
         "ragtune_request_latency_seconds",
