@@ -15,6 +15,7 @@ Where the GEMMs are not row-independent (checked at load) the cache stays off.
 from __future__ import annotations
 
 import hashlib
+from array import array
 from collections import OrderedDict
 
 import torch
@@ -46,7 +47,7 @@ class PrefixCache:
         keys = []
         for index in range(blocks):
             block = tokens[index * self.block_size : (index + 1) * self.block_size]
-            digest = hashlib.sha256(digest + torch.tensor(block).numpy().tobytes()).digest()
+            digest = hashlib.sha256(digest + array("q", block).tobytes()).digest()
             keys.append(digest)
         return keys
 
