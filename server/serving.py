@@ -262,13 +262,13 @@ class OpenAIServing:
     async def _outputs(self, stream: RequestStream, model: str) -> AsyncIterator[StepOutput]:
         """Engine outputs with the per-request deadline applied; always frees the slot."""
         started = time.monotonic()
-        deadline = started + self.settings.limits.request_timeout_s
+        # one timer per request, not a wait_for (a task and a timer) per token
+        timer = stream.loop.call_later(self.settings.limits.request_timeout_s, stream.expire)
         first = True
         try:
             while True:
-                remaining = deadline - time.monotonic()
                 try:
-                    output = await asyncio.wait_for(anext(stream), timeout=max(remaining, 0.001))
+                    output = await anext(stream)
                 except StopAsyncIteration:
                     return
                 except TimeoutError:
@@ -290,6 +290,7 @@ class OpenAIServing:
                 if output.finished:
                     return
         finally:
+            timer.cancel()
             stream.cancel()
 
     def _observe_finished(self, model: str, output: StepOutput, seconds: float) -> None:

@@ -25,18 +25,29 @@ logger = logging.getLogger(__name__)
 
 
 class RequestStream:
-    """Async iterator over one request's StepOutputs; cancel() frees its slot next step."""
+    """Async iterator over one request's StepOutputs; cancel() frees its slot next step.
+
+    Outputs reach the event loop through the engine's outbox, once per engine step for all
+    requests (one cross-thread wake-up per step, not one per token)."""
 
     def __init__(self, engine: Engine, request_id: str, loop: asyncio.AbstractEventLoop):
         self.request_id = request_id
         self._engine = engine
-        self._loop = loop
-        self._queue: asyncio.Queue[StepOutput] = asyncio.Queue()
+        self.loop = loop
+        self._queue: asyncio.Queue[StepOutput | None] = asyncio.Queue()
         self._done = False
 
     def push(self, output: StepOutput) -> None:
-        """Thread-safe: called from the engine thread."""
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, output)
+        """Called from the engine thread (or after it stopped); delivered at the next flush."""
+        self._engine.post(self, output)
+
+    def deliver(self, output: StepOutput) -> None:
+        """Event loop: make an output from the engine available to the iterator."""
+        self._queue.put_nowait(output)
+
+    def expire(self) -> None:
+        """Event loop: end the iteration with TimeoutError (the request's deadline)."""
+        self._queue.put_nowait(None)
 
     def __aiter__(self) -> AsyncIterator[StepOutput]:
         return self
@@ -45,6 +56,8 @@ class RequestStream:
         if self._done:
             raise StopAsyncIteration
         output = await self._queue.get()
+        if output is None:
+            raise TimeoutError
         if output.finished:
             self._done = True
         return output
@@ -64,10 +77,13 @@ class Engine:
         self.eos_ids = _eos_ids(loaded)
         self.runner = build_runner(loaded, config, max_seq_len)
         self.scheduler = Scheduler(self.runner, config.max_batch_tokens)
+        self.scheduler.after_prefill = self.flush
         self._wake = threading.Event()
         self._stopping = False
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="ragtune-engine", daemon=True)
+        self._outbox: list[tuple[RequestStream, StepOutput]] = []
+        self._outbox_lock = threading.Lock()
 
     def start(self) -> None:
         self._thread.start()
@@ -82,6 +98,23 @@ class Engine:
         self.scheduler.add(Sequence(request, self.tokenizer, self.eos_ids, stream.push))
         self._wake.set()
         return stream
+
+    def post(self, stream: RequestStream, output: StepOutput) -> None:
+        with self._outbox_lock:
+            self._outbox.append((stream, output))
+
+    def flush(self) -> None:
+        """Hand every posted output to its event loop in one thread-safe call per loop."""
+        with self._outbox_lock:
+            posted, self._outbox = self._outbox, []
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for stream, output in posted:
+            by_loop.setdefault(stream.loop, []).append((stream, output))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:  # that loop has closed: nobody is waiting any more
+                logger.debug("dropped %d outputs for a closed event loop", len(batch))
 
     def abort(self, request_id: str) -> None:
         self.scheduler.abort(request_id)
@@ -107,6 +140,7 @@ class Engine:
         if self._thread.is_alive():
             self._thread.join(timeout=5)
         self.scheduler.abort_all("server shut down before the request finished")
+        self.flush()
 
     def _loop(self) -> None:
         while not self._closed:
@@ -119,6 +153,12 @@ class Engine:
             except Exception:  # the engine thread must outlive any one step
                 logger.exception("engine step failed; failing the running requests")
                 self.scheduler.fail_running("generation failed: internal engine error")
+            self.flush()
+
+
+def _deliver(batch: list[tuple[RequestStream, StepOutput]]) -> None:
+    for stream, output in batch:
+        stream.deliver(output)
 
 
 def _eos_ids(loaded: LoadedModel) -> set[int]:

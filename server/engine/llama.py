@@ -150,7 +150,7 @@ def packed_weights_supported(dtype: torch.dtype, device: str) -> bool:
     return dtype == torch.bfloat16 and str(device).startswith("cpu")
 
 
-def rows_independent(model: LlamaModel) -> bool:
+def gemm_rows_independent(model: LlamaModel) -> bool:
     """Whether every GEMM of the forward gives a row the same bits whatever other rows share
     the call, so that prompts can be prefilled together without changing any of them. True
     of oneDNN's bf16 GEMM and of the packed kernels on the CPUs measured here, but a kernel
@@ -174,12 +174,17 @@ def rows_independent(model: LlamaModel) -> bool:
     narrow = ((0, 1), (0, 2), (5, 5 + WIDE_ROWS), (64, 96))
     # a wide prompt's last chunk may be one row (the rest restored from the prefix cache)
     wide = ((0, 1), (0, 2), (3, 10), (0, WIDE_ROWS + 1), (100, 300), (470, 512))
-    lora_a = torch.randn(64, model.hidden, generator=generator).to(model.dtype).to(model.device)
+
+    def dense(out_features: int, in_features: int) -> DenseLinear:  # LoRA A and B shapes
+        weight = torch.randn(out_features, in_features, generator=generator)
+        return DenseLinear(weight.to(model.dtype).to(model.device))
+
     return (
         all(same_rows(linear, n, False, 96, narrow) for linear, n in shapes)
         and all(same_rows(linear, n, True, 512, wide) for linear, n in shapes)
         and same_rows(model.lm_head, model.hidden, False, 16, ((0, 1), (3, 9)))
-        and same_rows(DenseLinear(lora_a), model.hidden, False, 96, narrow)
+        and same_rows(dense(64, model.hidden), model.hidden, False, 96, narrow)
+        and same_rows(dense(model.hidden, 64), 64, False, 96, narrow)
     )
 
 
@@ -202,7 +207,9 @@ class PromptChunk:
     slot: int  # KV cache slot
     lora_slot: int  # -1: the base model
     # The prompt's kernel class: more than WIDE_ROWS tokens in the whole prompt (not this
-    # chunk), so every chunk of a prompt, cached or computed, runs the same GEMMs.
+    # chunk), so every chunk of a prompt, cached or computed, runs the same GEMMs. A chunk
+    # is never one row unless the prompt is (the one-row GEMM path is not row-independent
+    # on every input; see LlamaModel.decode).
     wide: bool
 
 
@@ -275,9 +282,13 @@ class LlamaModel:
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
         self._cos, self._sin = self._rope_tables(hf_model, config.max_position_embeddings)
-        self.batch_prefill = rows_independent(self)
-        if not self.batch_prefill:
-            logger.info("this device's GEMMs depend on the batch: prompts prefill one at a time")
+        # whether a GEMM gives a row the same bits in any batch (checked on this device)
+        self.rows_independent = gemm_rows_independent(self)
+        if not self.rows_independent:
+            logger.info(
+                "this device's GEMMs depend on the batch: prompts prefill one at a time and "
+                "the prefix cache is off"
+            )
 
     def _rope_tables(self, hf_model, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         # Reuse the model's own rotary module so every rope_scaling variant is handled.
@@ -402,7 +413,7 @@ class LlamaModel:
     def prefill_groups(self, chunks: list[PromptChunk]) -> list[list[int]]:
         """Which chunks may share a forward: those of one kernel class, and only where every
         GEMM gives a row the same bits in any batch (`rows_independent`); else one each."""
-        if not self.batch_prefill:
+        if not self.rows_independent:
             return [[i] for i in range(len(chunks))]
         narrow = [i for i, c in enumerate(chunks) if not c.wide]
         wide = [i for i, c in enumerate(chunks) if c.wide]
@@ -422,8 +433,12 @@ class LlamaModel:
         A lone row that goes through oneDNN GEMMs (dense weights, or LoRA) is computed as two
         identical rows: on some CPUs oneDNN's one-row (GEMV) kernel sums in another order than
         its kernels for two or more rows, which would make a request's tokens depend on
-        whether it had batch neighbours. The packed int4/int8 kernels give a row the same bits
-        at one row as at two (checked in tests/engine), so a lone base-model row runs alone.
+        whether it had batch neighbours. (Here the load-time GEMM check passes even at one row
+        on random data, yet a lone LoRA row computed alone got other K/V bits at step 12 on the
+        real model: the one-row path is data-dependent, so it is never used for a row that has
+        neighbours elsewhere; see also PromptChunk.) The packed int4/int8 kernels give a row
+        the same bits at one row as at two (checked in tests/engine), so a lone base-model
+        row with them runs alone.
         """
         real = tokens.shape[0]
         if real == 1 and (self.weights == "dense" or lora is not None):

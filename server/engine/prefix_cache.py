@@ -52,12 +52,12 @@ class PrefixCache:
         return keys
 
     def restore(self, tokens: list[int], namespace: str, slot: int, rows: int) -> int:
-        """Copy the longest cached run of leading blocks into `slot` (at least one prompt
-        token is left to compute, for its logits; slots 0..rows-1 are in use); returns the
-        tokens restored."""
+        """Copy the longest cached run of leading blocks into `slot` (slots 0..rows-1 are in
+        use); returns the tokens restored. At least two prompt tokens are left to compute: the
+        last one's logits are needed, and no prompt row is computed alone (see PromptChunk)."""
         self.prompt_tokens += len(tokens)
         found = []
-        for key in self.chain(tokens, namespace, (len(tokens) - 1) // self.block_size):
+        for key in self.chain(tokens, namespace, max(len(tokens) - 2, 0) // self.block_size):
             block = self._blocks.get(key)
             if block is None:
                 break

@@ -110,7 +110,7 @@ class LlamaRunner:
         self.adapter_slots = AdapterSlotTable(self.lora)
         self.slots: list[Sequence] = []  # index = KV slot = decode row
         self.prefix_cache = None
-        if config.prefix_cache_mb > 0 and m.batch_prefill:  # exact reuse needs both
+        if config.prefix_cache_mb > 0 and m.rows_independent:  # exact reuse needs both
             self.prefix_cache = PrefixCache(
                 self.cache, self.cache.bucket_size, config.prefix_cache_mb * 2**20
             )
@@ -145,7 +145,7 @@ class LlamaRunner:
         On an exception no sequence has advanced."""
         chunks = [
             PromptChunk(
-                seq.request.prompt_ids[seq.cache_len : seq.cache_len + self.prefill_chunk],
+                seq.request.prompt_ids[seq.cache_len : seq.cache_len + self._chunk_length(seq)],
                 seq.cache_len,
                 seq.slot,
                 seq.lora_slot,
@@ -166,6 +166,13 @@ class LlamaRunner:
             elif self.prefix_cache is not None:
                 self.prefix_cache.store(seq.request.prompt_ids, prefix_namespace(seq), seq.slot)
         return logits
+
+    def _chunk_length(self, seq: Sequence) -> int:
+        """engine.prefill_chunk tokens, one fewer where that would leave a last chunk of one
+        token: no prompt row is computed alone unless the whole prompt is one token."""
+        remaining = seq.prompt_len - seq.cache_len
+        take = min(self.prefill_chunk, remaining)
+        return take - 1 if remaining - take == 1 else take
 
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """One token for each of `seqs` (all fully prefilled); returns [len(seqs), vocab]."""
@@ -255,6 +262,13 @@ class HFModelRunner:
         return logits
 
     @torch.inference_mode()
+    def _chunk_length(self, seq: Sequence) -> int:
+        """engine.prefill_chunk tokens, one fewer where that would leave a last chunk of one
+        token: no prompt row is computed alone unless the whole prompt is one token."""
+        remaining = seq.prompt_len - seq.cache_len
+        take = min(self.prefill_chunk, remaining)
+        return take - 1 if remaining - take == 1 else take
+
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         rows = []
         for seq in seqs:

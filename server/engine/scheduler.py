@@ -28,6 +28,8 @@ class Scheduler:
         self._lock = threading.Lock()
         self.steps = 0
         self.on_batch: Callable[[int], None] | None = None  # metrics: rows per decode forward
+        # hands outputs to the clients: first tokens go out before the step's decode forward
+        self.after_prefill: Callable[[], None] | None = None
 
     # -- called from the event loop thread ---------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -51,6 +53,8 @@ class Scheduler:
         self._drop_aborted()
         budget = self._admit(self.max_batch_tokens)
         self._prefill(budget)
+        if self.after_prefill is not None:
+            self.after_prefill()
         ready = [s for s in self.running if not s.finished and s.cache_len >= s.prompt_len]
         if ready and self.on_batch is not None:
             self.on_batch(len(ready))

@@ -122,7 +122,7 @@ def test_chunked_prefill_gives_the_same_logits(tiny):
         logits_b = chunked.prefill([b])[0]
         steps += 1
     assert steps == 6
-    if whole.model.batch_prefill:  # row-independent GEMMs: chunking changes no bit
+    if whole.model.rows_independent:  # row-independent GEMMs: chunking changes no bit
         assert torch.equal(logits_a, logits_b)
     torch.testing.assert_close(logits_a, logits_b, rtol=1e-4, atol=1e-4)
 
@@ -213,7 +213,7 @@ def test_prompts_share_prefill_forwards_by_kernel_class(tiny_bf16):
     from server.engine.llama import WIDE_ROWS, PromptChunk
 
     model = runner_for(tiny_bf16, weights="int4").model
-    if not model.batch_prefill:
+    if not model.rows_independent:
         pytest.skip("this CPU's GEMMs depend on the batch; prompts prefill one at a time")
     lengths = [4, WIDE_ROWS + 1, 2, 70, WIDE_ROWS]
     chunks = [PromptChunk(list(range(n)), 0, i, -1, n > WIDE_ROWS) for i, n in enumerate(lengths)]
@@ -399,3 +399,14 @@ def test_prompts_reuse_cached_prefixes_exactly(tiny_bf16, weights):
     [again] = generate(runner, [sequence(shared[:32])], 4)
     assert runner.prefix_cache.hit_tokens == 32 + 16
     assert generate(cold, [sequence(shared[:32])], 4)[-1] == again
+
+
+def test_no_prompt_chunk_is_a_single_row(tiny):
+    """The one-row GEMM path is not row-independent on every input, so chunking never leaves
+    a last chunk of one token (17 tokens in chunks of 16: 15 + 2)."""
+    runner = runner_for(tiny, prefill_chunk=16)
+    seq = sequence(list(range(1, 18)))
+    runner.add(seq)
+    assert runner.prefill([seq]) == [None] and seq.cache_len == 15
+    [logits] = runner.prefill([seq])
+    assert logits is not None and seq.cache_len == 17
