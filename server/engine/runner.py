@@ -262,13 +262,6 @@ class HFModelRunner:
         return logits
 
     @torch.inference_mode()
-    def _chunk_length(self, seq: Sequence) -> int:
-        """engine.prefill_chunk tokens, one fewer where that would leave a last chunk of one
-        token: no prompt row is computed alone unless the whole prompt is one token."""
-        remaining = seq.prompt_len - seq.cache_len
-        take = min(self.prefill_chunk, remaining)
-        return take - 1 if remaining - take == 1 else take
-
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         rows = []
         for seq in seqs:

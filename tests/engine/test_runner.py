@@ -410,3 +410,38 @@ def test_no_prompt_chunk_is_a_single_row(tiny):
     assert runner.prefill([seq]) == [None] and seq.cache_len == 15
     [logits] = runner.prefill([seq])
     assert logits is not None and seq.cache_len == 17
+
+
+def test_models_the_compact_forward_cannot_run_use_the_serial_fallback():
+    """A Llama with attention biases (as Qwen2 has) goes to HFModelRunner: one sequence at a
+    time with Hugging Face's own module and cache, the same greedy tokens as `generate`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from server.engine.runner import HFModelRunner, build_runner
+
+    torch.manual_seed(1)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attention_bias=True,
+    )
+    model = LlamaForCausalLM(config).eval()
+    loaded = LoadedModel(model, None, None, "f" * 64, "cpu", torch.float32, "none")
+    runner = build_runner(loaded, EngineConfig(max_batch_size=2), max_seq_len=128)
+    assert isinstance(runner, HFModelRunner)
+    seqs = [sequence(PROMPTS[0]), sequence(PROMPTS[2])]
+    for seq in seqs:
+        runner.add(seq)
+    for seq, logits in zip(seqs, runner.prefill(seqs), strict=True):
+        seq.output_ids.append(int(logits.argmax()))
+    for _ in range(6):
+        for seq, row in zip(seqs, runner.decode(seqs), strict=True):
+            seq.output_ids.append(int(row.argmax()))
+    for seq, prompt in zip(seqs, (PROMPTS[0], PROMPTS[2]), strict=True):
+        assert seq.output_ids == hf_greedy(model, prompt, 6)
+        runner.release(seq)
+    assert not runner.can_admit(sequence(PROMPTS[0], adapter=object()))  # base model only
