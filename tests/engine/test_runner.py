@@ -280,6 +280,35 @@ def test_packed_kernels_give_one_row_the_bits_it_gets_among_two(weights):
         assert torch.equal(linear(rows[:1].contiguous()), linear(rows)[:1])
 
 
+def test_w8a8_vocabulary_projection_is_exact_per_row_and_close_to_dense(tiny_bf16):
+    """The int4 kind's vocabulary projection (int8 weights x int8 activations, integer sums):
+    a row gets the same bits alone, among 2 or among 16 rows (the integer products are
+    exact), equal to the integer reference, and within int8 rounding of the bf16 product."""
+    from server.engine.llama import W8A8Linear
+
+    if not W8A8Linear.supported():
+        pytest.skip("no oneDNN int8 linear in this torch build")
+    torch.manual_seed(0)
+    weight = (torch.randn(4096, 576) * 0.05).bfloat16()
+    linear = W8A8Linear(weight)
+    x = torch.randn(16, 576, dtype=torch.bfloat16)
+    full = linear(x)
+    assert full.dtype == torch.float32
+    for lo, hi in ((0, 1), (5, 6), (3, 5), (0, 16)):
+        assert torch.equal(linear(x[lo:hi]), full[lo:hi])
+    # the arithmetic it stands for: float32 scales and codes, integer sums in float64
+    weight_scales = weight.float().abs().amax(1) / 127
+    weight_codes = torch.round(weight.float() / weight_scales[:, None]).double()
+    row_scales = x.float().abs().amax(1, keepdim=True) / 127
+    row_codes = torch.round(x.float() / row_scales).double()
+    reference = (row_codes @ weight_codes.t()) * weight_scales.double() * row_scales.double()
+    torch.testing.assert_close(full.double(), reference, rtol=1e-5, atol=1e-5)
+    dense = x.float() @ weight.float().t()
+    assert ((full - dense).norm() / dense.norm()) < 0.02
+    # the int4 kind serves its logits through it
+    assert isinstance(runner_for(tiny_bf16, weights="int4").model.lm_head, W8A8Linear)
+
+
 def test_packed_weights_come_from_the_checkpoint_whatever_the_bnb_format(tiny_bf16, tmp_path):
     """An NF4-loaded model decodes with the same int4/int8 weights, bit for bit, as the
     unquantized one: both are packed from the safetensors checkpoint, never re-rounded from
