@@ -202,7 +202,10 @@ class LlamaRunner:
         )
         for seq in seqs:
             seq.cache_len += 1
-        return logits[torch.tensor([s.slot for s in seqs], device=device)]
+        order = [s.slot for s in seqs]
+        if order == list(range(len(order))):  # the usual case: no row is still prefilling
+            return logits[: len(order)]
+        return logits[torch.tensor(order, device=device)]
 
     def release(self, seq: Sequence) -> None:
         """Free the sequence's slot; the last slot's sequence moves in to keep rows dense.
