@@ -131,6 +131,7 @@ class LlamaRunner:
         """Give the sequence the next slot, starting from its longest cached prompt prefix."""
         seq.slot = len(self.slots)
         seq.cache_len = 0
+        self.cache.ensure_slots(seq.slot + 1, rows=len(self.slots))
         if self.prefix_cache is not None:
             seq.cache_len = self.prefix_cache.restore(
                 seq.request.prompt_ids, prefix_namespace(seq), seq.slot, len(self.slots)

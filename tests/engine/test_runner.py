@@ -344,18 +344,23 @@ def test_packed_weights_come_from_the_checkpoint_whatever_the_bnb_format(tiny_bf
 
 
 def test_kv_cache_capacity_follows_the_longest_sequence_and_keeps_the_data():
-    """The position axis grows and shrinks by buckets; slots in use keep their positions, new
-    positions are zero (masked attention multiplies them), and a decode view spanning the
-    capacity is one contiguous block (no copy before the batched GEMM)."""
+    """The position axis grows and shrinks by buckets, the slot axis holds the running
+    sequences (a power of two); slots in use keep their positions, new positions are zero
+    (masked attention multiplies them), and a decode view spanning the capacity is one
+    contiguous block (no copy before the batched GEMM)."""
     from server.engine.kv_cache import KVCache
 
     cache = KVCache(2, 4, 1, 128, 2, torch.float32, "cpu", bucket_size=16)
-    assert cache.capacity == 16
+    assert (cache.capacity, cache.slot_capacity) == (16, 1)
     k = torch.arange(10 * 2, dtype=torch.float32).view(10, 1, 2)
     for slot in (0, 1):
+        cache.ensure_slots(slot + 1, rows=slot)
         cache.write_prompt(1, slot, 0, k + slot, -(k + slot))
+    assert cache.slot_capacity == 2
+    cache.ensure_slots(3, rows=2)
+    assert cache.slot_capacity == 4  # never past num_slots
     cache.fit(40, rows=2)
-    assert cache.capacity == 48
+    assert (cache.capacity, cache.slot_capacity) == (48, 2)
     keys_t, values = cache.prompt_view(1, 1, 10)
     assert torch.equal(keys_t, (k + 1).permute(1, 2, 0))
     assert torch.equal(values, -(k + 1).transpose(0, 1))
@@ -363,11 +368,12 @@ def test_kv_cache_capacity_follows_the_longest_sequence_and_keeps_the_data():
     keys_t, values = cache.batch_view(1, 2, cache.capacity)
     assert keys_t.is_contiguous() and values.is_contiguous()
     cache.fit(11, rows=1)  # the sequence in slot 1 left
-    assert cache.capacity == 16
+    assert (cache.capacity, cache.slot_capacity) == (16, 1)
     assert torch.equal(cache.prompt_view(1, 0, 10)[0], k.permute(1, 2, 0))
-    assert not cache.keys_t[1][1].any()
+    cache.ensure_slots(2, rows=1)
+    assert not cache.keys_t[1][1].any()  # the slot that left comes back zeroed
     cache.reserve(200, rows=1)
-    assert cache.capacity == 128  # never past max_len
+    assert (cache.capacity, cache.slot_capacity) == (128, 2)  # never past max_len
 
 
 def test_a_prompt_whose_shared_prefill_fails_fails_alone(tiny):
