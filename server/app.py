@@ -12,6 +12,8 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ragtune import __version__
 from ragtune.audit import AuditLog
@@ -23,7 +25,7 @@ from server.auth import KeyStore
 from server.errors import ServiceUnavailableError, error_response, install_error_handlers
 from server.logs import request_id
 from server.metrics import UNKNOWN_MODEL, Metrics
-from server.middleware import BodySizeLimit
+from server.middleware import BodySizeLimit, HTTPOnly
 from server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -187,29 +189,40 @@ def create_app(settings: Settings) -> FastAPI:
             raise ServiceUnavailableError(state.load_error or "model is loading")
         return JSONResponse({"status": "ready", "model": settings.model.served_model_name})
 
-    @app.middleware("http")
-    async def request_context(request: Request, call_next):
+    async def request_context(scope: Scope, receive: Receive, send: Send, app: ASGIApp) -> None:
         """Request id (the client's X-Request-ID is kept), in logs and the response; metrics."""
-        rid = request.headers.get("x-request-id", "")[:128].strip() or uuid.uuid4().hex
+        headers = Headers(scope=scope)
+        rid = headers.get("x-request-id", "")[:128].strip() or uuid.uuid4().hex
+        status = 500  # if the app raises before it answers
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message)["X-Request-ID"] = rid
+            await send(message)
+
         token = request_id.set(rid)
         try:
-            if state.draining and request.url.path != "/health":
+            if state.draining and scope["path"] != "/health":
                 response = error_response(
                     ServiceUnavailableError("the server is shutting down", code="shutting_down")
                 )
                 response.headers["Connection"] = "close"
+                await response(scope, receive, send_with_id)
             else:
-                response = await call_next(request)
+                await app(scope, receive, send_with_id)
         finally:
             request_id.reset(token)
-        response.headers["X-Request-ID"] = rid
-        route = request.scope.get("route")
-        state.metrics.requests.labels(
-            getattr(route, "path", "unmatched"),
-            _model_label(state, request),
-            str(response.status_code),
-        ).inc()
-        return response
+            route = scope.get("route")
+            model = (scope.get("state") or {}).get("model")
+            state.metrics.requests.labels(
+                getattr(route, "path", "unmatched"), _model_label(state, model), str(status)
+            ).inc()
+
+    # outermost, and plain ASGI: Starlette's BaseHTTPMiddleware (`@app.middleware`) relays
+    # every chunk of a streamed response through a memory stream and a task of its own
+    app.add_middleware(HTTPOnly, handler=request_context)
 
     @app.get("/metrics", dependencies=[Depends(require_client)], response_class=PlainTextResponse)
     async def metrics() -> Response:
@@ -260,9 +273,8 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
-def _model_label(state: ServerState, request: Request) -> str:
+def _model_label(state: ServerState, model: str | None) -> str:
     """The `model` a request named, if it is served; "unknown" otherwise (bounded labels)."""
-    model = getattr(request.state, "model", None)
     if model is None:
         return ""
     serving = state.serving

@@ -1,4 +1,5 @@
-"""ASGI middleware that must see the raw request: the body-size limit.
+"""ASGI middleware: the body-size limit, which must see the raw request, and a plain-ASGI
+wrapper for HTTP-only handlers (request ids and metrics, see server/app.py).
 
 Starlette's own limiter answers a declared-too-large body in plain text, not OpenAI's error
 shape, and FastAPI turns errors raised mid-read into a generic 400; so the body is read here,
@@ -6,6 +7,8 @@ bounded, before the app sees it (request bodies are small: prompts, not uploads)
 """
 
 from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -57,3 +60,23 @@ class BodySizeLimit:
             f"request body exceeds {self.max_bytes} bytes (limits.max_body_bytes)"
         )
         await error_response(error)(scope, receive, send)
+
+
+class HTTPOnly:
+    """Runs `handler(scope, receive, send, app)` for HTTP requests, passes anything else (the
+    lifespan) straight to the app. Plain ASGI, so a streamed response's chunks go to the
+    client without an extra task or queue each."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        handler: Callable[[Scope, Receive, Send, ASGIApp], Awaitable[None]],
+    ):
+        self.app = app
+        self.handler = handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        await self.handler(scope, receive, send, self.app)
