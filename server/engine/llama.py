@@ -223,12 +223,18 @@ def gemm_rows_independent(model: LlamaModel) -> bool:
     )
 
 
+def doubled(norm_weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An RMSNorm weight as `LlamaModel._rms_norm` takes it: [weight, weight]."""
+    weight = norm_weight.detach().to(dtype)
+    return torch.cat((weight, weight)).contiguous()
+
+
 @dataclass
 class LayerWeights:
-    input_norm: torch.Tensor  # [hidden]
+    input_norm: torch.Tensor  # [2 * hidden], see doubled
     qkv: Linear  # [(heads + 2 * kv_heads) * head_dim, hidden]
     o: Linear  # [hidden, heads * head_dim]
-    post_norm: torch.Tensor  # [hidden]
+    post_norm: torch.Tensor  # [2 * hidden]
     gate_up: Linear  # [2 * intermediate, hidden]
     down: Linear  # [hidden, intermediate]
 
@@ -274,7 +280,7 @@ class LlamaModel:
 
         inner = hf_model.model
         self.embed = inner.embed_tokens.weight.detach().to(dtype).contiguous()
-        self.norm = inner.norm.weight.detach().to(dtype)
+        self.norm = doubled(inner.norm.weight, dtype)
         self.weights = weights
 
         # Packed kinds quantize from the checkpoint when the loaded model is bitsandbytes-
@@ -307,10 +313,10 @@ class LlamaModel:
             attn, mlp, prefix = layer.self_attn, layer.mlp, f"model.layers.{index}"
             self.layers.append(
                 LayerWeights(
-                    input_norm=layer.input_layernorm.weight.detach().to(dtype),
+                    input_norm=doubled(layer.input_layernorm.weight, dtype),
                     qkv=linear(*((f"{prefix}.self_attn.{n}", getattr(attn, n)) for n in QKV_NAMES)),
                     o=linear((f"{prefix}.self_attn.o_proj", attn.o_proj)),
-                    post_norm=layer.post_attention_layernorm.weight.detach().to(dtype),
+                    post_norm=doubled(layer.post_attention_layernorm.weight, dtype),
                     gate_up=linear(
                         *((f"{prefix}.mlp.{n}", getattr(mlp, n)) for n in GATE_UP_NAMES)
                     ),
@@ -342,10 +348,15 @@ class LlamaModel:
 
     # ------------------------------------------------------------------------------ helpers
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        # LlamaRMSNorm's arithmetic (normalise in float32, scale in the compute dtype) with
-        # the fused normalisation: bit-identical, a few ops fewer per call.
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return weight * normed.to(self.dtype)
+        """RMSNorm as LayerNorm over [x, -x]: that row has mean 0 and variance mean(x²), so
+        LayerNorm's fused CPU kernel computes x / sqrt(mean(x²) + eps) * weight in one pass,
+        where torch's rms_norm on a CPU is six ops (5.6 against 12.4 µs at one row). Float32
+        inside, one rounding at the end (LlamaRMSNorm rounds before the weight: outputs
+        differ from it by at most one unit in the last place). `weight`: doubled,
+        [weight, weight] (see `doubled`)."""
+        features = x.shape[-1]
+        paired = torch.cat((x, x.neg()), dim=-1)
+        return F.layer_norm(paired, (2 * features,), weight, None, self.eps)[..., :features]
 
     @staticmethod
     def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
