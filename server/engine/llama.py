@@ -10,6 +10,7 @@ independent of batch neighbours.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,20 +152,43 @@ class W8A8Linear:
         self.zero_points = torch.zeros(weight.shape[0], dtype=torch.long)
 
     @staticmethod
+    @functools.cache
     def supported() -> bool:
-        """oneDNN's int8 linear is in this build of torch (x86 CPU builds)."""
-        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack")
+        """oneDNN's int8 linear is in this torch build (x86) and sums exactly on this CPU.
+        Without VNNI, x86 int8 kernels add pairs of u8 x s8 products in int16, which
+        saturates: a worst-case product is checked against integer arithmetic once."""
+        if not torch.backends.mkldnn.is_available() or not hasattr(
+            torch.ops.onednn, "qlinear_prepack"
+        ):
+            return False
+        weights = torch.full((16, 64), 127, dtype=torch.int8)
+        weights[1::2] = -127
+        activations = torch.full((2, 64), 255, dtype=torch.uint8)
+        activations[1, ::2] = 1
+        try:
+            packed = torch.ops.onednn.qlinear_prepack(weights, None)
+            products = _int8_linear(activations, packed, torch.ones(16), torch.zeros(16).long())
+        except RuntimeError:
+            return False
+        return torch.equal(products, ((activations.long() - 128) @ weights.long().t()).float())
 
     def __call__(self, x: torch.Tensor, wide: bool = False) -> torch.Tensor:
         # Symmetric codes of each row shifted into uint8 (zero point 128): oneDNN's fast path
         # takes unsigned activations and signed weights.
         row_scales = x.abs().amax(-1, keepdim=True).float().clamp_(min=1e-12).div_(127)
         codes = torch.div(x, row_scales).round_().add_(128).to(torch.uint8)
-        products = torch.ops.onednn.qlinear_pointwise(
-            codes, 1.0, 128, self.packed, self.scales, self.zero_points,
-            None, 1.0, 0, torch.float32, "none", [], "",
-        )  # fmt: skip
+        products = _int8_linear(codes, self.packed, self.scales, self.zero_points)
         return products.mul_(row_scales)
+
+
+def _int8_linear(
+    codes: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor
+) -> torch.Tensor:
+    """float32 [rows, out] = (codes - 128) @ weightsᵀ x scales: uint8 activations with zero
+    point 128, int8 weights prepacked by oneDNN, one float32 scale per output channel."""
+    return torch.ops.onednn.qlinear_pointwise(
+        codes, 1.0, 128, packed, scales, zero_points, None, 1.0, 0, torch.float32, "none", [], ""
+    )
 
 
 Linear = DenseLinear | Int8Linear | Int4Linear | W8A8Linear

@@ -309,6 +309,15 @@ def test_w8a8_vocabulary_projection_is_exact_per_row_and_close_to_dense(tiny_bf1
     assert isinstance(runner_for(tiny_bf16, weights="int4").model.lm_head, W8A8Linear)
 
 
+def test_int4_head_is_weight_only_int8_where_int8_gemms_are_not_exact(tiny_bf16, monkeypatch):
+    """On a CPU whose int8 GEMM saturates (no VNNI) or a torch without oneDNN's int8 linear,
+    the vocabulary projection keeps bf16 activations."""
+    from server.engine.llama import Int8Linear, W8A8Linear
+
+    monkeypatch.setattr(W8A8Linear, "supported", staticmethod(lambda: False))
+    assert isinstance(runner_for(tiny_bf16, weights="int4").model.lm_head, Int8Linear)
+
+
 def test_packed_weights_come_from_the_checkpoint_whatever_the_bnb_format(tiny_bf16, tmp_path):
     """An NF4-loaded model decodes with the same int4/int8 weights, bit for bit, as the
     unquantized one: both are packed from the safetensors checkpoint, never re-rounded from
