@@ -113,15 +113,22 @@ def test_client_disconnect_frees_the_slot(server):
         for _ in range(3):
             with http.stream("POST", "/v1/chat/completions", json=body, headers=headers) as r:
                 # the role chunk can come before the engine admits the request: wait for a
-                # token, which proves the sequence is running
-                for line in r.iter_lines():
+                # token, then see the sequence among the running ones
+                lines = r.iter_lines()
+                for line in lines:
                     if (
                         line.startswith("data:")
                         and '"content":"' in line
                         and '"content":""' not in line
                     ):
                         break
-                assert running_sequences(server.base_url) >= 1
+                deadline = time.monotonic() + 1
+                while running_sequences(server.base_url) < 1 and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                if running_sequences(server.base_url) < 1:  # seen in ~1 of 6 runs: diagnose
+                    rest = list(lines)
+                    log = server.log_path.read_text()[-3000:]
+                    raise AssertionError(f"not running after {line}; then {rest[-3:]}; {log}")
             # leaving the block closes the connection mid-stream
         deadline = time.monotonic() + 10
         while running_sequences(server.base_url) > 0 and time.monotonic() < deadline:
