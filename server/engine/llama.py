@@ -72,6 +72,13 @@ class DenseLinear:
         return F.linear(x, self.weight)
 
 
+def per_channel_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 codes [out, in] of a weight, one float32 scale per output channel (its
+    largest magnitude maps to 127)."""
+    scales = weight.float().abs().amax(dim=1).clamp(min=1e-12) / 127
+    return torch.round(weight.float() / scales[:, None]).to(torch.int8).contiguous(), scales
+
+
 class Int8Linear:
     """Weight-only int8 (one scale per output channel), bf16 activations: decode on a CPU is
     bound by reading the weights, so half the bytes of bf16 is about half the time at small
@@ -80,8 +87,7 @@ class Int8Linear:
     outputs stay batch-invariant."""
 
     def __init__(self, weight: torch.Tensor):
-        scales = weight.float().abs().amax(dim=1).clamp(min=1e-12) / 127
-        self.weight = torch.round(weight.float() / scales[:, None]).to(torch.int8).contiguous()
+        self.weight, scales = per_channel_int8(weight)
         self.scales = scales.to(weight.dtype)
 
     def __call__(self, x: torch.Tensor, wide: bool = False) -> torch.Tensor:
@@ -145,10 +151,8 @@ class W8A8Linear:
     four inputs per layer costs more than it saves at one row. Returns float32."""
 
     def __init__(self, weight: torch.Tensor):
-        scales = weight.float().abs().amax(dim=1).clamp(min=1e-12) / 127
-        codes = torch.round(weight.float() / scales[:, None]).to(torch.int8).contiguous()
+        codes, self.scales = per_channel_int8(weight)
         self.packed = torch.ops.onednn.qlinear_prepack(codes, None)
-        self.scales = scales  # float32 [out]
         self.zero_points = torch.zeros(weight.shape[0], dtype=torch.long)
 
     @staticmethod
