@@ -8,9 +8,18 @@ Single-stream speed alone, ragtune and llama-cpp-python alternating for N rounds
 
     python bench/compare_serving.py --interleave 5 --llama-cpp-python /path/to/venv/bin/python
 
+llama.cpp's own server, 16 parallel slots, with the same 4 adapters converted to GGUF, and
+long-prompt prefill (bench/prefill.py) against both:
+
+    python bench/compare_serving.py --systems ragtune,llama-server --prefill \
+        --llama-server ~/.cache/llama-server-build/src/llama.cpp/build/bin/llama-server
+
 Peers: `transformers serve` (with and without --continuous-batching) on the converted
-safetensors directory, and llama-cpp-python's OpenAI server on the same GGUF file (built once
-with `pip install 'llama-cpp-python[server]'` in a separate virtualenv).
+safetensors directory, llama-cpp-python's OpenAI server on the same GGUF file (built once
+with `pip install 'llama-cpp-python[server]'` in a separate virtualenv), and llama.cpp's
+`llama-server` (built once, outside the repo, by shared/tools/build_llama_server.sh; adapters
+converted with the `convert_lora_to_gguf.py` of the same source tree, chosen per request with
+`"lora": [{"id": i, "scale": 1}]`).
 """
 
 from __future__ import annotations
@@ -33,11 +42,19 @@ from ragtune.models.bundled import bundled_llm_gguf
 from ragtune.random_adapter import ALL_PROJECTIONS, make_adapter
 
 LOAD = Path(__file__).with_name("serve_load.py")
+PREFILL = Path(__file__).with_name("prefill.py")
 BASE = "smollm2-135m-instruct"
 REQUESTS = {1: 6, 4: 12, 16: 32}
 
 
-def run_load(url: str, concurrency: int, models: str, label: str, max_tokens: int) -> dict:
+def run_load(
+    url: str,
+    concurrency: int,
+    models: str,
+    label: str,
+    max_tokens: int,
+    lora_ids: list[int] | None = None,
+) -> dict:
     command = [
         sys.executable,
         str(LOAD),
@@ -54,10 +71,32 @@ def run_load(url: str, concurrency: int, models: str, label: str, max_tokens: in
         "--label",
         label,
     ]
+    if lora_ids:
+        command += ["--lora-ids", ",".join(map(str, lora_ids))]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     result = json.loads(output.strip().splitlines()[-1])
     print(json.dumps(result), flush=True)
     return result
+
+
+def prefill_module():
+    """bench/prefill.py as a module (bench/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_prefill", PREFILL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_prefill(url: str, label: str) -> list[dict]:
+    """bench/prefill.py's levels (256/1024/1536 tokens, c=1 and c=4) against one server."""
+    command = [sys.executable, str(PREFILL), "--url", url, "--label", label]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    results = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    for result in results:
+        print(json.dumps(result), flush=True)
+    return results
 
 
 def wait_ready(url: str, process: subprocess.Popen, timeout: float = 600) -> None:
@@ -97,11 +136,18 @@ def stop(process: subprocess.Popen) -> None:
         process.kill()
 
 
+def make_adapters(scratch: Path) -> list[Path]:
+    """The 4 rank-16 adapters (every projection) both ragtune and llama-server serve."""
+    paths = [scratch / "adapters" / f"lora{i}" for i in range(4)]
+    for i, path in enumerate(paths):
+        if not path.is_dir():
+            make_adapter(path, 16, ALL_PROJECTIONS, seed=i, scale=0.05)
+    return paths
+
+
 def bench_ragtune(scratch: Path, args: argparse.Namespace) -> list[dict]:
-    adapters = scratch / "adapters"
-    names = [f"lora{i}" for i in range(4)]
-    for i, name in enumerate(names):
-        make_adapter(adapters / name, 16, ALL_PROJECTIONS, seed=i, scale=0.05)
+    paths = make_adapters(scratch)
+    adapters, names = paths[0].parent, [path.name for path in paths]
     env = {
         "RAGTUNE_ADAPTERS__ROOTS": json.dumps([str(adapters)]),
         "RAGTUNE_SERVER__LOG_LEVEL": "warning",
@@ -112,6 +158,9 @@ def bench_ragtune(scratch: Path, args: argparse.Namespace) -> list[dict]:
     server = start_server(env, scratch / "ragtune.log", flags)
     results = []
     try:
+        print(json.dumps({"ragtune_engine": engine_info(server.url)}), flush=True)
+        if args.prefill:
+            results += run_prefill(server.v1, "ragtune")
         for c in args.concurrency:
             results.append(run_load(server.v1, c, BASE, f"ragtune base c={c}", args.max_tokens))
             results.append(
@@ -190,6 +239,85 @@ def bench_llama_cpp(scratch: Path, args: argparse.Namespace) -> list[dict]:
         stop(process)
 
 
+def engine_info(url: str) -> dict:
+    """The CPU kind and kernels the server chose (its ragtune_engine_info metric)."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    line = next((ln for ln in text.splitlines() if ln.startswith("ragtune_engine_info{")), "")
+    labels = line[line.find("{") + 1 : line.rfind("}")]
+    return dict(part.split("=", 1) for part in labels.replace('"', "").split(",") if "=" in part)
+
+
+def llama_cpp_source(binary: Path) -> Path:
+    """The llama.cpp tree a llama-server binary was built in (build/bin/llama-server)."""
+    return binary.resolve().parent.parent.parent
+
+
+def convert_adapters(binary: Path, adapters: list[Path], out: Path) -> list[Path]:
+    """PEFT adapters -> GGUF LoRA files, with the converter of the binary's source tree."""
+    source = llama_cpp_source(binary)
+    base = resolve_model_dir("bundled", default_home())
+    out.mkdir(parents=True, exist_ok=True)
+    converted = []
+    for adapter in adapters:
+        target = out / f"{adapter.name}.gguf"
+        command = [
+            sys.executable,
+            str(source / "convert_lora_to_gguf.py"),
+            "--base",
+            str(base),
+            "--outfile",
+            str(target),
+            str(adapter),
+        ]
+        env = {**os.environ, "PYTHONPATH": str(source / "gguf-py")}
+        subprocess.run(command, check=True, capture_output=True, env=env)
+        converted.append(target)
+    return converted
+
+
+def bench_llama_server(scratch: Path, args: argparse.Namespace) -> list[dict]:
+    """llama.cpp's server, 16 slots x 2048 tokens, 2 threads, the 4 adapters loaded at scale
+    0 and chosen per request."""
+    binary = Path(args.llama_server)
+    loras = convert_adapters(binary, make_adapters(scratch), scratch / "gguf-adapters")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/v1"
+    command = [str(binary), "-m", str(bundled_llm_gguf()), "-np", "16", "-c", "32768"]
+    command += ["-t", "2", "--host", "127.0.0.1", "--port", str(port)]
+    for lora in loras:
+        command += ["--lora", str(lora)]
+    command.append("--lora-init-without-apply")
+    process = peer(command, url, scratch / "llama_server.log")
+    results = []
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}")
+        if args.prefill:
+            results += run_prefill(url, "llama-server")
+        for c in args.concurrency:
+            results.append(run_load(url, c, BASE, f"llama-server base c={c}", args.max_tokens))
+            results.append(
+                run_load(url, c, BASE, f"llama-server 1 adapter c={c}", args.max_tokens, [0])
+            )
+            results.append(
+                run_load(
+                    url, c, BASE, f"llama-server 4 adapters c={c}", args.max_tokens, [0, 1, 2, 3]
+                )
+            )
+    finally:
+        stop(process)
+    return results
+
+
+def wait_healthy(base_url: str, timeout: float = 120) -> None:
+    """llama-server answers 503 while it loads the model; /health is 200 once it can serve."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"{base_url} not healthy after {timeout}s")
+
+
 def bench_single_stream(scratch: Path, args: argparse.Namespace) -> list[dict]:
     """c=1 only, ragtune (base model) and llama-cpp-python both up, alternating for
     `--interleave` rounds: single-stream speed drifts between runs on a shared VM, and
@@ -213,7 +341,10 @@ def bench_single_stream(scratch: Path, args: argparse.Namespace) -> list[dict]:
 
 
 def table(results: list[dict]) -> str:
-    lines = [
+    prefill = [r for r in results if "target_tokens" in r]
+    results = [r for r in results if "target_tokens" not in r]
+    lines = [prefill_module().table(prefill), ""] if prefill else []
+    lines += [
         "| run | tok/s | req/s | p50 latency s | p95 latency s | TTFT p50 s | errors |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -247,7 +378,17 @@ def main() -> None:
         default=0,
         help="instead: c=1 only, ragtune and llama-cpp-python alternating this many rounds",
     )
+    parser.add_argument("--llama-server", default=None, help="llama.cpp's llama-server binary")
+    parser.add_argument(
+        "--prefill",
+        action="store_true",
+        help="also long-prompt TTFT and prefill tok/s (bench/prefill.py) for ragtune and "
+        "llama-server",
+    )
     args = parser.parse_args()
+    from ragtune.hardware import detect
+
+    print(json.dumps({"machine": detect().describe()}), flush=True)
     results: list[dict] = []
     with tempfile.TemporaryDirectory() as scratch_dir:
         scratch = Path(scratch_dir)
@@ -260,6 +401,8 @@ def main() -> None:
                 results += bench_transformers(scratch, args, system == "transformers-cb")
             elif system == "llama-cpp" and args.llama_cpp_python:
                 results += bench_llama_cpp(scratch, args)
+            elif system == "llama-server" and args.llama_server:
+                results += bench_llama_server(scratch, args)
     print(table(results))
 
 

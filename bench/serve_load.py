@@ -44,6 +44,7 @@ async def one_request(
     max_tokens: int,
     stream: bool,
     headers: dict,
+    lora_id: int | None = None,
 ) -> dict:
     body = {
         "model": model,
@@ -52,6 +53,8 @@ async def one_request(
         "temperature": 0,
         "stream": stream,
     }
+    if lora_id is not None:  # llama.cpp's llama-server: adapters loaded at start, by id
+        body["lora"] = [{"id": lora_id, "scale": 1.0}]
     if stream:
         body["stream_options"] = {"include_usage": True}
     started = time.perf_counter()
@@ -94,7 +97,8 @@ async def one_request(
 async def run(args: argparse.Namespace) -> dict:
     models = itertools.cycle(args.models.split(","))
     prompts = itertools.cycle(PROMPTS)
-    jobs = [(next(models), next(prompts)) for _ in range(args.requests)]
+    loras = itertools.cycle(args.lora_ids or [None])
+    jobs = [(next(models), next(prompts), next(loras)) for _ in range(args.requests)]
     queue: asyncio.Queue = asyncio.Queue()
     for job in jobs:
         queue.put_nowait(job)
@@ -103,15 +107,23 @@ async def run(args: argparse.Namespace) -> dict:
     limits = httpx.Limits(max_connections=args.concurrency * 2)
     async with httpx.AsyncClient(timeout=args.timeout, limits=limits) as http:
         if args.warmup:
-            await one_request(http, args.url, jobs[0][0], jobs[0][1], 8, args.stream, headers)
+            model, prompt, lora_id = jobs[0]
+            await one_request(http, args.url, model, prompt, 8, args.stream, headers, lora_id)
 
         async def worker() -> None:
             while not queue.empty():
-                model, prompt = queue.get_nowait()
+                model, prompt, lora_id = queue.get_nowait()
                 try:
                     results.append(
                         await one_request(
-                            http, args.url, model, prompt, args.max_tokens, args.stream, headers
+                            http,
+                            args.url,
+                            model,
+                            prompt,
+                            args.max_tokens,
+                            args.stream,
+                            headers,
+                            lora_id,
                         )
                     )
                 except httpx.HTTPError as exc:
@@ -156,6 +168,12 @@ def main() -> None:
         "--models",
         default="smollm2-135m-instruct",
         help="comma-separated model names, used round-robin",
+    )
+    parser.add_argument(
+        "--lora-ids",
+        type=lambda v: [int(i) for i in v.split(",")],
+        default=None,
+        help="llama-server adapter ids, used round-robin (sent as `lora: [{id, scale: 1}]`)",
     )
     parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--api-key", default=None)

@@ -46,8 +46,10 @@ class ModelConfig(_Section):
     quantization: Literal["nf4", "int8", "none"] = Field(
         "nf4", description="bitsandbytes weight quantization of the base model."
     )
-    dtype: Literal["bf16", "fp32"] = Field(
-        "bf16", description="Compute dtype (and weight dtype when quantization is 'none')."
+    dtype: Literal["auto", "bf16", "fp32"] = Field(
+        "auto",
+        description="Compute dtype (and weight dtype when quantization is 'none'): 'auto' is "
+        "bf16 on CUDA and on CPUs with native bf16 (AVX-512 BF16, AMX), else fp32.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="'auto' picks CUDA when present, else CPU."
@@ -100,10 +102,10 @@ class EngineConfig(_Section):
     )
     weights: Literal["auto", "dense", "int8", "int4"] = Field(
         "auto",
-        description="Base weights in the compact forward: 'int4' (weight-only, groups of 32 "
-        "with scale and offset, for bf16 compute on CPU; the fastest decode), 'int8' "
-        "(weight-only, per channel, bf16 on CPU), 'dense' (the compute dtype), or 'auto' "
-        "(int4 where supported, else dense). Packed kinds are quantized from the checkpoint.",
+        description="Base weights in the compact forward's decode GEMMs: 'int4' (weight-only, "
+        "groups of 32 with scale and offset; the fastest decode on every CPU measured), "
+        "'int8' (weight-only, per channel), 'dense' (the compute dtype), or 'auto' (int4 on "
+        "a CPU, dense on CUDA). Packed kinds are quantized from the checkpoint.",
     )
     prefix_cache_mb: int = Field(
         256,

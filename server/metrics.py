@@ -13,6 +13,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    Info,
     generate_latest,
 )
 
@@ -96,7 +97,16 @@ class Metrics:
             registry=r,
         )
 
+        self.engine_info = Info(
+            "ragtune_engine",
+            "The CPU kind and features detected at start-up and the kernels chosen for them",
+            registry=r,
+        )
+
     def watch_engine(self, engine) -> None:
+        from ragtune.hardware import detect
+
+        self.engine_info.info({**detect().as_labels(), **engine.runner.kernels()})
         self.running.set_function(lambda: engine.num_running)
         self.waiting.set_function(lambda: engine.num_waiting)
         prefix = getattr(engine.runner, "prefix_cache", None)

@@ -14,6 +14,7 @@ from typing import Any
 
 from ragtune.config import BUNDLED_MODEL, ModelConfig
 from ragtune.fileio import atomic_write_text
+from ragtune.hardware import compute_dtype_name, detect, slow_setting_warning
 from ragtune.models.bundled import bundled_llm_gguf
 from ragtune.models.convert import convert_gguf, read_manifest, weights_fingerprint
 
@@ -90,7 +91,12 @@ def load_base_model(config: ModelConfig, home: Path) -> LoadedModel:
         torch.set_num_threads(config.threads)
     model_dir = resolve_model_dir(config.source, home)
     device = pick_device(config.device)
-    dtype = torch.bfloat16 if config.dtype == "bf16" else torch.float32
+    caps = detect()
+    dtype_name = compute_dtype_name(config.dtype, device, caps)
+    warning = slow_setting_warning(dtype_name, device, caps)
+    if warning:
+        logger.warning(warning)
+    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
     kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": device}}
     if config.quantization == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -102,11 +108,13 @@ def load_base_model(config: ModelConfig, home: Path) -> LoadedModel:
     elif config.quantization == "int8":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     logger.info(
-        "loading %s (quantization=%s, dtype=%s, device=%s)",
+        "loading %s (quantization=%s, dtype=%s%s, device=%s); %s",
         model_dir,
         config.quantization,
-        config.dtype,
+        dtype_name,
+        " (auto)" if config.dtype == "auto" else "",
         device,
+        caps.describe(),
     )
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     model.eval()

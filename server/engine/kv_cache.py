@@ -61,6 +61,15 @@ class KVCache:
         rounded = -(-length // self.bucket_size) * self.bucket_size
         return min(rounded, self.max_len)
 
+    def extent_class(self, length: int) -> int:
+        """A key extent set by one sequence's own length alone (64, 96, 128, 192, 256, ...:
+        at most 1.5x the length, few distinct shapes), for devices whose batched GEMMs may sum
+        in another order when the extent changes (see LlamaModel._decode_extents)."""
+        size = 64
+        while size < length:
+            size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
+        return min(size, self.max_len)
+
     def slots_for(self, rows: int) -> int:
         """The slot axis for `rows` running sequences: the next power of two, so that a batch
         filling up one sequence at a time re-lays the cache out log2(num_slots) times."""
@@ -135,6 +144,12 @@ class KVCache:
         """keys_t [batch, kv_heads, d, length] and values [batch, kv_heads, length, d]:
         contiguous when `length` is the capacity."""
         return self.keys_t[layer][:batch, ..., :length], self.values[layer][:batch, :, :length]
+
+    def gather_view(
+        self, layer: int, rows: torch.Tensor, length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """keys_t [len(rows), kv_heads, d, length] and values of some slots (copies)."""
+        return self.keys_t[layer][rows, ..., :length], self.values[layer][rows, :, :length]
 
     def clear(self, slot: int, length: int) -> None:
         """Zero a slot's first `length` positions: a NaN or Inf left there by a sequence that

@@ -10,7 +10,6 @@ independent of batch neighbours.
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,14 @@ import torch.nn.functional as F
 
 from ragtune.models.checkpoint import open_checkpoint
 from server.engine.kv_cache import KVCache
+from server.engine.linear import (
+    DenseLinear,
+    Linear,
+    W8A8Linear,
+    dense_weight,
+    is_bnb,
+    linear_for,
+)
 from server.engine.lora import LayerLora, LoraBatch, LoraSlots, add_lora
 
 logger = logging.getLogger(__name__)
@@ -45,172 +52,6 @@ def supports(config) -> str | None:
 
 QKV_NAMES = ("q_proj", "k_proj", "v_proj")
 GATE_UP_NAMES = ("gate_proj", "up_proj")
-
-
-def is_bnb(linear: torch.nn.Module) -> bool:
-    return type(linear.weight).__name__ in ("Params4bit", "Int8Params")
-
-
-def dense_weight(linear: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """[out, in] weight of a plain or bitsandbytes-quantized linear layer, in `dtype`."""
-    weight = linear.weight
-    if is_bnb(linear):
-        from peft.utils.integrations import dequantize_bnb_weight
-
-        state = getattr(weight, "quant_state", None) or getattr(linear, "state", None)
-        return dequantize_bnb_weight(weight, state=state).to(dtype).contiguous()
-    return weight.detach().to(dtype).contiguous()
-
-
-class DenseLinear:
-    """y = x Wᵀ with W [out, in] in the compute dtype."""
-
-    def __init__(self, weight: torch.Tensor):
-        self.weight = weight
-
-    def __call__(self, x: torch.Tensor, wide: bool = False) -> torch.Tensor:
-        return F.linear(x, self.weight)
-
-
-def per_channel_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 codes [out, in] of a weight, one float32 scale per output channel (its
-    largest magnitude maps to 127)."""
-    scales = weight.float().abs().amax(dim=1).clamp(min=1e-12) / 127
-    return torch.round(weight.float() / scales[:, None]).to(torch.int8).contiguous(), scales
-
-
-class Int8Linear:
-    """Weight-only int8 (one scale per output channel), bf16 activations: decode on a CPU is
-    bound by reading the weights, so half the bytes of bf16 is about half the time at small
-    batches. The per-channel rounding error is at most 1/254 of a row's largest weight, and
-    each row of the result is computed on its own whatever the batch size (measured), so
-    outputs stay batch-invariant."""
-
-    def __init__(self, weight: torch.Tensor):
-        self.weight, scales = per_channel_int8(weight)
-        self.scales = scales.to(weight.dtype)
-
-    def __call__(self, x: torch.Tensor, wide: bool = False) -> torch.Tensor:
-        """`wide`: many rows (a prompt chunk), where the GEMM is compute-bound and the packed
-        kernel is slower than dequantizing on the fly for the dense one (512-token prefill:
-        506 ms packed, 327 ms dequantized, 310 ms bf16). Decode rows never take this path,
-        so a row's decode result does not depend on the batch size."""
-        if wide:
-            return F.linear(x, self.weight.to(x.dtype) * self.scales[:, None])
-        return torch._weight_int8pack_mm(x.contiguous(), self.weight, self.scales)
-
-
-class Int4Linear:
-    """Weight-only int4 in groups of 32 input channels (a scale and an offset per group, the
-    layout of GGUF's Q4_1), bf16 activations: a quarter of bf16's bytes, the fastest decode
-    at every batch size measured here. The bundled model was published as Q4_1, and packed
-    from its checkpoint this grid reproduces it (perplexity 43.5 against 44.4 for the bf16
-    checkpoint). Prompt chunks of many rows use the same grid dequantized to bf16 (kept
-    beside the packed weights), where the dense GEMM is 2.8x faster than the packed kernel
-    (512 rows). Rows are computed independently of the batch size (checked in tests/engine)."""
-
-    GROUP = 32
-
-    def __init__(self, weight: torch.Tensor):
-        out_features, in_features = weight.shape
-        groups = weight.float().view(out_features, in_features // self.GROUP, self.GROUP)
-        low, high = groups.amin(-1), groups.amax(-1)
-        scale = ((high - low) / 15).clamp(min=1e-8)
-        codes = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15)
-        # the kernel's convention: w = (code - 8) * scale + zero, scale and zero in bf16
-        scales_zeros = torch.stack([scale, low + 8 * scale], -1).to(weight.dtype)
-        self.scales_zeros = scales_zeros.transpose(0, 1).contiguous()  # [groups, out, 2]
-        self.packed = torch._convert_weight_to_int4pack_for_cpu(
-            codes.to(torch.int32).view(out_features, in_features), 1
-        )
-        scale_q, zero_q = scales_zeros.float().unbind(-1)
-        dequantized = (codes - 8) * scale_q[..., None] + zero_q[..., None]
-        self.dense = dequantized.view(out_features, in_features).to(weight.dtype)
-
-    @classmethod
-    def fits(cls, weight: torch.Tensor) -> bool:
-        return weight.shape[1] % cls.GROUP == 0 and weight.shape[0] % 16 == 0
-
-    def __call__(self, x: torch.Tensor, wide: bool = False) -> torch.Tensor:
-        if wide:
-            return F.linear(x, self.dense)
-        return torch._weight_int4pack_mm_for_cpu(
-            x.contiguous(), self.packed, self.GROUP, self.scales_zeros
-        )
-
-
-class W8A8Linear:
-    """int8 weights (one scale per output channel) times int8 activations (one scale per row,
-    computed on the fly), through oneDNN's int8 GEMM on weights prepacked at load: the CPU's
-    integer dot products do twice the multiply-adds of its bf16 ones and the integer sums are
-    exact, so a row's result depends on that row alone. The scales apply afterwards, per row
-    and channel, in float32. llama.cpp quantizes activations to 8 bits the same way for its
-    quantized dot products. Used for the vocabulary projection under int4, where it runs
-    once per step on one hidden state per row: 3.5 -> 1.3 ms at 16 rows, 1.4 -> 1.0 ms at one
-    (cold weights, bench numbers in docs/performance.md). Not for the layers: quantizing
-    four inputs per layer costs more than it saves at one row. Returns float32."""
-
-    def __init__(self, weight: torch.Tensor):
-        codes, self.scales = per_channel_int8(weight)
-        self.packed = torch.ops.onednn.qlinear_prepack(codes, None)
-        self.zero_points = torch.zeros(weight.shape[0], dtype=torch.long)
-
-    @staticmethod
-    @functools.cache
-    def supported() -> bool:
-        """oneDNN's int8 linear is in this torch build (x86) and sums exactly on this CPU.
-        Without VNNI, x86 int8 kernels add pairs of u8 x s8 products in int16, which
-        saturates: a worst-case product is checked against integer arithmetic once."""
-        if not torch.backends.mkldnn.is_available() or not hasattr(
-            torch.ops.onednn, "qlinear_prepack"
-        ):
-            return False
-        weights = torch.full((16, 64), 127, dtype=torch.int8)
-        weights[1::2] = -127
-        activations = torch.full((2, 64), 255, dtype=torch.uint8)
-        activations[1, ::2] = 1
-        try:
-            packed = torch.ops.onednn.qlinear_prepack(weights, None)
-            products = _int8_linear(activations, packed, torch.ones(16), torch.zeros(16).long())
-        except RuntimeError:
-            return False
-        return torch.equal(products, ((activations.long() - 128) @ weights.long().t()).float())
-
-    def __call__(self, x: torch.Tensor, wide: bool = False) -> torch.Tensor:
-        # Symmetric codes of each row shifted into uint8 (zero point 128): oneDNN's fast path
-        # takes unsigned activations and signed weights.
-        row_scales = x.abs().amax(-1, keepdim=True).float().clamp_(min=1e-12).div_(127)
-        codes = torch.div(x, row_scales).round_().add_(128).to(torch.uint8)
-        products = _int8_linear(codes, self.packed, self.scales, self.zero_points)
-        return products.mul_(row_scales)
-
-
-def _int8_linear(
-    codes: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor
-) -> torch.Tensor:
-    """float32 [rows, out] = (codes - 128) @ weightsᵀ x scales: uint8 activations with zero
-    point 128, int8 weights prepacked by oneDNN, one float32 scale per output channel."""
-    return torch.ops.onednn.qlinear_pointwise(
-        codes, 1.0, 128, packed, scales, zero_points, None, 1.0, 0, torch.float32, "none", [], ""
-    )
-
-
-Linear = DenseLinear | Int8Linear | Int4Linear | W8A8Linear
-DECODE_WEIGHTS = ("dense", "int8", "int4")
-
-
-def linear_for(weights: str, weight: torch.Tensor) -> Linear:
-    """The decode form of one weight; int4 falls back to int8 for a shape it cannot pack."""
-    if weights == "int4" and Int4Linear.fits(weight):
-        return Int4Linear(weight)
-    if weights in ("int4", "int8"):
-        return Int8Linear(weight)
-    return DenseLinear(weight)
-
-
-def packed_weights_supported(dtype: torch.dtype, device: str) -> bool:
-    """The packed int8/int4 kernels serve bf16 compute on CPUs; GPUs keep dense weights."""
-    return dtype == torch.bfloat16 and str(device).startswith("cpu")
 
 
 def gemm_rows_independent(model: LlamaModel) -> bool:
@@ -332,7 +173,10 @@ class LlamaModel:
         # perplexity. Its activations go to int8 too (W8A8Linear): perplexity 15.00 against
         # 14.95 with weight-only int8, 2.8 ms less per 16-row step.
         head = dense_weight(hf_model.lm_head, dtype)
-        if weights == "int4" and W8A8Linear.supported():
+        # Under fp32 compute the weight-only kernels would also round the logits to bf16
+        # (ties between the top tokens: seen on the emulated AVX2 kind), so int8 takes it too.
+        w8a8 = weights == "int4" or (weights == "int8" and dtype == torch.float32)
+        if w8a8 and W8A8Linear.supported():
             self.lm_head: Linear = W8A8Linear(head)
         else:
             self.lm_head = linear_for("int8" if weights == "int4" else weights, head)
@@ -357,10 +201,15 @@ class LlamaModel:
         self._cos, self._sin = self._rope_tables(hf_model, config.max_position_embeddings)
         # whether a GEMM gives a row the same bits in any batch (checked on this device)
         self.rows_independent = gemm_rows_independent(self)
+        # Where they do not (AMX bf16 kernels, MKL's fp32 GEMMs), decode's library GEMMs
+        # (LoRA, and every GEMM under dense weights) run on this many rows whatever the batch:
+        # with one row count a row's bits depend neither on its neighbours nor on its position
+        # (measured). The runner sets it to the batch capacity.
+        self.fixed_decode_rows: int | None = None
         if not self.rows_independent:
             logger.info(
-                "this device's GEMMs depend on the batch: prompts prefill one at a time and "
-                "the prefix cache is off"
+                "this device's GEMMs depend on the row count: prompts prefill one at a time, "
+                "the prefix cache is off, decode pads library GEMMs to a fixed row count"
             )
 
     def _rope_tables(self, hf_model, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -519,37 +368,96 @@ class LlamaModel:
         row with them runs alone.
         """
         real = tokens.shape[0]
-        if real == 1 and (self.weights == "dense" or lora is not None):
+        fixed = self.fixed_decode_rows
+        if fixed and self.weights == "dense" and real < fixed:  # every GEMM sees `fixed` rows
+            pad = tokens.new_zeros(fixed - real)
+            tokens, positions = torch.cat((tokens, pad)), torch.cat((positions, pad))
+            lora = lora.pad_rows(fixed) if lora is not None else None
+        elif fixed and lora is not None:  # packed base GEMMs are row-independent; LoRA's not
+            lora = lora.pad_rows(fixed)
+        elif real == 1 and (self.weights == "dense" or lora is not None):
             tokens, positions = tokens.repeat(2), positions.repeat(2)
             lora = lora.repeat_rows(2) if lora is not None else None
         batch = tokens.shape[0]
         x = self.embed[tokens]
         cos, sin = self._cos[positions][:, None, :], self._sin[positions][:, None, :]
-        length = cache.bucket(int(positions.max()) + 1)
         rows = torch.arange(real, device=self.device)
-        hidden = torch.arange(length, device=self.device)[None, :] > positions[:real, None]
-        # [real * kv_heads, heads per kv head, length]: 0 where a row may look, -inf where not
-        bias = torch.zeros(hidden.shape, dtype=self.dtype, device=self.device)
-        bias = bias.masked_fill(hidden, float("-inf"))[:, None, :]
-        group = self.num_heads // self.num_kv_heads
-        bias = bias.repeat_interleave(self.num_kv_heads, 0).expand(-1, group, -1).contiguous()
+        extents = self._decode_extents(positions[:real], cache)
 
         for index, w in enumerate(self.layers):
             layer_lora = lora.layer(index) if lora is not None else None
             q, k, v = self._attention_input(w, x, cos, sin, layer_lora)
             cache.write_decode(index, rows, write_positions, k[:real], v[:real])
-            keys_t, values = cache.batch_view(index, real, length)
-            groups = real * self.num_kv_heads  # one query token per row: [groups, group, d]
+            attn = self._decode_attention(index, q[:real], cache, extents)
+            if batch > real:  # copies of a lone row, or padding: attention is per row
+                attn = (
+                    attn.expand(batch, -1)
+                    if real == 1 and not fixed
+                    else torch.cat((attn, attn.new_zeros(batch - real, self.q_size)))
+                )
+            x = self._attention_output(w, x, attn, layer_lora)
+        return self._logits(x)[:real]
+
+    def _decode_extents(
+        self, positions: torch.Tensor, cache: KVCache
+    ) -> list[tuple[torch.Tensor | None, int, torch.Tensor]]:
+        """How a decode step's rows attend: (rows, key extent, mask bias) per group of rows
+        sharing one batched GEMM; rows None means all rows in slot order.
+
+        Where GEMMs are row-independent, one group over the batch's longest length (masked
+        keys weigh exactly zero). Elsewhere (`fixed_decode_rows`: AMX, MKL) a kernel may sum
+        the same keys in another order when the extent changes (seen on AMX: a lone row over
+        48 keys and the same row among longer ones over 64 differ in the last bit), so each
+        row attends over an extent set by its own length (`KVCache.extent_class`), and rows
+        of one class share a GEMM (one row count per class is not needed: measured)."""
+        group = self.num_heads // self.num_kv_heads
+        if self.fixed_decode_rows:
+            classes = [cache.extent_class(p + 1) for p in positions.tolist()]
+        else:
+            classes = [cache.bucket(int(positions.max()) + 1)] * positions.shape[0]
+        extents = []
+        for length in sorted(set(classes)):
+            members = [i for i, c in enumerate(classes) if c == length]
+            rows = None if len(members) == len(classes) else torch.tensor(members)
+            own = positions if rows is None else positions[rows]
+            hidden = torch.arange(length, device=self.device)[None, :] > own[:, None]
+            # [rows * kv_heads, heads per kv head, length]: 0 where a row may look, -inf not
+            bias = torch.zeros(hidden.shape, dtype=self.dtype, device=self.device)
+            bias = bias.masked_fill(hidden, float("-inf"))[:, None, :]
+            bias = bias.repeat_interleave(self.num_kv_heads, 0).expand(-1, group, -1)
+            extents.append((rows, length, bias.contiguous()))
+        return extents
+
+    def _decode_attention(
+        self,
+        layer: int,
+        q: torch.Tensor,  # [rows, heads, d] one query token per row
+        cache: KVCache,
+        extents: list[tuple[torch.Tensor | None, int, torch.Tensor]],
+    ) -> torch.Tensor:
+        """Attention of one decode step in one layer: [rows, q_size]."""
+        group = self.num_heads // self.num_kv_heads
+        out = None
+        for rows, length, bias in extents:
+            if rows is None:
+                keys_t, values = cache.batch_view(layer, q.shape[0], length)
+                queries = q
+            else:
+                keys_t, values = cache.gather_view(layer, rows, length)
+                queries = q[rows]
+            groups = queries.shape[0] * self.num_kv_heads  # [groups, group, d]
             attn = self._attention(
-                q[:real].reshape(groups, group, self.head_dim),
+                queries.reshape(groups, group, self.head_dim),
                 keys_t.reshape(groups, self.head_dim, length),
                 values.reshape(groups, length, self.head_dim),
                 bias,
-            ).reshape(real, self.q_size)
-            if batch > real:  # the copy of a lone row: attention is per row, GEMMs are not
-                attn = attn.expand(batch, -1)
-            x = self._attention_output(w, x, attn, layer_lora)
-        return self._logits(x)[:real]
+            ).reshape(queries.shape[0], self.q_size)
+            if rows is None:
+                return attn
+            if out is None:
+                out = attn.new_empty(q.shape[0], self.q_size)
+            out[rows] = attn
+        return out
 
     def _attention(
         self,

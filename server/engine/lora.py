@@ -132,6 +132,16 @@ class LoraBatch:
         """The same view for `times` copies of a one-row batch."""
         return LoraBatch(self.slots, self.mask.repeat(times, 1), self.active_groups)
 
+    def pad_rows(self, rows: int) -> LoraBatch:
+        """The same view for a batch padded to `rows` rows (the extra rows use no adapter).
+        With a mask taller than its input, `add_lora` pads the input to the mask's height, so
+        the LoRA GEMMs always see the same row count (see LlamaModel.fixed_decode_rows)."""
+        extra = rows - self.mask.shape[0]
+        if extra <= 0:
+            return self
+        mask = torch.cat((self.mask, self.mask.new_zeros(extra, self.mask.shape[1])))
+        return LoraBatch(self.slots, mask, self.active_groups)
+
     def layer(self, index: int) -> LayerLora:
         """The factors one layer needs, as plain tensors: what the (compiled) layer function
         takes, so one compiled graph serves every layer."""
@@ -153,8 +163,13 @@ LayerLora = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 def add_lora(
     lora: LayerLora | None, group: str, x: torch.Tensor, out: torch.Tensor
 ) -> torch.Tensor:
-    """out + the LoRA delta of each row's adapter for one fused projection group."""
+    """out + the LoRA delta of each row's adapter for one fused projection group. A mask with
+    more rows than `x` (LoraBatch.pad_rows) pads `x` with zero rows to its height first."""
     if lora is None or group not in lora:
         return out
     a, b, mask = lora[group]
+    rows = x.shape[0]
+    if mask.shape[0] > rows:
+        x = torch.cat((x, x.new_zeros(mask.shape[0] - rows, x.shape[1])))
+        return out + (((x @ a.t()) * mask) @ b)[:rows]
     return out + ((x @ a.t()) * mask) @ b

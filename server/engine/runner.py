@@ -10,15 +10,11 @@ from collections import OrderedDict
 import torch
 
 from ragtune.config import EngineConfig
+from ragtune.hardware import detect
 from ragtune.models import LoadedModel
 from server.engine.kv_cache import KVCache
-from server.engine.llama import (
-    WIDE_ROWS,
-    LlamaModel,
-    PromptChunk,
-    packed_weights_supported,
-    supports,
-)
+from server.engine.linear import packed_weights_supported
+from server.engine.llama import WIDE_ROWS, LlamaModel, PromptChunk, supports
 from server.engine.lora import GROUPS, AdapterWeights, LoraSlots
 from server.engine.prefix_cache import PrefixCache
 from server.engine.sequence import Sequence
@@ -85,6 +81,8 @@ class LlamaRunner:
         self.max_seq_len = max_seq_len
         self.prefill_chunk = config.prefill_chunk
         m = self.model
+        if not m.rows_independent:
+            m.fixed_decode_rows = config.max_batch_size
         self.cache = KVCache(
             m.num_layers,
             config.max_batch_size,
@@ -115,11 +113,24 @@ class LlamaRunner:
                 self.cache, self.cache.bucket_size, config.prefix_cache_mb * 2**20
             )
         logger.info(
-            "decode weights %s, KV cache %.0f MiB, LoRA buffers %.0f MiB",
-            m.weights,
+            "compact runner on %s: %s; KV cache %.0f MiB, LoRA buffers %.0f MiB",
+            detect().describe(),
+            ", ".join(f"{k} {v}" for k, v in self.kernels().items()),
             self.cache.nbytes / 2**20,
             self.lora.nbytes / 2**20,
         )
+
+    def kernels(self) -> dict[str, str]:
+        """What this runner computes with, for the start-up log and the engine info metric."""
+        m = self.model
+        return {
+            "runner": "compact",
+            "dtype": dtype_name(m.dtype),
+            "weights": m.weights,
+            "head": type(m.lm_head).__name__,
+            "rows_independent": str(m.rows_independent).lower(),
+            "prefix_cache": "on" if self.prefix_cache is not None else "off",
+        }
 
     def can_admit(self, seq: Sequence) -> bool:
         if len(self.slots) >= self.cache.num_slots:
@@ -189,7 +200,10 @@ class LlamaRunner:
             tokens[seq.slot] = seq.last_token
             positions[seq.slot] = seq.cache_len
             lora_rows[seq.slot] = seq.lora_slot
-        self.cache.fit(max(writes) + 1, rows)
+        longest = max(writes) + 1
+        if self.model.fixed_decode_rows:  # rows attend over their own extent class
+            longest = self.cache.extent_class(longest)
+        self.cache.fit(longest, rows)
         device = self.device
         lora = None
         if any(s >= 0 for s in lora_rows):
@@ -243,6 +257,9 @@ class HFModelRunner:
         self._running: list[Sequence] = []
         self._max = config.max_batch_size
 
+    def kernels(self) -> dict[str, str]:
+        return {"runner": "serial", "dtype": dtype_name(self.model.dtype), "weights": "hf"}
+
     def can_admit(self, seq: Sequence) -> bool:
         return len(self._running) < self._max and seq.request.adapter is None
 
@@ -282,6 +299,12 @@ class HFModelRunner:
             self._running.remove(seq)
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}.get(
+        dtype, str(dtype)
+    )
+
+
 def prefix_namespace(seq: Sequence) -> str:
     """What besides the tokens decides a prompt's K/V: its adapter and its kernel class."""
     adapter = seq.request.adapter
@@ -290,12 +313,12 @@ def prefix_namespace(seq: Sequence) -> str:
 
 def decode_weights(config: EngineConfig, loaded: LoadedModel) -> str:
     """engine.weights resolved for this model: 'auto' is int4 where the packed kernels run
-    (bf16 compute on a CPU), else dense."""
+    (a CPU, bf16 or fp32 compute), else dense."""
     supported = packed_weights_supported(loaded.dtype, loaded.device)
     if config.weights in ("int8", "int4") and not supported:
         raise ValueError(
-            f"engine.weights={config.weights} needs bf16 compute on a CPU "
-            "(model.dtype=bf16, device cpu)"
+            f"engine.weights={config.weights} needs bf16 or fp32 compute on a CPU "
+            f"(not {loaded.dtype} on {loaded.device})"
         )
     if config.weights == "auto":
         return "int4" if supported else "dense"

@@ -44,7 +44,9 @@ def tiny() -> LoadedModel:
 
 
 def runner_for(tiny: LoadedModel, **engine) -> LlamaRunner:
-    return LlamaRunner(tiny, EngineConfig(**{"max_batch_size": 4, **engine}), max_seq_len=128)
+    """Dense weights unless a test names others: exact comparisons against Hugging Face."""
+    config = EngineConfig(**{"max_batch_size": 4, "weights": "dense", **engine})
+    return LlamaRunner(tiny, config, max_seq_len=128)
 
 
 def sequence(prompt: list[int], adapter=None) -> Sequence:
@@ -242,7 +244,7 @@ def test_packed_weights_stay_close_to_dense(tiny_bf16, weights, tolerance):
 def test_int4_packs_the_bundled_layout_exactly():
     """Weights already on a 4-bit grid of 32-wide groups (like the Q4_1 GGUF the bundled
     model was published in) come back exactly from the int4 packing."""
-    from server.engine.llama import Int4Linear
+    from server.engine.linear import Int4Linear
 
     torch.manual_seed(0)
     codes = torch.randint(0, 16, (64, 96)).float()
@@ -257,21 +259,35 @@ def test_int4_packs_the_bundled_layout_exactly():
     torch.testing.assert_close(linear(x), x @ linear.dense.t(), rtol=0.02, atol=0.02)
 
 
-def test_auto_weights_are_int4_on_cpu_bf16(tiny_bf16):
-    assert runner_for(tiny_bf16, weights="auto").model.weights == "int4"
+@pytest.mark.parametrize("fixture", ["tiny", "tiny_bf16"])
+def test_auto_weights_are_int4_on_cpu_in_either_compute_dtype(fixture, request):
+    assert runner_for(request.getfixturevalue(fixture), weights="auto").model.weights == "int4"
 
 
-@pytest.mark.parametrize("weights", ["int8", "int4"])
-def test_packed_weights_need_bf16_on_cpu(tiny, weights):
-    with pytest.raises(ValueError, match="bf16"):
-        runner_for(tiny, weights=weights)  # the tiny model computes in fp32
-    assert runner_for(tiny, weights="auto").model.weights == "dense"
+@pytest.mark.parametrize(("weights", "tolerance"), [("int8", 0.05), ("int4", 0.2)])
+def test_packed_weights_serve_fp32_compute(tiny, weights, tolerance):
+    """Under fp32 compute (CPUs without native bf16) the packed kernels take bf16 rows and
+    give fp32 back; prompt chunks use the fp32 dequantized grid. Logits stay close to the
+    dense fp32 model's, and rows stay independent of their batch neighbours."""
+    prompts = [[1, 5, 9, 13, 17], [2, 4, 8, 16, 32, 64, 3, 6, 12, 24, 48, 96, 7, 14, 28, 56, 9]]
+    for prompt in prompts:
+        dense = runner_for(tiny, weights="dense")
+        packed = runner_for(tiny, weights=weights)
+        assert packed.model.dtype == torch.float32
+        for runner in (dense, packed):
+            runner.add(sequence(prompt))
+        a, b = dense.prefill(dense.slots)[0], packed.prefill(packed.slots)[0]
+        assert b.dtype == torch.float32
+        assert (a - b).abs().max() <= tolerance * a.abs().max()
+    batched = generate(runner_for(tiny, weights=weights), [sequence(p) for p in prompts], 12)
+    for prompt, tokens in zip(prompts, batched, strict=True):
+        assert generate(runner_for(tiny, weights=weights), [sequence(prompt)], 12) == [tokens]
 
 
 @pytest.mark.parametrize("weights", ["int8", "int4"])
 def test_packed_kernels_give_one_row_the_bits_it_gets_among_two(weights):
     """Why a lone base-model row may skip the two-row trick with packed weights."""
-    from server.engine.llama import linear_for
+    from server.engine.linear import linear_for
 
     torch.manual_seed(0)
     for out_features, in_features in ((96, 64), (64, 128)):
@@ -280,17 +296,21 @@ def test_packed_kernels_give_one_row_the_bits_it_gets_among_two(weights):
         assert torch.equal(linear(rows[:1].contiguous()), linear(rows)[:1])
 
 
-def test_w8a8_vocabulary_projection_is_exact_per_row_and_close_to_dense(tiny_bf16):
+@pytest.mark.parametrize("mode", ["shifted", "split"])
+def test_w8a8_vocabulary_projection_is_exact_per_row_and_close_to_dense(tiny_bf16, mode):
     """The int4 kind's vocabulary projection (int8 weights x int8 activations, integer sums):
     a row gets the same bits alone, among 2 or among 16 rows (the integer products are
-    exact), equal to the integer reference, and within int8 rounding of the bf16 product."""
-    from server.engine.llama import W8A8Linear
+    exact), equal to the integer reference, and within int8 rounding of the bf16 product.
+    "split": the form for CPUs without VNNI (positive and negative parts), exact on every
+    CPU, so checked everywhere."""
+    from server.engine.linear import W8A8Linear
 
-    if not W8A8Linear.supported():
-        pytest.skip("no oneDNN int8 linear in this torch build")
+    if W8A8Linear.mode() is None or (mode == "shifted" and W8A8Linear.mode() != mode):
+        pytest.skip(f"oneDNN's int8 linear does not sum the {mode} form exactly here")
     torch.manual_seed(0)
     weight = (torch.randn(4096, 576) * 0.05).bfloat16()
     linear = W8A8Linear(weight)
+    linear.split_signs = mode == "split"
     x = torch.randn(16, 576, dtype=torch.bfloat16)
     full = linear(x)
     assert full.dtype == torch.float32
@@ -312,7 +332,7 @@ def test_w8a8_vocabulary_projection_is_exact_per_row_and_close_to_dense(tiny_bf1
 def test_int4_head_is_weight_only_int8_where_int8_gemms_are_not_exact(tiny_bf16, monkeypatch):
     """On a CPU whose int8 GEMM saturates (no VNNI) or a torch without oneDNN's int8 linear,
     the vocabulary projection keeps bf16 activations."""
-    from server.engine.llama import Int8Linear, W8A8Linear
+    from server.engine.linear import Int8Linear, W8A8Linear
 
     monkeypatch.setattr(W8A8Linear, "supported", staticmethod(lambda: False))
     assert isinstance(runner_for(tiny_bf16, weights="int4").model.lm_head, Int8Linear)
@@ -489,3 +509,50 @@ def test_models_the_compact_forward_cannot_run_use_the_serial_fallback():
         assert seq.output_ids == hf_greedy(model, prompt, 6)
         runner.release(seq)
     assert not runner.can_admit(sequence(PROMPTS[0], adapter=object()))  # base model only
+
+
+def tiny_adapter(tiny: LoadedModel, runner: LlamaRunner, path, rank: int, seed: int):
+    """A random PEFT LoRA on the tiny model, as the runner serves it."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank * 2,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        init_lora_weights=False,
+    )
+    get_peft_model(copy.deepcopy(tiny.model).float(), config).save_pretrained(path)
+    spec = BaseSpec("f" * 64, 2, runner.module_shapes, 8, runner.model.dtype)
+    return read_adapter(path, path.name, None, spec, seed).weights
+
+
+@pytest.mark.parametrize("fixture", ["tiny", "tiny_bf16"])
+def test_fixed_row_decode_keeps_rows_independent_of_neighbours(fixture, request, tmp_path):
+    """The path for devices whose GEMMs depend on the row count (AMX, MKL): LoRA GEMMs on a
+    fixed row count and each row's attention over its own extent class. Forced here so it is
+    checked on every CPU: a row's greedy tokens alone == in a mixed-adapter batch of
+    different lengths, and the logits stay those of the usual path."""
+    loaded = request.getfixturevalue(fixture)
+
+    def fixed_runner() -> LlamaRunner:
+        runner = runner_for(loaded, weights="int4", max_loras=2, max_lora_rank=8)
+        runner.model.fixed_decode_rows = 4
+        return runner
+
+    probe = fixed_runner()
+    adapters = [tiny_adapter(loaded, probe, tmp_path / f"a{i}", 4 + 4 * i, i) for i in range(2)]
+    jobs = [(PROMPTS[0], None), (PROMPTS[1], adapters[0]), ([7] * 70, adapters[1])]
+    together = generate(fixed_runner(), [sequence(p, a) for p, a in jobs], 24)
+    for (prompt, adapter), tokens in zip(jobs, together, strict=True):
+        assert generate(fixed_runner(), [sequence(prompt, adapter)], 24) == [tokens]
+    # the same first decode step through the usual path (one shared extent)
+    usual, fixed = runner_for(loaded, weights="int4", max_loras=2, max_lora_rank=8), fixed_runner()
+    logits = []
+    for runner in (usual, fixed):
+        seqs = [sequence(p, a) for p, a in jobs]
+        generate(runner, seqs, 0)
+        logits.append(runner.decode(seqs))
+    torch.testing.assert_close(logits[0], logits[1], rtol=0.02, atol=0.02)

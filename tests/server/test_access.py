@@ -125,8 +125,13 @@ def test_metrics_count_by_route_model_and_status(http):
     out_before = metric(before, tokens, model="alpha", kind="completion")
     assert metric(after, tokens, model="alpha", kind="completion") == out_before + 4
     assert metric(after, "ragtune_batch_size_count") >= 1
-    # the chat template's system prompt is a cached prefix by the second request
-    assert metric(after, "ragtune_prefix_cache_hit_tokens") >= 16
+    # the chat template's system prompt is a cached prefix by the second request, where the
+    # prefix cache is on (off on CPUs whose GEMMs depend on the row count, e.g. AMX)
+    if metric(after, "ragtune_engine_info", prefix_cache="on"):
+        assert metric(after, "ragtune_prefix_cache_hit_tokens") >= 16
+    else:
+        assert metric(after, "ragtune_engine_info", prefix_cache="off") == 1
+        assert metric(after, "ragtune_prefix_cache_hit_tokens") == 0
     assert metric(after, "ragtune_adapter_events_total", event="load", result="ok") >= 3
     for family in (
         "ragtune_request_latency_seconds",
