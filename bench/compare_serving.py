@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -158,7 +159,7 @@ def bench_ragtune(scratch: Path, args: argparse.Namespace) -> list[dict]:
     server = start_server(env, scratch / "ragtune.log", flags)
     results = []
     try:
-        print(json.dumps({"ragtune_engine": engine_info(server.url)}), flush=True)
+        print(json.dumps({"ragtune_engine": engine_info(server.base_url)}), flush=True)
         if args.prefill:
             results += run_prefill(server.v1, "ragtune")
         for c in args.concurrency:
@@ -243,8 +244,7 @@ def engine_info(url: str) -> dict:
     """The CPU kind and kernels the server chose (its ragtune_engine_info metric)."""
     text = httpx.get(f"{url}/metrics", timeout=10).text
     line = next((ln for ln in text.splitlines() if ln.startswith("ragtune_engine_info{")), "")
-    labels = line[line.find("{") + 1 : line.rfind("}")]
-    return dict(part.split("=", 1) for part in labels.replace('"', "").split(",") if "=" in part)
+    return dict(re.findall(r'(\w+)="([^"]*)"', line))
 
 
 def llama_cpp_source(binary: Path) -> Path:

@@ -6,7 +6,7 @@ prefix cache can serve one from another; `max_tokens: 1`, streaming. TTFT is the
 first chunk that carries text or a finish reason. Prefill tok/s: at c=1 the median of
 prompt tokens / TTFT; at c>1 all prompt tokens of the level / its wall time.
 
-    python bench/prefill.py --url http://127.0.0.1:8000/v1 --tokens 256,1024,1536 \\
+    python bench/prefill.py --url http://127.0.0.1:8000/v1 --tokens 256,1024,1157,1480 \\
         --concurrency 1,4
 
 `--rag-index NAME --home DIR` instead times a RAG request (`rag: {index, top_k}`) end to end
@@ -30,7 +30,7 @@ BASE = "smollm2-135m-instruct"
 
 
 def load_items() -> list[dict]:
-    return [json.loads(line) for line in DATA.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in DATA.read_text().split("\n") if line.strip()]
 
 
 def rag_shaped_prompts(count: int, tokens: int, count_tokens, offset: int = 0) -> list[str]:
@@ -46,22 +46,20 @@ def rag_shaped_prompts(count: int, tokens: int, count_tokens, offset: int = 0) -
         while True:
             text = " ".join(items[j % len(items)]["contexts"])
             candidate = [*sources, f"[{len(sources) + 1}] {text}"]
-            prompt = format_prompt(candidate, question)
-            if count_tokens(prompt) > tokens:
-                if not sources:  # one abstract is already too long: cut it by words
-                    words = text.split()
-                    while words and count_tokens(cut_prompt(words, question)) > tokens:
-                        words = words[: int(len(words) * 0.9)]
-                    sources = [f"[1] {' '.join(words)}"]
+            if count_tokens(format_prompt(candidate, question)) > tokens:
+                # the last source cut by words to fill up to `tokens`
+                words = text.split()
+                while words:
+                    candidate = [*sources, f"[{len(sources) + 1}] {' '.join(words)}"]
+                    if count_tokens(format_prompt(candidate, question)) <= tokens:
+                        sources = candidate
+                        break
+                    words = words[: int(len(words) * 0.95)]
                 break
             sources = candidate
             j += 1
         prompts.append(format_prompt(sources, question))
     return prompts
-
-
-def cut_prompt(words: list[str], question: str) -> str:
-    return format_prompt([f"[1] {' '.join(words)}"], question)
 
 
 def format_prompt(sources: list[str], question: str) -> str:
@@ -242,7 +240,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
     parser.add_argument("--url", default="http://127.0.0.1:8000/v1")
     parser.add_argument("--model", default=BASE)
-    parser.add_argument("--tokens", type=ints, default=[256, 1024, 1536])
+    parser.add_argument(
+        "--tokens",
+        type=ints,
+        default=[256, 1024, 1157, 1480],
+        help="prompt lengths (of the text; the chat template adds ~30 tokens): 1157 is a "
+        "`top_k: 5` RAG request, 1480 fits limits.max_prompt_tokens (1536)",
+    )
     parser.add_argument("--concurrency", type=ints, default=[1, 4])
     parser.add_argument("--requests", type=int, default=0, help="per level (default 2c, >= 3)")
     parser.add_argument("--api-key", default=None)

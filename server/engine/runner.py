@@ -165,7 +165,9 @@ class LlamaRunner:
             )
             for seq in seqs
         ]
-        self.cache.reserve(max(c.start + len(c.tokens) for c in chunks), len(self.slots))
+        # the whole prompts, not this chunk's end: a long prompt (or several, taking turns)
+        # would otherwise re-lay the cache out at every chunk
+        self.cache.reserve(max(seq.prompt_len for seq in seqs), len(self.slots))
         logits: list[torch.Tensor | None] = [None] * len(seqs)
         for group in self.model.prefill_groups(chunks):
             rows = self.model.prefill([chunks[i] for i in group], self.cache, self.lora)
@@ -200,7 +202,9 @@ class LlamaRunner:
             tokens[seq.slot] = seq.last_token
             positions[seq.slot] = seq.cache_len
             lora_rows[seq.slot] = seq.lora_slot
-        longest = max(writes) + 1
+        # sequences still prefilling keep room for their whole prompt (see prefill)
+        prompts = [s.prompt_len for s in self.slots if s.cache_len < s.prompt_len]
+        longest = max([max(writes) + 1, *prompts])
         if self.model.fixed_decode_rows:  # rows attend over their own extent class
             longest = self.cache.extent_class(longest)
         self.cache.fit(longest, rows)
