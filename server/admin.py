@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -20,6 +19,7 @@ from server.protocol import (
     UnloadLoraAdapterRequest,
 )
 from server.rag import RetrievalService
+from server.threads import run_blocking
 
 if TYPE_CHECKING:
     from server.app import ServerState
@@ -39,7 +39,7 @@ def admin_router(state: ServerState) -> APIRouter:
         """Run `work` on a worker thread and audit its outcome; `work` may return extra
         audit fields under the "audit" key (kept out of the response)."""
         try:
-            result = await asyncio.to_thread(work)
+            result = await run_blocking(work)
         except Exception as exc:
             state.audit.record(key_id, action, "error", error=str(exc), **fields)
             raise

@@ -3,7 +3,6 @@ turn the request into an engine request, and shape engine output as OpenAI JSON 
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import time
 from collections.abc import AsyncIterator
@@ -50,6 +49,7 @@ from server.protocol import (
     new_id,
 )
 from server.rag import RetrievalService
+from server.threads import run_blocking
 
 
 class RequestTimeoutError(APIError):
@@ -94,7 +94,7 @@ class OpenAIServing:
         if model == self.base_model_id:
             return None
         try:
-            return await asyncio.to_thread(self.registry.resolve, model)
+            return await run_blocking(self.registry.resolve, model)
         except AdapterNotFoundError:
             raise ModelNotFoundError(model, self.model_ids()) from None
 
@@ -169,7 +169,7 @@ class OpenAIServing:
             raise BadRequestError(
                 f"this embedder has {service.embedder.dim} dimensions", "dimensions"
             )
-        vectors, tokens = await asyncio.to_thread(service.embed, texts)
+        vectors, tokens = await run_blocking(service.embed, texts)
         data = [
             EmbeddingData(
                 index=i,
@@ -201,7 +201,7 @@ class OpenAIServing:
         service = self.retrieval_service()
         adapter_index = self.registry.default_index(model) if model != self.base_model_id else None
         started = time.perf_counter()
-        result = await asyncio.to_thread(service.retrieve, options, question, adapter_index)
+        result = await run_blocking(service.retrieve, options, question, adapter_index)
         mode = options.mode or service.config.default_mode
         self.metrics.retrieval_latency.labels(mode).observe(time.perf_counter() - started)
         return result

@@ -185,3 +185,44 @@ def test_embedding_errors(server, body, status, param):
     response = httpx.post(f"{server.v1}/embeddings", json=body, headers=AUTH, timeout=60)
     assert response.status_code == status, response.text
     assert response.json()["error"]["param"] == param
+
+
+def test_retrieval_leaves_no_worker_thread_behind(server, client, manuals):
+    """Retrieval and embedding run torch on threads that end with the call: a thread that
+    stays alive keeps an OpenMP team, and more teams than cores slow every engine step
+    (server/threads.py). The server's thread count is the same after RAG and embedding
+    requests as before (the engine and uvicorn threads are there from the start)."""
+    import os
+
+    def threads() -> set[str]:
+        tasks = f"/proc/{server.process.pid}/task"
+        found = set()
+        for tid in os.listdir(tasks):
+            try:
+                with open(f"{tasks}/{tid}/comm") as comm:
+                    found.add(f"{comm.read().strip()}#{tid}")
+            except FileNotFoundError:  # a thread that ended meanwhile
+                pass
+        return found
+
+    client.chat.completions.create(  # warm: first request paths
+        model=BASE_MODEL,
+        max_tokens=2,
+        messages=[{"role": "user", "content": QUESTION}],
+        extra_body={"rag": {"index": "manuals", "top_k": 2}},
+    )
+    before = threads()
+    for _ in range(3):
+        client.chat.completions.create(
+            model=BASE_MODEL,
+            max_tokens=2,
+            messages=[{"role": "user", "content": QUESTION}],
+            extra_body={"rag": {"index": "manuals", "top_k": 2}},
+        )
+        client.embeddings.create(model="all-minilm-l6-v2", input=["valve torque"] * 40)
+    import time
+
+    deadline = time.monotonic() + 5  # a call's thread ends just after its answer is sent
+    while (left := threads() - before) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert left == set()
