@@ -123,7 +123,10 @@ async def level(args, prompts: list[str], concurrency: int, tokens: int, headers
                 "max_tokens": 1,
                 "temperature": 0,
             }
-            result = await first_token(http, args.url, body, headers)
+            try:
+                result = await first_token(http, args.url, body, headers)
+            except httpx.HTTPError as exc:  # e.g. a server that drops a kept-alive connection
+                result = {"ok": False, "status": type(exc).__name__}
             if result["ok"] and result["prompt_tokens"] is None:
                 result["prompt_tokens"] = args.count_tokens(prompt)
             results.append(result)
@@ -134,6 +137,8 @@ async def level(args, prompts: list[str], concurrency: int, tokens: int, headers
         await asyncio.gather(*[worker(http) for _ in range(concurrency)])
         elapsed = time.perf_counter() - started
     ok = [r for r in results if r["ok"]]
+    if not ok:
+        raise SystemExit(f"every request failed: {results[:3]}")
     ttfts = [r["ttft"] for r in ok]
     prompt_tokens = [r["prompt_tokens"] for r in ok]
     if concurrency == 1:
@@ -269,7 +274,7 @@ async def amain(args: argparse.Namespace) -> list[dict]:
     if args.rag_index:
         return await run_rag(args, headers)
     args.count_tokens = tokenizer_counter()
-    async with httpx.AsyncClient(timeout=args.timeout) as http:  # warm-up
+    async with httpx.AsyncClient(timeout=args.timeout) as http:  # warm-up, untimed
         await first_token(
             http,
             args.url,
