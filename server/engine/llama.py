@@ -388,6 +388,11 @@ class LlamaModel:
         neighbours elsewhere; see also PromptChunk.) The packed int4/int8 kernels give a row
         the same bits at one row as at two (checked in tests/engine), so a lone base-model
         row with them runs alone.
+
+        Where GEMMs depend on the row count at any size (`fixed_decode_rows`: AMX, MKL), the
+        two-row trick is not enough: LoRA GEMMs (every GEMM under dense weights) run on
+        `fixed_decode_rows` rows, the extra ones zero, and attention extents follow each row's
+        own length (`_decode_extents`).
         """
         real = tokens.shape[0]
         fixed = self.fixed_decode_rows
