@@ -14,12 +14,12 @@ import torch
 
 from ragtune.config import EngineConfig, ModelConfig, default_home
 from ragtune.models import load_base_model
-from server.engine.runner import LlamaRunner
+from server.engine.runner import CompactRunner
 from server.engine.sequence import Sequence
 from server.engine.types import GenerationRequest, SamplingParams
 
 
-def step_ms(runner: LlamaRunner, tokenizer, rows: int, steps: int) -> float:
+def step_ms(runner: CompactRunner, tokenizer, rows: int, steps: int) -> float:
     """Mean decode step over `steps` steps after `rows` prompts of 30-45 tokens."""
     seqs = []
     for i in range(rows):
@@ -58,7 +58,7 @@ def main() -> None:
     rows = [int(r) for r in args.rows.split(",")]
     for weights in args.weights.split(","):
         config = EngineConfig(max_batch_size=max(rows), weights=weights)
-        runner = LlamaRunner(loaded, config, max_seq_len=2048)
+        runner = CompactRunner(loaded, config, max_seq_len=2048)
         with torch.inference_mode():
             times = {r: round(step_ms(runner, loaded.tokenizer, r, args.steps), 2) for r in rows}
         print(json.dumps({"quantization": args.quantization, "weights": weights, "ms": times}))

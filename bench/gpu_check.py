@@ -24,7 +24,7 @@ from decode_step import step_ms
 
 from ragtune.config import EngineConfig
 from ragtune.models.loader import LoadedModel
-from server.engine.runner import LlamaRunner
+from server.engine.runner import CompactRunner
 from server.engine.sequence import Sequence
 from server.engine.types import GenerationRequest, SamplingParams
 
@@ -57,7 +57,7 @@ def load(directory: Path) -> LoadedModel:
     return LoadedModel(model, None, directory, "f" * 64, "cuda", torch.bfloat16, "nf4")
 
 
-def greedy(runner: LlamaRunner, prompts: list[list[int]], steps: int) -> list[list[int]]:
+def greedy(runner: CompactRunner, prompts: list[list[int]], steps: int) -> list[list[int]]:
     seqs = []
     for i, prompt in enumerate(prompts):
         request = GenerationRequest(f"g{i}", prompt, SamplingParams(steps + 2, 0.0), None)
@@ -102,7 +102,7 @@ def main() -> None:
             )
         )
         config = EngineConfig(max_batch_size=max(rows), weights="auto")
-        runner = LlamaRunner(loaded, config, max_seq_len=640)
+        runner = CompactRunner(loaded, config, max_seq_len=640)
         model = runner.model
         prompts = [list(range(5, 40)), [7] * 70, [3, 1, 4, 1, 5], list(range(200, 300))]
         alone = [greedy(runner, [p], 24)[0] for p in prompts]

@@ -20,7 +20,7 @@ from ragtune.models import load_base_model
 from ragtune.models.chat import encode_prompt, render_chat
 from ragtune.random_adapter import ALL_PROJECTIONS, make_adapter
 from server.adapters.loader import BaseSpec, read_adapter
-from server.engine.runner import LlamaRunner
+from server.engine.runner import CompactRunner
 from server.engine.sequence import Sequence
 from server.engine.types import GenerationRequest, SamplingParams
 
@@ -66,7 +66,7 @@ def bench_ragtune(
     adapters: list[Path], prompts: list[list[int]], tokens: int, quantization: str
 ) -> float:
     loaded = load_base_model(ModelConfig(quantization=quantization, dtype="bf16"), default_home())
-    runner = LlamaRunner(
+    runner = CompactRunner(
         loaded, EngineConfig(max_batch_size=len(prompts), max_loras=len(adapters)), max_seq_len=512
     )
     spec = BaseSpec(

@@ -17,7 +17,7 @@ import torch
 
 from ragtune.config import EngineConfig, ModelConfig, default_home
 from ragtune.models import load_base_model
-from server.engine.runner import LlamaRunner
+from server.engine.runner import CompactRunner
 from server.engine.sequence import Sequence
 from server.engine.types import GenerationRequest, SamplingParams
 
@@ -29,7 +29,7 @@ def doc_tokens(tokenizer, count: int) -> list[int]:
     return tokenizer(text)["input_ids"][:count]
 
 
-def perplexity(runner: LlamaRunner, tokenizer, tokens: list[int]) -> float:
+def perplexity(runner: CompactRunner, tokenizer, tokens: list[int]) -> float:
     params = SamplingParams(len(tokens), 0.0)
     seq = Sequence(GenerationRequest("ppl", tokens[:1], params, None), tokenizer, set(), print)
     runner.add(seq)
@@ -53,7 +53,7 @@ def main() -> None:
         loaded = load_base_model(ModelConfig(quantization=quantization), default_home())
         tokens = doc_tokens(loaded.tokenizer, args.tokens)
         for weights in args.weights.split(","):
-            runner = LlamaRunner(loaded, EngineConfig(max_batch_size=1, weights=weights), 2048)
+            runner = CompactRunner(loaded, EngineConfig(max_batch_size=1, weights=weights), 2048)
             value = perplexity(runner, loaded.tokenizer, tokens)
             row = {"quantization": quantization, "weights": weights, "tokens": len(tokens)}
             print(json.dumps({**row, "perplexity": round(value, 2)}), flush=True)

@@ -124,10 +124,10 @@ def _retrieval_service(settings: Settings):
 
 
 def build_registry(settings: Settings, engine) -> AdapterRegistry:
-    from server.engine.runner import LlamaRunner
+    from server.engine.runner import CompactRunner
 
     runner = engine.runner
-    batched = isinstance(runner, LlamaRunner)
+    batched = isinstance(runner, CompactRunner)
     spec = BaseSpec(
         fingerprint=engine.loaded.fingerprint,
         num_layers=runner.model.num_layers if batched else 0,

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from ragtune.manifest import MANIFEST_NAME, AdapterManifest
 from server.adapters.errors import AdapterError
-from server.engine.lora import TARGETABLE, AdapterWeights
+from server.engine.lora import AdapterWeights
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -85,11 +85,11 @@ def read_adapter(
     targets = [targets] if isinstance(targets, str) else targets
     if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
         raise AdapterError(f"{CONFIG_FILE}: target_modules must be a list of module names")
-    unknown = sorted(t for t in targets if t not in TARGETABLE)
+    unknown = sorted(t for t in targets if t not in spec.module_shapes)
     if unknown:
         raise AdapterError(
             f"target modules {unknown} do not exist in the base model or cannot be batched; "
-            f"supported: {list(TARGETABLE)}"
+            f"supported: {list(spec.module_shapes)}"
         )
     alpha = _number(config.get("lora_alpha", rank), "lora_alpha")
     factors = _read_factors(path, config, spec, rank, alpha)
@@ -216,7 +216,7 @@ def _read_factors(
         if not match:
             raise AdapterError(f"weight {key!r} targets a module this server cannot adapt")
         layer, module, which = int(match[1]), match[2], match[3]
-        if module not in TARGETABLE:
+        if module not in spec.module_shapes:
             raise AdapterError(f"weight {key!r}: the base model has no module {module!r}")
         if layer >= spec.num_layers:
             raise AdapterError(f"weight {key!r}: the base model has {spec.num_layers} layers")

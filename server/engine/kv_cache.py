@@ -64,7 +64,7 @@ class KVCache:
     def extent_class(self, length: int) -> int:
         """A key extent set by one sequence's own length alone (64, 96, 128, 192, 256, ...:
         at most 1.5x the length, few distinct shapes), for devices whose batched GEMMs may sum
-        in another order when the extent changes (see LlamaModel._decode_extents)."""
+        in another order when the extent changes (see DecoderModel._decode_extents)."""
         size = 64
         while size < length:
             size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3

@@ -13,15 +13,15 @@ from dataclasses import dataclass
 
 import torch
 
-# Fused projection groups of the Llama forward and the PEFT module names inside each, in the
-# order of their output columns.
-GROUPS: dict[str, tuple[str, ...]] = {
+# Fused projection groups of the forward and the PEFT module names inside each, in the order
+# of their output columns: Llama's layout. A family whose checkpoint fuses them (Phi-3:
+# qkv_proj, gate_up_proj) names one module per group (see server/engine/models/).
+LLAMA_GROUPS: dict[str, tuple[str, ...]] = {
     "qkv": ("q_proj", "k_proj", "v_proj"),
     "o": ("o_proj",),
     "gate_up": ("gate_proj", "up_proj"),
     "down": ("down_proj",),
 }
-TARGETABLE = tuple(module for modules in GROUPS.values() for module in modules)
 
 
 @dataclass
@@ -51,7 +51,9 @@ class LoraSlots:
         max_rank: int,
         dtype: torch.dtype,
         device: str,
+        groups: dict[str, tuple[str, ...]] = LLAMA_GROUPS,
     ):
+        self.groups = groups
         self.num_slots = num_slots
         self.max_rank = max_rank
         self.dtype = dtype
@@ -63,7 +65,7 @@ class LoraSlots:
         # part p's output columns, so one GEMM applies every part (zero blocks add exact 0)
         self.b: dict[str, torch.Tensor] = {}
         self.out_offsets: dict[str, list[tuple[int, int]]] = {}
-        for group, modules in GROUPS.items():
+        for group, modules in groups.items():
             in_features = module_shapes[modules[0]][0]
             self.a[group] = torch.zeros(
                 num_layers, len(modules) * width, in_features, dtype=dtype, device=device
@@ -77,7 +79,7 @@ class LoraSlots:
                 num_layers, len(modules) * width, start, dtype=dtype, device=device
             )
         self.column_slot = torch.arange(num_slots, device=device).repeat_interleave(max_rank)
-        self._group_users: dict[str, set[int]] = {group: set() for group in GROUPS}
+        self._group_users: dict[str, set[int]] = {group: set() for group in groups}
 
     @property
     def nbytes(self) -> int:
@@ -91,8 +93,8 @@ class LoraSlots:
         width = self.num_slots * self.max_rank
         rows = slice(slot * self.max_rank, slot * self.max_rank + adapter.rank)
         for (layer, module), (a, b) in adapter.factors.items():
-            group = next(g for g, modules in GROUPS.items() if module in modules)
-            part = GROUPS[group].index(module)
+            group = next(g for g, modules in self.groups.items() if module in modules)
+            part = self.groups[group].index(module)
             base = part * width
             start, stop = self.out_offsets[group][part]
             self.a[group][layer, base + rows.start : base + rows.stop] = a.to(self.dtype)
@@ -104,7 +106,7 @@ class LoraSlots:
     def clear(self, slot: int) -> None:
         width = self.num_slots * self.max_rank
         rows = slice(slot * self.max_rank, (slot + 1) * self.max_rank)
-        for group, modules in GROUPS.items():
+        for group, modules in self.groups.items():
             for part in range(len(modules)):
                 self.a[group][:, part * width + rows.start : part * width + rows.stop] = 0
                 self.b[group][:, part * width + rows.start : part * width + rows.stop] = 0
@@ -126,7 +128,8 @@ class LoraBatch:
         self.mask = mask  # [rows, num_slots * max_rank]
         self.active_groups = active_groups
         # the mask tiled once per part of a fused group (qkv: 3, gate_up: 2, o/down: 1)
-        self._tiled = {parts: mask.repeat(1, parts) for parts in {len(m) for m in GROUPS.values()}}
+        parts = {len(modules) for modules in slots.groups.values()}
+        self._tiled = {count: mask.repeat(1, count) for count in parts}
 
     def repeat_rows(self, times: int) -> LoraBatch:
         """The same view for `times` copies of a one-row batch."""
@@ -135,7 +138,7 @@ class LoraBatch:
     def pad_rows(self, rows: int) -> LoraBatch:
         """The same view for a batch padded to `rows` rows (the extra rows use no adapter).
         With a mask taller than its input, `add_lora` pads the input to the mask's height, so
-        the LoRA GEMMs always see the same row count (see LlamaModel.fixed_decode_rows)."""
+        the LoRA GEMMs always see the same row count (see DecoderModel.fixed_decode_rows)."""
         extra = rows - self.mask.shape[0]
         if extra <= 0:
             return self
@@ -149,7 +152,7 @@ class LoraBatch:
             group: (
                 self.slots.a[group][index],
                 self.slots.b[group][index],
-                self._tiled[len(GROUPS[group])],
+                self._tiled[len(self.slots.groups[group])],
             )
             for group in self.active_groups
         }

@@ -8,7 +8,7 @@ longest cached run of blocks, copied into its KV slot, and prefills the rest.
 
 Reuse is exact, not approximate: the compact forward gives a prompt's rows the same bits
 however the prompt is cut into chunks (row-independent GEMMs, exact masked attention; see
-LlamaModel.prefill), so a request's tokens do not depend on which requests came before it.
+DecoderModel.prefill), so a request's tokens do not depend on which requests came before it.
 Where the GEMMs are not row-independent (checked at load) the cache stays off.
 """
 

@@ -1,6 +1,7 @@
 """Model runners turn scheduled sequences into next-token logits; the only code that runs the
-model. `LlamaRunner` batches every running sequence (and its adapter) into one decode forward;
-`HFModelRunner` is the fallback for architectures the compact forward does not cover."""
+model. `CompactRunner` batches every running sequence (and its adapter) into one decode forward
+of the model's family (server/engine/models/); `HFModelRunner` is the fallback for
+architectures no family covers."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from ragtune.hardware import detect
 from ragtune.models import LoadedModel
 from server.engine.kv_cache import KVCache
 from server.engine.linear import packed_weights_supported
-from server.engine.llama import WIDE_ROWS, LlamaModel, PromptChunk, supports
-from server.engine.lora import GROUPS, AdapterWeights, LoraSlots
+from server.engine.lora import AdapterWeights, LoraSlots
+from server.engine.models import WIDE_ROWS, DecoderModel, PromptChunk, model_class, module_shapes
 from server.engine.prefix_cache import PrefixCache
 from server.engine.sequence import Sequence
 
@@ -68,14 +69,25 @@ class AdapterSlotTable:
             self._free.append(slot)
 
 
-class LlamaRunner:
-    def __init__(self, loaded: LoadedModel, config: EngineConfig, max_seq_len: int):
-        self.model = LlamaModel(
+class CompactRunner:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        config: EngineConfig,
+        max_seq_len: int,
+        family: type[DecoderModel] | None = None,  # default: the one for the model's config
+    ):
+        if family is None:
+            family, reason = model_class(loaded.model.config)
+            if family is None:
+                raise ValueError(f"the compact engine cannot run this model: {reason}")
+        self.model = family(
             loaded.model,
             loaded.dtype,
             loaded.device,
             decode_weights(config, loaded),
             loaded.model_dir,
+            max_positions=max_seq_len,
         )
         self.device = loaded.device
         self.max_seq_len = max_seq_len
@@ -92,18 +104,15 @@ class LlamaRunner:
             m.dtype,
             loaded.device,
         )
-        shapes = {
-            "q_proj": (m.hidden, m.q_size),
-            "k_proj": (m.hidden, m.kv_size),
-            "v_proj": (m.hidden, m.kv_size),
-            "o_proj": (m.q_size, m.hidden),
-            "gate_proj": (m.hidden, m.intermediate),
-            "up_proj": (m.hidden, m.intermediate),
-            "down_proj": (m.intermediate, m.hidden),
-        }
-        self.module_shapes = shapes
+        self.module_shapes = module_shapes(m)
         self.lora = LoraSlots(
-            m.num_layers, shapes, config.max_loras, config.max_lora_rank, m.dtype, loaded.device
+            m.num_layers,
+            self.module_shapes,
+            config.max_loras,
+            config.max_lora_rank,
+            m.dtype,
+            loaded.device,
+            groups=m.LORA_GROUPS,
         )
         self.adapter_slots = AdapterSlotTable(self.lora)
         self.slots: list[Sequence] = []  # index = KV slot = decode row
@@ -125,6 +134,7 @@ class LlamaRunner:
         m = self.model
         return {
             "runner": "compact",
+            "family": type(m).__name__.removesuffix("Model").lower(),
             "dtype": dtype_name(m.dtype),
             "weights": m.weights,
             "head": type(m.lm_head).__name__,
@@ -249,7 +259,7 @@ class LlamaRunner:
 
 
 class HFModelRunner:
-    """Fallback for architectures LlamaModel does not cover: one sequence at a time with the
+    """Fallback for architectures no compact family covers: one sequence at a time with the
     Hugging Face module and its own cache; base model only."""
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig, max_seq_len: int):
@@ -330,13 +340,13 @@ def decode_weights(config: EngineConfig, loaded: LoadedModel) -> str:
 
 
 def build_runner(loaded: LoadedModel, config: EngineConfig, max_seq_len: int):
-    reason = supports(loaded.model.config)
-    if reason is None:
-        return LlamaRunner(loaded, config, max_seq_len)
+    family, reason = model_class(loaded.model.config)
+    if family is not None:
+        return CompactRunner(loaded, config, max_seq_len, family)
     logger.warning(
-        "compact forward does not support %s; using the serial fallback (no LoRA)", reason
+        "compact engine does not support %s; using the serial fallback (no LoRA)", reason
     )
     return HFModelRunner(loaded, config, max_seq_len)
 
 
-__all__ = ["GROUPS", "AdapterSlotTable", "HFModelRunner", "LlamaRunner", "build_runner"]
+__all__ = ["AdapterSlotTable", "CompactRunner", "HFModelRunner", "build_runner"]

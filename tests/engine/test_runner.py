@@ -9,7 +9,7 @@ import torch
 from ragtune.config import EngineConfig
 from ragtune.models.loader import LoadedModel
 from server.adapters.loader import BaseSpec, read_adapter
-from server.engine.runner import LlamaRunner
+from server.engine.runner import CompactRunner
 from server.engine.sequence import Sequence
 from server.engine.types import GenerationRequest, SamplingParams
 
@@ -43,10 +43,10 @@ def tiny() -> LoadedModel:
     )
 
 
-def runner_for(tiny: LoadedModel, **engine) -> LlamaRunner:
+def runner_for(tiny: LoadedModel, **engine) -> CompactRunner:
     """Dense weights unless a test names others: exact comparisons against Hugging Face."""
     config = EngineConfig(**{"max_batch_size": 4, "weights": "dense", **engine})
-    return LlamaRunner(tiny, config, max_seq_len=128)
+    return CompactRunner(tiny, config, max_seq_len=128)
 
 
 def sequence(prompt: list[int], adapter=None) -> Sequence:
@@ -59,7 +59,7 @@ def sequence(prompt: list[int], adapter=None) -> Sequence:
 
 
 def generate(
-    runner: LlamaRunner, seqs: list[Sequence], steps: int, shared_prefill: bool = False
+    runner: CompactRunner, seqs: list[Sequence], steps: int, shared_prefill: bool = False
 ) -> list[list[int]]:
     """Greedy: prefill everything (one prompt at a time, or all in shared forwards), then
     `steps` batched decode steps."""
@@ -212,7 +212,7 @@ def test_bf16_rows_are_bitwise_the_same_alone_and_batched(tiny_bf16, weights):
 def test_prompts_share_prefill_forwards_by_kernel_class(tiny_bf16):
     """Where the GEMMs are row-independent (checked at load; true of this CPU kind), chunks
     of up to WIDE_ROWS tokens share one forward and longer ones another."""
-    from server.engine.llama import WIDE_ROWS, PromptChunk
+    from server.engine.models import WIDE_ROWS, PromptChunk
 
     model = runner_for(tiny_bf16, weights="int4").model
     if not model.rows_independent:
@@ -511,7 +511,7 @@ def test_models_the_compact_forward_cannot_run_use_the_serial_fallback():
     assert not runner.can_admit(sequence(PROMPTS[0], adapter=object()))  # base model only
 
 
-def tiny_adapter(tiny: LoadedModel, runner: LlamaRunner, path, rank: int, seed: int):
+def tiny_adapter(tiny: LoadedModel, runner: CompactRunner, path, rank: int, seed: int):
     """A random PEFT LoRA on the tiny model, as the runner serves it."""
     import copy
 
@@ -537,7 +537,7 @@ def test_fixed_row_decode_keeps_rows_independent_of_neighbours(fixture, request,
     different lengths, and the logits stay those of the usual path."""
     loaded = request.getfixturevalue(fixture)
 
-    def fixed_runner() -> LlamaRunner:
+    def fixed_runner() -> CompactRunner:
         runner = runner_for(loaded, weights="int4", max_loras=2, max_lora_rank=8)
         runner.model.fixed_decode_rows = 4
         return runner

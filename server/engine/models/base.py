@@ -1,18 +1,25 @@
-"""A compact Llama forward for serving: batched decode and chunked prefill over a slot KV cache.
+"""The compact decoder forward every model family shares: batched decode and chunked prefill
+over a slot KV cache, with the kernels (packed linears, masked attention, batched LoRA).
 
-Why not the Hugging Face module: its cache is per batch, not per sequence, so sequences cannot
-join and leave a running batch, and its per-step Python overhead dominates on small models.
-The weights come from the loaded Hugging Face model (quantized ones dequantized once to the
-compute dtype), q/k/v and gate/up are fused into one GEMM each, and every attention call uses
-the same masked path whether a row runs alone or in a batch, which keeps greedy outputs
+Why not the Hugging Face modules: their cache is per batch, not per sequence, so sequences
+cannot join and leave a running batch, and their per-step Python overhead dominates on small
+models. The weights come from the loaded Hugging Face model (quantized ones dequantized once to
+the compute dtype), q/k/v and gate/up are fused into one GEMM each, and every attention call
+uses the same masked path whether a row runs alone or in a batch, which keeps greedy outputs
 independent of batch neighbours.
+
+A family module (llama.py, qwen2.py, gemma3.py, ...) says how its checkpoint maps onto
+`LayerWeights` and what differs in the arithmetic (norm weights, embedding scale, activation,
+attention scale, rotary tables, sliding windows); the passes below are the same for all.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -27,36 +34,24 @@ from server.engine.linear import (
     is_bnb,
     linear_for,
 )
-from server.engine.lora import LayerLora, LoraBatch, LoraSlots, add_lora
+from server.engine.lora import LLAMA_GROUPS, LayerLora, LoraBatch, LoraSlots, add_lora
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 # Prompt chunks above this many tokens run packed weights dequantized (dense GEMM): one chunk
 # alone breaks even at ~24 tokens (int4 23.2 ms, dense 22.6), prompts sharing a forward gain more.
 WIDE_ROWS = 24
-# Query rows of a prompt chunk whose attention runs at once (see LlamaModel._prompt_attention).
+# Query rows of a prompt chunk whose attention runs at once (see DecoderModel._prompt_attention).
 PROMPT_QUERY_BLOCK = 128
+# Hugging Face activation names -> the function (ACT2FN's arithmetic)
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+GLOBAL_ROPE = "global"
 
 
-def supports(config) -> str | None:
-    """None when this forward can run the model, else the reason it cannot."""
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        return f"model_type {config.model_type!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
-    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-        return "attention/MLP biases"
-    if getattr(config, "sliding_window", None):
-        return "sliding-window attention"
-    if getattr(config, "hidden_act", "silu") != "silu":
-        return f"activation {config.hidden_act!r}"
-    return None
-
-
-QKV_NAMES = ("q_proj", "k_proj", "v_proj")
-GATE_UP_NAMES = ("gate_proj", "up_proj")
-
-
-def gemm_rows_independent(model: LlamaModel) -> bool:
+def gemm_rows_independent(model: DecoderModel) -> bool:
     """Whether every GEMM of the forward gives a row the same bits whatever other rows share
     the call, so that prompts can be prefilled together without changing any of them. True
     of oneDNN's bf16 GEMM and of the packed kernels on the CPUs measured here, but a kernel
@@ -95,19 +90,28 @@ def gemm_rows_independent(model: LlamaModel) -> bool:
 
 
 def doubled(norm_weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """An RMSNorm weight as `LlamaModel._rms_norm` takes it: [weight, weight]."""
+    """An RMSNorm weight as `DecoderModel._rms_norm` takes it: [weight, weight]."""
     weight = norm_weight.detach().to(dtype)
     return torch.cat((weight, weight)).contiguous()
 
 
 @dataclass
 class LayerWeights:
+    """One decoder layer. The optional parts are what some families add to Llama's layer."""
+
     input_norm: torch.Tensor  # [2 * hidden], see doubled
     qkv: Linear  # [(heads + 2 * kv_heads) * head_dim, hidden]
     o: Linear  # [hidden, heads * head_dim]
-    post_norm: torch.Tensor  # [2 * hidden]
+    mlp_norm: torch.Tensor  # [2 * hidden] before the MLP
     gate_up: Linear  # [2 * intermediate, hidden]
     down: Linear  # [hidden, intermediate]
+    window: int | None = None  # sliding window: the keys a query sees, itself included
+    rope: str = GLOBAL_ROPE  # which rotary table (Gemma 3: local and global layers differ)
+    qkv_bias: torch.Tensor | None = None  # Qwen2
+    q_norm: torch.Tensor | None = None  # [2 * head_dim] per-head RMSNorm (Qwen3, Gemma 3)
+    k_norm: torch.Tensor | None = None
+    attn_out_norm: torch.Tensor | None = None  # on the attention output (Gemma 3)
+    mlp_out_norm: torch.Tensor | None = None  # on the MLP output (Gemma 3)
 
 
 @dataclass
@@ -121,12 +125,34 @@ class PromptChunk:
     # The prompt's kernel class: more than WIDE_ROWS tokens in the whole prompt (not this
     # chunk), so every chunk of a prompt, cached or computed, runs the same GEMMs. A chunk
     # is never one row unless the prompt is (the one-row GEMM path is not row-independent
-    # on every input; see LlamaModel.decode).
+    # on every input; see DecoderModel.decode).
     wide: bool
 
 
-class LlamaModel:
-    """Weights plus the two forward passes the scheduler needs."""
+# One layer's view of a projection: linear(name -> fused weight)
+LinearFactory = Callable[..., Linear]
+
+
+class DecoderModel:
+    """Weights plus the two forward passes the scheduler needs. Subclasses are the model
+    families: they name their `model_type`s, their LoRA projection groups, and override the
+    hooks below where their checkpoint or arithmetic differs from Llama's."""
+
+    MODEL_TYPES: ClassVar[tuple[str, ...]] = ()
+    # fused projection group -> the PEFT module names inside it, in output-column order
+    LORA_GROUPS: ClassVar[dict[str, tuple[str, ...]]] = LLAMA_GROUPS
+
+    @classmethod
+    def unsupported(cls, config) -> str | None:
+        """None when this family's forward can run the model, else the reason it cannot."""
+        activation = getattr(config, "hidden_act", None) or getattr(
+            config, "hidden_activation", "silu"
+        )
+        if activation not in ACTIVATIONS:
+            return f"activation {activation!r}"
+        if getattr(config, "mlp_bias", False):
+            return "MLP biases"
+        return None
 
     def __init__(
         self,
@@ -135,8 +161,9 @@ class LlamaModel:
         device: str,
         weights: str = "dense",  # one of DECODE_WEIGHTS
         source_dir: Path | None = None,  # the model's checkpoint directory
+        max_positions: int | None = None,  # the longest sequence served (rotary tables)
     ):
-        config = hf_model.config
+        config = self.text_config(hf_model.config)
         self.config = config
         self.dtype = dtype
         self.device = device
@@ -148,10 +175,15 @@ class LlamaModel:
         self.eps = config.rms_norm_eps
         self.vocab_size = config.vocab_size
         self.num_layers = config.num_hidden_layers
+        activation = getattr(config, "hidden_act", None) or getattr(
+            config, "hidden_activation", "silu"
+        )
+        self.activation = ACTIVATIONS[activation]
+        self.logit_softcap: float | None = getattr(config, "final_logit_softcapping", None)
 
-        inner = hf_model.model
-        self.embed = inner.embed_tokens.weight.detach().to(dtype).contiguous()
-        self.norm = doubled(inner.norm.weight, dtype)
+        inner = self.decoder(hf_model)
+        self.embed = self.embedding(inner)
+        self.norm = self.norm_weight(inner.norm)
         self.weights = weights
 
         # Packed kinds quantize from the checkpoint when the loaded model is bitsandbytes-
@@ -182,25 +214,20 @@ class LlamaModel:
             self.lm_head: Linear = W8A8Linear(head)
         else:
             self.lm_head = linear_for("int8" if weights == "int4" else weights, head)
-        self.layers = []
-        for index, layer in enumerate(inner.layers):
-            attn, mlp, prefix = layer.self_attn, layer.mlp, f"model.layers.{index}"
-            self.layers.append(
-                LayerWeights(
-                    input_norm=doubled(layer.input_layernorm.weight, dtype),
-                    qkv=linear(*((f"{prefix}.self_attn.{n}", getattr(attn, n)) for n in QKV_NAMES)),
-                    o=linear((f"{prefix}.self_attn.o_proj", attn.o_proj)),
-                    post_norm=doubled(layer.post_attention_layernorm.weight, dtype),
-                    gate_up=linear(
-                        *((f"{prefix}.mlp.{n}", getattr(mlp, n)) for n in GATE_UP_NAMES)
-                    ),
-                    down=linear((f"{prefix}.mlp.down_proj", mlp.down_proj)),
-                )
-            )
+        self.layers = [
+            self.layer_weights(index, layer, linear, self.layer_prefix(index))
+            for index, layer in enumerate(inner.layers)
+        ]
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.scale = self.head_dim**-0.5
-        self._cos, self._sin = self._rope_tables(hf_model, config.max_position_embeddings)
+        self.scale = self.attention_scale()
+        length = max_positions or config.max_position_embeddings
+        self.rope_tables = {
+            kind: self._signed(cos, sin)
+            for kind, (cos, sin) in self.rotary_tables(hf_model, inner, length).items()
+        }
+        self.rotary_dim = next(iter(self.rope_tables.values()))[0].shape[-1]
+        self.windows = sorted({w.window for w in self.layers}, key=lambda w: w or 0)
         # whether a GEMM gives a row the same bits in any batch (checked on this device)
         self.rows_independent = gemm_rows_independent(self)
         # Where they do not (AMX bf16 kernels, MKL's fp32 GEMMs), decode's library GEMMs
@@ -214,53 +241,120 @@ class LlamaModel:
                 "the prefix cache is off, decode pads library GEMMs to a fixed row count"
             )
 
-    def _rope_tables(self, hf_model, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # Reuse the model's own rotary module so every rope_scaling variant is handled.
-        rotary = hf_model.model.rotary_emb
+    # ------------------------------------------------------------------ family hooks
+    @staticmethod
+    def text_config(config):
+        """The decoder's config (multimodal wrappers nest it)."""
+        return config
+
+    @staticmethod
+    def decoder(hf_model):
+        """The module holding embed_tokens, layers and norm."""
+        return hf_model.model
+
+    @staticmethod
+    def layer_prefix(index: int) -> str:
+        """The checkpoint name of layer `index` (packed weights are read from the file)."""
+        return f"model.layers.{index}"
+
+    def embedding(self, inner) -> torch.Tensor:
+        return inner.embed_tokens.weight.detach().to(self.dtype).contiguous()
+
+    def norm_weight(self, norm: torch.nn.Module) -> torch.Tensor:
+        """A Llama RMSNorm: rounded to the compute dtype, then times the weight."""
+        return doubled(norm.weight, self.dtype)
+
+    def attention_scale(self) -> float:
+        return self.head_dim**-0.5
+
+    def layer_weights(self, index: int, layer, linear: LinearFactory, prefix: str) -> LayerWeights:
+        raise NotImplementedError
+
+    def layer_window(self, index: int) -> int | None:
+        """The sliding window of layer `index`, as Hugging Face applies it: `layer_types`
+        where the config has them (Qwen2/3 `max_window_layers`, Gemma 3's interleaving),
+        else `sliding_window` on every layer (Mistral, Phi-3)."""
+        config = self.config
+        window = getattr(config, "sliding_window", None)
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types is not None:
+            return window if layer_types[index] == "sliding_attention" else None
+        return window
+
+    def rotary_tables(
+        self, hf_model, inner, length: int
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """cos and sin [positions, rotary_dim] per rotary kind. The model's own rotary module
+        computes them, so every rope scaling variant is handled."""
         positions = torch.arange(length, device=self.device)[None]
         probe = torch.zeros(1, device=self.device, dtype=torch.float32)
-        cos, sin = rotary(probe, positions)
-        cos, sin = cos[0].to(self.dtype), sin[0].to(self.dtype)  # [positions, head_dim]
-        half = sin.shape[-1] // 2
-        # sin with the rotate-half sign folded in, so _rotate needs one roll (see there)
-        return cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+        cos, sin = inner.rotary_emb(probe, positions)
+        return {GLOBAL_ROPE: (cos[0], sin[0])}
 
     # ------------------------------------------------------------------------------ helpers
+    def _signed(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tables in the compute dtype, sin with the rotate-half sign folded in, so
+        _rotate needs one roll (see there)."""
+        cos, sin = cos.to(self.dtype), sin.to(self.dtype)
+        half = sin.shape[-1] // 2
+        return cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """RMSNorm as LayerNorm over [x, -x]: that row has mean 0 and variance mean(x²), so
         LayerNorm's fused CPU kernel computes x / sqrt(mean(x²) + eps) * weight in one pass,
         where torch's rms_norm on a CPU is six ops (5.6 against 12.4 µs at one row). Float32
         inside, one rounding at the end (LlamaRMSNorm rounds before the weight: outputs
-        differ from it by at most one unit in the last place). `weight`: doubled,
-        [weight, weight] (see `doubled`)."""
+        differ from it by at most one unit in the last place; a float32 weight on bf16 rows,
+        as Gemma's norms take it, is Gemma's arithmetic). `weight`: doubled, [weight, weight]
+        (see `doubled`)."""
         features = x.shape[-1]
         paired = torch.cat((x, x.neg()), dim=-1)
         return F.layer_norm(paired, (2 * features,), weight, None, self.eps)[..., :features]
 
-    @staticmethod
-    def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
         """HF's x * cos + rotate_half(x) * sin, where rotate_half(x) = cat(-x2, x1): the same
-        products bit for bit (the sign moved onto sin), in one roll instead of three ops."""
+        products bit for bit (the sign moved onto sin), in one roll instead of three ops.
+        With a partial rotary factor (Phi-3.5/4) only the first rotary_dim features turn."""
+        if self.rotary_dim < self.head_dim:
+            turned, kept = x.split([self.rotary_dim, self.head_dim - self.rotary_dim], dim=-1)
+            return torch.cat((self._rotate_all(turned, cos, signed_sin), kept), dim=-1)
+        return self._rotate_all(x, cos, signed_sin)
+
+    @staticmethod
+    def _rotate_all(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
         return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+
+    def _rotary(self, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Each rotary kind's cos and sin at these positions, [tokens, 1, rotary_dim]."""
+        return {
+            kind: (cos[positions][:, None, :], sin[positions][:, None, :])
+            for kind, (cos, sin) in self.rope_tables.items()
+        }
 
     def _attention_input(
         self,
         w: LayerWeights,
         x: torch.Tensor,  # [tokens, hidden]
-        cos: torch.Tensor,  # [tokens, 1, head_dim]
-        sin: torch.Tensor,
+        rotary: dict[str, tuple[torch.Tensor, torch.Tensor]],  # see _rotary
         lora: LayerLora | None,
         wide: bool = False,  # a prompt chunk of more than WIDE_ROWS tokens
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Norm, fused q/k/v projection and rotary embedding: q [tokens, heads, d], k and v
         [tokens, kv_heads, d]."""
         h = self._rms_norm(x, w.input_norm)
-        qkv = add_lora(lora, "qkv", h, w.qkv(h, wide))
+        qkv = w.qkv(h, wide)
+        if w.qkv_bias is not None:
+            qkv = qkv + w.qkv_bias
+        qkv = add_lora(lora, "qkv", h, qkv)
         tokens = x.shape[0]
+        cos, sin = rotary[w.rope]
         # q and k heads side by side, rotated in one go
         qk = qkv[:, : self.q_size + self.kv_size].view(tokens, -1, self.head_dim)
-        q, k = self._rotate(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, self.q_size + self.kv_size :].view(tokens, self.num_kv_heads, self.head_dim)
+        if w.q_norm is not None:  # per-head norms before the rotation
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            qk = torch.cat((self._rms_norm(q, w.q_norm), self._rms_norm(k, w.k_norm)), dim=1)
+        q, k = self._rotate(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
         return q, k, v
 
     def _attention_output(
@@ -272,14 +366,33 @@ class LlamaModel:
         wide: bool = False,
     ) -> torch.Tensor:
         """Output projection, residual and MLP: the layer's output [tokens, hidden]."""
-        x = x + add_lora(lora, "o", attn, w.o(attn, wide))
-        h = self._rms_norm(x, w.post_norm)
+        out = add_lora(lora, "o", attn, w.o(attn, wide))
+        if w.attn_out_norm is not None:
+            out = self._rms_norm(out, w.attn_out_norm)
+        x = x + out
+        h = self._rms_norm(x, w.mlp_norm)
         gate, up = add_lora(lora, "gate_up", h, w.gate_up(h, wide)).chunk(2, dim=-1)
-        act = F.silu(gate) * up
-        return x + add_lora(lora, "down", act, w.down(act, wide))
+        act = self.activation(gate) * up
+        out = add_lora(lora, "down", act, w.down(act, wide))
+        if w.mlp_out_norm is not None:
+            out = self._rms_norm(out, w.mlp_out_norm)
+        return x + out
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self._rms_norm(x, self.norm)).float()
+        logits = self.lm_head(self._rms_norm(x, self.norm)).float()
+        if self.logit_softcap:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        return logits
+
+    def _mask(self, queries: torch.Tensor, length: int, window: int | None) -> torch.Tensor:
+        """[rows, length] additive bias: 0 where the query at position queries[i] may look
+        (causal, and within its sliding window), -inf elsewhere (weighs exactly zero)."""
+        keys = torch.arange(length, device=self.device)[None, :]
+        hidden = keys > queries[:, None]
+        if window is not None:  # Hugging Face's sliding_window_overlay: k > q - window
+            hidden |= keys <= queries[:, None] - window
+        bias = torch.zeros(hidden.shape, dtype=self.dtype, device=self.device)
+        return bias.masked_fill(hidden, float("-inf"))
 
     # ------------------------------------------------------------------------------ passes
     @torch.inference_mode()
@@ -305,17 +418,14 @@ class LlamaModel:
         positions = torch.cat([torch.arange(c.start, c.start + len(c.tokens)) for c in chunks])
         positions = positions.to(device)
         x = self.embed[ids]
-        cos, sin = self._cos[positions][:, None, :], self._sin[positions][:, None, :]
-        bounds, biases, offset = [], [], 0
+        rotary = self._rotary(positions)
+        bounds, masks, offset = [], [], 0
         for c in chunks:
             count = len(c.tokens)
             bounds.append((offset, offset + count))
             rows = positions[offset : offset + count]
-            end = c.start + count
-            # [count, end]: token i sees cache positions <= start + i
-            hidden = torch.arange(end, device=device)[None, :] > rows[:, None]
-            bias = torch.zeros(hidden.shape, dtype=self.dtype, device=device)
-            biases.append(bias.masked_fill(hidden, float("-inf")))
+            # window -> [count, end]: token i sees cache positions <= start + i (in its window)
+            masks.append({w: self._mask(rows, c.start + count, w) for w in self.windows})
             offset += count
         lora = None
         if lora_slots is not None and any(c.lora_slot >= 0 for c in chunks):
@@ -323,12 +433,12 @@ class LlamaModel:
             lora = lora_slots.batch(torch.tensor(row_slots, device=device))
         for index, w in enumerate(self.layers):
             layer_lora = lora.layer(index) if lora is not None else None
-            q, k, v = self._attention_input(w, x, cos, sin, layer_lora, wide)
+            q, k, v = self._attention_input(w, x, rotary, layer_lora, wide)
             parts = []
-            for c, (lo, hi), bias in zip(chunks, bounds, biases, strict=True):
+            for c, (lo, hi), mask in zip(chunks, bounds, masks, strict=True):
                 cache.write_prompt(index, c.slot, c.start, k[lo:hi], v[lo:hi])
                 keys_t, values = cache.prompt_view(index, c.slot, c.start + hi - lo)
-                parts.append(self._prompt_attention(q[lo:hi], keys_t, values, bias))
+                parts.append(self._prompt_attention(q[lo:hi], keys_t, values, mask[w.window]))
             attn = parts[0] if len(parts) == 1 else torch.cat(parts)
             x = self._attention_output(w, x, attn, layer_lora, wide)
         last = torch.tensor([hi - 1 for _, hi in bounds], device=device)
@@ -407,15 +517,15 @@ class LlamaModel:
             lora = lora.repeat_rows(2) if lora is not None else None
         batch = tokens.shape[0]
         x = self.embed[tokens]
-        cos, sin = self._cos[positions][:, None, :], self._sin[positions][:, None, :]
+        rotary = self._rotary(positions)
         rows = torch.arange(real, device=self.device)
-        extents = self._decode_extents(positions[:real], cache)
+        extents = {w: self._decode_extents(positions[:real], cache, w) for w in self.windows}
 
         for index, w in enumerate(self.layers):
             layer_lora = lora.layer(index) if lora is not None else None
-            q, k, v = self._attention_input(w, x, cos, sin, layer_lora)
+            q, k, v = self._attention_input(w, x, rotary, layer_lora)
             cache.write_decode(index, rows, write_positions, k[:real], v[:real])
-            attn = self._decode_attention(index, q[:real], cache, extents)
+            attn = self._decode_attention(index, q[:real], cache, extents[w.window])
             if batch > real:  # copies of a lone row, or padding: attention is per row
                 attn = (
                     attn.expand(batch, -1)
@@ -426,10 +536,11 @@ class LlamaModel:
         return self._logits(x)[:real]
 
     def _decode_extents(
-        self, positions: torch.Tensor, cache: KVCache
+        self, positions: torch.Tensor, cache: KVCache, window: int | None
     ) -> list[tuple[torch.Tensor | None, int, torch.Tensor]]:
-        """How a decode step's rows attend: (rows, key extent, mask bias) per group of rows
-        sharing one batched GEMM; rows None means all rows in slot order.
+        """How a decode step's rows attend in layers with this sliding window: (rows, key
+        extent, mask bias) per group of rows sharing one batched GEMM; rows None means all
+        rows in slot order.
 
         Where GEMMs are row-independent, one group over the batch's longest length (masked
         keys weigh exactly zero). Elsewhere (`fixed_decode_rows`: AMX, MKL) a kernel may sum
@@ -447,10 +558,8 @@ class LlamaModel:
             members = [i for i, c in enumerate(classes) if c == length]
             rows = None if len(members) == len(classes) else torch.tensor(members)
             own = positions if rows is None else positions[rows]
-            hidden = torch.arange(length, device=self.device)[None, :] > own[:, None]
             # [rows * kv_heads, heads per kv head, length]: 0 where a row may look, -inf not
-            bias = torch.zeros(hidden.shape, dtype=self.dtype, device=self.device)
-            bias = bias.masked_fill(hidden, float("-inf"))[:, None, :]
+            bias = self._mask(own, length, window)[:, None, :]
             bias = bias.repeat_interleave(self.num_kv_heads, 0).expand(-1, group, -1)
             extents.append((rows, length, bias.contiguous()))
         return extents
@@ -503,3 +612,31 @@ class LlamaModel:
         scores = torch.baddbmm(bias, grouped, keys_t, alpha=self.scale)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(grouped.dtype)
         return torch.bmm(probs, values)
+
+
+def module_shapes(model: DecoderModel) -> dict[str, tuple[int, int]]:
+    """(in, out) features of every module a LoRA may target, by PEFT module name."""
+    q, kv, hidden, inter = model.q_size, model.kv_size, model.hidden, model.intermediate
+    shapes = {
+        "q_proj": (hidden, q),
+        "k_proj": (hidden, kv),
+        "v_proj": (hidden, kv),
+        "qkv_proj": (hidden, q + 2 * kv),
+        "o_proj": (q, hidden),
+        "gate_proj": (hidden, inter),
+        "up_proj": (hidden, inter),
+        "gate_up_proj": (hidden, 2 * inter),
+        "down_proj": (inter, hidden),
+    }
+    targetable = {name for names in model.LORA_GROUPS.values() for name in names}
+    return {name: shape for name, shape in shapes.items() if name in targetable}
+
+
+__all__ = [
+    "PROMPT_QUERY_BLOCK",
+    "WIDE_ROWS",
+    "DecoderModel",
+    "LayerWeights",
+    "PromptChunk",
+    "module_shapes",
+]

@@ -1,0 +1,131 @@
+"""Every model family of the compact engine against Hugging Face and PEFT, on tiny random
+models (float32, dense weights): greedy tokens equal `generate`'s, batched LoRA logits equal
+PEFT's, and a row's tokens do not change inside a mixed batch of base and adapter rows; the
+prompts are longer than the sliding window where the family has one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ragtune.config import EngineConfig
+from ragtune.models import LoadedModel
+from server.adapters.loader import BaseSpec, read_adapter
+from server.engine.models import MODEL_CLASSES, Gemma3Model, LlamaModel, Phi3Model
+from server.engine.runner import CompactRunner, build_runner
+from tests.engine.families import FAMILY_NAMES, WINDOW, hf_greedy, peft_adapter, tiny_model
+from tests.engine.test_runner import generate, sequence
+
+PROMPTS = [list(range(3, 3 + 3 * WINDOW)), [5, 9, 2, 77, 4], [100, 7] * (2 * WINDOW)]
+STEPS = 2 * WINDOW  # decode runs past the window too
+
+
+@pytest.fixture(scope="module", params=FAMILY_NAMES)
+def family(request) -> tuple[str, LoadedModel]:
+    model = tiny_model(request.param)
+    return request.param, LoadedModel(model, None, None, "f" * 64, "cpu", torch.float32, "none")
+
+
+def runner_for(loaded: LoadedModel, **engine) -> CompactRunner:
+    config = EngineConfig(
+        **{"max_batch_size": 4, "max_loras": 2, "max_lora_rank": 8, "weights": "dense", **engine}
+    )
+    runner = build_runner(loaded, config, max_seq_len=128)
+    assert isinstance(runner, CompactRunner)
+    return runner
+
+
+def test_every_family_has_its_module():
+    assert {name: cls.__name__ for name, cls in MODEL_CLASSES.items()} == {
+        "llama": "LlamaModel",
+        "mistral": "LlamaModel",
+        "qwen2": "Qwen2Model",
+        "qwen3": "Qwen3Model",
+        "gemma3_text": "Gemma3Model",
+        "gemma3": "Gemma3Model",
+        "phi3": "Phi3Model",
+    }
+    assert Phi3Model.LORA_GROUPS["qkv"] == ("qkv_proj",)
+    assert LlamaModel.LORA_GROUPS["qkv"] == ("q_proj", "k_proj", "v_proj")
+    assert Gemma3Model.MODEL_TYPES[0] == "gemma3_text"
+
+
+def test_greedy_tokens_match_hugging_face(family):
+    name, loaded = family
+    runner = runner_for(loaded)
+    assert runner.kernels()["family"] == type(runner.model).__name__.removesuffix("Model").lower()
+    if name in ("mistral", "qwen2", "qwen3", "gemma3", "phi3"):
+        assert WINDOW in runner.model.windows
+    for prompt in PROMPTS:
+        [ours] = generate(runner, [sequence(prompt)], steps=STEPS)
+        assert ours == hf_greedy(loaded.model, prompt, STEPS), name
+        runner.release(runner.slots[0])
+
+
+def test_chunked_prefill_across_the_window_gives_the_same_tokens(family):
+    _, loaded = family
+    prompt = PROMPTS[2]
+    whole = generate(runner_for(loaded, prefill_chunk=512), [sequence(prompt)], 6)
+    chunked = generate(runner_for(loaded, prefill_chunk=16), [sequence(prompt)], 6)
+    assert whole == chunked
+
+
+def test_batched_lora_matches_peft_and_rows_keep_their_tokens_in_a_mixed_batch(
+    family, tmp_path
+):
+    name, loaded = family
+    runner = runner_for(loaded)
+    spec = BaseSpec("f" * 64, 2, runner.module_shapes, 8, torch.float32)
+    peft_model = peft_adapter(loaded.model, name, tmp_path / "a")
+    adapter = read_adapter(tmp_path / "a", "a", None, spec, 0).weights
+    assert adapter.target_modules == set(runner.module_shapes)
+    prompt = PROMPTS[0]
+    with torch.no_grad():
+        expected = peft_model(torch.tensor([prompt])).logits[0, -1]
+    seq = sequence(prompt, adapter)
+    runner.add(seq)
+    torch.testing.assert_close(runner.prefill([seq])[0], expected, rtol=1e-4, atol=1e-4)
+    runner.release(seq)
+
+    peft_tokens = hf_greedy(peft_model, prompt, STEPS)
+    assert peft_tokens != hf_greedy(loaded.model, prompt, STEPS)
+    [alone] = generate(runner_for(loaded), [sequence(prompt, adapter)], STEPS)
+    assert alone == peft_tokens, name
+    jobs = [(PROMPTS[1], None), (prompt, adapter), (PROMPTS[2], None), (PROMPTS[2], adapter)]
+    mixed = generate(runner_for(loaded), [sequence(p, a) for p, a in jobs], STEPS)
+    assert mixed[1] == alone
+    for (p, a), tokens in zip(jobs, mixed, strict=True):
+        assert generate(runner_for(loaded), [sequence(p, a)], STEPS) == [tokens]
+
+
+def test_a_lora_of_another_layout_is_refused(family, tmp_path):
+    """Phi-3's fused names on a split-projection family, and the reverse: a clear error."""
+    from server.adapters.errors import AdapterError
+
+    name, loaded = family
+    other = "llama" if name == "phi3" else "phi3"
+    runner = runner_for(loaded)
+    spec = BaseSpec("f" * 64, 2, runner.module_shapes, 8, torch.float32)
+    peft_adapter(tiny_model(other), other, tmp_path / "x")
+    with pytest.raises(AdapterError, match="target modules"):
+        read_adapter(tmp_path / "x", "x", None, spec, 0)
+
+
+@pytest.mark.parametrize("weights", ["dense", "int4"])
+def test_bf16_rows_keep_their_tokens_in_a_mixed_batch(family, weights, tmp_path):
+    """The serving dtype and kernels: base and adapter rows of different lengths, alone and
+    together, give the same greedy tokens (the packed int4 weights and the fixed-row path
+    where this CPU's GEMMs depend on the row count included)."""
+    import copy
+
+    name, loaded = family
+    model = copy.deepcopy(loaded.model).to(torch.bfloat16)
+    bf16 = LoadedModel(model, None, None, "f" * 64, "cpu", torch.bfloat16, "none")
+    probe = runner_for(bf16, weights=weights)
+    spec = BaseSpec("f" * 64, 2, probe.module_shapes, 8, torch.bfloat16)
+    peft_adapter(loaded.model, name, tmp_path / "a")
+    adapter = read_adapter(tmp_path / "a", "a", None, spec, 0).weights
+    jobs = [(PROMPTS[0], adapter), (PROMPTS[1], None), (PROMPTS[2], adapter)]
+    together = generate(runner_for(bf16, weights=weights), [sequence(p, a) for p, a in jobs], 20)
+    for (prompt, a), tokens in zip(jobs, together, strict=True):
+        assert generate(runner_for(bf16, weights=weights), [sequence(prompt, a)], 20) == [tokens]

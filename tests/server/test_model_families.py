@@ -1,0 +1,110 @@
+"""Each model family served over HTTP from a model directory (a tiny random model of the
+family in float32 with dense weights, the bundled tokenizer): the official `openai` client
+gets Hugging Face `generate`'s greedy tokens, a PEFT LoRA loaded through
+`/v1/load_lora_adapter` gives PEFT's, and neither changes when base and adapter requests run
+concurrently in one batch. Prompts are longer than the sliding window."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+import torch
+
+from ragtune.config import default_home
+from ragtune.launcher import start_server
+from ragtune.models.loader import resolve_model_dir
+from tests.conftest import ADMIN_KEY, API_KEY, SERVER_ENV
+from tests.engine.families import FAMILY_NAMES, hf_greedy, peft_adapter, tiny_model
+
+MAX_TOKENS = 16
+PROMPTS = [
+    "The warehouse manual says that every pallet must be checked before it leaves the dock",
+    "Kubernetes operators reconcile the desired state of a custom resource with the cluster",
+    "Translate the following procedure into plain steps: open the valve, wait, close it",
+]
+
+
+@pytest.fixture(scope="module", params=FAMILY_NAMES)
+def served(request, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    name = request.param
+    root = tmp_path_factory.mktemp(f"family-{name}")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir("bundled", default_home()))
+    model = tiny_model(name, vocab_size=len(tokenizer))
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    peft_model = peft_adapter(model, name, root / "adapters" / "tuned")
+    env = {
+        **SERVER_ENV,
+        "RAGTUNE_MODEL__SOURCE": str(root / "model"),
+        "RAGTUNE_MODEL__SERVED_MODEL_NAME": f"tiny-{name}",
+        "RAGTUNE_MODEL__QUANTIZATION": "none",
+        "RAGTUNE_MODEL__DTYPE": "fp32",
+        "RAGTUNE_ENGINE__WEIGHTS": "dense",
+        "RAGTUNE_ADAPTERS__ROOTS": json.dumps([str(root / "adapters")]),
+    }
+    running = start_server(env, root / "server.log")
+    eos = {tokenizer.eos_token_id, *_as_set(model.generation_config.eos_token_id)}
+    yield name, running, tokenizer, model, peft_model, root, eos
+    running.stop()
+
+
+def _as_set(value) -> set[int]:
+    if value is None:
+        return set()
+    return set(value) if isinstance(value, list) else {value}
+
+
+def expected_text(model, tokenizer, prompt: str, eos: set[int]) -> str:
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    tokens = hf_greedy(model, ids, MAX_TOKENS - 1)
+    for i, token in enumerate(tokens):
+        if token in eos:
+            tokens = tokens[:i]
+            break
+    return tokenizer.decode(tokens)
+
+
+def test_family_serves_hugging_face_and_peft_tokens_alone_and_mixed(served):
+    import openai
+
+    name, running, tokenizer, model, peft_model, root, eos = served
+    models = httpx.get(f"{running.v1}/models", headers={"Authorization": f"Bearer {API_KEY}"})
+    [listed] = [m for m in models.json()["data"] if m["id"] == f"tiny-{name}"]
+    assert listed.get("runner", "compact") == "compact"
+    loaded = httpx.post(
+        f"{running.v1}/load_lora_adapter",
+        json={"lora_name": "tuned", "lora_path": str(root / "adapters" / "tuned")},
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+        timeout=60,
+    )
+    assert loaded.status_code == 200, loaded.text
+
+    with torch.no_grad():
+        expected = {
+            (prompt, which): expected_text(m, tokenizer, prompt, eos)
+            for prompt in PROMPTS
+            for which, m in ((f"tiny-{name}", model), ("tuned", peft_model))
+        }
+    assert any(expected[(p, f"tiny-{name}")] != expected[(p, "tuned")] for p in PROMPTS)
+
+    client = openai.AsyncOpenAI(base_url=running.v1, api_key=API_KEY, max_retries=0, timeout=120)
+
+    async def complete(prompt: str, which: str) -> str:
+        response = await client.completions.create(
+            model=which, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0
+        )
+        return response.choices[0].text
+
+    async def run() -> tuple[dict, dict]:
+        alone = {key: await complete(*key) for key in expected}
+        mixed = await asyncio.gather(*(complete(*key) for key in expected))
+        return alone, dict(zip(expected, mixed, strict=True))
+
+    alone, mixed = asyncio.run(run())
+    assert alone == expected, name
+    assert mixed == expected, name
