@@ -66,7 +66,8 @@ def expected_text(model, tokenizer, prompt: str, eos: set[int]) -> str:
         if token in eos:
             tokens = tokens[:i]
             break
-    return tokenizer.decode(tokens)
+    # the server holds back an incomplete UTF-8 sequence at the end (no split characters)
+    return tokenizer.decode(tokens).removesuffix("\ufffd")
 
 
 def test_family_serves_hugging_face_and_peft_tokens_alone_and_mixed(served):
