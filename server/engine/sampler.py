@@ -1,4 +1,10 @@
-"""Per-row token sampling: greedy, temperature and nucleus (top-p), each row with its own seed."""
+"""Per-row token sampling inside one batched step: greedy, temperature, min-p, top-k and
+nucleus (top-p), each row with its own seed, its own logits controls (engine/controls.py) and,
+when it asks, the logprobs of the token it drew.
+
+Plain greedy rows (no controls) are decided for the whole batch by one numpy argmax; only the
+rows that use a feature pay for it.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,10 @@ from functools import partial
 
 import torch
 
-from server.engine.types import SamplingParams
+from server.engine.controls import RowControls
+from server.engine.types import SamplingParams, TokenLogprobs
+
+Drawn = tuple[int, TokenLogprobs | None]
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -20,10 +29,18 @@ def make_generator(seed: int | None) -> torch.Generator:
 
 
 def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """logits: [vocab] float32 on CPU."""
+    """logits: [vocab] float32 on CPU (already shaped by the row's controls). vLLM's order:
+    temperature, then min-p, then top-k, then top-p."""
     if params.greedy:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits / params.temperature, dim=-1)
+    scaled = logits / params.temperature
+    if params.min_p > 0.0:
+        probs = torch.softmax(scaled, dim=-1)
+        scaled = scaled.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
+    if 0 < params.top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, params.top_k).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         cumulative = torch.cumsum(sorted_probs, dim=-1)
@@ -34,21 +51,59 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def token_logprobs(logits: torch.Tensor, token: int, top: int) -> TokenLogprobs:
+    """The model's own distribution (log-softmax of the raw [vocab] row, as vLLM's default
+    `raw_logprobs`), computed on this row alone so batch neighbours cannot change it."""
+    logprobs = torch.log_softmax(logits, dim=-1)
+    best: tuple[tuple[int, float], ...] = ()
+    if top > 0:
+        values, ids = torch.topk(logprobs, min(top, logprobs.shape[-1]))
+        best = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+    return TokenLogprobs(token, float(logprobs[token]), best)
+
+
 class NonFiniteLogitsError(ValueError):
     """The model produced NaN or Inf for this row (e.g. an adapter whose scale overflows the
     activations); any token drawn from it would be garbage."""
 
 
-def _refuse() -> int:
+def _refuse() -> Drawn:
     raise NonFiniteLogitsError("non-finite logits")
 
 
+def _argmax(token: int) -> Drawn:
+    return token, None
+
+
+def _argmax_with_logprobs(token: int, logits: torch.Tensor, top: int) -> Drawn:
+    return token, token_logprobs(logits, token, top)
+
+
+def _draw(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator,
+    controls: RowControls | None,
+) -> Drawn:
+    shaped = logits if controls is None else controls.shape(logits)
+    token = sample_row(shaped, params, generator)
+    if controls is not None:
+        controls.record(token)
+    if params.logprobs is None:
+        return token, None
+    return token, token_logprobs(logits, token, params.logprobs)
+
+
 def row_draws(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]
-) -> list[Callable[[], int]]:
-    """logits: [batch, vocab]. One zero-argument draw per row, so the caller takes each row's
-    token on its own and a draw that fails fails only its row. Greedy rows are decided here,
-    in one host transfer; a row with NaN/Inf logits fails instead of yielding a token."""
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator],
+    controls: list[RowControls | None] | None = None,
+) -> list[Callable[[], Drawn]]:
+    """logits: [batch, vocab]. One zero-argument draw per row returning (token, logprobs or
+    None), so the caller takes each row's token on its own and a draw that fails fails only
+    its row. Plain greedy rows are decided here, in one host transfer; a row with NaN/Inf
+    logits fails instead of yielding a token."""
     logits = logits.float().cpu().contiguous()
     # numpy's argmax is vectorized, torch's CPU argmax is not (34 against 217 µs at 16 x
     # 49152); both return the first maximal index
@@ -57,19 +112,27 @@ def row_draws(
     # [batch, vocab] mask (0.02 vs 0.59 ms at 16 rows); a finite row whose sum overflows
     # float32 (logits near 1e34) is garbage too
     finite = torch.isfinite(logits.sum(dim=-1)).tolist()
+    rows = controls or [None] * len(params)
 
-    def draw(row: int, p: SamplingParams, generator: torch.Generator) -> Callable[[], int]:
+    def draw(
+        row: int, p: SamplingParams, generator: torch.Generator, control: RowControls | None
+    ) -> Callable[[], Drawn]:
         if not finite[row]:
             return _refuse
-        if p.greedy:
-            return partial(int, greedy[row])
-        return partial(sample_row, logits[row], p, generator)
+        if p.greedy and control is None:
+            if p.logprobs is None:
+                return partial(_argmax, greedy[row])
+            return partial(_argmax_with_logprobs, greedy[row], logits[row], p.logprobs)
+        return partial(_draw, logits[row], p, generator, control)
 
-    return [draw(row, *pair) for row, pair in enumerate(zip(params, generators, strict=True))]
+    return [draw(row, *args) for row, args in enumerate(zip(params, generators, rows, strict=True))]
 
 
 def sample_batch(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator],
+    controls: list[RowControls | None] | None = None,
 ) -> list[int]:
     """logits: [batch, vocab] -> one token per row."""
-    return [draw() for draw in row_draws(logits, params, generators)]
+    return [draw()[0] for draw in row_draws(logits, params, generators, controls)]

@@ -132,10 +132,15 @@ class Scheduler:
         """Each row takes its token on its own: an exception in one sequence's draw,
         detokenization, stop matching or output callback finishes that sequence alone with
         finish_reason "error"; its batch neighbours carry on."""
-        draws = row_draws(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        draws = row_draws(
+            logits,
+            [s.params for s in seqs],
+            [s.generator for s in seqs],
+            [s.controls for s in seqs],
+        )
         for seq, draw in zip(seqs, draws, strict=True):
             try:
-                seq.append(draw())
+                seq.append(*draw())
             except Exception as exc:
                 fail(seq, "generation failed", exc)
 

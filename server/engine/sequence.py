@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from server.engine.controls import RowControls
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.sampler import make_generator
 from server.engine.stop import StopMatcher
-from server.engine.types import FinishReason, GenerationRequest, StepOutput
+from server.engine.types import FinishReason, GenerationRequest, StepOutput, TokenLogprobs
 
 Emit = Callable[[StepOutput], None]
 
@@ -16,18 +17,27 @@ Emit = Callable[[StepOutput], None]
 class Sequence:
     def __init__(self, request: GenerationRequest, tokenizer: Any, eos_ids: set[int], emit: Emit):
         self.request = request
-        self.params = request.params
+        params = self.params = request.params
         self.output_ids: list[int] = []
-        self.generator = make_generator(request.params.seed)
+        self.generator = make_generator(params.seed)
         # Owned by the model runner: KV slot (= decode row), tokens in the cache, LoRA slot.
         self.slot: int | None = None
         self.cache_len = 0
         self.lora_slot = -1
         self.cache: Any = None  # the fallback runner's per-sequence cache
         self.finish_reason: FinishReason | None = None
-        self._eos_ids = eos_ids
+        # tokens that end the sequence (not part of its output): EOS unless ignore_eos, and
+        # the request's stop_token_ids
+        self._stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else eos_ids)
+        self.controls = (
+            RowControls(params, request.prompt_ids, self._stop_ids)
+            if params.shapes_logits
+            else None
+        )
+        self._logprobs: list[TokenLogprobs] | None = [] if params.logprobs is not None else None
+        self._emitted = 0  # output tokens already handed out with some text
         self._detok = IncrementalDetokenizer(tokenizer, request.prompt_ids)
-        self._stop = StopMatcher(request.params.stop)
+        self._stop = StopMatcher(params.stop)
         self._emit = emit
 
     @property
@@ -46,45 +56,49 @@ class Sequence:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def append(self, token_id: int) -> None:
+    def append(self, token_id: int, logprobs: TokenLogprobs | None = None) -> None:
         """Record a sampled token, emit the text it completes, and decide if we are done."""
-        if token_id in self._eos_ids:
+        if token_id in self._stop_ids:
             self._finish("stop", self._stop.flush())
             return
         self.output_ids.append(token_id)
-        text = self._stop.feed(self._detok.push(token_id))
+        if self._logprobs is not None and logprobs is not None:
+            self._logprobs.append(logprobs)
+        text = self._detok.push(token_id)
+        if len(self.output_ids) >= self.params.min_tokens:  # vLLM: no stop before min_tokens
+            text = self._stop.feed(text)
         if self._stop.stopped:
             self._finish("stop", text)
         elif len(self.output_ids) >= self.params.max_tokens:
             self._finish("length", text + self._stop.flush())
         elif text:
-            self._emit(self._output(text, [token_id]))
+            self._emit(self._output(text))
 
     def abort(self, reason: FinishReason = "abort", error: str | None = None) -> None:
         """Finish now; marked finished before emitting, so a failing callback cannot keep the
         sequence running."""
         if not self.finished:
             self.finish_reason = reason
-            self._emit(self._output("", [], reason, error))
+            self._emit(self._output("", reason, error))
 
     def _finish(self, reason: FinishReason, text: str) -> None:
         # Emitted before it counts as finished: if the callback fails, the scheduler can
         # still finish the sequence with an error the client sees.
-        self._emit(self._output(text, self.output_ids[-1:], reason))
+        self._emit(self._output(text, reason))
         self.finish_reason = reason
 
     def _output(
-        self,
-        text: str,
-        ids: list[int],
-        reason: FinishReason | None = None,
-        error: str | None = None,
+        self, text: str, reason: FinishReason | None = None, error: str | None = None
     ) -> StepOutput:
+        """The output carrying `text` and every output token (and its logprobs) not yet
+        handed out: a token whose text is held back travels with the text that completes it."""
+        start, self._emitted = self._emitted, len(self.output_ids)
         return StepOutput(
             text=text,
-            token_ids=ids,
+            token_ids=self.output_ids[start:],
             finish_reason=reason,
             prompt_tokens=self.prompt_len,
             completion_tokens=len(self.output_ids),
             error=error,
+            logprobs=None if self._logprobs is None else self._logprobs[start:],
         )
