@@ -14,7 +14,24 @@ from dataclasses import dataclass
 
 JAPANESE = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff]")
 _HEADING = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$")
-_SENTENCE_END = re.compile(r"(?<=[.!?。！？])\s+|(?<=[。！？])")
+# Sentence ends: . ! ? before whitespace, and 。！？ with or without it. Markdown list items
+# folded into one line also end sentences when Japanese is next to the marker (English
+# prose keeps its " - " dashes): a space before "- ", "・ " or "2. " starts a new one, and
+# the "2." of such an item is its marker, not a sentence end.
+_ITEM = r"(?:[-*・•]|\d{1,2}[.)])"
+_NUMBER_MARKER = (  # not after "N." that starts the text, or follows or precedes Japanese
+    r"(?<!^\d\.)(?<!^\d\d\.)"
+    r"(?<![^\x00-\x7f]\s\d\.)(?<![^\x00-\x7f]\s\d\d\.)"
+    r"(?!(?<=\s\d\.)\s+[^\x00-\x7f])(?!(?<=\s\d\d\.)\s+[^\x00-\x7f])"
+)
+_SENTENCE_END = re.compile(
+    rf"(?<=[.!?。！？]){_NUMBER_MARKER}\s+"
+    r"|(?<=[。！？])"
+    rf"|(?<=[^\x00-\x7f])\s+(?={_ITEM}\s)"
+    rf"|\s+(?={_ITEM}\s+[^\x00-\x7f])"
+)
+_FENCE = ("```", "~~~")
+LIST_MARKER = re.compile(rf"{_ITEM}\s+")
 
 
 @dataclass(frozen=True)
@@ -55,6 +72,8 @@ def _blocks(text: str) -> list[tuple[str, str]]:
 
 
 def _fold_lines(paragraph: str) -> str:
+    if paragraph.lstrip().startswith(_FENCE):  # fenced code keeps its lines and indentation
+        return paragraph.strip()
     lines = [line.strip() for line in paragraph.splitlines() if line.strip()]
     joined = ""
     for line in lines:  # Japanese lines join without a space
@@ -115,12 +134,15 @@ def _cut(paragraph: str, heading: str, max_chars: int) -> list[Chunk]:
         return [Chunk(paragraph, heading)]
     chunks: list[Chunk] = []
     buffer = ""
-    joiner = "" if is_japanese(paragraph) else " "
-    for sentence in split_sentences(paragraph):
+    code = paragraph.startswith(_FENCE)  # cut at line ends, not at full stops
+    joiner = "\n" if code else "" if is_japanese(paragraph) else " "
+    for sentence in paragraph.splitlines() if code else split_sentences(paragraph):
         if buffer and len(buffer) + len(sentence) + 1 > max_chars:
             chunks.append(Chunk(buffer, heading))
             buffer = ""
-        buffer = f"{buffer}{joiner}{sentence}" if buffer else sentence
+        list_item = not code and LIST_MARKER.match(sentence)
+        glue = " " if list_item else joiner  # keep "- a - b" items apart
+        buffer = f"{buffer}{glue}{sentence}" if buffer else sentence
         while len(buffer) > max_chars:  # one sentence longer than the limit
             chunks.append(Chunk(buffer[:max_chars], heading))
             buffer = buffer[max_chars:]

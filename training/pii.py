@@ -69,11 +69,14 @@ _PREFECTURES = (
     "長野|岐阜|静岡|愛知|三重|滋賀|兵庫|奈良|和歌山|鳥取|島根|岡山|広島|山口|徳島|香川|愛媛|高知|"
     "福岡|佐賀|長崎|熊本|大分|宮崎|鹿児島|沖縄)県"
 )
-# Prefecture, then city/ward/town and block numbers up to the next space or sentence mark.
+# Prefecture, then city/ward/town and block numbers up to the next space or sentence mark;
+# a building name written after one space is included when it ends in a room or floor
+# number (〒... 横浜市中区港見台2丁目15-8 ベイコート港見台304号室).
 _JP_ADDRESS = re.compile(
     rf"(?:{_PREFECTURES})[^\s、。，,.!?！？「」()（）\[\]]{{1,40}}?"
     r"(?:\d+(?:[-ー−]\d+){0,3}(?:号室?|番地?)?|丁目|番地?|号)"
     r"(?:[^\s、。，,.!?！？「」()（）\[\]]*?\d+(?:[-]\d+){0,3}(?:号室?|番地?)?)*"
+    r"(?:[ \u3000][^\s、。，,.!?！？「」()（）\[\]]{1,30}?\d+(?:号室|階))?"
 )
 _STREET_SUFFIX = (
     r"(?:Street|St|Avenue|Ave|Road|Rd|Boulevard|Blvd|Lane|Ln|Drive|Dr|Court|Ct|Way|Place|Pl|"

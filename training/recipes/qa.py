@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-from training.chunks import is_japanese, split_sentences
+from training.chunks import LIST_MARKER, is_japanese, split_sentences
 from training.documents import TEXT_SUFFIXES, Document
 from training.keywords import terms
 from training.recipes import RecipeContext
@@ -45,9 +45,13 @@ def template_pairs(unit: Unit, context: RecipeContext) -> list[tuple[str, str]]:
     """The paragraph's topic question, plus one question per informative sentence built from
     the sentence's keywords (template picked by a hash, so output is deterministic)."""
     pairs = [(topic_question(unit), unit.text)]
+    if "```" in unit.text or "~~~" in unit.text:  # code has no sentences to ask about
+        return pairs
     japanese = is_japanese(unit.text)
     templates = JA_TEMPLATES if japanese else EN_TEMPLATES
     for sentence in split_sentences(unit.text):
+        marker = LIST_MARKER.match(sentence)  # "- " or "2. " of a list item
+        sentence = sentence[marker.end() :] if marker else sentence
         if len(pairs) > context.questions_per_unit:
             break
         if len(sentence) < (12 if japanese else 30):
