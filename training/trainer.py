@@ -202,6 +202,7 @@ def train(
 
     from ragtune.models import load_base_model
     from training.encoding import PadCollator, encode_rows
+    from training.targets import resolve_target_modules
 
     started = time.monotonic()
     home = home or default_home()
@@ -235,6 +236,7 @@ def train(
     )
     model = loaded.model
     model.config.use_cache = False
+    config.adapter.target_modules = resolve_target_modules(model, config.adapter.target_modules)
     if config.method == "qlora":
         _disable_cpu_weight_packing(model)
         model = prepare_model_for_kbit_training(

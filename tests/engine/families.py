@@ -64,7 +64,10 @@ def tiny_config(family: str, vocab_size: int = 512):
         )
     if family == "phi3":  # fused qkv/gate_up; a partial rotary factor as Phi-3.5/4 have
         return Phi3Config(
-            **common, sliding_window=WINDOW, partial_rotary_factor=0.5, bos_token_id=1,
+            **common,
+            sliding_window=WINDOW,
+            partial_rotary_factor=0.5,
+            bos_token_id=1,
             eos_token_id=2,
         )
     raise ValueError(family)
@@ -128,3 +131,18 @@ def hf_greedy(model, prompt: list[int], steps: int) -> list[int]:
             eos_token_id=None,
         )
     return out[0, len(prompt) :].tolist()
+
+
+def save_model_dir(family: str, path: Path):
+    """The family's tiny model with the bundled model's tokenizer (and chat template), saved
+    as a model directory the server and `ragtune train` load; returns (model, tokenizer)."""
+    from transformers import AutoTokenizer
+
+    from ragtune.config import default_home
+    from ragtune.models.loader import resolve_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir("bundled", default_home()))
+    model = tiny_model(family, vocab_size=len(tokenizer))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model, tokenizer

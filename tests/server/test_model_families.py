@@ -13,11 +13,9 @@ import httpx
 import pytest
 import torch
 
-from ragtune.config import default_home
 from ragtune.launcher import start_server
-from ragtune.models.loader import resolve_model_dir
 from tests.conftest import ADMIN_KEY, API_KEY, SERVER_ENV
-from tests.engine.families import FAMILY_NAMES, hf_greedy, peft_adapter, tiny_model
+from tests.engine.families import FAMILY_NAMES, hf_greedy, peft_adapter, save_model_dir
 
 MAX_TOKENS = 16
 PROMPTS = [
@@ -29,14 +27,9 @@ PROMPTS = [
 
 @pytest.fixture(scope="module", params=FAMILY_NAMES)
 def served(request, tmp_path_factory):
-    from transformers import AutoTokenizer
-
     name = request.param
     root = tmp_path_factory.mktemp(f"family-{name}")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir("bundled", default_home()))
-    model = tiny_model(name, vocab_size=len(tokenizer))
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    model, tokenizer = save_model_dir(name, root / "model")
     peft_model = peft_adapter(model, name, root / "adapters" / "tuned")
     env = {
         **SERVER_ENV,
