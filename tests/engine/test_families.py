@@ -70,9 +70,7 @@ def test_chunked_prefill_across_the_window_gives_the_same_tokens(family):
     assert whole == chunked
 
 
-def test_batched_lora_matches_peft_and_rows_keep_their_tokens_in_a_mixed_batch(
-    family, tmp_path
-):
+def test_batched_lora_matches_peft_and_rows_keep_their_tokens_in_a_mixed_batch(family, tmp_path):
     name, loaded = family
     runner = runner_for(loaded)
     spec = BaseSpec("f" * 64, 2, runner.module_shapes, 8, torch.float32)
