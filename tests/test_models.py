@@ -34,7 +34,7 @@ def test_conversion_is_cached_with_a_fingerprint():
 
 
 def test_unknown_source_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="neither 'bundled'"):
+    with pytest.raises(FileNotFoundError, match="neither 'bundled"):
         resolve_model_dir(str(tmp_path / "missing"), tmp_path)
 
 

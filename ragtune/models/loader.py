@@ -12,11 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ragtune.config import BUNDLED_MODEL, ModelConfig
+from ragtune.config import ModelConfig, bundled_model_name
 from ragtune.fileio import atomic_write_text
 from ragtune.hardware import compute_dtype_name, detect, slow_setting_warning
-from ragtune.models.bundled import bundled_llm_gguf
-from ragtune.models.convert import convert_gguf, read_manifest, weights_fingerprint
+from ragtune.models.bundled import BUNDLED_LLMS, bundled_llm_gguf, licence_files
+from ragtune.models.convert import (
+    convert_gguf,
+    converted_dir_for,
+    read_manifest,
+    weights_fingerprint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -36,19 +41,32 @@ class LoadedModel:
         return int(getattr(self.model.config, "max_position_embeddings", 2048))
 
 
+def bundled_model_dir(name: str, home: Path) -> Path:
+    """A bundled model's converted directory; the GGUF is located (or assembled) and
+    converted only while that directory is missing."""
+    llm = BUNDLED_LLMS[name]
+    cache = home / "models"
+    converted = converted_dir_for(Path(llm.gguf), cache, llm.sha256)
+    if read_manifest(converted) is not None:
+        return converted
+    gguf = bundled_llm_gguf(name, home)
+    return convert_gguf(gguf, cache, sha256=llm.sha256, extra_files=licence_files(llm))
+
+
 def resolve_model_dir(source: str, home: Path) -> Path:
     """Turn the configured `model.source` into a local safetensors model directory."""
     cache = home / "models"
-    if source == BUNDLED_MODEL:
-        return convert_gguf(bundled_llm_gguf(), cache)
+    name = bundled_model_name(source)  # ValueError for an unknown `bundled:<name>`
+    if name is not None:
+        return bundled_model_dir(name, home)
     path = Path(source).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return convert_gguf(path, cache)
     if path.is_dir() and (path / "config.json").is_file():
         return path
     raise FileNotFoundError(
-        f"model.source {source!r} is neither 'bundled', a .gguf file, nor a Hugging Face model "
-        "directory containing config.json"
+        f"model.source {source!r} is neither 'bundled[:<name>]', a .gguf file, nor a Hugging "
+        "Face model directory containing config.json"
     )
 
 
