@@ -16,7 +16,14 @@ from ragtune.models import LoadedModel
 from server.engine.kv_cache import KVCache
 from server.engine.linear import packed_weights_supported
 from server.engine.lora import AdapterWeights, LoraSlots
-from server.engine.models import WIDE_ROWS, DecoderModel, PromptChunk, model_class, module_shapes
+from server.engine.models import (
+    WIDE_ROWS,
+    DecoderModel,
+    PromptChunk,
+    RowScores,
+    model_class,
+    module_shapes,
+)
 from server.engine.prefix_cache import PrefixCache
 from server.engine.sequence import Sequence
 
@@ -153,7 +160,8 @@ class CompactRunner:
         seq.slot = len(self.slots)
         seq.cache_len = 0
         self.cache.ensure_slots(seq.slot + 1, rows=len(self.slots))
-        if self.prefix_cache is not None:
+        # prompt logprobs need every prompt row computed: no restore (vLLM does the same)
+        if self.prefix_cache is not None and seq.params.prompt_logprobs is None:
             seq.cache_len = self.prefix_cache.restore(
                 seq.request.prompt_ids, prefix_namespace(seq), seq.slot, len(self.slots)
             )
@@ -165,16 +173,7 @@ class CompactRunner:
         """Run the next prompt chunk of each sequence, sharing forwards where the model
         allows; each sequence gets its [vocab] logits once its whole prompt is in, else None.
         On an exception no sequence has advanced."""
-        chunks = [
-            PromptChunk(
-                seq.request.prompt_ids[seq.cache_len : seq.cache_len + self._chunk_length(seq)],
-                seq.cache_len,
-                seq.slot,
-                seq.lora_slot,
-                seq.prompt_len > WIDE_ROWS,
-            )
-            for seq in seqs
-        ]
+        chunks = [self._chunk(seq) for seq in seqs]
         # the whole prompts, not this chunk's end: a long prompt (or several, taking turns)
         # would otherwise re-lay the cache out at every chunk
         self.cache.reserve(max(seq.prompt_len for seq in seqs), len(self.slots))
@@ -184,12 +183,28 @@ class CompactRunner:
             for row, i in enumerate(group):
                 logits[i] = rows[row]
         for i, (seq, chunk) in enumerate(zip(seqs, chunks, strict=True)):
+            if chunk.scores is not None:
+                seq.add_prompt_logprobs(chunk.targets, chunk.scores)
             seq.cache_len += len(chunk.tokens)
             if seq.cache_len < seq.prompt_len:
                 logits[i] = None
             elif self.prefix_cache is not None:
                 self.prefix_cache.store(seq.request.prompt_ids, prefix_namespace(seq), seq.slot)
         return logits
+
+    def _chunk(self, seq: Sequence) -> PromptChunk:
+        """The sequence's next prompt chunk; where the request asks for prompt logprobs, the
+        prompt tokens its rows predict (the last prompt row predicts the first output token,
+        which the sampler's logprobs cover)."""
+        prompt = seq.request.prompt_ids
+        start, end = seq.cache_len, seq.cache_len + self._chunk_length(seq)
+        chunk = PromptChunk(
+            prompt[start:end], start, seq.slot, seq.lora_slot, seq.prompt_len > WIDE_ROWS
+        )
+        top = seq.params.prompt_logprobs
+        if top is not None:
+            chunk.targets, chunk.top = prompt[start + 1 : end + 1], top
+        return chunk
 
     def _chunk_length(self, seq: Sequence) -> int:
         """engine.prefill_chunk tokens, one fewer where that would leave a last chunk of one
@@ -287,10 +302,18 @@ class HFModelRunner:
 
         logits = []
         for seq in seqs:
-            ids = torch.tensor([seq.request.prompt_ids], device=self.device)
+            prompt = seq.request.prompt_ids
+            top = seq.params.prompt_logprobs
             out = self.model(
-                input_ids=ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1
+                input_ids=torch.tensor([prompt], device=self.device),
+                past_key_values=DynamicCache(),
+                use_cache=True,
+                logits_to_keep=1 if top is None else 0,  # 0: every row
             )
+            if top is not None:
+                scores = RowScores([], [], [])
+                scores.extend(out.logits[0, :-1].float(), prompt[1:], top)
+                seq.add_prompt_logprobs(prompt[1:], scores)
             seq.cache = out.past_key_values
             seq.cache_len = seq.prompt_len
             logits.append(out.logits[0, -1].float())

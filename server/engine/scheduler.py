@@ -124,6 +124,10 @@ class Scheduler:
                     fail(seq, "prefill failed", exc)
                     outputs.append(None)
         done = [(s, logits) for s, logits in zip(batch, outputs, strict=True) if logits is not None]
+        for seq, _ in done:
+            if seq.params.max_tokens == 0:
+                seq.finish_prompt_only()
+        done = [(s, logits) for s, logits in done if s.params.max_tokens > 0]
         if done:
             self._sample([s for s, _ in done], torch.stack([logits for _, logits in done]))
 

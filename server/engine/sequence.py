@@ -35,6 +35,10 @@ class Sequence:
             else None
         )
         self._logprobs: list[TokenLogprobs] | None = [] if params.logprobs is not None else None
+        # filled chunk by chunk by the runner; handed out with the first output
+        self._prompt_logprobs: list[TokenLogprobs | None] | None = (
+            [None] if params.prompt_logprobs is not None else None
+        )
         self._emitted = 0  # output tokens already handed out with some text
         self._detok = IncrementalDetokenizer(tokenizer, request.prompt_ids)
         self._stop = StopMatcher(params.stop)
@@ -74,6 +78,18 @@ class Sequence:
         elif text:
             self._emit(self._output(text))
 
+    def add_prompt_logprobs(self, targets: list[int], scores) -> None:
+        """One prompt chunk's scores (server.engine.models.RowScores) for `targets`."""
+        if self._prompt_logprobs is None:
+            return
+        for i, token in enumerate(targets):
+            top = tuple(zip(scores.top_ids[i], scores.top_logprobs[i], strict=True))
+            self._prompt_logprobs.append(TokenLogprobs(token, scores.logprobs[i], top))
+
+    def finish_prompt_only(self) -> None:
+        """max_tokens 0 (scoring a prompt): done once the prompt is in, nothing sampled."""
+        self._finish("length", "")
+
     def abort(self, reason: FinishReason = "abort", error: str | None = None) -> None:
         """Finish now; marked finished before emitting, so a failing callback cannot keep the
         sequence running."""
@@ -93,6 +109,7 @@ class Sequence:
         """The output carrying `text` and every output token (and its logprobs) not yet
         handed out: a token whose text is held back travels with the text that completes it."""
         start, self._emitted = self._emitted, len(self.output_ids)
+        prompt_logprobs, self._prompt_logprobs = self._prompt_logprobs, None
         return StepOutput(
             text=text,
             token_ids=self.output_ids[start:],
@@ -101,4 +118,5 @@ class Sequence:
             completion_tokens=len(self.output_ids),
             error=error,
             logprobs=None if self._logprobs is None else self._logprobs[start:],
+            prompt_logprobs=prompt_logprobs,
         )

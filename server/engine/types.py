@@ -29,6 +29,8 @@ class SamplingParams:
     min_tokens: int = 0  # EOS and stop_token_ids are masked (and stop strings not matched) before
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k: the chosen token's logprob and the top k
+    # the same for every prompt token after the first (echo + logprobs; lm-eval scoring)
+    prompt_logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -70,7 +72,8 @@ class GenerationRequest:
 class StepOutput:
     """What one engine step produced for one request: text to send and, at the end, why.
     `token_ids` are the output tokens this text completes (all since the last output), and
-    `logprobs` theirs when the request asked."""
+    `logprobs` theirs when the request asked; `prompt_logprobs` (first output only) one
+    entry per prompt token, None for the first, which nothing predicts."""
 
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
@@ -79,6 +82,7 @@ class StepOutput:
     completion_tokens: int = 0
     error: str | None = None
     logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     @property
     def finished(self) -> bool:

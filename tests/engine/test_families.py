@@ -127,3 +127,28 @@ def test_bf16_rows_keep_their_tokens_in_a_mixed_batch(family, weights, tmp_path)
     together = generate(runner_for(bf16, weights=weights), [sequence(p, a) for p, a in jobs], 20)
     for (prompt, a), tokens in zip(jobs, together, strict=True):
         assert generate(runner_for(bf16, weights=weights), [sequence(prompt, a)], 20) == [tokens]
+
+
+@pytest.mark.parametrize("prefill_chunk", [16, 512])
+def test_prompt_logprobs_match_hugging_face_across_chunks(family, prefill_chunk):
+    """Echo/scoring: every prompt token after the first gets log_softmax of the row before
+    it (and the top alternatives), however the prompt is cut into chunks."""
+    name, loaded = family
+    prompt = PROMPTS[2] + PROMPTS[0]
+    runner = runner_for(loaded, prefill_chunk=prefill_chunk)
+    seq = sequence(prompt, prompt_logprobs=3)
+    runner.add(seq)
+    while runner.prefill([seq])[0] is None:
+        pass
+    entries = seq._prompt_logprobs
+    assert entries[0] is None and len(entries) == len(prompt)
+    with torch.no_grad():
+        expected = torch.log_softmax(loaded.model(torch.tensor([prompt])).logits[0, :-1], -1)
+    chosen = expected.gather(1, torch.tensor(prompt[1:])[:, None])[:, 0]
+    ours = torch.tensor([e.logprob for e in entries[1:]])
+    torch.testing.assert_close(ours, chosen, rtol=1e-4, atol=1e-4)
+    assert [e.token_id for e in entries[1:]] == prompt[1:]
+    top = expected.topk(3, dim=-1)
+    for i, entry in enumerate(entries[1:]):
+        assert [t for t, _ in entry.top][:1] == top.indices[i].tolist()[:1], name
+        assert entry.top[0][1] == pytest.approx(float(top.values[i, 0]), abs=1e-4)

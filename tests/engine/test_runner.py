@@ -49,12 +49,14 @@ def runner_for(tiny: LoadedModel, **engine) -> CompactRunner:
     return CompactRunner(tiny, config, max_seq_len=128)
 
 
-def sequence(prompt: list[int], adapter=None) -> Sequence:
+def sequence(prompt: list[int], adapter=None, prompt_logprobs: int | None = None) -> Sequence:
     seq = Sequence.__new__(Sequence)  # no tokenizer needed below the text layer
-    seq.request = GenerationRequest("r", prompt, SamplingParams(64, temperature=0), adapter)
+    params = SamplingParams(64, temperature=0, prompt_logprobs=prompt_logprobs)
+    seq.request = GenerationRequest("r", prompt, params, adapter)
     seq.params = seq.request.params
     seq.output_ids, seq.slot, seq.cache_len, seq.lora_slot = [], None, 0, -1
     seq.finish_reason = None
+    seq._prompt_logprobs = None if prompt_logprobs is None else [None]
     return seq
 
 

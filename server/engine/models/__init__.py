@@ -9,6 +9,7 @@ from server.engine.models.base import (
     DecoderModel,
     LayerWeights,
     PromptChunk,
+    RowScores,
     module_shapes,
 )
 from server.engine.models.gemma3 import Gemma3Model
@@ -46,6 +47,7 @@ __all__ = [
     "DecoderModel",
     "LayerWeights",
     "PromptChunk",
+    "RowScores",
     "model_class",
     "module_shapes",
 ]

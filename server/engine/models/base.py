@@ -43,6 +43,9 @@ logger = logging.getLogger(__name__)
 WIDE_ROWS = 24
 # Query rows of a prompt chunk whose attention runs at once (see DecoderModel._prompt_attention).
 PROMPT_QUERY_BLOCK = 128
+# Prompt rows whose full-vocabulary logprobs exist at once (Gemma's 262k vocabulary: 64 rows
+# are 67 MB of float32)
+SCORE_ROWS = 64
 # Hugging Face activation names -> the function (ACT2FN's arithmetic)
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
@@ -127,6 +130,35 @@ class PromptChunk:
     # is never one row unless the prompt is (the one-row GEMM path is not row-independent
     # on every input; see DecoderModel.decode).
     wide: bool
+    # Prompt logprobs: the tokens each row predicts (the prompt's next tokens; one fewer
+    # than the rows where the chunk ends the prompt) and how many top alternatives; None:
+    # not asked. `prefill` puts the result in `scores`.
+    targets: list[int] | None = None
+    top: int = 0
+    scores: RowScores | None = None
+
+
+@dataclass
+class RowScores:
+    """Log-probabilities of prompt tokens under the model's raw distribution: per scored row
+    the target token's logprob and the `top` most likely (ids, logprobs), most likely first."""
+
+    logprobs: list[float]
+    top_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+
+    def extend(self, logits: torch.Tensor, targets: list[int], top: int) -> None:
+        """Score rows of float32 logits [rows, vocab] predicting `targets`."""
+        logprobs = torch.log_softmax(logits, dim=-1)
+        ids = torch.tensor(targets, device=logits.device)[:, None]
+        self.logprobs += logprobs.gather(1, ids)[:, 0].tolist()
+        if top:
+            values, indices = logprobs.topk(top, dim=-1)
+            self.top_ids += indices.tolist()
+            self.top_logprobs += values.tolist()
+        else:
+            self.top_ids += [[] for _ in targets]
+            self.top_logprobs += [[] for _ in targets]
 
 
 # One layer's view of a projection: linear(name -> fused weight)
@@ -441,8 +473,20 @@ class DecoderModel:
                 parts.append(self._prompt_attention(q[lo:hi], keys_t, values, mask[w.window]))
             attn = parts[0] if len(parts) == 1 else torch.cat(parts)
             x = self._attention_output(w, x, attn, layer_lora, wide)
+        for c, (lo, _) in zip(chunks, bounds, strict=True):
+            if c.targets is not None:
+                c.scores = self._score(x[lo : lo + len(c.targets)], c.targets, c.top)
         last = torch.tensor([hi - 1 for _, hi in bounds], device=device)
         return self._logits(x[last])
+
+    def _score(self, x: torch.Tensor, targets: list[int], top: int) -> RowScores:
+        """Prompt logprobs of the rows `x` predicting `targets`, SCORE_ROWS rows at a time,
+        so a long prompt never holds its whole [rows, vocab] log-softmax."""
+        scores = RowScores([], [], [])
+        for lo in range(0, x.shape[0], SCORE_ROWS):
+            logits = self._logits(x[lo : lo + SCORE_ROWS])
+            scores.extend(logits, targets[lo : lo + SCORE_ROWS], top)
+        return scores
 
     def _prompt_attention(
         self,
@@ -638,5 +682,6 @@ __all__ = [
     "DecoderModel",
     "LayerWeights",
     "PromptChunk",
+    "RowScores",
     "module_shapes",
 ]
