@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.ragtune-installed
 PYTEST_ARGS ?=
 
-.PHONY: run test fuzz install models lint clean demo-adapter demo-eval bench-pubmedqa bench-pubmedqa-quick
+.PHONY: run test fuzz install models lint clean demo-adapter demo-eval demo-adapter-ja demo-eval-ja bench-pubmedqa bench-pubmedqa-quick
 
 run: models
 	$(BIN)/ragtune serve
@@ -55,6 +55,17 @@ demo-adapter: models
 # Base vs newest demo adapter on 20 held-out questions (keyword hit rate, token F1)
 demo-eval: models
 	$(BIN)/python -m training.evaluate --adapter demo --questions data/demo/eval_questions.jsonl --out $(DEMO_DATA)/eval.json
+
+# The Japanese demo (data/demo-ja) on the bundled Gemma 3 270M: prepare + LoRA, then base vs
+# adapter on its 20 held-out questions
+DEMO_JA_DATA := data/demo-ja/prepared
+demo-adapter-ja: models
+	$(BIN)/ragtune models prepare --source bundled:gemma-3-270m
+	$(BIN)/ragtune prepare --source data/demo-ja/docs --recipe qa --val-ratio 0 --test-ratio 0 --out $(DEMO_JA_DATA)
+	$(BIN)/ragtune train --config configs/train/demo-ja.yaml --data $(DEMO_JA_DATA)
+
+demo-eval-ja: models
+	$(BIN)/python -m training.evaluate --adapter demo-ja --base-model bundled:gemma-3-270m --questions data/demo-ja/eval_questions.jsonl --max-new-tokens 64 --out $(DEMO_JA_DATA)/eval.json
 
 # RAG vs fine-tuned vs both on PubMedQA (docs/benchmarks.md)
 bench-pubmedqa: models

@@ -130,11 +130,12 @@ def shape_for(params: str | None = None, model: str | None = None) -> ModelShape
 
 
 def _model_config_path(model: str) -> Path:
-    if model == "bundled":
-        from ragtune.config import default_home
+    from ragtune.config import bundled_model_name, default_home
+
+    if bundled_model_name(model):  # 'bundled' or 'bundled:NAME'
         from ragtune.models import resolve_model_dir
 
-        return resolve_model_dir("bundled", default_home()) / "config.json"
+        return resolve_model_dir(model, default_home()) / "config.json"
     path = Path(model)
     return path / "config.json" if path.is_dir() else path
 
