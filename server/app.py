@@ -36,6 +36,7 @@ from server.protocol import (
     ModelList,
 )
 from server.serving import OpenAIServing
+from server.tokenizer_routes import tokenizer_router
 
 logger = logging.getLogger(__name__)
 
@@ -269,6 +270,7 @@ def create_app(settings: Settings) -> FastAPI:
         return {"object": "list", "data": await asyncio.to_thread(service.list_indexes)}
 
     app.include_router(v1)
+    app.include_router(tokenizer_router(require_client, state.require_serving, ERROR_RESPONSES))
     app.include_router(admin_router(state))
     return app
 

@@ -1,4 +1,5 @@
-"""OpenAI-compatible request and response models. No serving logic lives here."""
+"""OpenAI-compatible request models (and the small shared responses). No serving logic lives
+here; the generation responses are in server/responses.py."""
 
 from __future__ import annotations
 
@@ -56,16 +57,25 @@ class RequestModel(BaseModel):
 
 
 class TextPart(RequestModel):
+    model_config = ConfigDict(extra="forbid")
+
     type: Literal["text"]
     text: str
 
 
+# Keys the openai SDK writes (as null or empty) when a response message is sent back as
+# history; any other extra key, or one of these with a value, is refused by name.
+_ECHOED_MESSAGE_KEYS = frozenset({"refusal", "annotations", "audio", "function_call", "tool_calls"})
+
+
 class ChatMessage(RequestModel):
+    # extra keys are allowed only empty (see unsupported_keys): an assistant message from the
+    # SDK carries `refusal: null`, `tool_calls: null` and the like
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
-    name: str | None = None
+    name: str | None = Field(None, description="passed to the chat template with the message")
 
     def text(self) -> str:
         if self.content is None:
@@ -74,8 +84,18 @@ class ChatMessage(RequestModel):
             return self.content
         return "".join(part.text for part in self.content)
 
+    def unsupported_keys(self) -> list[str]:
+        """Extra keys that carry something (tool calls, audio...) this server cannot use."""
+        return [
+            key
+            for key, value in (self.model_extra or {}).items()
+            if key not in _ECHOED_MESSAGE_KEYS or value not in (None, [], "", {})
+        ]
+
 
 class StreamOptions(RequestModel):
+    model_config = ConfigDict(extra="forbid")
+
     include_usage: bool = False
 
 
@@ -90,12 +110,20 @@ class RagOptions(RequestModel):
     min_score: float | None = None
 
 
-class _GenerationRequest(RequestModel):
-    """Fields shared by /v1/chat/completions and /v1/completions."""
+MAX_STOP_STRINGS = 16
+MAX_LOGPROBS = 20
+MAX_N = 8
+IGNORED_METADATA = ("user", "metadata", "store", "service_tier")
 
-    # Unknown fields are accepted and ignored (new SDK versions add optional fields); fields we
-    # know but cannot honour are rejected in `unsupported()` rather than silently ignored.
-    model_config = ConfigDict(extra="allow")
+
+class _GenerationRequest(RequestModel):
+    """Fields shared by /v1/chat/completions and /v1/completions.
+
+    Nothing is silently ignored: a field that is not declared here is a 400 naming it
+    (`extra="forbid"`), a declared field this server cannot honour yet is a 400 naming it
+    (`unsupported()`), and only the metadata in IGNORED_METADATA is accepted without effect."""
+
+    model_config = ConfigDict(extra="forbid")
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -103,14 +131,27 @@ class _GenerationRequest(RequestModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     # The range torch's generator accepts (int64 and uint64); beyond it seeding would fail.
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(None, description=f"up to {MAX_STOP_STRINGS} strings")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1)
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    n: int = Field(1, ge=1, le=MAX_N, description="choices; child i is seeded with seed + i")
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = Field(
+        None, description="token id (as a string) -> bias in [-100, 100] added to its logit"
+    )
+    # vLLM's sampling extensions
+    top_k: int | None = Field(None, ge=-1, description="0 or -1: all tokens")
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
+    stop_token_ids: list[int] | None = Field(None, max_length=64)
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
+    # accepted and ignored: metadata for OpenAI's own dashboards and billing
+    user: str | None = Field(None, description="ignored")
+    metadata: dict[str, str] | None = Field(None, description="ignored")
+    store: bool | None = Field(None, description="ignored: nothing is stored")
+    service_tier: str | None = Field(None, description="ignored")
     rag: bool | RagOptions | None = None
 
     def rag_options(self) -> RagOptions | None:
@@ -124,31 +165,59 @@ class _GenerationRequest(RequestModel):
         if value is None:
             return None
         stops = [value] if isinstance(value, str) else value
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences are allowed")
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop sequences are allowed")
         return stops
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (value or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"keys are token ids as decimal strings, not {key!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"bias {bias} for token {key} is outside [-100, 100]")
+        return value
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
     def unsupported(self) -> None:
-        if self.n != 1:
-            raise ProtocolError("n > 1 is not supported; send one request per completion", "n")
-        if self.presence_penalty or self.frequency_penalty:
-            param = "presence_penalty" if self.presence_penalty else "frequency_penalty"
-            raise ProtocolError(f"{param} is not supported; leave it at 0", param)
-        if self.logit_bias:
-            raise ProtocolError("logit_bias is not supported", "logit_bias")
         if self.stream_options is not None and not self.stream:
             raise ProtocolError("stream_options is only allowed with stream=true", "stream_options")
 
+    def token_ids(self) -> dict[str, list[int]]:
+        """Token ids the request names, by field, for the caller to check against the vocabulary."""
+        return {
+            "logit_bias": [int(key) for key in self.logit_bias or {}],
+            "stop_token_ids": list(self.stop_token_ids or ()),
+        }
+
+    def top_logprobs_wanted(self) -> int | None:
+        """How many top logprobs per generated token (None: no logprobs)."""
+        return None
+
     def to_sampling_params(self, max_tokens: int) -> SamplingParams:
+        if self.min_tokens > max_tokens:
+            raise ProtocolError(
+                f"min_tokens ({self.min_tokens}) exceeds max_tokens ({max_tokens})", "min_tokens"
+            )
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
             seed=self.seed,
             stop=tuple(self.stop or ()),
+            top_k=max(self.top_k or 0, 0),
+            min_p=self.min_p or 0.0,
+            repetition_penalty=self.repetition_penalty or 1.0,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            logit_bias=tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items() if v),
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            min_tokens=self.min_tokens,
+            ignore_eos=self.ignore_eos,
+            logprobs=self.top_logprobs_wanted(),
         )
 
     @property
@@ -159,9 +228,15 @@ class _GenerationRequest(RequestModel):
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool | None = None
-    tools: list[dict[str, Any]] | None = None
-    response_format: dict[str, Any] | None = None
+    logprobs: bool | None = Field(None, description="logprobs of the generated tokens")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    # declared so the schema shows them; refused by name until they are built
+    tools: list[dict[str, Any]] | None = Field(None, description="not supported yet (400)")
+    tool_choice: str | dict[str, Any] | None = Field(
+        None, description="'none' only until tools are supported"
+    )
+    parallel_tool_calls: bool | None = Field(None, description="not supported yet (400)")
+    response_format: dict[str, Any] | None = Field(None, description="type 'text' only (400)")
 
     @model_validator(mode="after")
     def _max_tokens_agree(self) -> ChatCompletionRequest:
@@ -176,38 +251,73 @@ class ChatCompletionRequest(_GenerationRequest):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    def top_logprobs_wanted(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def unsupported(self) -> None:
         super().unsupported()
-        if self.logprobs:
-            raise ProtocolError("logprobs are not supported", "logprobs")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ProtocolError("top_logprobs needs logprobs=true", "top_logprobs")
         if self.tools:
-            raise ProtocolError("tools (function calling) are not supported", "tools")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise ProtocolError("only response_format type 'text' is supported", "response_format")
+            raise ProtocolError("tools (function calling) are not supported yet", "tools")
+        if self.tool_choice not in (None, "none"):
+            raise ProtocolError(
+                "tool_choice needs tools, which are not supported yet", "tool_choice"
+            )
+        if self.parallel_tool_calls is not None:
+            raise ProtocolError(
+                "parallel_tool_calls needs tools, which are not supported yet",
+                "parallel_tool_calls",
+            )
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            raise ProtocolError(
+                "only response_format type 'text' is supported yet", "response_format"
+            )
+        check_messages(self.messages)
 
     def conversation(self) -> list[dict[str, str]]:
-        # "developer" is OpenAI's newer name for the system role.
-        return [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            for m in self.messages
-        ]
+        return conversation(self.messages)
+
+
+def check_messages(messages: list[ChatMessage]) -> None:
+    """Refuse, by name, message keys that carry something this server cannot use."""
+    for i, message in enumerate(messages):
+        for key in message.unsupported_keys():
+            raise ProtocolError(f"messages[{i}].{key} is not supported", f"messages.{i}.{key}")
+
+
+def conversation(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """Messages as the chat template takes them; "developer" is OpenAI's newer name for the
+    system role, a `name` goes along for templates that use it."""
+    turns = []
+    for m in messages:
+        turn = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        if m.name is not None:
+            turn["name"] = m.name
+        turns.append(turn)
+    return turns
 
 
 class CompletionRequest(_GenerationRequest):
     prompt: str | list[str] | list[int]
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for /v1/completions
-    echo: bool = False
-    logprobs: int | None = None
-    suffix: str | None = None
-    best_of: int | None = None
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="logprobs of the generated tokens and the top k"
+    )
+    echo: bool = Field(False, description="not supported yet (400)")
+    suffix: str | None = Field(None, description="not supported (400)")
+    best_of: int | None = Field(None, ge=1, description="only equal to n (or unset)")
+
+    def top_logprobs_wanted(self) -> int | None:
+        return self.logprobs
 
     def unsupported(self) -> None:
         super().unsupported()
-        for name in ("echo", "logprobs", "suffix"):
+        for name in ("echo", "suffix"):
             if getattr(self, name):
-                raise ProtocolError(f"{name} is not supported", name)
-        if self.best_of not in (None, 1):
-            raise ProtocolError("best_of > 1 is not supported", "best_of")
+                raise ProtocolError(f"{name} is not supported yet", name)
+        if self.best_of not in (None, self.n):
+            raise ProtocolError("best_of other than n is not supported", "best_of")
         prompts = self.prompt if isinstance(self.prompt, list) else []
         if prompts and isinstance(prompts[0], str) and len(prompts) != 1:
             raise ProtocolError(
@@ -222,33 +332,6 @@ class CompletionRequest(_GenerationRequest):
         return self.prompt
 
 
-# ---------------------------------------------------------------------------------- responses
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-    @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
-        return cls(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            total_tokens=prompt_tokens + completion_tokens,
-        )
-
-
-class ResponseMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str
-
-
-class ChatChoice(BaseModel):
-    index: int = 0
-    message: ResponseMessage
-    finish_reason: str | None
-    logprobs: None = None
-
-
 class Source(BaseModel):
     """A retrieved chunk cited by the answer; `[n]` in the text is sources[n-1]."""
 
@@ -258,58 +341,6 @@ class Source(BaseModel):
     score: float
     text: str
     title: str | None = None
-
-
-class ChatCompletionResponse(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    system_fingerprint: str | None = None
-    choices: list[ChatChoice]
-    usage: Usage
-    sources: list[Source] | None = None
-
-
-class DeltaMessage(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class ChatChunkChoice(BaseModel):
-    index: int = 0
-    delta: DeltaMessage
-    finish_reason: str | None = None
-    logprobs: None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    system_fingerprint: str | None = None
-    choices: list[ChatChunkChoice]
-    usage: Usage | None = None
-    sources: list[Source] | None = None
-
-
-class CompletionChoice(BaseModel):
-    index: int = 0
-    text: str
-    finish_reason: str | None
-    logprobs: None = None
-
-
-class CompletionResponse(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    system_fingerprint: str | None = None
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-    sources: list[Source] | None = None
 
 
 class ModelCard(BaseModel):
@@ -328,13 +359,13 @@ class ModelList(BaseModel):
 
 # -------------------------------------------------------------------------------- embeddings
 class EmbeddingRequest(RequestModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
 
     model: str
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
-    user: str | None = None
+    user: str | None = Field(None, description="ignored")
 
     def texts(self) -> list[str]:
         items = [self.input] if isinstance(self.input, str) else self.input

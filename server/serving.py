@@ -1,19 +1,20 @@
 """Serving logic for /v1/chat/completions and /v1/completions: validate against the limits,
-turn the request into an engine request, and shape engine output as OpenAI JSON or SSE."""
+turn the request into engine requests (one per choice), and shape engine output as OpenAI JSON
+(streams: server/streaming.py)."""
 
 from __future__ import annotations
 
 import base64
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
-
-from fastapi.responses import StreamingResponse
 
 from ragtune.config import Settings
 from ragtune.models.chat import encode_prompt, render_chat
 from server.adapters.errors import AdapterNotFoundError
 from server.adapters.registry import AdapterRegistry
+from server.choices import ChoiceResult, child_seed, merged, total_completion_tokens
 from server.engine import Engine, GenerationRequest, RequestStream, StepOutput
 from server.engine.lora import AdapterWeights
 from server.errors import (
@@ -23,32 +24,33 @@ from server.errors import (
     ModelNotFoundError,
     NotFoundError,
     ServiceUnavailableError,
-    sse_error,
     to_api_error,
 )
+from server.logprobs import TokenTexts, chat_content, completion_logprobs
 from server.metrics import Metrics
 from server.protocol import (
-    ChatChoice,
-    ChatChunkChoice,
-    ChatCompletionChunk,
     ChatCompletionRequest,
-    ChatCompletionResponse,
-    CompletionChoice,
     CompletionRequest,
-    CompletionResponse,
-    DeltaMessage,
     EmbeddingData,
     EmbeddingRequest,
     EmbeddingResponse,
     EmbeddingUsage,
     RagOptions,
-    ResponseMessage,
     Source,
-    Usage,
     _GenerationRequest,
     new_id,
 )
 from server.rag import RetrievalService
+from server.responses import (
+    ChatChoice,
+    ChatChoiceLogprobs,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionResponse,
+    ResponseMessage,
+    Usage,
+)
+from server.streaming import chat_events, completion_events, sse
 from server.threads import run_blocking
 
 
@@ -76,6 +78,7 @@ class OpenAIServing:
         self.base_model_id = settings.model.served_model_name
         self.system_fingerprint = f"fp_{engine.loaded.fingerprint[:10]}"
         self.context_length = engine.max_seq_len
+        self.token_texts = TokenTexts(self.tokenizer)
 
     # ------------------------------------------------------------------------ model selection
     def model_ids(self) -> list[str]:
@@ -110,19 +113,29 @@ class OpenAIServing:
                 raise BadRequestError("rag needs a user message to search for", "messages")
             turn["content"], sources = await self._retrieve(options, turn["content"], request.model)
         prompt_ids = encode_prompt(self.tokenizer, render_chat(self.tokenizer, conversation))
-        gen = self._engine_request("chatcmpl", request, prompt_ids, adapter)
-        stream = self._submit(gen)
+        response_id, gens = self._engine_requests("chatcmpl", request, prompt_ids, adapter)
+        streams = self._submit(gens)
         if request.stream:
-            return _sse(self._chat_events(request, gen, stream, sources))
-        text, final = await self._collect(stream, request.model)
+            return sse(chat_events(self, request, response_id, streams, sources))
+        results = await self._collect(streams, request.model)
         return ChatCompletionResponse(
-            id=gen.request_id,
+            id=response_id,
             model=request.model,
             system_fingerprint=self.system_fingerprint,
             choices=[
-                ChatChoice(message=ResponseMessage(content=text), finish_reason=final.finish_reason)
+                ChatChoice(
+                    index=i,
+                    message=ResponseMessage(content=result.text),
+                    finish_reason=result.final.finish_reason,
+                    logprobs=(
+                        ChatChoiceLogprobs(content=chat_content(result.logprobs, self.token_texts))
+                        if request.logprobs
+                        else None
+                    ),
+                )
+                for i, result in enumerate(results)
             ],
-            usage=Usage.of(final.prompt_tokens, final.completion_tokens),
+            usage=_usage(results),
             sources=sources,
         )
 
@@ -138,21 +151,31 @@ class OpenAIServing:
         if isinstance(prompt, str):
             prompt_ids = encode_prompt(self.tokenizer, prompt)
         else:
-            vocab = len(self.tokenizer)
-            if any(not 0 <= t < vocab for t in prompt):
-                raise BadRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
+            self._check_token_ids("prompt", prompt)
             prompt_ids = list(prompt)
-        gen = self._engine_request("cmpl", request, prompt_ids, adapter)
-        stream = self._submit(gen)
+        response_id, gens = self._engine_requests("cmpl", request, prompt_ids, adapter)
+        streams = self._submit(gens)
         if request.stream:
-            return _sse(self._completion_events(request, gen, stream, sources))
-        text, final = await self._collect(stream, request.model)
+            return sse(completion_events(self, request, response_id, streams, sources))
+        results = await self._collect(streams, request.model)
         return CompletionResponse(
-            id=gen.request_id,
+            id=response_id,
             model=request.model,
             system_fingerprint=self.system_fingerprint,
-            choices=[CompletionChoice(text=text, finish_reason=final.finish_reason)],
-            usage=Usage.of(final.prompt_tokens, final.completion_tokens),
+            choices=[
+                CompletionChoice(
+                    index=i,
+                    text=result.text,
+                    finish_reason=result.final.finish_reason,
+                    logprobs=(
+                        completion_logprobs(result.logprobs, self.token_texts)
+                        if request.logprobs is not None
+                        else None
+                    ),
+                )
+                for i, result in enumerate(results)
+            ],
+            usage=_usage(results),
             sources=sources,
         )
 
@@ -207,13 +230,19 @@ class OpenAIServing:
         return result
 
     # ------------------------------------------------------------------------------- helpers
-    def _engine_request(
+    def _check_token_ids(self, param: str, ids: list[int]) -> None:
+        vocab = len(self.tokenizer)
+        if any(not 0 <= t < vocab for t in ids):
+            raise BadRequestError(f"{param} token ids must be in [0, {vocab})", param)
+
+    def _engine_requests(
         self,
         prefix: str,
         request: _GenerationRequest,
         prompt_ids: list[int],
         adapter: AdapterWeights | None,
-    ) -> GenerationRequest:
+    ) -> tuple[str, list[GenerationRequest]]:
+        """The response id and one engine request per choice (`n`), within the limits."""
         limits = self.settings.limits
         if not prompt_ids:
             raise BadRequestError(
@@ -227,6 +256,8 @@ class OpenAIServing:
                 "messages" if prefix == "chatcmpl" else "prompt",
                 code="context_length_exceeded",
             )
+        for param, ids in request.token_ids().items():
+            self._check_token_ids(param, ids)
         room = self.context_length - len(prompt_ids)
         wanted = request.requested_max_tokens()
         if wanted is None:
@@ -246,18 +277,37 @@ class OpenAIServing:
                 "max_tokens",
                 code="context_length_exceeded",
             )
-        return GenerationRequest(
-            request_id=new_id(prefix),
-            prompt_ids=prompt_ids,
-            params=request.to_sampling_params(wanted),
-            adapter=adapter,
-        )
+        params = request.to_sampling_params(wanted)
+        response_id = new_id(prefix)
+        if request.n == 1:
+            return response_id, [GenerationRequest(response_id, prompt_ids, params, adapter)]
+        return response_id, [
+            GenerationRequest(
+                f"{response_id}-{i}",
+                prompt_ids,
+                replace(params, seed=child_seed(params.seed, i)),
+                adapter,
+            )
+            for i in range(request.n)
+        ]
 
-    def _submit(self, gen: GenerationRequest) -> RequestStream:
+    def _submit(self, gens: list[GenerationRequest]) -> list[RequestStream]:
+        """All choices or none: a refusal (queue full, shutting down) cancels those queued."""
+        streams: list[RequestStream] = []
         try:
-            return self.engine.submit(gen)
+            for gen in gens:
+                streams.append(self.engine.submit(gen))
         except Exception as exc:
+            for stream in streams:
+                stream.cancel()
             raise to_api_error(exc) from exc
+        return streams
+
+    def choice_outputs(
+        self, streams: list[RequestStream], model: str
+    ) -> AsyncIterator[tuple[int, StepOutput]]:
+        """Every choice's outputs as they arrive, tagged with the choice's index."""
+        return merged([self._outputs(stream, model) for stream in streams])
 
     async def _outputs(self, stream: RequestStream, model: str) -> AsyncIterator[StepOutput]:
         """Engine outputs with the per-request deadline applied; always frees the slot."""
@@ -299,121 +349,13 @@ class OpenAIServing:
         self.metrics.tokens.labels(model, "prompt").inc(output.prompt_tokens)
         self.metrics.tokens.labels(model, "completion").inc(output.completion_tokens)
 
-    async def _collect(self, stream: RequestStream, model: str) -> tuple[str, StepOutput]:
-        parts: list[str] = []
-        final = StepOutput()
-        async for output in self._outputs(stream, model):
-            parts.append(output.text)
-            final = output
-        return "".join(parts), final
-
-    async def _chat_events(
-        self,
-        request: ChatCompletionRequest,
-        gen: GenerationRequest,
-        stream: RequestStream,
-        sources: list[Source] | None,
-    ) -> AsyncIterator[str]:
-        created = int(time.time())
-
-        def chunk(delta: DeltaMessage, finish: str | None = None) -> str:
-            return _event(
-                ChatCompletionChunk(
-                    id=gen.request_id,
-                    created=created,
-                    model=request.model,
-                    system_fingerprint=self.system_fingerprint,
-                    choices=[ChatChunkChoice(delta=delta, finish_reason=finish)],
-                )
-            )
-
-        yield _event(
-            ChatCompletionChunk(
-                id=gen.request_id,
-                created=created,
-                model=request.model,
-                system_fingerprint=self.system_fingerprint,
-                choices=[ChatChunkChoice(delta=DeltaMessage(role="assistant", content=""))],
-                sources=sources,
-            )
-        )
-        try:
-            async for output in self._outputs(stream, request.model):
-                if output.text or output.finished:
-                    yield chunk(DeltaMessage(content=output.text or None), output.finish_reason)
-                if output.finished and request.include_usage:
-                    yield _event(
-                        ChatCompletionChunk(
-                            id=gen.request_id,
-                            created=created,
-                            model=request.model,
-                            system_fingerprint=self.system_fingerprint,
-                            choices=[],
-                            usage=Usage.of(output.prompt_tokens, output.completion_tokens),
-                        )
-                    )
-        except Exception as exc:
-            yield sse_error(to_api_error(exc))
-        yield "data: [DONE]\n\n"
-
-    async def _completion_events(
-        self,
-        request: CompletionRequest,
-        gen: GenerationRequest,
-        stream: RequestStream,
-        sources: list[Source] | None,
-    ) -> AsyncIterator[str]:
-        created = int(time.time())
-        if sources is not None:  # citations come first, before any text
-            yield _event(
-                CompletionResponse(
-                    id=gen.request_id,
-                    created=created,
-                    model=request.model,
-                    system_fingerprint=self.system_fingerprint,
-                    choices=[CompletionChoice(text="", finish_reason=None)],
-                    sources=sources,
-                )
-            )
-        try:
-            async for output in self._outputs(stream, request.model):
-                if output.text or output.finished:
-                    yield _event(
-                        CompletionResponse(
-                            id=gen.request_id,
-                            created=created,
-                            model=request.model,
-                            system_fingerprint=self.system_fingerprint,
-                            choices=[
-                                CompletionChoice(
-                                    text=output.text, finish_reason=output.finish_reason
-                                )
-                            ],
-                        )
-                    )
-                if output.finished and request.include_usage:
-                    yield _event(
-                        CompletionResponse(
-                            id=gen.request_id,
-                            created=created,
-                            model=request.model,
-                            system_fingerprint=self.system_fingerprint,
-                            choices=[],
-                            usage=Usage.of(output.prompt_tokens, output.completion_tokens),
-                        )
-                    )
-        except Exception as exc:
-            yield sse_error(to_api_error(exc))
-        yield "data: [DONE]\n\n"
+    async def _collect(self, streams: list[RequestStream], model: str) -> list[ChoiceResult]:
+        results = [ChoiceResult() for _ in streams]
+        async for index, output in self.choice_outputs(streams, model):
+            results[index].add(output)
+        return results
 
 
-def _event(model: Any) -> str:
-    return f"data: {model.model_dump_json(exclude_none=True)}\n\n"
-
-
-def _sse(events: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(
-        events,
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+def _usage(results: list[ChoiceResult]) -> Usage:
+    finals = [result.final for result in results]
+    return Usage.of(finals[0].prompt_tokens, total_completion_tokens(finals))

@@ -57,12 +57,13 @@ def http(server):
         ),
         ({"model": BASE_MODEL, "messages": GOOD_MESSAGES, "temperature": 5}, "temperature"),
         ({"model": BASE_MODEL, "messages": GOOD_MESSAGES, "top_p": 0}, "top_p"),
-        ({"model": BASE_MODEL, "messages": GOOD_MESSAGES, "n": 2}, "n"),
+        ({"model": BASE_MODEL, "messages": GOOD_MESSAGES, "n": 9}, "n"),
+        ({"model": BASE_MODEL, "messages": GOOD_MESSAGES, "n": 0}, "n"),
         (
-            {"model": BASE_MODEL, "messages": GOOD_MESSAGES, "stop": ["a", "b", "c", "d", "e"]},
+            {"model": BASE_MODEL, "messages": GOOD_MESSAGES, "stop": [str(i) for i in range(17)]},
             "stop",
         ),
-        ({"model": BASE_MODEL, "messages": GOOD_MESSAGES, "logprobs": True}, "logprobs"),
+        ({"model": BASE_MODEL, "messages": GOOD_MESSAGES, "logprobs": 3}, "logprobs"),
         ({"model": BASE_MODEL, "messages": GOOD_MESSAGES, "max_tokens": 100000}, "max_tokens"),
         (
             {
@@ -109,9 +110,11 @@ def test_max_tokens_above_server_limit_names_it(http):
 
 
 @pytest.mark.parametrize("stream", [False, True])
-@pytest.mark.parametrize("path", [CHAT, "/v1/completions"])
-def test_unknown_model_is_404_never_the_base_model(http, path, stream):
-    body = {"model": "no-such-adapter", "messages": GOOD_MESSAGES, "prompt": "hi", "stream": stream}
+@pytest.mark.parametrize(
+    ("path", "fields"), [(CHAT, {"messages": GOOD_MESSAGES}), ("/v1/completions", {"prompt": "hi"})]
+)
+def test_unknown_model_is_404_never_the_base_model(http, path, fields, stream):
+    body = {"model": "no-such-adapter", **fields, "stream": stream}
     error = assert_error(http.post(path, json=body, headers=AUTH), 404, "model")
     assert error["code"] == "model_not_found"
     assert "no-such-adapter" in error["message"]

@@ -1,0 +1,111 @@
+"""Engine logprobs (token ids and floats) as OpenAI's chat `logprobs.content` entries or vLLM's
+completions `CompletionLogProbs`.
+
+Token text comes from the token's own bytes: for byte-level BPE (GPT-2, SmolLM2, Llama 3) the
+vocabulary entry maps back to exact UTF-8 bytes, so a token holding half of a character still
+reports its true bytes (its text shows U+FFFD, as vLLM's). Texts are cached per token id.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from server.engine.types import TokenLogprobs
+from server.responses import ChatLogprob, ChatLogprobContent, CompletionLogprobs
+
+# JSON has no -inf; OpenAI and vLLM clamp to this
+MIN_LOGPROB = -9999.0
+_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")  # SentencePiece byte fallback
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's printable-character alphabet for the 256 byte values, inverted."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    chars = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+
+
+class TokenTexts:
+    """Token id -> (text, UTF-8 bytes) for one tokenizer."""
+
+    def __init__(self, tokenizer: Any):
+        self._tokenizer = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        decoder = getattr(backend, "decoder", None)
+        self._byte_level = "ByteLevel" in repr(decoder)
+        self._bytes = _byte_decoder()
+        added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+        self._added = {int(i): str(getattr(t, "content", t)) for i, t in added.items()}
+        self._cache: dict[int, tuple[str, bytes]] = {}
+
+    def get(self, token_id: int) -> tuple[str, bytes]:
+        found = self._cache.get(token_id)
+        if found is None:
+            raw = self._raw_bytes(token_id)
+            found = self._cache[token_id] = (raw.decode("utf-8", errors="replace"), raw)
+        return found
+
+    def text(self, token_id: int) -> str:
+        return self.get(token_id)[0]
+
+    def _raw_bytes(self, token_id: int) -> bytes:
+        if token_id in self._added:
+            return self._added[token_id].encode()
+        piece = self._tokenizer.convert_ids_to_tokens(token_id)
+        if not isinstance(piece, str):
+            return self._tokenizer.decode([token_id]).encode()
+        if self._byte_level and all(c in self._bytes for c in piece):
+            return bytes(self._bytes[c] for c in piece)
+        if match := _BYTE_PIECE.match(piece):
+            return bytes([int(match[1], 16)])
+        return piece.replace("▁", " ").encode()
+
+
+def _clamp(logprob: float) -> float:
+    return max(logprob, MIN_LOGPROB)
+
+
+def chat_content(entries: list[TokenLogprobs], texts: TokenTexts) -> list[ChatLogprobContent]:
+    """OpenAI's `choices[].logprobs.content`: each token with its top alternatives."""
+
+    def item(token_id: int, logprob: float) -> ChatLogprob:
+        text, raw = texts.get(token_id)
+        return ChatLogprob(token=text, logprob=_clamp(logprob), bytes=list(raw))
+
+    content = []
+    for entry in entries:
+        chosen = item(entry.token_id, entry.logprob)
+        top = [item(token_id, logprob) for token_id, logprob in entry.top]
+        content.append(ChatLogprobContent(**chosen.model_dump(), top_logprobs=top))
+    return content
+
+
+def completion_logprobs(
+    entries: list[TokenLogprobs], texts: TokenTexts, text_offset: int = 0
+) -> CompletionLogprobs:
+    """vLLM's `CompletionLogProbs` for generated tokens; `text_offset` is where the first one
+    starts in the choice's text (later: after the echoed prompt). Each `top_logprobs` dict
+    holds the chosen token first, then the top k (vLLM's shape)."""
+    out = CompletionLogprobs()
+    for entry in entries:
+        text = texts.text(entry.token_id)
+        top = {text: _clamp(entry.logprob)}
+        for token_id, logprob in entry.top:
+            top.setdefault(texts.text(token_id), _clamp(logprob))
+        out.tokens.append(text)
+        out.token_logprobs.append(_clamp(entry.logprob))
+        out.top_logprobs.append(top)
+        out.text_offset.append(text_offset)
+        text_offset += len(text)
+    return out

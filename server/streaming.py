@@ -1,0 +1,145 @@
+"""Server-sent events for /v1/chat/completions and /v1/completions with `stream: true`: one
+event per engine output of each choice (tagged with the choice's `index`, carrying the
+logprobs of its tokens when asked), a usage event after every choice finished, `[DONE]`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from fastapi.responses import StreamingResponse
+
+from server.choices import total_completion_tokens
+from server.engine import RequestStream, StepOutput
+from server.errors import sse_error, to_api_error
+from server.logprobs import chat_content, completion_logprobs
+from server.protocol import ChatCompletionRequest, CompletionRequest, Source
+from server.responses import (
+    ChatChoiceLogprobs,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    CompletionChoice,
+    CompletionResponse,
+    DeltaMessage,
+    Usage,
+)
+
+if TYPE_CHECKING:
+    from server.serving import OpenAIServing
+
+
+def event(model: Any) -> str:
+    return f"data: {model.model_dump_json(exclude_none=True)}\n\n"
+
+
+def sse(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(
+        events,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+class _Totals:
+    """The last output of each choice, for the usage event."""
+
+    def __init__(self, n: int):
+        self.finals = [StepOutput() for _ in range(n)]
+
+    def usage(self) -> Usage:
+        return Usage.of(self.finals[0].prompt_tokens, total_completion_tokens(self.finals))
+
+
+async def chat_events(
+    serving: OpenAIServing,
+    request: ChatCompletionRequest,
+    response_id: str,
+    streams: list[RequestStream],
+    sources: list[Source] | None,
+) -> AsyncIterator[str]:
+    created = int(time.time())
+
+    def chunk(choices: list[ChatChunkChoice], **extra: Any) -> str:
+        return event(
+            ChatCompletionChunk(
+                id=response_id,
+                created=created,
+                model=request.model,
+                system_fingerprint=serving.system_fingerprint,
+                choices=choices,
+                **extra,
+            )
+        )
+
+    for i in range(len(streams)):  # the role first, one event per choice (as vLLM)
+        role = ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+        yield chunk([role], sources=sources if i == 0 else None)
+    totals = _Totals(len(streams))
+    try:
+        async for i, output in serving.choice_outputs(streams, request.model):
+            totals.finals[i] = output
+            if not (output.text or output.finished):
+                continue
+            logprobs = None
+            if request.logprobs:
+                content = chat_content(output.logprobs or [], serving.token_texts)
+                logprobs = ChatChoiceLogprobs(content=content)
+            choice = ChatChunkChoice(
+                index=i,
+                delta=DeltaMessage(content=output.text or None),
+                finish_reason=output.finish_reason,
+                logprobs=logprobs,
+            )
+            yield chunk([choice])
+        if request.include_usage:
+            yield chunk([], usage=totals.usage())
+    except Exception as exc:
+        yield sse_error(to_api_error(exc))
+    yield "data: [DONE]\n\n"
+
+
+async def completion_events(
+    serving: OpenAIServing,
+    request: CompletionRequest,
+    response_id: str,
+    streams: list[RequestStream],
+    sources: list[Source] | None,
+) -> AsyncIterator[str]:
+    created = int(time.time())
+
+    def chunk(choices: list[CompletionChoice], **extra: Any) -> str:
+        return event(
+            CompletionResponse(
+                id=response_id,
+                created=created,
+                model=request.model,
+                system_fingerprint=serving.system_fingerprint,
+                choices=choices,
+                **extra,
+            )
+        )
+
+    if sources is not None:  # citations come first, before any text
+        yield chunk([CompletionChoice(text="", finish_reason=None)], sources=sources)
+    totals = _Totals(len(streams))
+    offsets = [0] * len(streams)  # text already sent per choice: where its next token starts
+    try:
+        async for i, output in serving.choice_outputs(streams, request.model):
+            totals.finals[i] = output
+            if not (output.text or output.finished):
+                continue
+            logprobs = None
+            if request.logprobs is not None:
+                entries = output.logprobs or []
+                logprobs = completion_logprobs(entries, serving.token_texts, offsets[i])
+            offsets[i] += len(output.text)
+            choice = CompletionChoice(
+                index=i, text=output.text, finish_reason=output.finish_reason, logprobs=logprobs
+            )
+            yield chunk([choice])
+        if request.include_usage:
+            yield chunk([], usage=totals.usage())
+    except Exception as exc:
+        yield sse_error(to_api_error(exc))
+    yield "data: [DONE]\n\n"
