@@ -183,3 +183,18 @@ def test_controls_ignore_ids_beyond_the_logits_row():
     controls = RowControls(params, [VOCAB + 1, 1], {VOCAB + 2})
     controls.record(VOCAB + 5)
     assert controls.shape(logits).shape == logits.shape
+
+
+@pytest.mark.parametrize("k", [1, 5, 20])
+def test_top_ids_are_torch_topk_at_vocabulary_size(k):
+    from server.engine.sampler import top_ids
+
+    generator = torch.Generator().manual_seed(k)
+    for scale in (0.01, 3.0, 30.0):
+        row = torch.randn(49152, generator=generator) * scale
+        row[:100] = float("-inf")  # masked tokens
+        assert top_ids(row.numpy(), k) == torch.topk(row, k).indices.tolist()
+    ties = torch.zeros(49152)
+    ties[[7, 3, 40000]] = 1.0
+    assert top_ids(ties.numpy(), 3) == [3, 7, 40000]
+    assert top_ids(ties.numpy(), 5) == [3, 7, 40000, 0, 1]
