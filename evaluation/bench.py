@@ -52,6 +52,7 @@ class BenchOptions:
     progress: bool = True
     name: str | None = None
     server_env: dict[str, str] = field(default_factory=dict)
+    likelihood: bool = True
     extra_run_info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -71,6 +72,45 @@ def _adapter_info(path: Path | None) -> dict[str, Any] | None:
     return info
 
 
+def _score_likelihood(
+    target: Any,
+    arms: list[Any],
+    items: list[Any],
+    rows: dict[str, list[dict[str, Any]]],
+    settings: GenerationSettings,
+    root: Path | None,
+    options: BenchOptions,
+) -> dict[str, Any] | None:
+    """Likelihood scoring of the rows with an answer set (None when there are none)."""
+    from evaluation.dataset import answer_choices
+    from evaluation.indexing import index_root
+    from evaluation.likelihood_arms import LikelihoodSettings, score_arms
+    from evaluation.server_api import ScoringClient
+    from ragtune.config import load_settings
+
+    labels = label_set(items)
+    if not any(answer_choices(item, labels) for item in items):
+        return None
+    if root is None and not options.url:  # a started server reads the configured root
+        root = index_root(options.config, None)
+    scoring = LikelihoodSettings(
+        base_model=target.base_model,
+        system_prompt=settings.system_prompt,
+        labels=labels,
+        index=options.index,
+        index_root=root,
+        max_source_chars=load_settings(options.config).retrieval.max_source_chars,
+        concurrency=settings.concurrency,
+    )
+    client = ScoringClient(target.v1, target.api_key)
+    started = time.perf_counter()
+    try:
+        per_arm = score_arms(client, arms, items, rows, scoring, options.progress)
+    finally:
+        client.close()
+    return {"seconds": round(time.perf_counter() - started, 1), "arms": per_arm}
+
+
 def run_bench(options: BenchOptions) -> dict[str, Any]:
     """Run every arm over the dataset and write results.json, report.md and report.html."""
     from evaluation.indexing import build_context_index, index_root
@@ -80,6 +120,7 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
     started = time.perf_counter()
     started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     items = load_dataset(options.dataset, options.limit)
+    labels = label_set(items) or ("yes", "no", "maybe")
     wants_ft = any(a.strip().startswith("ft") for a in options.arms.split(","))
     adapter = None
     if wants_ft:
@@ -123,11 +164,14 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
         generation_started = time.perf_counter()
         rows = run_all(client, arms, items, settings, options.progress)
         generation_s = time.perf_counter() - generation_started
+        likelihood = None
+        if options.likelihood:
+            likelihood = _score_likelihood(target, arms, items, rows, settings, root, options)
         server = options.url or "a server started by the bench"
     summary = summarise(
         items,
         rows,
-        labels=label_set(items) or ("yes", "no", "maybe"),
+        labels=labels,
         top_k=options.top_k,
         seed=options.seed,
         resamples=options.resamples,
@@ -147,6 +191,7 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
         "server": server,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
         "generation_s": round(generation_s, 1),
+        "likelihood": likelihood,
         "started_at": started_at,
         **options.extra_run_info,
     }

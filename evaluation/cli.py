@@ -19,6 +19,8 @@ EPILOG = """examples:
   ragtune bench --url http://127.0.0.1:8000/v1 --dataset qa.jsonl --index handbook \\
       --adapter handbook --limit 50 --out out/bench
   ragtune bench --preset pubmedqa --limit 20 --out out/pubmedqa-20
+  ragtune bench --preset demo --out out/demo
+  ragtune bench --compare out/demo-a out/demo-b [--out out/compare]
 See docs/benchmarks.md for the dataset format, the metrics and measured results."""
 
 
@@ -34,7 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     what = parser.add_argument_group("what to run")
-    what.add_argument("--preset", choices=("pubmedqa",), help="end-to-end preset (no --dataset)")
+    what.add_argument(
+        "--preset", choices=("pubmedqa", "demo", "demo-ja"), help="end-to-end preset (no --dataset)"
+    )
     what.add_argument("--dataset", type=Path, help="questions JSONL (bench format or PubMedQA)")
     what.add_argument("--arms", default="base,rag,ft,ft+rag", help="comma-separated subset")
     what.add_argument("--index", help="index for the rag arms (default: the server's default)")
@@ -43,7 +47,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="ft arms: adapter NAME (loaded on --url, or $RAGTUNE_HOME/adapters/NAME latest), "
         "an adapter directory, or NAME=PATH; the preset trains one when omitted",
     )
-    what.add_argument("--out", type=Path, required=True, help="output directory")
+    what.add_argument("--out", type=Path, help="output directory (required unless --compare)")
+    what.add_argument(
+        "--compare",
+        nargs=2,
+        type=Path,
+        metavar=("RUN_A", "RUN_B"),
+        help="put two earlier runs (their --out directories) side by side; runs nothing",
+    )
     what.add_argument("--limit", type=int, help="only the first N questions")
     where = parser.add_argument_group("server")
     where.add_argument("--url", help="an OpenAI-compatible ragtune /v1 URL (default: start one)")
@@ -57,7 +68,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     how = parser.add_argument_group("decoding and statistics")
     how.add_argument("--seed", type=int, default=0, help="request seed and bootstrap seed")
-    how.add_argument("--max-tokens", type=int, default=None, help="default 64 (preset 32)")
+    how.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="default 64 (presets: pubmedqa 32, demo 48, demo-ja 64)",
+    )
     how.add_argument("--top-k", type=int, default=3, help="sources per rag request")
     how.add_argument("--mode", choices=("dense", "bm25", "hybrid"), help="retrieval mode")
     how.add_argument(
@@ -65,6 +81,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     how.add_argument("--system-prompt", help="instruction sent as the system turn in every arm")
     how.add_argument("--resamples", type=int, default=2000, help="bootstrap/permutation draws")
+    how.add_argument(
+        "--no-likelihood",
+        action="store_true",
+        help="skip scoring the answer choices by log-likelihood (labelled / choices rows)",
+    )
     how.add_argument("--no-progress", action="store_true", help="no progress bars")
     preset = parser.add_argument_group("preset training")
     preset.add_argument("--train-steps", type=int, help="preset: cap on optimizer steps")
@@ -73,10 +94,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
+    if args.compare:
+        if args.preset or args.dataset:
+            raise ValueError("--compare reads two earlier runs; leave out --preset and --dataset")
+        return
+    if args.out is None:
+        raise ValueError("give --out DIR")
     if args.preset and args.dataset:
         raise ValueError("give --preset or --dataset, not both")
     if not args.preset and not args.dataset:
-        raise ValueError("give --dataset FILE (or --preset pubmedqa)")
+        raise ValueError("give --dataset FILE (or --preset NAME, or --compare A B)")
     if args.preset and (args.url or args.build_index or args.index_root or args.index):
         raise ValueError(
             "--preset builds its own index and starts its own server; leave out "
@@ -92,23 +119,26 @@ def run(args: argparse.Namespace) -> int:
     import openai
 
     from evaluation.bench import BenchOptions, run_bench
-    from evaluation.presets import PresetOptions, run_pubmedqa
+    from evaluation.presets import PresetOptions, run_preset
 
     _check(args)
+    if args.compare:
+        return _compare(args)
     for noisy in ("httpx", "httpx2", "faiss.loader", "bm25s"):  # a line per request otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
     progress = not args.no_progress
     try:
         if args.preset:
-            results = run_pubmedqa(
+            results = run_preset(
                 PresetOptions(
                     out=args.out,
+                    preset=args.preset,
                     limit=args.limit,
                     adapter=args.adapter,
                     train_steps=args.train_steps,
                     train_minutes=args.train_minutes,
                     seed=args.seed,
-                    max_tokens=args.max_tokens or 32,
+                    max_tokens=args.max_tokens,
                     top_k=args.top_k,
                     concurrency=args.concurrency or 16,
                     resamples=args.resamples,
@@ -117,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
                     arms=args.arms,
                     mode=args.mode,
                     system_prompt=args.system_prompt,
+                    likelihood=not args.no_likelihood,
                 )
             )
         else:
@@ -141,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
                     config=args.config,
                     resamples=args.resamples,
                     progress=progress,
+                    likelihood=not args.no_likelihood,
                 )
             )
     except (RuntimeError, openai.APIError) as exc:
@@ -150,4 +182,18 @@ def run(args: argparse.Namespace) -> int:
 
     print("\n".join(markdown_table(summary_table(results))))
     print(f"wrote {args.out / 'report.html'}", file=sys.stderr)
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from evaluation.compare import compare_markdown
+    from ragtune.fileio import atomic_write_text
+
+    text = compare_markdown(args.compare[0], args.compare[1], args.seed, args.resamples)
+    print(text, end="")
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.out / "compare.md", text)
+        (args.out / "compare.md").chmod(0o644)
+        print(f"wrote {args.out / 'compare.md'}", file=sys.stderr)
     return 0

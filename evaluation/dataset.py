@@ -3,11 +3,15 @@
 One JSON object per line::
 
     {"id": "q1", "question": "...", "answers": ["reference", ...], "label": "yes",
+     "choices": ["yes", "no"], "keywords": ["Keystone"],
      "gold_doc_ids": ["doc-7"], "context": "passage" | ["paragraph", ...]}
 
 `answers` and/or `label` are required (free-text and classification-style questions);
-`gold_doc_ids` enables retrieval recall; `context` lets `--build-index` index the passages.
-PubMedQA rows (`contexts`, `final_decision`, `long_answer`) are recognised and converted.
+`choices` (the answer set; default: the dataset's labels) makes a row scorable by
+likelihood, `label` then names the right one; `keywords` (any one must occur in a right
+answer) enables keyword hit rate; `gold_doc_ids` (or `doc_id`) enables retrieval recall;
+`context` lets `--build-index` index the passages. PubMedQA rows (`contexts`,
+`final_decision`, `long_answer`) are recognised and converted.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ class QAItem:
     gold_doc_ids: tuple[str, ...] = ()
     context: tuple[str, ...] = ()
     title: str = ""
+    choices: tuple[str, ...] = ()
+    keywords: tuple[str, ...] = ()
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -48,6 +54,10 @@ def _strings(value: Any, what: str, row_id: str) -> tuple[str, ...]:
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return tuple(value)
     raise ValueError(f"row {row_id}: {what} must be a string or a list of strings")
+
+
+def _folded(values: tuple[str, ...]) -> list[str]:
+    return [value.strip().lower() for value in values]
 
 
 def from_pubmedqa(row: dict[str, Any]) -> QAItem:
@@ -81,14 +91,22 @@ def from_row(row: dict[str, Any], line: int) -> QAItem:
         raise ValueError(f"row {row_id}: 'label' must be a string")
     if not answers and label is None:
         raise ValueError(f"row {row_id}: give 'answers' (reference strings) and/or 'label'")
+    choices = _strings(row.get("choices"), "choices", row_id)
+    if choices and (label is None or label.strip().lower() not in _folded(choices)):
+        raise ValueError(f"row {row_id}: with 'choices', 'label' must name one of them")
+    if len(set(_folded(choices))) != len(choices):
+        raise ValueError(f"row {row_id}: 'choices' repeats an answer")
+    gold = row.get("gold_doc_ids", row.get("doc_id"))
     return QAItem(
         id=row_id,
         question=question.strip(),
         answers=answers,
         label=label.strip().lower() if label else None,
-        gold_doc_ids=_strings(row.get("gold_doc_ids"), "gold_doc_ids", row_id),
+        gold_doc_ids=_strings(gold, "gold_doc_ids", row_id),
         context=_strings(row.get("context"), "context", row_id),
         title=str(row.get("title") or ""),
+        choices=choices,
+        keywords=_strings(row.get("keywords"), "keywords", row_id),
         meta={k: v for k, v in row.items() if k == "meta" or k.startswith("x_")},
     )
 
@@ -127,6 +145,25 @@ def label_set(items: list[QAItem]) -> tuple[str, ...]:
     known = ("yes", "no", "maybe")
     present = {item.label for item in items if item.label}
     return tuple([x for x in known if x in present] + sorted(present - set(known)))
+
+
+def answer_choices(item: QAItem, labels: tuple[str, ...]) -> tuple[str, ...]:
+    """The answers a likelihood scorer weighs for this row: its own `choices`, else the
+    dataset's labels capitalised (the answer begins a sentence, as the label instruction
+    asks); () for a free-text row."""
+    if item.choices:
+        return item.choices
+    if item.label is None:
+        return ()
+    return tuple(label[:1].upper() + label[1:] for label in labels)
+
+
+def gold_choice(item: QAItem, choices: tuple[str, ...]) -> int | None:
+    """Index of the right answer among `choices` (matched case-insensitively)."""
+    if item.label is None:
+        return None
+    folded = _folded(choices)
+    return folded.index(item.label) if item.label in folded else None
 
 
 def context_documents(items: list[QAItem]) -> list[tuple[str, str, str]]:

@@ -3,8 +3,11 @@
 Exact match and token F1 follow the SQuAD v1.1 evaluation script (lower-case, drop
 punctuation and the articles a/an/the, collapse whitespace; best score over the references).
 ROUGE-L tokenises like the `rouge-score` package without stemming (lower-case alphanumeric
-runs) so its numbers line up with published ones. Groundedness and recall@k are per answer;
-`None` means "not applicable" (no retrieval, no gold documents), never zero.
+runs) so its numbers line up with published ones. Japanese and Chinese text has no spaces:
+each of its characters is a token in both (character-level F1, as MLQA scores Chinese),
+and its punctuation (。、「」) is dropped like ASCII punctuation. Groundedness and
+recall@k are per answer; `None` means "not applicable" (no retrieval, no gold documents),
+never zero.
 """
 
 from __future__ import annotations
@@ -19,6 +22,11 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 _ROUGE_TOKEN = re.compile(r"[a-z0-9]+")
 _CITATION = re.compile(r"\[\d+(?:\s*[,-]\s*\d+)*\]")
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uff66-\uff9f"
+_CJK_CHAR = re.compile(f"[{_CJK}]")
+_CJK_SPLIT = re.compile(f"([{_CJK}])")
+_CJK_PUNCTUATION = str.maketrans("", "", "。、，．・「」『』（）【】〔〕！？：；…")
+_ROUGE_TOKEN_CJK = re.compile(f"[a-z0-9]+|[{_CJK}]")
 
 # Function words carry no claim; counting them would make any fluent answer look grounded.
 _STOPWORD_TEXT = """
@@ -34,13 +42,17 @@ STOPWORDS = frozenset(_STOPWORD_TEXT.split())
 
 def normalize_answer(text: str) -> str:
     """SQuAD normalisation: lower, no punctuation, no articles, single spaces."""
-    text = text.lower().translate(_PUNCTUATION)
+    text = text.lower().translate(_PUNCTUATION).translate(_CJK_PUNCTUATION)
     text = _ARTICLES.sub(" ", text)
     return " ".join(text.split())
 
 
 def squad_tokens(text: str) -> list[str]:
-    return normalize_answer(text).split()
+    """Normalised whitespace tokens; Japanese/Chinese runs cut into single characters."""
+    tokens = normalize_answer(text).split()
+    if not any(_CJK_CHAR.search(token) for token in tokens):
+        return tokens
+    return [part for token in tokens for part in _CJK_SPLIT.split(token) if part]
 
 
 def exact_match(prediction: str, references: Sequence[str]) -> float | None:
@@ -70,7 +82,17 @@ def token_f1(prediction: str, references: Sequence[str]) -> float | None:
 
 
 def rouge_tokens(text: str) -> list[str]:
-    return _ROUGE_TOKEN.findall(text.lower())
+    pattern = _ROUGE_TOKEN_CJK if _CJK_CHAR.search(text) else _ROUGE_TOKEN
+    return pattern.findall(text.lower())
+
+
+def keyword_hit(prediction: str, keywords: Sequence[str]) -> float | None:
+    """1.0 if any keyword (the fact a right answer must state: "Keystone", "4410") occurs in
+    the answer, case-insensitively (as `training.evaluate` scores the demo questions)."""
+    if not keywords:
+        return None
+    lowered = prediction.lower()
+    return float(any(keyword.lower() in lowered for keyword in keywords))
 
 
 def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:

@@ -16,6 +16,7 @@ from typing import Any
 
 from evaluation.plots import bar_panel, latency_strip
 from evaluation.scoring import METRIC_TITLES
+from evaluation.verdict import cost_table, reading, verdict_markdown, winner_lines
 from ragtune.fileio import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -151,6 +152,9 @@ def markdown_report(results: dict[str, Any]) -> str:
         f" (index `{settings['index']}`), {settings['concurrency']} requests in flight. "
         f"Run took {run['duration_s']:.0f} s on {run['server']}.",
         "",
+        *verdict_markdown(results),
+        "## Summary",
+        "",
         "Means with percentile-bootstrap 95% intervals "
         f"({run['resamples']} resamples, seed {run['seed']}). Latency is per request, measured "
         "by the client under the run's concurrency.",
@@ -158,6 +162,8 @@ def markdown_report(results: dict[str, Any]) -> str:
         *markdown_table(summary_table(results)),
         "",
     ]
+    if run.get("likelihood"):
+        lines += [likelihood_line(run["likelihood"]), ""]
     if run.get("preset"):
         lines += [preset_line(run), ""]
     majority = results.get("majority_baseline")
@@ -191,11 +197,25 @@ def markdown_report(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def likelihood_line(facts: dict[str, Any]) -> str:
+    """How the likelihood columns were made, and whether every prompt was the arm's own."""
+    arms = facts.get("arms") or {}
+    mismatches = sum(a.get("prompt_mismatches") or 0 for a in arms.values())
+    errors = sum(a.get("errors") or 0 for a in arms.values())
+    return (
+        "Likelihood columns: each answer choice scored by its log-likelihood after the arm's "
+        "own prompt (the server's echo logprobs, as lm-evaluation-harness scores "
+        "multiple_choice: acc picks the highest sum, acc_norm the highest per character) in "
+        f"{facts.get('seconds')} s; {errors} failed, {mismatches} rebuilt prompts differed "
+        "in length from the generation request's."
+    )
+
+
 def preset_line(run: dict[str, Any]) -> str:
     """Where the preset's time went: index build, adapter training, generation, total."""
     index = run.get("index_build") or {}
     parts = [
-        f"Preset `{run['preset']}`: index of {index.get('documents')} abstracts "
+        f"Preset `{run['preset']}`: index of {index.get('documents')} documents "
         f"({index.get('chunks')} chunks) built in {index.get('build_seconds')} s"
     ]
     training = run.get("training")
@@ -205,11 +225,14 @@ def preset_line(run: dict[str, Any]) -> str:
         else:
             parts.append(
                 f"knowledge adapter trained on {training['examples']} examples from "
-                f"{training['documents']} abstracts for {training.get('global_step')} steps "
-                f"({training.get('examples_seen')} examples seen, train loss "
-                f"{training.get('train_loss')}) in {training.get('train_s')} s"
+                f"{training['documents']} documents ({training.get('format_examples')} of them "
+                f"format-keeping, {training.get('format_recipe')}) for "
+                f"{training.get('global_step')} steps ({training.get('examples_seen')} examples "
+                f"seen, train loss {training.get('train_loss')}) in {training.get('train_s')} s"
             )
     parts.append(f"generation {run.get('generation_s')} s")
+    if run.get("likelihood"):
+        parts.append(f"likelihood scoring {run['likelihood'].get('seconds')} s")
     if run.get("preset_total_s") is not None:
         parts.append(f"total {run['preset_total_s']} s")
     return "; ".join(parts) + "."
@@ -226,6 +249,8 @@ def _markdown_examples(results: dict[str, Any], limit: int) -> list[str]:
             other = results["arms"][arm]["rows"][index]
             answer = " ".join((other.get("answer") or other.get("error") or "").split())
             label = f" [{other.get('predicted_label')}]" if row.get("gold_label") else ""
+            if other.get("likelihood_choice") is not None:
+                label += f" [likelihood: {other['likelihood_choice']}]"
             lines.append(f"- {arm}{label}: {answer[:300]}")
         lines.append("")
     return lines
@@ -274,6 +299,7 @@ def html_report(results: dict[str, Any]) -> str:
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>Benchmark: {escape(run['dataset_name'])}</title><style>{CSS}</style></head>",
         f"<body><h1>Benchmark: {escape(run['dataset_name'])}</h1><p>{intro}</p>",
+        _html_verdict(results),
         "<h2>Summary</h2>",
         _html_table(summary_table(results)),
         "<p class='small'>Means with percentile-bootstrap 95% intervals; whiskers below show "
@@ -291,6 +317,25 @@ def html_report(results: dict[str, Any]) -> str:
         ]
     parts += ["<h2>Per-question rows</h2>", _html_rows(results), "</body></html>"]
     return "\n".join(parts)
+
+
+def _html_verdict(results: dict[str, Any]) -> str:
+    def item(line: str) -> str:
+        return f"<li>{escape(line.removeprefix('- ').replace('**', ''))}</li>"
+
+    return "".join(
+        [
+            "<h2>Verdict</h2><p class='small'>Best arm per metric, with the paired difference "
+            "to the runner-up (95% bootstrap interval on the same questions):</p><ul>",
+            *[item(line) for line in winner_lines(results)],
+            "</ul><p class='small'>What each arm costs (added: over the base arm, per answer):</p>",
+            _html_table(cost_table(results)),
+            "<p class='small'>Reading (a sentence only where a paired interval excludes "
+            "zero):</p><ul>",
+            *[item(line) for line in reading(results)],
+            "</ul>",
+        ]
+    )
 
 
 def _html_rows(results: dict[str, Any]) -> str:
@@ -317,6 +362,10 @@ def _html_rows(results: dict[str, Any]) -> str:
                 css = "ok" if other["label_accuracy"] == 1.0 else "bad"
                 label = escape(str(other["predicted_label"]))
                 verdict = f"<span class='{css}'>[{label}]</span> "
+            if other.get("likelihood_choice") is not None:
+                css = "ok" if other.get("likelihood_accuracy") == 1.0 else "bad"
+                choice = escape(str(other["likelihood_choice"]))
+                verdict += f"<span class='{css}'>[likelihood: {choice}]</span> "
             text = other.get("answer") or f"(error) {other.get('error') or ''}"
             sources = "".join(
                 f"<li><code>{escape(str(s['source']))}</code> {s['score']:.3f}: "

@@ -16,14 +16,14 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from evaluation.dataset import QAItem
+from training.recipes.claims import LABEL_INSTRUCTION
 
 logger = logging.getLogger(__name__)
 
 ARM_NAMES = ("base", "rag", "ft", "ft+rag")
 
-LABEL_PROMPT = (
-    "Answer the question. Begin with yes, no or maybe, then give the main reason in one sentence."
-)
+# the instruction the `claims` recipe trains knowledge adapters under, so they keep its format
+LABEL_PROMPT = LABEL_INSTRUCTION
 FREE_PROMPT = "Answer the question in one or two sentences."
 
 

@@ -17,7 +17,12 @@ from evaluation.dataset import QAItem
 from evaluation.labels import parse_label
 
 QUALITY_METRICS = (
+    "likelihood_accuracy",
+    "likelihood_acc_norm",
+    "likelihood_acc_bytes",
     "label_accuracy",
+    "decision_given",
+    "keyword_hit",
     "exact_match",
     "token_f1",
     "rouge_l",
@@ -26,7 +31,12 @@ QUALITY_METRICS = (
     "groundedness",
 )
 METRIC_TITLES = {
+    "likelihood_accuracy": "acc (likelihood)",
+    "likelihood_acc_norm": "acc_norm (likelihood)",
+    "likelihood_acc_bytes": "acc_bytes (likelihood)",
     "label_accuracy": "label accuracy",
+    "decision_given": "decision given",
+    "keyword_hit": "keyword hit",
     "exact_match": "exact match",
     "token_f1": "token F1",
     "rouge_l": "ROUGE-L",
@@ -50,6 +60,8 @@ def score_row(
     return {
         "predicted_label": predicted,
         "label_accuracy": (float(predicted == item.label) if item.label else None),
+        "decision_given": (float(predicted is not None) if item.label else None),
+        "keyword_hit": metrics.keyword_hit(answer, item.keywords),
         "exact_match": metrics.exact_match(answer, references),
         "token_f1": metrics.token_f1(answer, references),
         "rouge_l": metrics.rouge_l(answer, references),
@@ -62,7 +74,14 @@ def score_row(
 
 
 def _available(scored: dict[str, list[dict[str, Any]]], metric: str) -> bool:
-    return any(row[metric] is not None for rows in scored.values() for row in rows)
+    present = any(row.get(metric) is not None for rows in scored.values() for row in rows)
+    if metric == "likelihood_acc_bytes":  # shown only where it differs from acc_norm
+        return present and any(
+            row.get(metric) != row.get("likelihood_acc_norm")
+            for rows in scored.values()
+            for row in rows
+        )
+    return present
 
 
 def summarise(
@@ -88,7 +107,9 @@ def summarise(
             "questions": len(rows),
             "errors": sum(bool(row.get("error")) for row in rows),
             "metrics": {
-                metric: stats.bootstrap_ci([row[metric] for row in rows], seed, resamples).to_dict()
+                metric: stats.bootstrap_ci(
+                    [row.get(metric) for row in rows], seed, resamples
+                ).to_dict()
                 for metric in present
             },
             "completion_tokens": stats.bootstrap_ci(tokens, seed, resamples).to_dict(),
@@ -98,6 +119,7 @@ def summarise(
                 "mean": _round(stats.mean(latencies)),
             },
             "finish_length": sum(row.get("finish_reason") == "length" for row in rows),
+            "prompt_tokens_mean": _round(stats.mean([row.get("prompt_tokens") for row in rows])),
         }
         if any(item.label for item in items):
             counts = Counter(str(row["predicted_label"]) for row in rows)
@@ -129,8 +151,8 @@ def compare(
     for metric in present:
         block = []
         for a, b in combinations(names, 2):
-            scores_a = {row["id"]: row[metric] for row in rows_by_arm[a]}
-            scores_b = {row["id"]: row[metric] for row in rows_by_arm[b]}
+            scores_a = {row["id"]: row.get(metric) for row in rows_by_arm[a]}
+            scores_b = {row["id"]: row.get(metric) for row in rows_by_arm[b]}
             ids = [i for i in scores_a if i in scores_b]
             test = stats.paired_test(
                 [scores_a[i] for i in ids], [scores_b[i] for i in ids], seed, resamples

@@ -86,6 +86,12 @@ def test_bench_all_arms_against_the_real_server(server, index_root: Path, tmp_pa
             assert 1 <= row["completion_tokens"] <= 12
             assert row["latency_s"] > 0
             assert row["predicted_label"] in ("yes", "no", "maybe", None)
+            # likelihood: every choice scored after the arm's own prompt, rebuilt exactly
+            assert row["likelihood_error"] is None
+            assert row["choices"] == ["Yes", "No", "Maybe"]
+            assert row["likelihood_choice"] in row["choices"]
+            assert all(ll < 0 for ll in row["loglikelihoods"])
+            assert row["likelihood_prompt_matches"] is True
             if arm["rag"]:
                 assert 1 <= len(row["sources"]) <= 2
                 assert row["sources"][0]["source"].startswith("doc-")
@@ -94,6 +100,7 @@ def test_bench_all_arms_against_the_real_server(server, index_root: Path, tmp_pa
                 assert row["sources"] == [] and row["recall_at_k"] is None
         metrics = arm["metrics"]
         assert metrics["label_accuracy"]["n"] == 2
+        assert metrics["likelihood_accuracy"]["n"] == metrics["likelihood_acc_norm"]["n"] == 2
         assert 0.0 <= metrics["token_f1"]["low"] <= metrics["token_f1"]["high"] <= 1.0
         assert (metrics["recall_at_k"]["n"] == 2) == arm["rag"]
         assert arm["latency_s"]["p50"] <= arm["latency_s"]["p95"]
@@ -101,8 +108,12 @@ def test_bench_all_arms_against_the_real_server(server, index_root: Path, tmp_pa
     assert results["arms"]["rag"]["metrics"]["recall_at_k"]["mean"] == 1.0
     assert len(results["comparisons"]) >= 6  # every pair on label accuracy alone
 
+    facts = results["run"]["likelihood"]["arms"]
+    assert all(f["errors"] == 0 and f["prompt_mismatches"] == 0 for f in facts.values())
+
     markdown = (out / "report.md").read_text(encoding="utf-8")
     assert markdown.startswith("# Benchmark: qa")
+    assert "## Verdict" in markdown
     for arm in ("base", "rag", "ft", "ft+rag"):
         assert re.search(rf"^\| {re.escape(arm)} \| ", markdown, flags=re.M)
     html = (out / "report.html").read_text(encoding="utf-8")

@@ -140,8 +140,10 @@ def test_report_files_are_well_formed(tmp_path: Path) -> None:
 
     markdown = paths["markdown"].read_text(encoding="utf-8")
     assert markdown.startswith("# Benchmark: toy <set>")
-    table = [line for line in markdown.splitlines() if line.startswith("| ")]
-    assert table[0].startswith("| arm | model | label accuracy |")
+    assert markdown.index("## Verdict") < markdown.index("## Summary")
+    summary_part = markdown.split("## Summary", 1)[1]
+    table = [line for line in summary_part.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| arm | model | label accuracy | decision given |")
     assert len({line.count("|") for line in table[:3]}) == 1  # header, base, rag rows align
     assert "## Paired comparisons" in markdown
     assert "Always answering the most common label (maybe) scores 0.333" in markdown

@@ -1,4 +1,6 @@
-"""Recipes turn documents into chat examples: `paragraphs`, `qa`, `code`, `keywords`.
+"""Recipes turn documents into chat examples: `paragraphs`, `qa`, `code`, `keywords`,
+`raft` (questions with the answering document among distractors) and `claims` (yes / no /
+maybe questions in the instructed answer format).
 
 Each recipe first cuts documents into units (so duplicates can be removed at the unit level,
 before one unit fans out into several examples), then makes examples from the kept units.
@@ -37,20 +39,24 @@ class Recipe(Protocol):
 
 
 def get_recipe(name: str) -> Recipe:
+    from training.recipes.claims import ClaimsRecipe
     from training.recipes.code import CodeRecipe
     from training.recipes.keywords import KeywordsRecipe
     from training.recipes.paragraphs import ParagraphsRecipe
     from training.recipes.qa import QARecipe
+    from training.recipes.raft import RaftRecipe
 
     recipes: dict[str, Recipe] = {
         "paragraphs": ParagraphsRecipe(),
         "qa": QARecipe(),
         "code": CodeRecipe(),
         "keywords": KeywordsRecipe(),
+        "raft": RaftRecipe(),
+        "claims": ClaimsRecipe(),
     }
     if name not in recipes:
         raise ValueError(f"unknown recipe {name!r}; choose from {', '.join(recipes)}")
     return recipes[name]
 
 
-RECIPES = ("paragraphs", "qa", "code", "keywords")
+RECIPES = ("paragraphs", "qa", "code", "keywords", "raft", "claims")

@@ -1,0 +1,138 @@
+"""Score a fixed answer set by log-likelihood, as lm-evaluation-harness scores
+`multiple_choice` tasks, through the server's own logprobs.
+
+For each (context, choice) pair, as lm-eval's `_encode_pair` for causal models: trailing
+whitespace of the context moves to the front of the continuation; the context and
+context + continuation are tokenized (the server's `/tokenize`); the continuation's ids are
+the whole's ids past the context's. The pair is sent as a token-id prompt to
+`/v1/completions` with `echo`, `logprobs` and `max_tokens: 0`, and the continuation tokens'
+logprobs are summed; `greedy` says whether every one of them was the top token. The
+prediction is the choice with the highest sum (`acc`), the highest sum per character of the
+choice (`acc_norm`, lm-eval's) or per UTF-8 byte (`acc_bytes`).
+
+One prefill serves every choice that differs from the first only in its last token (yes /
+no / maybe after the same context): that token's logprob is read from the `top_logprobs`
+of the first choice's last position, the same row of the same forward pass. A choice not
+among those top entries is scored by a request of its own, so the numbers are always the
+ones a request per choice would give.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from evaluation.server_api import EchoChoice, ScoringClient
+
+TOP_LOGPROBS = 5  # alternatives per position: enough for a label set, small responses
+
+
+@dataclass(frozen=True)
+class ChoiceScore:
+    loglikelihood: float
+    greedy: bool
+    tokens: int
+
+
+def encode_pair(
+    tokenize: Callable[[str], list[int]], context: str, continuation: str
+) -> tuple[list[int], list[int]]:
+    """lm-eval's `_encode_pair` (causal): (context ids, continuation ids)."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        continuation = context[-spaces:] + continuation
+        context = context[:-spaces]
+    whole = tokenize(context + continuation)
+    context_ids = tokenize(context)
+    return context_ids, whole[len(context_ids) :]
+
+
+def _continuation(choice: EchoChoice, start: int, length: int) -> ChoiceScore:
+    logprobs = choice.token_logprobs[start : start + length]
+    tops = choice.top_logprobs[start : start + length]
+    if any(lp is None for lp in logprobs):
+        raise ValueError("a continuation token has no logprob (empty context?)")
+    greedy = all(
+        top is not None and lp >= max(top.values()) for lp, top in zip(logprobs, tops, strict=True)
+    )
+    return ChoiceScore(float(sum(logprobs)), greedy, length)  # type: ignore[arg-type]
+
+
+def score_choices(
+    client: ScoringClient,
+    model: str,
+    context: str,
+    choices: tuple[str, ...],
+    tokenize_model: str | None = None,
+) -> list[ChoiceScore]:
+    """Log-likelihood of each choice after `context` (a rendered prompt), under `model`."""
+    tokenize_as = tokenize_model or model
+    known: dict[str, list[int]] = {}
+
+    def tokenize(text: str) -> list[int]:
+        if text not in known:
+            known[text] = client.tokenize(tokenize_as, text)
+        return known[text]
+
+    pairs = [encode_pair(tokenize, context, choice) for choice in choices]
+    if any(not cont for _, cont in pairs):
+        raise ValueError("a choice adds no token to the context")
+    first_ctx, first_cont = pairs[0]
+    first = client.echo(model, [first_ctx + first_cont], TOP_LOGPROBS)[0]
+    scores: list[ChoiceScore | None] = [_continuation(first, len(first_ctx), len(first_cont))]
+    last = len(first_ctx) + len(first_cont) - 1
+    top = first.top_logprobs[last] or {}
+    prefix = first.token_logprobs[len(first_ctx) : last]
+    prefix_greedy = _continuation(first, len(first_ctx), len(first_cont) - 1).greedy
+    shared = [
+        j
+        for j, (ctx, cont) in enumerate(pairs[1:], start=1)
+        if ctx == first_ctx and len(cont) == len(first_cont) and cont[:-1] == first_cont[:-1]
+    ]
+    texts = client.token_texts(tokenize_as, [pairs[j][1][-1] for j in shared]) if shared else []
+    own_text = first.tokens[last] if last < len(first.tokens) else None
+    by_choice = dict(zip(shared, texts, strict=True))
+    for j in range(1, len(pairs)):
+        text = by_choice.get(j)
+        if text is None or text == own_text or text not in top:
+            scores.append(None)
+            continue
+        value = top[text]
+        total = float(sum(prefix)) + value  # type: ignore[arg-type]
+        greedy = prefix_greedy and value >= max(top.values())
+        scores.append(ChoiceScore(total, greedy, len(first_cont)))
+    missing = [j for j, score in enumerate(scores) if score is None]
+    if missing:
+        echoed = client.echo(model, [pairs[j][0] + pairs[j][1] for j in missing], TOP_LOGPROBS)
+        for j, choice in zip(missing, echoed, strict=True):
+            scores[j] = _continuation(choice, len(pairs[j][0]), len(pairs[j][1]))
+    return [score for score in scores if score is not None]
+
+
+def _argmax(values: list[float]) -> int:
+    """First index of the maximum (numpy's argmax tie rule, which lm-eval uses)."""
+    return max(range(len(values)), key=lambda i: (values[i], -i))
+
+
+def choice_metrics(
+    scores: list[ChoiceScore], choices: tuple[str, ...], gold: int | None
+) -> dict[str, Any]:
+    """lm-eval's multiple_choice metrics for one question: acc, acc_norm (per character),
+    acc_bytes (per UTF-8 byte), and the choice each picks."""
+    lls = [score.loglikelihood for score in scores]
+    per_char = [ll / max(len(choice), 1) for ll, choice in zip(lls, choices, strict=True)]
+    per_byte = [
+        ll / max(len(choice.encode("utf-8")), 1) for ll, choice in zip(lls, choices, strict=True)
+    ]
+    pick, pick_norm, pick_bytes = _argmax(lls), _argmax(per_char), _argmax(per_byte)
+    return {
+        "choices": list(choices),
+        "loglikelihoods": [round(ll, 6) for ll in lls],
+        "greedy": [score.greedy for score in scores],
+        "likelihood_choice": choices[pick],
+        "likelihood_choice_norm": choices[pick_norm],
+        "likelihood_accuracy": None if gold is None else float(pick == gold),
+        "likelihood_acc_norm": None if gold is None else float(pick_norm == gold),
+        "likelihood_acc_bytes": None if gold is None else float(pick_bytes == gold),
+    }

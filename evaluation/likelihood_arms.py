@@ -1,0 +1,148 @@
+"""Likelihood scoring of every arm: for each question with an answer set, the arm's prompt
+(the same conversation its generation request sent) and each choice's log-likelihood under
+the arm's model, merged into the arm's rows.
+
+Runs after generation, because a RAG arm is scored on the sources its own generation
+request retrieved. Prompts are tokenized with the base model's name (adapters share its
+tokenizer), so the base and ft arms share one tokenization.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from evaluation.dataset import QAItem, answer_choices, gold_choice
+from evaluation.likelihood import choice_metrics, score_choices
+from evaluation.prompts import chat_messages, load_headings, rag_user_turn
+from evaluation.runner import Arm
+from evaluation.server_api import ScoringClient, ScoringError
+
+logger = logging.getLogger(__name__)
+
+LIKELIHOOD_METRICS = ("likelihood_accuracy", "likelihood_acc_norm", "likelihood_acc_bytes")
+
+
+@dataclass
+class LikelihoodSettings:
+    base_model: str
+    system_prompt: str | None
+    labels: tuple[str, ...]
+    index: str | None = None
+    index_root: Path | None = None
+    max_source_chars: int | None = None
+    concurrency: int = 8
+    headings: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+class _Contexts:
+    """Rendered prompt text per conversation, shared by the arms (thread-safe)."""
+
+    def __init__(self, client: ScoringClient, model: str):
+        self.client, self.model = client, model
+        self._known: dict[str, tuple[int, str]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, messages: list[dict[str, str]]) -> tuple[int, str]:
+        key = json.dumps(messages, ensure_ascii=False)
+        with self._lock:
+            found = self._known.get(key)
+        if found is None:
+            ids = self.client.tokenize_messages(self.model, messages)
+            found = (len(ids), self.client.detokenize(self.model, ids))
+            with self._lock:
+                self._known[key] = found
+        return found
+
+
+def _score_one(
+    client: ScoringClient,
+    contexts: _Contexts,
+    arm: Arm,
+    item: QAItem,
+    generated: dict[str, Any] | None,
+    settings: LikelihoodSettings,
+) -> dict[str, Any]:
+    choices = answer_choices(item, settings.labels)
+    user = item.question
+    if arm.rag:
+        sources = (generated or {}).get("sources") or []
+        user = rag_user_turn(item.question, sources, settings.headings, settings.max_source_chars)
+    try:
+        count, context = contexts.get(chat_messages(settings.system_prompt, user))
+        scores = score_choices(client, arm.model, context, choices, settings.base_model)
+    except (ScoringError, ValueError) as exc:
+        # a failed question counts as wrong, never dropped (as a failed generation does)
+        wrong = None if gold_choice(item, choices) is None else 0.0
+        return {
+            "likelihood_error": f"{type(exc).__name__}: {exc}",
+            **{metric: wrong for metric in LIKELIHOOD_METRICS},
+        }
+    expected = (generated or {}).get("prompt_tokens")
+    return {
+        **choice_metrics(scores, choices, gold_choice(item, choices)),
+        "likelihood_prompt_tokens": count,
+        "likelihood_prompt_matches": None if expected is None else count == expected,
+        "likelihood_error": None,
+    }
+
+
+def score_arms(
+    client: ScoringClient,
+    arms: list[Arm],
+    items: list[QAItem],
+    rows_by_arm: dict[str, list[dict[str, Any]]],
+    settings: LikelihoodSettings,
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Add the likelihood fields to every row with an answer set; return per-arm facts
+    (questions scored, errors, prompts that did not match, seconds)."""
+    from tqdm import tqdm
+
+    if settings.index_root and settings.index and not settings.headings:
+        settings.headings = load_headings(settings.index_root, settings.index)
+    contexts = _Contexts(client, settings.base_model)
+    scorable = [item for item in items if answer_choices(item, settings.labels)]
+    facts: dict[str, dict[str, Any]] = {}
+    for arm in arms:
+        rows = {row["id"]: row for row in rows_by_arm[arm.name]}
+        started = time.perf_counter()
+        bar = tqdm(total=len(scorable), desc=f"{arm.name:>7} ll", unit="q", disable=not progress)
+        with ThreadPoolExecutor(max_workers=max(1, settings.concurrency)) as pool:
+            futures = {
+                pool.submit(_score_one, client, contexts, arm, item, rows.get(item.id), settings): (
+                    item.id
+                )
+                for item in scorable
+            }
+            for future in as_completed(futures):
+                rows[futures[future]].update(future.result())
+                bar.update(1)
+        bar.close()
+        scored = [rows[item.id] for item in scorable]
+        facts[arm.name] = {
+            "questions": len(scored),
+            "errors": sum(bool(row.get("likelihood_error")) for row in scored),
+            "prompt_mismatches": sum(
+                row.get("likelihood_prompt_matches") is False for row in scored
+            ),
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        if facts[arm.name]["errors"]:
+            first = next(row["likelihood_error"] for row in scored if row.get("likelihood_error"))
+            logger.warning(
+                "arm %s: %d likelihood errors, e.g. %s", arm.name, facts[arm.name]["errors"], first
+            )
+        logger.info(
+            "arm %s: likelihood of %d questions in %.1fs",
+            arm.name,
+            len(scored),
+            facts[arm.name]["seconds"],
+        )
+    return facts

@@ -1,0 +1,125 @@
+"""Likelihood scoring against a real server on the bundled model in float32 with dense
+weights, checked against Hugging Face computing the same log-likelihoods on the same
+weights with lm-evaluation-harness's formula (no mocked model): the sum of the
+continuation tokens' log-softmax, the continuation cut as lm-eval's `_encode_pair` cuts it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from evaluation.likelihood import choice_metrics, encode_pair, score_choices
+from evaluation.prompts import chat_messages
+from evaluation.runner import LABEL_PROMPT
+from evaluation.server_api import ScoringClient
+from ragtune.launcher import start_server
+from tests.conftest import API_KEY, SERVER_ENV
+
+QUESTIONS = [
+    "Does regular exercise lower resting blood pressure in adults?",
+    "Is the Keystone app used for multi-factor authentication at Orvane Logistics?",
+]
+# single-token labels (the shared-prefill path), a multi-token answer and an unlikely one
+# (both scored by requests of their own)
+CHOICES = ("Yes", "No", "Maybe", "Not sure", " banana")
+
+
+@pytest.fixture(scope="module")
+def fp32_server(tmp_path_factory):
+    env = {
+        **SERVER_ENV,
+        "RAGTUNE_MODEL__QUANTIZATION": "none",
+        "RAGTUNE_MODEL__DTYPE": "fp32",
+        "RAGTUNE_ENGINE__WEIGHTS": "dense",
+    }
+    running = start_server(env, tmp_path_factory.mktemp("ll-server") / "server.log")
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ragtune.config import default_home
+    from ragtune.models.loader import resolve_model_dir
+
+    directory: Path = resolve_model_dir("bundled", default_home())
+    model = AutoModelForCausalLM.from_pretrained(directory, torch_dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(directory)
+
+
+def hf_loglikelihood(model, tokenizer, context: str, continuation: str) -> tuple[float, bool]:
+    """lm-eval's HF computation: log_softmax over the whole sequence, continuation rows."""
+
+    def tokenize(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    ctx, cont = encode_pair(tokenize, context, continuation)
+    with torch.no_grad():
+        logits = model(torch.tensor([ctx + cont])).logits[0].float()
+    logprobs = torch.log_softmax(logits[len(ctx) - 1 : -1], dim=-1)
+    target = torch.tensor(cont)
+    picked = logprobs[torch.arange(len(cont)), target]
+    greedy = bool((logprobs.argmax(dim=-1) == target).all())
+    return float(picked.sum()), greedy
+
+
+def test_choice_loglikelihoods_equal_hugging_face(fp32_server, hf_model) -> None:
+    model, tokenizer = hf_model
+    client = ScoringClient(fp32_server.v1, API_KEY)
+    try:
+        for question in QUESTIONS:
+            messages = chat_messages(LABEL_PROMPT, question)
+            ids = client.tokenize_messages("smollm2-135m-instruct", messages)
+            context = client.detokenize("smollm2-135m-instruct", ids)
+            assert client.tokenize("smollm2-135m-instruct", context) == ids  # round trip
+            scores = score_choices(client, "smollm2-135m-instruct", context, CHOICES)
+            for choice, score in zip(CHOICES, scores, strict=True):
+                expected, greedy = hf_loglikelihood(model, tokenizer, context, choice)
+                assert math.isclose(score.loglikelihood, expected, abs_tol=2e-3), (
+                    question,
+                    choice,
+                    score.loglikelihood,
+                    expected,
+                )
+                assert score.greedy == greedy
+            metrics = choice_metrics(scores, CHOICES, gold=0)
+            assert metrics["likelihood_choice"] in CHOICES
+            assert metrics["likelihood_choice"] != " banana"
+    finally:
+        client.close()
+
+
+def test_lm_eval_metrics_from_loglikelihoods() -> None:
+    from evaluation.likelihood import ChoiceScore
+
+    scores = [ChoiceScore(-2.0, True, 1), ChoiceScore(-2.5, False, 3), ChoiceScore(-9.0, False, 1)]
+    choices = ("no", "maybe so", "yes")
+    metrics = choice_metrics(scores, choices, gold=1)
+    assert metrics["likelihood_choice"] == "no"  # highest sum
+    assert metrics["likelihood_choice_norm"] == "maybe so"  # -2.5 / 8 > -2.0 / 2
+    assert (metrics["likelihood_accuracy"], metrics["likelihood_acc_norm"]) == (0.0, 1.0)
+    tie = choice_metrics([ChoiceScore(-1.0, True, 1)] * 2, ("a", "b"), gold=1)
+    assert tie["likelihood_choice"] == "a"  # numpy's argmax: the first of equal maxima
+    japanese = choice_metrics(
+        [ChoiceScore(-3.0, True, 1), ChoiceScore(-4.0, True, 1)], ("はい", "yes"), gold=1
+    )
+    # per character yes wins (-1.33 vs -1.5); per UTF-8 byte はい wins (-0.5 vs -1.33)
+    assert japanese["likelihood_acc_norm"] == 1.0 and japanese["likelihood_acc_bytes"] == 0.0
+
+
+def test_encode_pair_moves_trailing_whitespace_like_lm_eval() -> None:
+    seen = []
+
+    def tokenize(text: str) -> list[int]:
+        seen.append(text)
+        return [ord(c) for c in text]
+
+    ctx, cont = encode_pair(tokenize, "Answer:\n ", "Yes")
+    assert seen == ["Answer:\n Yes", "Answer:"]
+    assert ctx == [ord(c) for c in "Answer:"] and cont == [ord(c) for c in "\n Yes"]
