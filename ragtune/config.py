@@ -74,8 +74,10 @@ class ModelConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="'auto' picks CUDA when present, else CPU."
     )
-    threads: int | None = Field(
-        None, ge=1, description="torch intra-op threads; default: all cores."
+    threads: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        "auto",
+        description="torch intra-op threads: 'auto' follows the CPU share (cgroup quota, "
+        "CPU affinity, a Ray replica's num_cpus); a number; null for every core.",
     )
 
     @field_validator("source", mode="after")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ragtune.config import ModelConfig, bundled_model_name
+from ragtune.cpu_share import resolve_threads
 from ragtune.fileio import atomic_write_text
 from ragtune.hardware import compute_dtype_name, detect, slow_setting_warning
 from ragtune.models.bundled import BUNDLED_LLMS, bundled_llm_gguf, licence_files
@@ -105,8 +106,9 @@ def load_base_model(config: ModelConfig, home: Path) -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    threads = resolve_threads(config.threads)
+    if threads:
+        torch.set_num_threads(threads)
     model_dir = resolve_model_dir(config.source, home)
     device = pick_device(config.device)
     caps = detect()
