@@ -36,6 +36,8 @@ from server.protocol import (
     ModelList,
 )
 from server.serving import OpenAIServing
+from server.store_sync import StoreSync, store_settings
+from server.tenancy import bind_tenant, reset_tenant
 from server.tokenizer_routes import tokenizer_router
 
 logger = logging.getLogger(__name__)
@@ -62,6 +64,8 @@ class ServerState:
     load_error: str | None = None
     draining: bool = False  # set on SIGTERM: finish in-flight work, refuse new requests
     loaded: threading.Event = field(default_factory=threading.Event)
+    replica_id: str | None = None  # a Ray Serve replica's id, sent as X-Ragtune-Replica
+    store_sync: StoreSync | None = None  # set when a shared store is configured
 
     def require_serving(self) -> OpenAIServing:
         if self.serving is None:
@@ -85,6 +89,9 @@ def _load(state: ServerState) -> None:
         )
         engine = Engine(loaded, settings.engine, limits.max_queue, max_seq_len)
         registry = build_registry(settings, engine)
+        if settings.store.url is not None:  # follow the shared store from the start
+            state.store_sync = StoreSync(settings, registry)
+            state.store_sync.pull()
         registry.on_event = lambda event, result: state.metrics.adapter_events.labels(
             event, result
         ).inc()
@@ -102,9 +109,11 @@ def _load(state: ServerState) -> None:
         state.metrics.watch_engine(engine)
         engine.scheduler.on_batch = state.metrics.batch_size.observe
         engine.start()
-        state.serving = OpenAIServing(
-            engine, settings, registry, state.metrics, _retrieval_service(settings)
-        )
+        retrieval = _retrieval_service(settings)
+        if state.store_sync is not None:
+            state.store_sync.attach_indexes(retrieval.store if retrieval else None)
+            state.store_sync.start()
+        state.serving = OpenAIServing(engine, settings, registry, state.metrics, retrieval)
         logger.info("ready: serving %s", settings.model.served_model_name)
     except Exception as exc:
         logger.exception("model failed to load")
@@ -147,12 +156,14 @@ def build_registry(settings: Settings, engine) -> AdapterRegistry:
     )
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, replica_id: str | None = None) -> FastAPI:
+    settings = store_settings(settings)
     state = ServerState(
         settings=settings,
         keys=KeyStore(settings.api_keys, settings.admin_keys, settings.api_key_file),
         audit=AuditLog(settings.audit_path()),
-        metrics=Metrics(),
+        metrics=Metrics(replica_id),
+        replica_id=replica_id,
     )
 
     @asynccontextmanager
@@ -161,6 +172,8 @@ def create_app(settings: Settings) -> FastAPI:
         loader.start()
         yield
         await asyncio.to_thread(state.loaded.wait)
+        if state.store_sync is not None:
+            state.store_sync.stop()
         if state.serving is not None:
             await asyncio.to_thread(
                 state.serving.engine.shutdown, settings.limits.request_timeout_s
@@ -201,9 +214,12 @@ def create_app(settings: Settings) -> FastAPI:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 MutableHeaders(scope=message)["X-Request-ID"] = rid
+                if state.replica_id:
+                    MutableHeaders(scope=message)["X-Ragtune-Replica"] = state.replica_id
             await send(message)
 
         token = request_id.set(rid)
+        tenant = bind_tenant(headers.get("authorization"), settings.serve)
         try:
             if state.draining and scope["path"] != "/health":
                 response = error_response(
@@ -215,6 +231,7 @@ def create_app(settings: Settings) -> FastAPI:
                 await app(scope, receive, send_with_id)
         finally:
             request_id.reset(token)
+            reset_tenant(tenant)
             route = scope.get("route")
             model = (scope.get("state") or {}).get("model")
             state.metrics.requests.labels(
@@ -235,7 +252,9 @@ def create_app(settings: Settings) -> FastAPI:
     async def list_models() -> ModelList:
         serving = state.require_serving()
         base = serving.base_model_id
-        cards = [ModelCard(id=base, root=str(serving.engine.loaded.model_dir))]
+        kernels = serving.engine.runner.kernels()
+        runner = kernels["runner"] + (f":{kernels['family']}" if "family" in kernels else "")
+        cards = [ModelCard(id=base, root=str(serving.engine.loaded.model_dir), runner=runner)]
         for adapter in serving.registry.describe():
             name = adapter["name"]
             active = next(

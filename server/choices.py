@@ -69,17 +69,33 @@ class ChoiceResult:
 
     parts: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
     final: StepOutput = field(default_factory=StepOutput)
 
     def add(self, output: StepOutput) -> None:
         self.parts.append(output.text)
         if output.logprobs:
             self.logprobs.extend(output.logprobs)
+        if output.prompt_logprobs is not None:
+            self.prompt_logprobs = output.prompt_logprobs
         self.final = output
 
     @property
     def text(self) -> str:
         return "".join(self.parts)
+
+
+@dataclass(frozen=True)
+class Echo:
+    """A completion choice's echoed prompt (`echo: true`): its text and its tokens."""
+
+    text: str
+    token_ids: list[int]
+
+
+def total_prompt_tokens(finals: list[StepOutput], n: int) -> int:
+    """Every prompt once (several prompts in one completions request each count)."""
+    return sum(output.prompt_tokens for output in finals[::n])
 
 
 def total_completion_tokens(finals: list[StepOutput]) -> int:

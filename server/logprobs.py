@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from server.choices import ChoiceResult, Echo
 from server.engine.types import TokenLogprobs
 from server.responses import ChatLogprob, ChatLogprobContent, CompletionLogprobs
 
@@ -92,20 +93,44 @@ def chat_content(entries: list[TokenLogprobs], texts: TokenTexts) -> list[ChatLo
 
 
 def completion_logprobs(
-    entries: list[TokenLogprobs], texts: TokenTexts, text_offset: int = 0
+    entries: list[TokenLogprobs | None],
+    texts: TokenTexts,
+    text_offset: int = 0,
+    token_ids: list[int] | None = None,  # the tokens, where an entry may be None (prompt)
+    out: CompletionLogprobs | None = None,  # appended to
 ) -> CompletionLogprobs:
-    """vLLM's `CompletionLogProbs` for generated tokens; `text_offset` is where the first one
-    starts in the choice's text (later: after the echoed prompt). Each `top_logprobs` dict
-    holds the chosen token first, then the top k (vLLM's shape)."""
-    out = CompletionLogprobs()
-    for entry in entries:
-        text = texts.text(entry.token_id)
-        top = {text: _clamp(entry.logprob)}
-        for token_id, logprob in entry.top:
-            top.setdefault(texts.text(token_id), _clamp(logprob))
+    """vLLM's `CompletionLogProbs`; `text_offset` is where the first token starts in the
+    choice's text. Each `top_logprobs` dict holds the chosen token first, then the top k
+    (vLLM's shape). An entry None (the first prompt token: nothing predicts it) has logprob
+    and top_logprobs None."""
+    out = out or CompletionLogprobs()
+    for i, entry in enumerate(entries):
+        token_id = entry.token_id if entry is not None else token_ids[i]
+        text = texts.text(token_id)
         out.tokens.append(text)
-        out.token_logprobs.append(_clamp(entry.logprob))
-        out.top_logprobs.append(top)
         out.text_offset.append(text_offset)
         text_offset += len(text)
+        if entry is None:
+            out.token_logprobs.append(None)
+            out.top_logprobs.append(None)
+            continue
+        top = {text: _clamp(entry.logprob)}
+        for other, logprob in entry.top:
+            top.setdefault(texts.text(other), _clamp(logprob))
+        out.token_logprobs.append(_clamp(entry.logprob))
+        out.top_logprobs.append(top)
     return out
+
+
+def choice_logprobs(
+    texts: TokenTexts, result: ChoiceResult, echo: Echo | None
+) -> CompletionLogprobs:
+    """A whole completion choice's logprobs: the echoed prompt's tokens (when echoed) and the
+    generated ones, offsets running through the choice's text."""
+    out = CompletionLogprobs()
+    offset = 0
+    if echo is not None:
+        prompt = result.prompt_logprobs or [None] * len(echo.token_ids)
+        completion_logprobs(prompt, texts, 0, echo.token_ids, out)
+        offset = len(echo.text)
+    return completion_logprobs(result.logprobs, texts, offset, out=out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -111,6 +112,7 @@ class RagOptions(RequestModel):
 
 
 MAX_STOP_STRINGS = 16
+MAX_PROMPTS = 128  # prompts in one /v1/completions request
 MAX_LOGPROBS = 20
 MAX_N = 8
 IGNORED_METADATA = ("user", "metadata", "store", "service_tier")
@@ -144,7 +146,7 @@ class _GenerationRequest(RequestModel):
     top_k: int | None = Field(None, ge=-1, description="0 or -1: all tokens")
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0)
-    stop_token_ids: list[int] | None = Field(None, max_length=64)
+    stop_token_ids: list[int] | None = None
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     # accepted and ignored: metadata for OpenAI's own dashboards and billing
@@ -299,12 +301,16 @@ def conversation(messages: list[ChatMessage]) -> list[dict[str, str]]:
 
 
 class CompletionRequest(_GenerationRequest):
-    prompt: str | list[str] | list[int]
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for /v1/completions
+    prompt: str | list[str] | list[int] | list[list[int]]
+    # OpenAI's default for /v1/completions; 0 (with echo) scores the prompt, generating nothing
+    max_tokens: int | None = Field(16, ge=0)
     logprobs: int | None = Field(
-        None, ge=0, le=MAX_LOGPROBS, description="logprobs of the generated tokens and the top k"
+        None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="logprobs of the generated tokens (and with echo the prompt's) and the top k",
     )
-    echo: bool = Field(False, description="not supported yet (400)")
+    echo: bool = Field(False, description="the prompt before the completion (and its logprobs)")
     suffix: str | None = Field(None, description="not supported (400)")
     best_of: int | None = Field(None, ge=1, description="only equal to n (or unset)")
 
@@ -313,23 +319,33 @@ class CompletionRequest(_GenerationRequest):
 
     def unsupported(self) -> None:
         super().unsupported()
-        for name in ("echo", "suffix"):
-            if getattr(self, name):
-                raise ProtocolError(f"{name} is not supported yet", name)
+        if self.suffix:
+            raise ProtocolError("suffix is not supported", "suffix")
         if self.best_of not in (None, self.n):
             raise ProtocolError("best_of other than n is not supported", "best_of")
-        prompts = self.prompt if isinstance(self.prompt, list) else []
-        if prompts and isinstance(prompts[0], str) and len(prompts) != 1:
-            raise ProtocolError(
-                "batched prompts are not supported; send one request per prompt", "prompt"
-            )
+        if self.max_tokens == 0 and not self.echo:
+            raise ProtocolError("max_tokens 0 generates nothing: use it with echo", "max_tokens")
 
-    def prompt_text_or_ids(self) -> str | list[int]:
-        if isinstance(self.prompt, list):
-            if not self.prompt:
-                raise ProtocolError("prompt must not be empty", "prompt")
-            return self.prompt[0] if isinstance(self.prompt[0], str) else self.prompt
-        return self.prompt
+    def to_sampling_params(self, max_tokens: int) -> SamplingParams:
+        params = super().to_sampling_params(max_tokens)
+        if self.echo and self.logprobs is not None:
+            return replace(params, prompt_logprobs=self.logprobs)
+        return params
+
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt: text, or token ids (several give several choices)."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if not prompt:
+            raise ProtocolError("prompt must not be empty", "prompt")
+        if all(isinstance(item, int) for item in prompt):
+            return [prompt]  # type: ignore[list-item]
+        if not all(isinstance(item, str | list) for item in prompt):
+            raise ProtocolError("prompt mixes text and token ids", "prompt")
+        if len(prompt) > MAX_PROMPTS:
+            raise ProtocolError(f"at most {MAX_PROMPTS} prompts per request", "prompt")
+        return list(prompt)  # type: ignore[arg-type]
 
 
 class Source(BaseModel):
@@ -350,6 +366,9 @@ class ModelCard(BaseModel):
     owned_by: str = "ragtune"
     root: str | None = None
     parent: str | None = None
+    # the base model's card: which engine runner serves it ("compact:<family>" batches
+    # adapters; "serial" is the fallback for other architectures, base model only)
+    runner: str | None = None
 
 
 class ModelList(BaseModel):

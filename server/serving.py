@@ -14,7 +14,14 @@ from ragtune.config import Settings
 from ragtune.models.chat import encode_prompt, render_chat
 from server.adapters.errors import AdapterNotFoundError
 from server.adapters.registry import AdapterRegistry
-from server.choices import ChoiceResult, child_seed, merged, total_completion_tokens
+from server.choices import (
+    ChoiceResult,
+    Echo,
+    child_seed,
+    merged,
+    total_completion_tokens,
+    total_prompt_tokens,
+)
 from server.engine import Engine, GenerationRequest, RequestStream, StepOutput
 from server.engine.lora import AdapterWeights
 from server.errors import (
@@ -26,7 +33,7 @@ from server.errors import (
     ServiceUnavailableError,
     to_api_error,
 )
-from server.logprobs import TokenTexts, chat_content, completion_logprobs
+from server.logprobs import TokenTexts, chat_content, choice_logprobs
 from server.metrics import Metrics
 from server.protocol import (
     ChatCompletionRequest,
@@ -142,40 +149,49 @@ class OpenAIServing:
     async def create_completion(self, request: CompletionRequest) -> Any:
         request.unsupported()
         adapter = await self.resolve_adapter(request.model)
-        prompt = request.prompt_text_or_ids()
+        prompts = request.prompts()
         sources = None
         if (options := request.rag_options()) is not None:
-            if not isinstance(prompt, str):
-                raise BadRequestError("rag needs a text prompt, not token ids", "prompt")
-            prompt, sources = await self._retrieve(options, prompt, request.model)
-        if isinstance(prompt, str):
-            prompt_ids = encode_prompt(self.tokenizer, prompt)
-        else:
-            self._check_token_ids("prompt", prompt)
-            prompt_ids = list(prompt)
-        response_id, gens = self._engine_requests("cmpl", request, prompt_ids, adapter)
+            if len(prompts) != 1 or not isinstance(prompts[0], str):
+                raise BadRequestError("rag needs one text prompt", "prompt")
+            text, sources = await self._retrieve(options, prompts[0], request.model)
+            prompts = [text]
+        response_id = new_id("cmpl")
+        gens, echoes = [], []
+        for number, prompt in enumerate(prompts):
+            if isinstance(prompt, str):
+                prompt_ids = encode_prompt(self.tokenizer, prompt)
+            else:
+                self._check_token_ids("prompt", prompt)
+                prompt_ids = list(prompt)
+            tag = f"{response_id}-{number}" if len(prompts) > 1 else response_id
+            _, choices = self._engine_requests("cmpl", request, prompt_ids, adapter, tag)
+            gens += choices
+            if request.echo:
+                text = prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt_ids)
+                echoes += [Echo(text, prompt_ids)] * len(choices)
         streams = self._submit(gens)
         if request.stream:
-            return sse(completion_events(self, request, response_id, streams, sources))
+            return sse(completion_events(self, request, response_id, streams, sources, echoes))
         results = await self._collect(streams, request.model)
+        choices = []
+        for i, result in enumerate(results):
+            echo = echoes[i] if echoes else None
+            text = result.text if echo is None else echo.text + result.text
+            logprobs = None
+            if request.logprobs is not None:
+                logprobs = choice_logprobs(self.token_texts, result, echo)
+            choices.append(
+                CompletionChoice(
+                    index=i, text=text, finish_reason=result.final.finish_reason, logprobs=logprobs
+                )
+            )
         return CompletionResponse(
             id=response_id,
             model=request.model,
             system_fingerprint=self.system_fingerprint,
-            choices=[
-                CompletionChoice(
-                    index=i,
-                    text=result.text,
-                    finish_reason=result.final.finish_reason,
-                    logprobs=(
-                        completion_logprobs(result.logprobs, self.token_texts)
-                        if request.logprobs is not None
-                        else None
-                    ),
-                )
-                for i, result in enumerate(results)
-            ],
-            usage=_usage(results),
+            choices=choices,
+            usage=_usage(results, request.n),
             sources=sources,
         )
 
@@ -241,6 +257,7 @@ class OpenAIServing:
         request: _GenerationRequest,
         prompt_ids: list[int],
         adapter: AdapterWeights | None,
+        response_id: str | None = None,  # default: a new one
     ) -> tuple[str, list[GenerationRequest]]:
         """The response id and one engine request per choice (`n`), within the limits."""
         limits = self.settings.limits
@@ -278,7 +295,7 @@ class OpenAIServing:
                 code="context_length_exceeded",
             )
         params = request.to_sampling_params(wanted)
-        response_id = new_id(prefix)
+        response_id = response_id or new_id(prefix)
         if request.n == 1:
             return response_id, [GenerationRequest(response_id, prompt_ids, params, adapter)]
         return response_id, [
@@ -356,6 +373,6 @@ class OpenAIServing:
         return results
 
 
-def _usage(results: list[ChoiceResult]) -> Usage:
+def _usage(results: list[ChoiceResult], n: int = 1) -> Usage:
     finals = [result.final for result in results]
-    return Usage.of(finals[0].prompt_tokens, total_completion_tokens(finals))
+    return Usage.of(total_prompt_tokens(finals, n), total_completion_tokens(finals))

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi.responses import StreamingResponse
 
-from server.choices import total_completion_tokens
+from server.choices import Echo, total_completion_tokens, total_prompt_tokens
 from server.engine import RequestStream, StepOutput
 from server.errors import sse_error, to_api_error
 from server.logprobs import chat_content, completion_logprobs
@@ -20,6 +20,7 @@ from server.responses import (
     ChatChunkChoice,
     ChatCompletionChunk,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionResponse,
     DeltaMessage,
     Usage,
@@ -44,11 +45,13 @@ def sse(events: AsyncIterator[str]) -> StreamingResponse:
 class _Totals:
     """The last output of each choice, for the usage event."""
 
-    def __init__(self, n: int):
-        self.finals = [StepOutput() for _ in range(n)]
+    def __init__(self, choices: int, n: int = 1):
+        self.finals = [StepOutput() for _ in range(choices)]
+        self.n = n  # choices per prompt
 
     def usage(self) -> Usage:
-        return Usage.of(self.finals[0].prompt_tokens, total_completion_tokens(self.finals))
+        finals = self.finals
+        return Usage.of(total_prompt_tokens(finals, self.n), total_completion_tokens(finals))
 
 
 async def chat_events(
@@ -105,6 +108,7 @@ async def completion_events(
     response_id: str,
     streams: list[RequestStream],
     sources: list[Source] | None,
+    echoes: list[Echo] | None = None,  # per choice, with echo: its prompt goes first
 ) -> AsyncIterator[str]:
     created = int(time.time())
 
@@ -122,20 +126,30 @@ async def completion_events(
 
     if sources is not None:  # citations come first, before any text
         yield chunk([CompletionChoice(text="", finish_reason=None)], sources=sources)
-    totals = _Totals(len(streams))
+    totals = _Totals(len(streams), request.n)
     offsets = [0] * len(streams)  # text already sent per choice: where its next token starts
+    echoed = [not echoes] * len(streams)
     try:
         async for i, output in serving.choice_outputs(streams, request.model):
             totals.finals[i] = output
-            if not (output.text or output.finished):
+            if not (output.text or output.finished or not echoed[i]):
                 continue
-            logprobs = None
+            text, logprobs = output.text, None
             if request.logprobs is not None:
+                logprobs = CompletionLogprobs()
+            if not echoed[i]:  # the choice's first chunk: its prompt (vLLM streams it so)
+                echo, echoed[i] = echoes[i], True
+                text = echo.text + text
+                if logprobs is not None:
+                    prompt = output.prompt_logprobs or [None] * len(echo.token_ids)
+                    completion_logprobs(prompt, serving.token_texts, 0, echo.token_ids, logprobs)
+                offsets[i] = len(echo.text)
+            if logprobs is not None:
                 entries = output.logprobs or []
-                logprobs = completion_logprobs(entries, serving.token_texts, offsets[i])
+                completion_logprobs(entries, serving.token_texts, offsets[i], out=logprobs)
             offsets[i] += len(output.text)
             choice = CompletionChoice(
-                index=i, text=output.text, finish_reason=output.finish_reason, logprobs=logprobs
+                index=i, text=text, finish_reason=output.finish_reason, logprobs=logprobs
             )
             yield chunk([choice])
         if request.include_usage:

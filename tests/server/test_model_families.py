@@ -69,7 +69,7 @@ def test_family_serves_hugging_face_and_peft_tokens_alone_and_mixed(served):
     name, running, tokenizer, model, peft_model, root, eos = served
     models = httpx.get(f"{running.v1}/models", headers={"Authorization": f"Bearer {API_KEY}"})
     [listed] = [m for m in models.json()["data"] if m["id"] == f"tiny-{name}"]
-    assert listed.get("runner", "compact") == "compact"
+    assert listed["runner"] == f"compact:{'llama' if name == 'mistral' else name}"
     loaded = httpx.post(
         f"{running.v1}/load_lora_adapter",
         json={"lora_name": "tuned", "lora_path": str(root / "adapters" / "tuned")},
@@ -102,3 +102,40 @@ def test_family_serves_hugging_face_and_peft_tokens_alone_and_mixed(served):
     alone, mixed = asyncio.run(run())
     assert alone == expected, name
     assert mixed == expected, name
+
+
+def test_echo_logprobs_score_prompts_as_hugging_face(served):
+    """lm-eval's scoring request: token-id prompts, echo, logprobs, max_tokens 0; each
+    prompt token after the first gets log_softmax of the row before it, the first None."""
+    name, running, tokenizer, model, _, _, _ = served
+    prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS[:2]]
+    response = httpx.post(
+        f"{running.v1}/completions",
+        json={
+            "model": f"tiny-{name}",
+            "prompt": prompts,
+            "echo": True,
+            "logprobs": 2,
+            "max_tokens": 0,
+        },
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    assert body["usage"]["prompt_tokens"] == sum(len(p) for p in prompts)
+    assert body["usage"]["completion_tokens"] == 0
+    for prompt, choice in zip(prompts, body["choices"], strict=True):
+        assert choice["finish_reason"] == "length"
+        assert choice["text"] == tokenizer.decode(prompt)
+        logprobs = choice["logprobs"]
+        assert len(logprobs["tokens"]) == len(prompt)
+        assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+        with torch.no_grad():
+            expected = torch.log_softmax(model(torch.tensor([prompt])).logits[0, :-1], dim=-1)
+        chosen = expected.gather(1, torch.tensor(prompt[1:])[:, None])[:, 0]
+        torch.testing.assert_close(
+            torch.tensor(logprobs["token_logprobs"][1:]), chosen, rtol=1e-4, atol=1e-4
+        )
+        assert all(1 <= len(top) <= 3 for top in logprobs["top_logprobs"][1:])

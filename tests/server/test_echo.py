@@ -1,0 +1,86 @@
+"""`/v1/completions` echo on the bundled model through the official client: the prompt comes
+back before the completion, with logprobs over prompt and generated tokens (vLLM's shape),
+streamed too; several prompts give several choices; max_tokens 0 only scores."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.conftest import API_KEY, BASE_MODEL
+
+PROMPT = "The capital of France is"
+
+
+def test_echo_returns_the_prompt_and_logprobs_for_prompt_and_completion(client):
+    completion = client.completions.create(
+        model=BASE_MODEL, prompt=PROMPT, echo=True, logprobs=2, max_tokens=4, temperature=0
+    )
+    [choice] = completion.choices
+    assert choice.text.startswith(PROMPT) and len(choice.text) > len(PROMPT)
+    logprobs = choice.logprobs
+    total = completion.usage.prompt_tokens + completion.usage.completion_tokens
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == total
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert all(lp <= 0 for lp in logprobs.token_logprobs[1:])
+    assert "".join(logprobs.tokens) == choice.text
+    assert logprobs.text_offset == sorted(logprobs.text_offset)
+    plain = client.completions.create(
+        model=BASE_MODEL, prompt=PROMPT, logprobs=2, max_tokens=4, temperature=0
+    )
+    assert choice.text == PROMPT + plain.choices[0].text
+    generated = logprobs.token_logprobs[completion.usage.prompt_tokens :]
+    assert generated == pytest.approx(plain.choices[0].logprobs.token_logprobs, abs=1e-4)
+
+
+def test_streamed_echo_sends_the_prompt_first(client):
+    stream = client.completions.create(
+        model=BASE_MODEL,
+        prompt=PROMPT,
+        echo=True,
+        logprobs=0,
+        max_tokens=4,
+        temperature=0,
+        stream=True,
+    )
+    chunks = [c for c in stream if c.choices]
+    assert chunks[0].choices[0].text.startswith(PROMPT)
+    assert chunks[0].choices[0].logprobs.token_logprobs[0] is None
+    whole = "".join(c.choices[0].text for c in chunks)
+    tokens = [t for c in chunks for t in c.choices[0].logprobs.tokens]
+    assert "".join(tokens) == whole
+
+
+def test_several_prompts_give_choices_in_order_and_usage_counts_each(client):
+    prompts = [PROMPT, "Water boils at"]
+    completion = client.completions.create(
+        model=BASE_MODEL, prompt=prompts, echo=True, max_tokens=0, n=2
+    )
+    assert [c.index for c in completion.choices] == [0, 1, 2, 3]
+    assert [c.text for c in completion.choices] == [prompts[0]] * 2 + [prompts[1]] * 2
+    single = [
+        client.completions.create(model=BASE_MODEL, prompt=p, echo=True, max_tokens=0)
+        for p in prompts
+    ]
+    assert completion.usage.prompt_tokens == sum(s.usage.prompt_tokens for s in single)
+    assert completion.usage.completion_tokens == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": PROMPT, "max_tokens": 0}, "max_tokens"),
+        ({"prompt": [PROMPT, [1, 2]]}, "prompt"),
+        ({"prompt": [[]], "echo": True, "max_tokens": 0}, "prompt"),
+        ({"prompt": PROMPT, "echo": True, "logprobs": 21}, "logprobs"),
+    ],
+)
+def test_bad_echo_requests_are_400_naming_the_field(server, body, param):
+    response = httpx.post(
+        f"{server.v1}/completions",
+        json={"model": BASE_MODEL, **body},
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        timeout=60,
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"].split(".")[0] == param
