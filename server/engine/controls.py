@@ -12,6 +12,7 @@ from collections.abc import Iterable
 
 import torch
 
+from server.engine.grammar import RowGrammar
 from server.engine.types import SamplingParams
 
 
@@ -20,8 +21,15 @@ class RowControls:
     (presence/frequency), its prompt and output token set (repetition), how many tokens it
     has generated (min_tokens). `record` is called with every token drawn for the row."""
 
-    def __init__(self, params: SamplingParams, prompt_ids: list[int], stop_ids: Iterable[int]):
+    def __init__(
+        self,
+        params: SamplingParams,
+        prompt_ids: list[int],
+        stop_ids: Iterable[int],
+        grammar: RowGrammar | None = None,  # structured output: masks what may come next
+    ):
         self.params = params
+        self.grammar = grammar
         self.generated = 0
         self._suppress = _ids(sorted(set(stop_ids))) if params.min_tokens else None
         self._bias_ids = _ids([token for token, _ in params.logit_bias])
@@ -34,6 +42,8 @@ class RowControls:
             self._seen_ids = _ids(sorted(self._seen))
 
     def record(self, token: int) -> None:
+        if self.grammar is not None:
+            self.grammar.accept(token)
         self.generated += 1
         self._counts[token] = self._counts.get(token, 0) + 1
         if self._seen is not None and token not in self._seen:
@@ -60,6 +70,8 @@ class RowControls:
             counts = torch.tensor(list(self._counts.values()), dtype=torch.float32)
             keep = ids < vocab
             row[ids[keep]] -= p.frequency_penalty * counts[keep] + p.presence_penalty
+        if self.grammar is not None:
+            self.grammar.mask(row)
         return row
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from server.engine.controls import RowControls
 from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.grammar import RowGrammar
 from server.engine.sampler import make_generator
 from server.engine.stop import StopMatcher
 from server.engine.types import FinishReason, GenerationRequest, StepOutput, TokenLogprobs
@@ -29,9 +30,10 @@ class Sequence:
         # tokens that end the sequence (not part of its output): EOS unless ignore_eos, and
         # the request's stop_token_ids
         self._stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else eos_ids)
+        grammar = RowGrammar(request.grammar) if request.grammar is not None else None
         self.controls = (
-            RowControls(params, request.prompt_ids, self._stop_ids)
-            if params.shapes_logits
+            RowControls(params, request.prompt_ids, self._stop_ids, grammar)
+            if params.shapes_logits or grammar is not None
             else None
         )
         self._logprobs: list[TokenLogprobs] | None = [] if params.logprobs is not None else None

@@ -66,6 +66,7 @@ class GenerationRequest:
     prompt_ids: list[int]
     params: SamplingParams
     adapter: Any = None  # engine.lora.AdapterWeights, or None for the base model
+    grammar: Any = None  # a compiled grammar (engine.grammar) the output must follow
 
 
 @dataclass
