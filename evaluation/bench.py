@@ -81,7 +81,7 @@ def _score_likelihood(
     root: Path | None,
     options: BenchOptions,
 ) -> dict[str, Any] | None:
-    """Likelihood scoring of the rows with an answer set (None when there are none)."""
+    """Likelihood scoring of the rows with an answer set or a reference (None: neither)."""
     from evaluation.dataset import answer_choices
     from evaluation.indexing import index_root
     from evaluation.likelihood_arms import LikelihoodSettings, score_arms
@@ -89,7 +89,7 @@ def _score_likelihood(
     from ragtune.config import load_settings
 
     labels = label_set(items)
-    if not any(answer_choices(item, labels) for item in items):
+    if not any(answer_choices(item, labels) or item.answers for item in items):
         return None
     if root is None and not options.url:  # a started server reads the configured root
         root = index_root(options.config, None)

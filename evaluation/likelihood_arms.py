@@ -1,6 +1,8 @@
 """Likelihood scoring of every arm: for each question with an answer set, the arm's prompt
 (the same conversation its generation request sent) and each choice's log-likelihood under
-the arm's model, merged into the arm's rows.
+the arm's model, merged into the arm's rows. A free-text question (no answer set) gets its
+first reference answer's log-likelihood per UTF-8 byte instead: how much more likely the
+arm finds the right answer, however it would phrase its own.
 
 Runs after generation, because a RAG arm is scored on the sources its own generation
 request retrieved. Prompts are tokenized with the base model's name (adapters share its
@@ -27,6 +29,7 @@ from evaluation.server_api import ScoringClient, ScoringError
 logger = logging.getLogger(__name__)
 
 LIKELIHOOD_METRICS = ("likelihood_accuracy", "likelihood_acc_norm", "likelihood_acc_bytes")
+REFERENCE_METRIC = "reference_loglik_per_byte"
 
 
 @dataclass
@@ -70,6 +73,9 @@ def _score_one(
     settings: LikelihoodSettings,
 ) -> dict[str, Any]:
     choices = answer_choices(item, settings.labels)
+    reference = not choices
+    if reference:
+        choices = item.answers[:1]
     user = item.question
     if arm.rag:
         sources = (generated or {}).get("sources") or []
@@ -79,14 +85,19 @@ def _score_one(
         scores = score_choices(client, arm.model, context, choices, settings.base_model)
     except (ScoringError, ValueError) as exc:
         # a failed question counts as wrong, never dropped (as a failed generation does)
+        error = {"likelihood_error": f"{type(exc).__name__}: {exc}"}
+        if reference:
+            return error
         wrong = None if gold_choice(item, choices) is None else 0.0
-        return {
-            "likelihood_error": f"{type(exc).__name__}: {exc}",
-            **{metric: wrong for metric in LIKELIHOOD_METRICS},
-        }
+        return {**error, **{metric: wrong for metric in LIKELIHOOD_METRICS}}
     expected = (generated or {}).get("prompt_tokens")
+    if reference:
+        per_byte = scores[0].loglikelihood / max(len(choices[0].encode("utf-8")), 1)
+        measured: dict[str, Any] = {REFERENCE_METRIC: round(per_byte, 6)}
+    else:
+        measured = choice_metrics(scores, choices, gold_choice(item, choices))
     return {
-        **choice_metrics(scores, choices, gold_choice(item, choices)),
+        **measured,
         "likelihood_prompt_tokens": count,
         "likelihood_prompt_matches": None if expected is None else count == expected,
         "likelihood_error": None,
@@ -108,7 +119,7 @@ def score_arms(
     if settings.index_root and settings.index and not settings.headings:
         settings.headings = load_headings(settings.index_root, settings.index)
     contexts = _Contexts(client, settings.base_model)
-    scorable = [item for item in items if answer_choices(item, settings.labels)]
+    scorable = [item for item in items if answer_choices(item, settings.labels) or item.answers]
     facts: dict[str, dict[str, Any]] = {}
     for arm in arms:
         rows = {row["id"]: row for row in rows_by_arm[arm.name]}

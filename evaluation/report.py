@@ -203,9 +203,11 @@ def likelihood_line(facts: dict[str, Any]) -> str:
     mismatches = sum(a.get("prompt_mismatches") or 0 for a in arms.values())
     errors = sum(a.get("errors") or 0 for a in arms.values())
     return (
-        "Likelihood columns: each answer choice scored by its log-likelihood after the arm's "
-        "own prompt (the server's echo logprobs, as lm-evaluation-harness scores "
-        "multiple_choice: acc picks the highest sum, acc_norm the highest per character) in "
+        "Likelihood columns: each answer choice (free-text questions: the first reference "
+        "answer) scored by its log-likelihood after the arm's own prompt (the server's echo "
+        "logprobs, as lm-evaluation-harness scores multiple_choice: acc picks the highest "
+        "sum, acc_norm the highest per character; reference log-lik / byte is the sum per "
+        "UTF-8 byte of the reference) in "
         f"{facts.get('seconds')} s; {errors} failed, {mismatches} rebuilt prompts differed "
         "in length from the generation request's."
     )
@@ -283,6 +285,7 @@ def html_report(results: dict[str, Any]) -> str:
     panels = [
         bar_panel(METRIC_TITLES[m], arms, [data[a]["metrics"].get(m) for a in arms])
         for m in results["metrics"]
+        if m != "reference_loglik_per_byte"  # negative: the table shows it
     ]
     panels.append(
         bar_panel("tokens / answer", arms, [data[a]["completion_tokens"] for a in arms], upper=None)
@@ -326,12 +329,13 @@ def _html_verdict(results: dict[str, Any]) -> str:
     return "".join(
         [
             "<h2>Verdict</h2><p class='small'>Best arm per metric, with the paired difference "
-            "to the runner-up (95% bootstrap interval on the same questions):</p><ul>",
+            "to the runner-up (95% bootstrap interval on the same questions; a win needs the "
+            "interval above zero and a Holm-adjusted permutation p below 0.05):</p><ul>",
             *[item(line) for line in winner_lines(results)],
             "</ul><p class='small'>What each arm costs (added: over the base arm, per answer):</p>",
             _html_table(cost_table(results)),
-            "<p class='small'>Reading (a sentence only where a paired interval excludes "
-            "zero):</p><ul>",
+            "<p class='small'>Reading (a sentence only where a paired difference is clear, as "
+            "above):</p><ul>",
             *[item(line) for line in reading(results)],
             "</ul>",
         ]

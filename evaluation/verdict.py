@@ -1,7 +1,9 @@
 """The verdict that opens a report: which arm wins on each metric (with its paired
 interval against the runner-up), what each arm costs, and the reading the product's
 documents give (RAG for knowledge that changes, fine-tuning for format, both when both
-matter), each sentence of the reading stated only when a paired interval excludes zero.
+matter), each sentence of the reading stated only when a paired difference is clear: its
+bootstrap interval excludes zero and its Holm-adjusted permutation p is below 0.05 (with a
+handful of questions an interval can miss zero by chance; the p-value cannot).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ KNOWLEDGE = (
     "likelihood_accuracy",
     "likelihood_acc_norm",
     "keyword_hit",
+    "reference_loglik_per_byte",
     "token_f1",
     "rouge_l",
     "exact_match",
@@ -44,10 +47,18 @@ def _interval(d: dict[str, Any]) -> str:
     return f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
 
 
+ALPHA = 0.05
+
+
+def clear(d: dict[str, Any] | None) -> bool:
+    """A paired difference above zero by its interval and by its (Holm) p-value."""
+    return d is not None and d["low"] > 0 and (d["p"] is None or d["p"] < ALPHA)
+
+
 def beats(results: dict[str, Any], metric: str, b: str, a: str) -> dict[str, Any] | None:
-    """The paired difference when b is better than a with the interval above zero."""
+    """The paired difference when b is clearly better than a."""
     d = paired(results, metric, b, a)
-    return d if d is not None and d["low"] > 0 else None
+    return d if clear(d) else None
 
 
 def winners(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -62,7 +73,6 @@ def winners(results: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         (best_mean, best), (_, second) = ranked[0], ranked[1]
         d = paired(results, metric, best, second)
-        clear = d is not None and d["low"] > 0
         out.append(
             {
                 "metric": metric,
@@ -70,7 +80,8 @@ def winners(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "mean": best_mean,
                 "runner_up": second,
                 "paired": d,
-                "clear": clear,
+                "clear": clear(d),
+                "all_equal": all(m == best_mean for m, _ in ranked),
             }
         )
     return out
@@ -160,7 +171,7 @@ def reading(results: dict[str, Any]) -> list[str]:
             break
     if not lines:
         lines.append(
-            "No paired interval excludes zero where the reading would need one: these numbers "
+            "No paired difference is clear where the reading would need one: these numbers "
             "do not tell RAG and fine-tuning apart on this data."
         )
     return lines
@@ -175,7 +186,9 @@ def winner_lines(results: dict[str, Any]) -> list[str]:
     for w in winners(results):
         title = METRIC_TITLES[w["metric"]]
         d = w["paired"]
-        if d is None:
+        if w["all_equal"]:
+            lines.append(f"- {title}: every arm {w['mean']:.3f}.")
+        elif d is None:
             lines.append(f"- {title}: {w['best']} has the highest mean ({w['mean']:.3f}).")
         elif w["clear"]:
             lines.append(
@@ -183,9 +196,10 @@ def winner_lines(results: dict[str, Any]) -> list[str]:
                 f"{w['runner_up']} {_interval(d)}."
             )
         else:
+            why = "the interval includes zero" if d["low"] <= 0 else f"Holm p {d['p']:.3f}"
             lines.append(
                 f"- {title}: no clear winner: {w['best']} ({w['mean']:.3f}) vs "
-                f"{w['runner_up']} {_interval(d)} (the interval includes zero)."
+                f"{w['runner_up']} {_interval(d)} ({why})."
             )
     return lines
 
@@ -224,7 +238,8 @@ def verdict_markdown(results: dict[str, Any]) -> list[str]:
         "## Verdict",
         "",
         "Best arm per metric, with the paired difference to the runner-up (95% bootstrap "
-        "interval on the same questions):",
+        "interval on the same questions; a win needs the interval above zero and a "
+        "Holm-adjusted permutation p below 0.05):",
         "",
         *winner_lines(results),
         "",
@@ -232,7 +247,7 @@ def verdict_markdown(results: dict[str, Any]) -> list[str]:
         "",
         *table,
         "",
-        "Reading (a sentence only where a paired interval excludes zero):",
+        "Reading (a sentence only where a paired difference is clear, as above):",
         "",
         *[f"- {line}" for line in reading(results)],
         "",

@@ -123,3 +123,41 @@ def test_encode_pair_moves_trailing_whitespace_like_lm_eval() -> None:
     ctx, cont = encode_pair(tokenize, "Answer:\n ", "Yes")
     assert seen == ["Answer:\n Yes", "Answer:"]
     assert ctx == [ord(c) for c in "Answer:"] and cont == [ord(c) for c in "\n Yes"]
+
+
+def test_arms_score_choices_and_free_text_references(fp32_server, hf_model) -> None:
+    """`score_arms` as the bench runs it: a labelled row gets lm-eval's metrics, a free-text
+    row its reference's log-likelihood per byte, both after the arm's own chat prompt."""
+    from evaluation.dataset import QAItem
+    from evaluation.likelihood_arms import LikelihoodSettings, score_arms
+    from evaluation.runner import Arm
+
+    model, tokenizer = hf_model
+    items = [
+        QAItem("l", QUESTIONS[0], label="yes"),
+        QAItem("f", QUESTIONS[1], answers=("Yes, Keystone is the authenticator app.",)),
+    ]
+    client = ScoringClient(fp32_server.v1, API_KEY)
+    ids = {
+        item.id: client.tokenize_messages(
+            "smollm2-135m-instruct", chat_messages(LABEL_PROMPT, item.question)
+        )
+        for item in items
+    }
+    rows = {"base": [{"id": i.id, "prompt_tokens": len(ids[i.id])} for i in items]}
+    settings = LikelihoodSettings("smollm2-135m-instruct", LABEL_PROMPT, ("yes", "no", "maybe"))
+    try:
+        facts = score_arms(
+            client, [Arm("base", "smollm2-135m-instruct", False)], items, rows, settings, False
+        )
+    finally:
+        client.close()
+    assert facts["base"]["errors"] == 0 and facts["base"]["prompt_mismatches"] == 0
+    labelled, free = rows["base"]
+    assert labelled["choices"] == ["Yes", "No", "Maybe"]
+    assert labelled["likelihood_accuracy"] == float(labelled["likelihood_choice"] == "Yes")
+    context = tokenizer.decode(ids["f"])
+    expected, _ = hf_loglikelihood(model, tokenizer, context, items[1].answers[0])
+    per_byte = expected / len(items[1].answers[0].encode("utf-8"))
+    assert math.isclose(free["reference_loglik_per_byte"], per_byte, abs_tol=1e-4)
+    assert "likelihood_accuracy" not in free

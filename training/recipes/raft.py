@@ -29,8 +29,8 @@ from training.records import Example, Unit, chat
 
 DISTRACTORS = 2  # with the answering paragraph: the bench's top_k of 3
 ORACLE_SHARE = 0.8  # RAFT's P: the answering paragraph is in the context
-SOURCE_CHARS = 360
-SOURCE_CHARS_JA = 180  # Japanese packs about twice the tokens per character
+SOURCE_CHARS = 280
+SOURCE_CHARS_JA = 140  # Japanese packs about twice the tokens per character
 
 
 @dataclass(frozen=True)
