@@ -166,6 +166,73 @@ class AdaptersConfig(_Section):
     )
 
 
+class StoreConfig(_Section):
+    url: str | None = Field(
+        None,
+        description="fsspec URL of the store servers share (adapters, indexes, registry "
+        "state): a local path or s3://bucket/prefix. Unset: the local $RAGTUNE_HOME.",
+    )
+    cache_dir: Path | None = Field(
+        None, description="Local copy of a remote store; default $RAGTUNE_HOME/store-cache."
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec storage options, e.g. {endpoint_url: http://minio:9000}; "
+        "credentials are best left to the environment (AWS_ACCESS_KEY_ID, ...).",
+    )
+    poll_s: float = Field(
+        1.0, gt=0, le=5, description="How often a server looks for another one's changes."
+    )
+
+
+class ServeConfig(_Section):
+    replicas: int | None = Field(
+        None, ge=1, description="Engine replicas on Ray Serve (--replicas); unset: one process."
+    )
+    ray_address: str | None = Field(
+        None, description="Ray cluster to join (--ray-address; 'auto'); unset: start one."
+    )
+    min_replicas: int | None = Field(None, ge=0, description="Autoscaling lower bound.")
+    max_replicas: int | None = Field(None, ge=1, description="Autoscaling upper bound.")
+    target_ongoing_requests: float = Field(
+        8, gt=0, description="Autoscaling target: requests in flight per replica."
+    )
+    replica_cpus: float = Field(
+        1.0, gt=0, description="CPUs Ray reserves for each replica (its torch threads too)."
+    )
+    max_ongoing_requests: int = Field(
+        64, ge=1, description="Requests one replica holds at once; more wait in the router."
+    )
+    affinity_max_ongoing: int | None = Field(
+        None,
+        ge=1,
+        description="A replica holding a request's adapter takes it unless this many "
+        "requests are in flight there; default engine.max_batch_size.",
+    )
+    affinity_imbalance: int = Field(
+        4,
+        ge=0,
+        description="... or unless it has more than this many requests in flight above the "
+        "least loaded replica (which then takes the request and loads the adapter).",
+    )
+    shared_prefix_cache: bool = Field(
+        False,
+        description="All API keys are one tenant: prompts share prefix-cache blocks. Off: "
+        "blocks are keyed by the key's id (and a request's cache_salt).",
+    )
+    tenants: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="tenant -> key ids (8 hex digits, as in the audit log) sharing blocks.",
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ServeConfig:
+        low, high = self.min_replicas, self.max_replicas
+        if low is not None and high is not None and low > high:
+            raise ValueError("serve.min_replicas must not exceed serve.max_replicas")
+        return self
+
+
 class Settings(BaseSettings):
     """Everything `ragtune serve` needs. See README.md ("Configuration") for each option."""
 
@@ -195,6 +262,8 @@ class Settings(BaseSettings):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     adapters: AdaptersConfig = Field(default_factory=AdaptersConfig)
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
     audit_log: Path | None = Field(
         None, description="Append-only JSONL of admin actions; default $RAGTUNE_HOME/audit.log."
     )

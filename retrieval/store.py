@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -373,6 +373,9 @@ class IndexStore:
         self._embedder_lock = threading.Lock()
         self._cache_lock = threading.Lock()
         self._cache: dict[str, tuple[tuple[str, int], Index | IndexUnavailableError]] = {}
+        # called with the index name after a write or delete succeeded (a shared store
+        # publishes the new generation: retrieval/mirror.py)
+        self.on_change: Callable[[str], None] = lambda name: None
 
     @classmethod
     def from_config(
@@ -509,14 +512,18 @@ class IndexStore:
         """Create or replace `name` with exactly the documents under `sources`; documents
         whose content hash is already indexed reuse their chunks and embeddings."""
         validate_index_name(name)
-        return self._write(name, self._pending_files(sources), replace=True, progress=progress)
+        report = self._write(name, self._pending_files(sources), replace=True, progress=progress)
+        self.on_change(name)
+        return report
 
     def add(
         self, name: str, sources: Sequence[str | Path], *, progress: bool | None = None
     ) -> BuildReport:
         """Add or refresh documents in an existing index; others stay as they are."""
         self._current(name)  # fail fast (unknown name) before hashing the sources
-        return self._write(name, self._pending_files(sources), replace=False, progress=progress)
+        report = self._write(name, self._pending_files(sources), replace=False, progress=progress)
+        self.on_change(name)
+        return report
 
     def build_documents(
         self,
@@ -528,7 +535,9 @@ class IndexStore:
     ) -> BuildReport:
         """Like build/add for documents that are already in memory (uploads, benchmarks)."""
         pending = [_Pending(doc.source, doc.doc_hash, (lambda doc=doc: doc)) for doc in documents]
-        return self._write(name, pending, replace=replace, progress=progress)
+        report = self._write(name, pending, replace=replace, progress=progress)
+        self.on_change(name)
+        return report
 
     def delete(self, name: str) -> None:
         """Remove the index; readers see IndexNotFoundError from the next `get`."""
@@ -540,6 +549,7 @@ class IndexStore:
             shutil.rmtree(trash, ignore_errors=True)
         with self._cache_lock:
             self._cache.pop(name, None)
+        self.on_change(name)
 
     def _pending_files(self, sources: Sequence[str | Path]) -> list[_Pending]:
         if not sources:

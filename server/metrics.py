@@ -3,6 +3,9 @@
 Label values come only from bounded sets (routes, loaded model ids, finish reasons): a
 client-sent model name that is not loaded is counted as "unknown", so hostile input cannot
 grow the series without bound.
+
+A Ray Serve replica renders every sample with a `replica` label; the gateway merges the
+replicas' pages into one (server/deploy/gateway.py).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     Info,
+    Metric,
     generate_latest,
 )
 
@@ -26,7 +30,8 @@ UNKNOWN_MODEL = "unknown"
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self) -> None:
+    def __init__(self, replica_id: str | None = None) -> None:
+        self.replica_id = replica_id
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -115,4 +120,27 @@ class Metrics:
             self.prefix_prompt_tokens.set_function(lambda: prefix.prompt_tokens)
 
     def render(self) -> bytes:
+        if self.replica_id:
+            return generate_latest(_Labelled(self.registry, {"replica": self.replica_id}))
         return generate_latest(self.registry)
+
+
+class _Labelled:
+    """Another collector's samples with extra labels (a constant `replica`, say)."""
+
+    def __init__(self, collector, labels: dict[str, str]) -> None:
+        self.collector = collector
+        self.labels = labels
+
+    def collect(self):
+        for family in self.collector.collect():
+            clone = Metric(family.name, family.documentation, family.type, family.unit)
+            for sample in family.samples:
+                clone.add_sample(
+                    sample.name,
+                    {**sample.labels, **self.labels},
+                    sample.value,
+                    sample.timestamp,
+                    sample.exemplar,
+                )
+            yield clone

@@ -5,6 +5,10 @@ load changes nothing. Requests hold a reference to the exact weights they resolv
 rollback or unload never changes a request that is already running; new requests see the new
 state at once. Resident weights are bounded (least recently used go back to disk and are
 reloaded on demand, like vLLM's max_cpu_loras).
+
+Servers sharing a store keep their registries in step through two hooks (see
+server/adapters/shared.py): `before_change` runs before an admin change (read the store's
+state first), `after_change` after it succeeded (publish the new state).
 """
 
 from __future__ import annotations
@@ -70,6 +74,10 @@ class AdapterRegistry:
         self._load_ids = itertools.count(1)
         # metrics hook: ("evict" | "reload", "ok" | "error") for residency changes
         self.on_event: Callable[[str, str], None] = lambda event, result: None
+        # shared-store hooks: before an admin change, and after it (action, name, version
+        # for loads)
+        self.before_change: Callable[[], None] = lambda: None
+        self.after_change: Callable[[str, str, str | None], None] = lambda a, n, v: None
 
     # ------------------------------------------------------------------------------- admin
     def load(
@@ -79,9 +87,13 @@ class AdapterRegistry:
         version: str | None = None,
         replace: bool = False,
         activate: bool = True,
+        resident: bool = True,
     ) -> AdapterVersion:
-        """Validate and load an adapter directory; blocking (call from a worker thread)."""
+        """Validate and load an adapter directory; blocking (call from a worker thread).
+        `resident=False` validates it and leaves the weights on disk until a request needs
+        them (a version another server loaded)."""
         self._check_name(name)
+        self.before_change()
         if version is not None:
             self._check_name(version, "version")
         directory = confine(path, self.roots)
@@ -104,12 +116,18 @@ class AdapterRegistry:
             record.versions[entry.version] = entry
             if activate or record.active is None:
                 self._set_active(record, entry.version)
-            self._make_resident(entry)
+            if resident:
+                self._make_resident(entry)
+            else:
+                self._resident.pop((name, entry.version), None)
+                entry.weights = None
         logger.info("loaded adapter %s@%s from %s", name, entry.version, directory)
+        self.after_change("load", name, entry.version)
         return entry
 
     def unload(self, name: str, version: str | None = None) -> list[str]:
         """Forget a version (or every version); running requests keep their weights."""
+        self.before_change()
         with self._lock:
             record = self._record(name)
             versions = [version] if version else list(record.versions)
@@ -126,17 +144,22 @@ class AdapterRegistry:
                 del self._records[name]
             elif record.active is None:
                 record.active = next(reversed(record.versions))
-            return versions
+        self.after_change("unload", name, None)
+        return versions
 
     def activate(self, name: str, version: str) -> AdapterVersion:
+        self.before_change()
         with self._lock:
             record = self._record(name)
             if version not in record.versions:
                 raise AdapterNotFoundError(f"adapter {name}@{version} is not loaded")
             self._set_active(record, version)
-            return record.versions[version]
+            entry = record.versions[version]
+        self.after_change("activate", name, None)
+        return entry
 
     def rollback(self, name: str) -> AdapterVersion:
+        self.before_change()
         with self._lock:
             record = self._record(name)
             if not record.history:
@@ -145,7 +168,43 @@ class AdapterRegistry:
                 )
             previous = record.history.pop()
             record.active = previous
-            return record.versions[previous]
+            entry = record.versions[previous]
+        self.after_change("rollback", name, None)
+        return entry
+
+    # ------------------------------------------------------------------------- shared state
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        """name -> active version, rollback history and each version's directory."""
+        with self._lock:
+            return {
+                name: {
+                    "active": record.active,
+                    "history": list(record.history),
+                    "versions": {v: str(e.path) for v, e in record.versions.items()},
+                }
+                for name, record in self._records.items()
+            }
+
+    def set_versions(self, name: str, active: str, history: list[str]) -> None:
+        """Take another server's active version and rollback history (versions known here)."""
+        with self._lock:
+            record = self._record(name)
+            if active not in record.versions:
+                raise AdapterNotFoundError(f"adapter {name}@{active} is not loaded")
+            record.active = active
+            record.history = [v for v in history if v in record.versions]
+
+    def resident_ids(self) -> list[str]:
+        """Model ids whose weights are in memory: `name@version`, and `name` when that
+        version is the active one (what the affinity router matches requests against)."""
+        with self._lock:
+            ids = []
+            for (name, version), _ in self._resident.items():
+                ids.append(f"{name}@{version}")
+                record = self._records.get(name)
+                if record is not None and record.active == version:
+                    ids.append(name)
+            return ids
 
     # ------------------------------------------------------------------------------ serving
     def resolve(self, model: str) -> AdapterWeights:
