@@ -67,6 +67,9 @@ class GenerationRequest:
     params: SamplingParams
     adapter: Any = None  # engine.lora.AdapterWeights, or None for the base model
     grammar: Any = None  # a compiled grammar (engine.grammar) the output must follow
+    # the tenant's prefix-cache namespace (server/tenancy.py): "" shares blocks with every
+    # request; otherwise only requests of the same tenant (and cache_salt) share them
+    cache_namespace: str = ""
 
 
 @dataclass
