@@ -115,7 +115,6 @@ MAX_STOP_STRINGS = 16
 MAX_PROMPTS = 128  # prompts in one /v1/completions request
 MAX_LOGPROBS = 20
 MAX_N = 8
-IGNORED_METADATA = ("user", "metadata", "store", "service_tier")
 
 
 class _GenerationRequest(RequestModel):
@@ -123,7 +122,8 @@ class _GenerationRequest(RequestModel):
 
     Nothing is silently ignored: a field that is not declared here is a 400 naming it
     (`extra="forbid"`), a declared field this server cannot honour yet is a 400 naming it
-    (`unsupported()`), and only the metadata in IGNORED_METADATA is accepted without effect."""
+    (`unsupported()`), and only metadata (`user`, `metadata`, `store`, `service_tier`) is
+    accepted without effect."""
 
     model_config = ConfigDict(extra="forbid")
 
