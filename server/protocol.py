@@ -66,17 +66,36 @@ class TextPart(RequestModel):
 
 # Keys the openai SDK writes (as null or empty) when a response message is sent back as
 # history; any other extra key, or one of these with a value, is refused by name.
-_ECHOED_MESSAGE_KEYS = frozenset({"refusal", "annotations", "audio", "function_call", "tool_calls"})
+_ECHOED_MESSAGE_KEYS = frozenset({"refusal", "annotations", "audio", "function_call"})
+
+
+class FunctionCall(RequestModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCallIn(RequestModel):
+    """An earlier assistant turn's call, sent back as history."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class ChatMessage(RequestModel):
     # extra keys are allowed only empty (see unsupported_keys): an assistant message from the
-    # SDK carries `refusal: null`, `tool_calls: null` and the like
+    # SDK carries `refusal: null`, `audio: null` and the like
     model_config = ConfigDict(extra="allow")
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = Field(None, description="passed to the chat template with the message")
+    tool_calls: list[ToolCallIn] | None = Field(None, description="an assistant turn's calls")
+    tool_call_id: str | None = Field(None, description="the call a tool message answers")
 
     def text(self) -> str:
         if self.content is None:
@@ -227,17 +246,43 @@ class _GenerationRequest(RequestModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+class FunctionDefinition(RequestModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="a JSON schema of the arguments")
+    strict: bool | None = Field(None, description="arguments always follow the schema here")
+
+
+class ToolDefinition(RequestModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ToolChoice(BaseModel):
+    """`tool_choice` normalized: mode none | auto | required | function (with `name`)."""
+
+    mode: Literal["none", "auto", "required", "function"]
+    name: str | None = None
+
+
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = Field(None, description="logprobs of the generated tokens")
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    # declared so the schema shows them; refused by name until they are built
-    tools: list[dict[str, Any]] | None = Field(None, description="not supported yet (400)")
-    tool_choice: str | dict[str, Any] | None = Field(
-        None, description="'none' only until tools are supported"
+    tools: list[ToolDefinition] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = Field(
+        None,
+        description="none | auto (default with tools) | required | "
+        "{'type': 'function', 'function': {'name'}}",
     )
-    parallel_tool_calls: bool | None = Field(None, description="not supported yet (400)")
+    parallel_tool_calls: bool | None = Field(
+        None, description="with required: several calls allowed (default true)"
+    )
     response_format: dict[str, Any] | None = Field(
         None,
         description="{'type': 'text' | 'json_object' | 'json_schema', 'json_schema': "
@@ -264,21 +309,47 @@ class ChatCompletionRequest(_GenerationRequest):
         super().unsupported()
         if self.top_logprobs is not None and not self.logprobs:
             raise ProtocolError("top_logprobs needs logprobs=true", "top_logprobs")
-        if self.tools:
-            raise ProtocolError("tools (function calling) are not supported yet", "tools")
-        if self.tool_choice not in (None, "none"):
+        if self.tools is None and self.parallel_tool_calls is not None:
+            raise ProtocolError("parallel_tool_calls needs tools", "parallel_tool_calls")
+        choice = self.tool_choice_mode()
+        if choice.mode in ("required", "function") and not self.tools:
+            raise ProtocolError(f"tool_choice {choice.mode!r} needs tools", "tool_choice")
+        if choice.mode == "function" and all(t.function.name != choice.name for t in self.tools):
             raise ProtocolError(
-                "tool_choice needs tools, which are not supported yet", "tool_choice"
+                f"tool_choice names {choice.name!r}, which is not in tools", "tool_choice"
             )
-        if self.parallel_tool_calls is not None:
+        format_type = (self.response_format or {}).get("type", "text")
+        if self.tools and self.tool_choice_mode().mode != "none" and format_type != "text":
             raise ProtocolError(
-                "parallel_tool_calls needs tools, which are not supported yet",
-                "parallel_tool_calls",
+                "response_format and tools cannot constrain one reply together",
+                "response_format",
             )
         check_messages(self.messages)
 
     def conversation(self) -> list[dict[str, str]]:
         return conversation(self.messages)
+
+    def tool_choice_mode(self) -> ToolChoice:
+        choice = self.tool_choice
+        if choice is None:
+            return ToolChoice(mode="auto" if self.tools else "none")
+        if isinstance(choice, str):
+            return ToolChoice(mode=choice)
+        function = choice.get("function")
+        if choice.get("type") != "function" or not isinstance(function, dict):
+            raise ProtocolError(
+                "tool_choice must be none, auto, required or "
+                "{'type': 'function', 'function': {'name': ...}}",
+                "tool_choice",
+            )
+        name = function.get("name")
+        if not isinstance(name, str):
+            raise ProtocolError("tool_choice.function.name must be a string", "tool_choice")
+        return ToolChoice(mode="function", name=name)
+
+    @property
+    def uses_tools(self) -> bool:
+        return bool(self.tools) and self.tool_choice_mode().mode != "none"
 
 
 def check_messages(messages: list[ChatMessage]) -> None:

@@ -61,6 +61,12 @@ from server.responses import (
 from server.streaming import chat_events, completion_events, sse
 from server.structured import response_grammar
 from server.threads import run_blocking
+from server.tools import (
+    finish_reply,
+    template_takes_tools,
+    tool_conversation,
+    tool_grammar,
+)
 
 
 class RequestTimeoutError(APIError):
@@ -116,14 +122,29 @@ class OpenAIServing:
         request.unsupported()
         adapter = await self.resolve_adapter(request.model)
         conversation = request.conversation()
-        sources = None
+        sources, rag_turn = None, None
         if (options := request.rag_options()) is not None:
             turn = next((m for m in reversed(conversation) if m["role"] == "user"), None)
             if turn is None:
                 raise BadRequestError("rag needs a user message to search for", "messages")
             turn["content"], sources = await self._retrieve(options, turn["content"], request.model)
-        prompt_ids = encode_prompt(self.tokenizer, render_chat(self.tokenizer, conversation))
-        grammar = await self.compile_grammar(response_grammar(request.response_format))
+            rag_turn = turn["content"]
+        spec = response_grammar(request.response_format)
+        if request.uses_tools or any(m.role == "tool" or m.tool_calls for m in request.messages):
+            choice = request.tool_choice_mode()
+            native = template_takes_tools(self.tokenizer)
+            tools = request.tools if choice.mode != "none" else None
+            conversation = tool_conversation(request.messages, tools, native)
+            if rag_turn is not None:  # the retrieved context stays in the last user turn
+                last = next(t for t in reversed(conversation) if t["role"] == "user")
+                last["content"] = rag_turn
+            if tools:
+                spec = tool_grammar(tools, choice, request.parallel_tool_calls is not False)
+            text = render_chat(self.tokenizer, conversation, tools=_native_tools(tools, native))
+        else:
+            text = render_chat(self.tokenizer, conversation)
+        prompt_ids = encode_prompt(self.tokenizer, text)
+        grammar = await self.compile_grammar(spec)
         response_id, gens = self._engine_requests(
             "chatcmpl", request, prompt_ids, adapter, grammar=grammar
         )
@@ -135,21 +156,27 @@ class OpenAIServing:
             id=response_id,
             model=request.model,
             system_fingerprint=self.system_fingerprint,
-            choices=[
-                ChatChoice(
-                    index=i,
-                    message=ResponseMessage(content=result.text),
-                    finish_reason=result.final.finish_reason,
-                    logprobs=(
-                        ChatChoiceLogprobs(content=chat_content(result.logprobs, self.token_texts))
-                        if request.logprobs
-                        else None
-                    ),
-                )
-                for i, result in enumerate(results)
-            ],
+            choices=[self._chat_choice(request, i, result) for i, result in enumerate(results)],
             usage=_usage(results),
             sources=sources,
+        )
+
+    def _chat_choice(
+        self, request: ChatCompletionRequest, index: int, result: ChoiceResult
+    ) -> ChatChoice:
+        content, calls, reason = result.text, None, result.final.finish_reason
+        if request.uses_tools:
+            forced = request.tool_choice_mode().mode in ("required", "function")
+            content, calls, reason = finish_reply(content, reason, forced)
+        return ChatChoice(
+            index=index,
+            message=ResponseMessage(content=content, tool_calls=calls),
+            finish_reason=reason,
+            logprobs=(
+                ChatChoiceLogprobs(content=chat_content(result.logprobs, self.token_texts))
+                if request.logprobs
+                else None
+            ),
         )
 
     async def create_completion(self, request: CompletionRequest) -> Any:
@@ -398,6 +425,13 @@ class OpenAIServing:
         async for index, output in self.choice_outputs(streams, model):
             results[index].add(output)
         return results
+
+
+def _native_tools(tools: list | None, native: bool) -> list[dict] | None:
+    """Tools for a chat template that takes them (see server/tools.py)."""
+    if not tools or not native:
+        return None
+    return [tool.model_dump(exclude_none=True) for tool in tools]
 
 
 def _usage(results: list[ChoiceResult], n: int = 1) -> Usage:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi.responses import StreamingResponse
 
-from server.choices import Echo, total_completion_tokens, total_prompt_tokens
+from server.choices import ChoiceResult, Echo, total_completion_tokens, total_prompt_tokens
 from server.engine import RequestStream, StepOutput
 from server.errors import sse_error, to_api_error
 from server.logprobs import chat_content, completion_logprobs
@@ -23,8 +23,10 @@ from server.responses import (
     CompletionLogprobs,
     CompletionResponse,
     DeltaMessage,
+    DeltaToolCall,
     Usage,
 )
+from server.tools import finish_reply
 
 if TYPE_CHECKING:
     from server.serving import OpenAIServing
@@ -79,19 +81,35 @@ async def chat_events(
         role = ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
         yield chunk([role], sources=sources if i == 0 else None)
     totals = _Totals(len(streams))
+    # With tools, a reply is parsed whole: its text and logprobs wait for the end, then go as
+    # one content delta and one tool_calls delta (the calls complete, as OpenAI may send them)
+    tools = request.uses_tools
+    forced = tools and request.tool_choice_mode().mode in ("required", "function")
+    held = [ChoiceResult() for _ in streams] if tools else []
     try:
         async for i, output in serving.choice_outputs(streams, request.model):
             totals.finals[i] = output
-            if not (output.text or output.finished):
+            text, entries, delta = output.text, output.logprobs or [], None
+            if tools:
+                held[i].add(output)
+                if not output.finished:
+                    continue
+                content, calls, reason = finish_reply(held[i].text, output.finish_reason, forced)
+                entries = held[i].logprobs
+                delta = DeltaMessage(
+                    content=content,
+                    tool_calls=[DeltaToolCall(index=n, **c) for n, c in enumerate(calls or [])]
+                    or None,
+                )
+            elif not (text or output.finished):
                 continue
             logprobs = None
             if request.logprobs:
-                content = chat_content(output.logprobs or [], serving.token_texts)
-                logprobs = ChatChoiceLogprobs(content=content)
+                logprobs = ChatChoiceLogprobs(content=chat_content(entries, serving.token_texts))
             choice = ChatChunkChoice(
                 index=i,
-                delta=DeltaMessage(content=output.text or None),
-                finish_reason=output.finish_reason,
+                delta=delta or DeltaMessage(content=text or None),
+                finish_reason=reason if tools else output.finish_reason,
                 logprobs=logprobs,
             )
             yield chunk([choice])

@@ -64,15 +64,20 @@ def turn_end_token(tokenizer: Any) -> str | None:
 
 
 def render_chat(
-    tokenizer: Any, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True
+    tokenizer: Any,
+    messages: Sequence[dict[str, Any]],
+    add_generation_prompt: bool = True,
+    tools: list[dict[str, Any]] | None = None,  # for templates that take them (server/tools.py)
 ) -> str:
     """Messages ({"role", "content"} with string content) -> prompt text via the chat template."""
     template = getattr(tokenizer, "chat_template", None) or fallback_chat_template(tokenizer)
+    extra = {"tools": tools} if tools else {}
     return tokenizer.apply_chat_template(
         list(messages),
         chat_template=template,
         tokenize=False,
         add_generation_prompt=add_generation_prompt,
+        **extra,
     )
 
 
