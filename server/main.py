@@ -24,6 +24,18 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
         metavar="NAME=PATH",
         help="load a PEFT LoRA adapter at start (repeatable; adds to adapters.preload)",
     )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        metavar="N",
+        help="serve with N engine replicas on Ray Serve (serve.replicas; needs ragtune[ray])",
+    )
+    parser.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="with --replicas: join this Ray cluster ('auto': the running one) instead of "
+        "starting one (serve.ray_address)",
+    )
     parser.set_defaults(handler=run_serve)
 
 
@@ -36,6 +48,9 @@ def run_serve(args: argparse.Namespace) -> int:
         overrides["server"]["host"] = args.host
     if args.port is not None:
         overrides["server"]["port"] = args.port
+    if args.replicas is not None or args.ray_address:
+        overrides["serve"] = {"replicas": args.replicas, "ray_address": args.ray_address}
+        overrides["serve"] = {k: v for k, v in overrides["serve"].items() if v is not None}
     settings = load_settings(args.config, _without_empty(overrides))
     for spec in args.adapter:
         name, sep, path = spec.partition("=")
@@ -43,6 +58,10 @@ def run_serve(args: argparse.Namespace) -> int:
             raise ValueError(f"--adapter expects NAME=PATH, got {spec!r}")
         settings.adapters.preload[name] = path
     configure_logging(settings.server.log_level, settings.server.log_format)
+    if settings.serve.replicas:
+        from server.deploy.launch import run_replicated
+
+        return run_replicated(settings, settings.serve.replicas, settings.serve.ray_address)
     limit_arenas()
     app = create_app(settings)
     config = uvicorn.Config(

@@ -1,0 +1,76 @@
+"""The Ray Serve application: a gateway in front of N engine replicas and a directory.
+
+`build(settings, replicas)` is what `ragtune serve --replicas N` deploys; `build_app(args)` is
+the import path for `serve run configs/ray/serve.yaml` (args: `config`, `replicas`).
+Replicas scale between `serve.min_replicas` and `serve.max_replicas` when both are set
+(target: `serve.target_ongoing_requests` in flight per replica), else stay at N.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+from ray.serve.config import AutoscalingConfig, RequestRouterConfig
+
+from ragtune.config import Settings, load_settings
+from server.auth import KeyStore
+from server.deploy.directory import Directory
+from server.deploy.gateway import Gateway
+from server.deploy.replica import EngineReplica
+from server.deploy.router import STATS_PERIOD_S, AffinityRouter
+
+
+def shared_settings(settings: Settings) -> tuple[dict[str, Any], KeyStore]:
+    """What replicas get: settings without plaintext keys (their digests travel in a
+    KeyStore instead), and a store even when none is configured (the local home), so
+    admin changes reach every replica."""
+    keys = KeyStore(settings.api_keys, settings.admin_keys, settings.api_key_file)
+    data = settings.model_dump(mode="json")
+    data.update(api_keys=[], admin_keys=[], api_key_file=None)
+    if data["store"]["url"] is None:
+        data["store"]["url"] = str(settings.home)
+    return data, keys
+
+
+def build(settings: Settings, replicas: int | None = None) -> Application:
+    data, keys = shared_settings(settings)
+    serve_config = settings.serve
+    count = replicas or serve_config.replicas or 1
+    options: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": serve_config.replica_cpus},
+        "max_ongoing_requests": serve_config.max_ongoing_requests,
+        # a model that cannot load fails every try the same way: report it soon
+        "max_constructor_retry_count": 3,
+        # in-flight requests finish on a stop, for up to a minute
+        "graceful_shutdown_timeout_s": min(settings.limits.request_timeout_s, 60.0),
+        "request_router_config": RequestRouterConfig(
+            request_router_class=AffinityRouter,
+            request_router_kwargs={
+                "affinity_max_ongoing": serve_config.affinity_max_ongoing
+                or settings.engine.max_batch_size,
+                "affinity_imbalance": serve_config.affinity_imbalance,
+            },
+            request_routing_stats_period_s=STATS_PERIOD_S,
+            request_routing_stats_timeout_s=5 * STATS_PERIOD_S,
+        ),
+    }
+    if serve_config.min_replicas is not None and serve_config.max_replicas is not None:
+        options["autoscaling_config"] = AutoscalingConfig(
+            min_replicas=serve_config.min_replicas,
+            max_replicas=serve_config.max_replicas,
+            initial_replicas=min(max(count, serve_config.min_replicas), serve_config.max_replicas),
+            target_ongoing_requests=serve_config.target_ongoing_requests,
+        )
+    else:
+        options["num_replicas"] = count
+    directory = Directory.bind()
+    engines = EngineReplica.options(**options).bind(data, keys, directory)
+    return Gateway.bind(data, keys, engines, directory)
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """`serve run` entry point: settings from `args.config` (and the environment)."""
+    settings = load_settings(args.get("config"))
+    replicas = args.get("replicas")
+    return build(settings, int(replicas) if replicas is not None else None)

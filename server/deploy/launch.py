@@ -1,0 +1,83 @@
+"""`ragtune serve --replicas N [--ray-address ADDR]`: start (or join) a Ray cluster, deploy
+the application on Serve at the configured host and port, and stay up until SIGTERM or
+Ctrl-C, then take the application down (and the local cluster with it)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+
+from ragtune.config import Settings
+from ragtune.cpu_share import cpu_share
+
+logger = logging.getLogger(__name__)
+
+APP_NAME = "ragtune"
+
+
+def run_replicated(settings: Settings, replicas: int, address: str | None) -> int:
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        raise ValueError(
+            "--replicas needs Ray Serve: pip install 'ragtune[ray]' (or '.[ray]')"
+        ) from None
+    from server.deploy.app import build
+
+    local = address is None
+    cpus = replicas * settings.serve.replica_cpus
+    if local:
+        share = cpu_share().cpus
+        if cpus > share:
+            logger.warning(
+                "%d replicas x %g CPUs exceed this machine's share of %g CPUs; they will "
+                "compete for cores (set serve.replica_cpus lower, or use fewer replicas)",
+                replicas,
+                settings.serve.replica_cpus,
+                share,
+            )
+        ray.init(
+            num_cpus=max(cpus, share),
+            include_dashboard=False,
+            namespace=APP_NAME,
+            logging_level=logging.WARNING,
+        )
+    else:
+        ray.init(address=address, namespace=APP_NAME, logging_level=logging.WARNING)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": settings.server.host, "port": settings.server.port})
+        started = time.monotonic()
+        serve.run(
+            build(settings, replicas),
+            name=APP_NAME,
+            route_prefix="/",
+            logging_config={"enable_access_log": False, "log_level": "WARNING"},
+        )
+        logger.info(
+            "serving %s on http://%s:%d with %d replicas (ready in %.1fs, pid %d)",
+            settings.model.served_model_name,
+            settings.server.host,
+            settings.server.port,
+            replicas,
+            time.monotonic() - started,
+            os.getpid(),
+        )
+        print(f"ragtune: ready on http://{settings.server.host}:{settings.server.port}", flush=True)
+        stop.wait()
+        logger.info("stopping: draining the replicas")
+        try:
+            serve.delete(APP_NAME)
+        except TimeoutError as exc:  # replicas past their graceful shutdown are killed
+            logger.warning("stopping: %s", exc)
+    finally:
+        if local:
+            serve.shutdown()
+            ray.shutdown()
+    return 0

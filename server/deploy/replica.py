@@ -1,0 +1,113 @@
+"""One engine replica on Ray Serve: the whole single-process server (server/app.py), driven
+over a deployment handle instead of a socket.
+
+The constructor returns only once the model is loaded, so Serve sends a replica no traffic
+before it can serve; a model that cannot load fails the constructor with the reason, which
+`serve status` and the driver's log show (Serve retries, then marks the deployment failed).
+Torch threads follow the CPUs Ray gave the replica (`model.threads: auto`). Each second the
+replica reports itself to the directory; the router reads `record_routing_stats`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+
+from ragtune.config import Settings
+from server.auth import KeyStore
+from server.deploy.bridge import ProxiedRequest, run_asgi
+
+logger = logging.getLogger("ragtune.replica")
+
+REPORT_EVERY_S = 1.0
+
+
+@serve.deployment(health_check_period_s=2, health_check_timeout_s=30)
+class EngineReplica:
+    async def __init__(self, settings: dict[str, Any], keys: KeyStore, directory: Any) -> None:
+        from server.app import create_app
+        from server.logs import configure_logging
+        from server.memory import limit_arenas
+
+        parsed = Settings.model_validate(settings)
+        configure_logging(parsed.server.log_level, parsed.server.log_format)
+        limit_arenas()
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.app = create_app(parsed, replica_id=self.replica_id)
+        self.state = self.app.state.ragtune
+        self.state.keys = keys  # digests only: plaintext keys never travel through Ray
+        self.directory = directory
+        self.host = _host()
+        self._lifespan = self.app.router.lifespan_context(self.app)
+        await self._lifespan.__aenter__()  # starts the model load on its own thread
+        await asyncio.to_thread(self.state.loaded.wait)
+        if self.state.serving is None:
+            raise RuntimeError(self.state.load_error or "the model did not load")
+        self._reporter = asyncio.create_task(self._report_forever())
+        logger.info("replica %s ready on %s (pid %d)", self.replica_id, self.host, os.getpid())
+
+    async def handle(self, request: ProxiedRequest) -> AsyncIterator[Any]:
+        """The response to one HTTP request: its head, then body bytes."""
+        async for item in run_asgi(self.app, request):
+            yield item
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """What the affinity router needs (server/deploy/router.py)."""
+        serving = self.state.serving
+        return {
+            "resident": serving.registry.resident_ids(),
+            "running": serving.engine.num_running,
+            "waiting": serving.engine.num_waiting,
+        }
+
+    def check_health(self) -> None:
+        if self.state.serving is None:
+            raise RuntimeError(self.state.load_error or "the model is not loaded")
+
+    def status(self, with_metrics: bool = True) -> dict[str, Any]:
+        serving = self.state.serving
+        status = {
+            "id": self.replica_id,
+            "host": self.host,
+            "pid": os.getpid(),
+            "ready": serving is not None and not self.state.draining,
+            "adapters": serving.registry.model_ids() if serving else [],
+            "resident_adapters": serving.registry.resident_ids() if serving else [],
+            "running": serving.engine.num_running if serving else 0,
+            "waiting": serving.engine.num_waiting if serving else 0,
+        }
+        if with_metrics:
+            status["metrics"] = self.state.metrics.render().decode()
+        return status
+
+    async def _report_forever(self) -> None:
+        while True:
+            try:  # bounded: a handle waits for the directory while Serve restarts it
+                await asyncio.wait_for(self.directory.report.remote(self.status()), 5)
+            except Exception as exc:  # the directory restarting: try again next time
+                logger.debug("cannot report to the directory: %s", exc)
+            await asyncio.sleep(REPORT_EVERY_S)
+
+    async def __del__(self) -> None:
+        """Serve's graceful stop: refuse new work, finish what is running, stop the engine."""
+        self.state.draining = True
+        self._reporter.cancel()
+        with contextlib.suppress(Exception):  # the directory may be stopping too
+            await asyncio.wait_for(self.directory.forget.remote(self.replica_id), 1)
+        await self._lifespan.__aexit__(None, None, None)
+
+
+def _host() -> str:
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:
+        return socket.gethostname()
