@@ -54,12 +54,15 @@ def run_replicated(settings: Settings, replicas: int, address: str | None) -> in
     try:
         serve.start(http_options={"host": settings.server.host, "port": settings.server.port})
         started = time.monotonic()
-        serve.run(
-            build(settings, replicas),
-            name=APP_NAME,
-            route_prefix="/",
-            logging_config={"enable_access_log": False, "log_level": "WARNING"},
-        )
+        try:
+            serve.run(
+                build(settings, replicas),
+                name=APP_NAME,
+                route_prefix="/",
+                logging_config={"enable_access_log": False, "log_level": "WARNING"},
+            )
+        except RuntimeError as exc:  # a replica's constructor failed: say why
+            raise ValueError(f"{exc} {_deployment_errors(serve)}") from None
         logger.info(
             "serving %s on http://%s:%d with %d replicas (ready in %.1fs, pid %d)",
             settings.model.served_model_name,
@@ -81,3 +84,17 @@ def run_replicated(settings: Settings, replicas: int, address: str | None) -> in
             serve.shutdown()
             ray.shutdown()
     return 0
+
+
+def _deployment_errors(serve) -> str:
+    """What Serve knows about failed deployments (e.g. `model failed to load: ...`)."""
+    try:
+        application = serve.status().applications[APP_NAME]
+    except Exception:
+        return ""
+    messages = [
+        f"{name}: {status.message}"
+        for name, status in application.deployments.items()
+        if status.message
+    ]
+    return " ".join(messages)[-2000:]
