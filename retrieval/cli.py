@@ -122,7 +122,26 @@ def _store(args: argparse.Namespace) -> Any:
     config = getattr(settings, "retrieval", None) or RetrievalConfig()
     if args.root:
         config = config.model_copy(update={"root": Path(args.root)})
+    elif settings.store.url is not None:  # the shared store (docs/deploy.md)
+        return _shared_store(settings)
     return IndexStore.from_config(config, home=settings.home)
+
+
+def _shared_store(settings: Any) -> Any:
+    """Indexes in the store servers share: a remote one is brought up to date in the local
+    cache first, and every change is published back (retrieval/mirror.py)."""
+    from ragtune.store import open_store
+    from retrieval.mirror import IndexMirror
+    from retrieval.store import IndexStore
+
+    shared = open_store(settings)
+    config = settings.retrieval.model_copy(update={"root": shared.local("indexes")})
+    store = IndexStore.from_config(config, home=settings.home)
+    if shared.remote:
+        mirror = IndexMirror(shared)
+        mirror.pull()
+        store.on_change = mirror.push
+    return store
 
 
 def _print_report(verb: str, report: Any) -> None:
