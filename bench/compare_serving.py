@@ -36,7 +36,7 @@ from pathlib import Path
 
 import httpx
 
-from ragtune.config import default_home
+from ragtune.config import bundled_model_name, default_home
 from ragtune.launcher import free_port, start_server
 from ragtune.models import resolve_model_dir
 from ragtune.models.bundled import bundled_llm_gguf
@@ -44,7 +44,8 @@ from ragtune.random_adapter import ALL_PROJECTIONS, make_adapter
 
 LOAD = Path(__file__).with_name("serve_load.py")
 PREFILL = Path(__file__).with_name("prefill.py")
-BASE = "smollm2-135m-instruct"
+BASE = "smollm2-135m-instruct"  # the served id of MODEL (main() sets both from --model)
+MODEL = "bundled"
 REQUESTS = {1: 6, 4: 12, 16: 32}
 
 
@@ -142,7 +143,7 @@ def make_adapters(scratch: Path) -> list[Path]:
     paths = [scratch / "adapters" / f"lora{i}" for i in range(4)]
     for i, path in enumerate(paths):
         if not path.is_dir():
-            make_adapter(path, 16, ALL_PROJECTIONS, seed=i, scale=0.05)
+            make_adapter(path, 16, ALL_PROJECTIONS, seed=i, scale=0.05, source=MODEL)
     return paths
 
 
@@ -152,6 +153,7 @@ def bench_ragtune(scratch: Path, args: argparse.Namespace) -> list[dict]:
     env = {
         "RAGTUNE_ADAPTERS__ROOTS": json.dumps([str(adapters)]),
         "RAGTUNE_SERVER__LOG_LEVEL": "warning",
+        "RAGTUNE_MODEL__SOURCE": MODEL,
     }
     if args.quantization:
         env["RAGTUNE_MODEL__QUANTIZATION"] = args.quantization
@@ -255,7 +257,7 @@ def llama_cpp_source(binary: Path) -> Path:
 def convert_adapters(binary: Path, adapters: list[Path], out: Path) -> list[Path]:
     """PEFT adapters -> GGUF LoRA files, with the converter of the binary's source tree."""
     source = llama_cpp_source(binary)
-    base = resolve_model_dir("bundled", default_home())
+    base = resolve_model_dir(MODEL, default_home())
     out.mkdir(parents=True, exist_ok=True)
     converted = []
     for adapter in adapters:
@@ -282,7 +284,8 @@ def bench_llama_server(scratch: Path, args: argparse.Namespace) -> list[dict]:
     loras = convert_adapters(binary, make_adapters(scratch), scratch / "gguf-adapters")
     port = free_port()
     url = f"http://127.0.0.1:{port}/v1"
-    command = [str(binary), "-m", str(bundled_llm_gguf()), "-np", "16", "-c", "32768"]
+    gguf = bundled_llm_gguf(bundled_model_name(MODEL))
+    command = [str(binary), "-m", str(gguf), "-np", "16", "-c", "32768"]
     command += ["-t", "2", "--host", "127.0.0.1", "--port", str(port)]
     for lora in loras:
         command += ["--lora", str(lora)]
@@ -385,7 +388,14 @@ def main() -> None:
         help="also long-prompt TTFT and prefill tok/s (bench/prefill.py) for ragtune and "
         "llama-server",
     )
+    parser.add_argument(
+        "--model",
+        default="bundled",
+        help="the bundled model both serve: bundled (SmolLM2) or bundled:gemma-3-270m",
+    )
     args = parser.parse_args()
+    global BASE, MODEL
+    MODEL, BASE = args.model, bundled_model_name(args.model)
     from ragtune.hardware import detect
 
     print(json.dumps({"machine": detect().describe()}), flush=True)

@@ -45,6 +45,7 @@ async def one_request(
     stream: bool,
     headers: dict,
     lora_id: int | None = None,
+    extra: dict | None = None,
 ) -> dict:
     body = {
         "model": model,
@@ -52,6 +53,7 @@ async def one_request(
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": stream,
+        **(extra or {}),
     }
     if lora_id is not None:  # llama.cpp's llama-server: adapters loaded at start, by id
         body["lora"] = [{"id": lora_id, "scale": 1.0}]
@@ -108,7 +110,9 @@ async def run(args: argparse.Namespace) -> dict:
     async with httpx.AsyncClient(timeout=args.timeout, limits=limits) as http:
         if args.warmup:
             model, prompt, lora_id = jobs[0]
-            await one_request(http, args.url, model, prompt, 8, args.stream, headers, lora_id)
+            await one_request(
+                http, args.url, model, prompt, 8, args.stream, headers, lora_id, args.extra
+            )
 
         async def worker() -> None:
             while not queue.empty():
@@ -124,6 +128,7 @@ async def run(args: argparse.Namespace) -> dict:
                             args.stream,
                             headers,
                             lora_id,
+                            args.extra,
                         )
                     )
                 except httpx.HTTPError as exc:
@@ -180,6 +185,12 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--label", default="")
+    parser.add_argument(
+        "--extra",
+        type=json.loads,
+        default=None,
+        help='JSON merged into every request body, e.g. \'{"logprobs": true, "top_logprobs": 5}\'',
+    )
     print(json.dumps(asyncio.run(run(parser.parse_args()))))
 
 

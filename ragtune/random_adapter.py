@@ -20,14 +20,17 @@ MLP = ["gate_proj", "up_proj", "down_proj"]
 ALL_PROJECTIONS = ATTENTION + MLP
 
 
-def random_peft_model(rank: int, targets: list[str], seed: int, scale: float = 0.3):
-    """The bundled base (fp32) wrapped by PEFT with random LoRA factors (B scaled by `scale`)."""
+def random_peft_model(
+    rank: int, targets: list[str], seed: int, scale: float = 0.3, source: str = "bundled"
+):
+    """A bundled base (`source`, fp32) wrapped by PEFT with random LoRA factors (B scaled by
+    `scale`)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(
-        resolve_model_dir("bundled", default_home()), dtype=torch.float32
+        resolve_model_dir(source, default_home()), dtype=torch.float32
     )
     config = LoraConfig(
         r=rank,
@@ -52,8 +55,10 @@ def make_adapter(
     scale: float = 0.3,
     manifest_version: str | None = None,
     fingerprint: str | None = None,
+    source: str = "bundled",
 ) -> Path:
-    random_peft_model(rank, targets, seed, scale).save_pretrained(out, safe_serialization=True)
+    model = random_peft_model(rank, targets, seed, scale, source)
+    model.save_pretrained(out, safe_serialization=True)
     if manifest_version is not None:
         model_dir = resolve_model_dir("bundled", default_home())
         AdapterManifest(
