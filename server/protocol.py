@@ -148,6 +148,8 @@ class _GenerationRequest(RequestModel):
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
+    # vLLM's: requests share cached prompt prefixes only with the same salt (and tenant)
+    cache_salt: str | None = Field(None, min_length=1, max_length=256)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     # The range torch's generator accepts (int64 and uint64); beyond it seeding would fail.

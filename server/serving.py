@@ -60,6 +60,7 @@ from server.responses import (
 )
 from server.streaming import chat_events, completion_events, sse
 from server.structured import response_grammar
+from server.tenancy import cache_namespace
 from server.threads import run_blocking
 from server.tools import (
     finish_reply,
@@ -330,9 +331,10 @@ class OpenAIServing:
             )
         params = request.to_sampling_params(wanted)
         response_id = response_id or new_id(prefix)
+        namespace = cache_namespace(request.cache_salt)
         if request.n == 1:
             return response_id, [
-                GenerationRequest(response_id, prompt_ids, params, adapter, grammar)
+                GenerationRequest(response_id, prompt_ids, params, adapter, grammar, namespace)
             ]
         return response_id, [
             GenerationRequest(
@@ -341,6 +343,7 @@ class OpenAIServing:
                 replace(params, seed=child_seed(params.seed, i)),
                 adapter,
                 grammar,
+                namespace,
             )
             for i in range(request.n)
         ]

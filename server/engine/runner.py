@@ -343,9 +343,12 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def prefix_namespace(seq: Sequence) -> str:
-    """What besides the tokens decides a prompt's K/V: its adapter and its kernel class."""
-    adapter = seq.request.adapter
-    return f"{adapter.key if adapter is not None else ''}|{seq.prompt_len > WIDE_ROWS}"
+    """What besides the tokens decides whether a prompt's cached K/V may be reused: its
+    adapter and kernel class (they change the K/V), and its tenant (server/tenancy.py: one
+    API key must not learn another's prompts from how fast they come back)."""
+    request = seq.request
+    adapter = request.adapter.key if request.adapter is not None else ""
+    return f"{adapter}|{seq.prompt_len > WIDE_ROWS}|{request.cache_namespace}"
 
 
 def decode_weights(config: EngineConfig, loaded: LoadedModel) -> str:

@@ -558,3 +558,27 @@ def test_fixed_row_decode_keeps_rows_independent_of_neighbours(fixture, request,
         generate(runner, seqs, 0)
         logits.append(runner.decode(seqs))
     torch.testing.assert_close(logits[0], logits[1], rtol=0.02, atol=0.02)
+
+
+def test_prefix_blocks_are_shared_only_within_a_cache_namespace(tiny):
+    """Tenants apart: a prompt cached for one namespace (an API key's tenant, a cache_salt)
+    is never restored for another, which could otherwise learn it by timing. The cache is
+    forced on here (the keying is what is checked, on every CPU)."""
+    from server.engine.prefix_cache import PrefixCache
+
+    runner = runner_for(tiny)
+    runner.prefix_cache = PrefixCache(runner.cache, runner.cache.bucket_size, 8 * 2**20)
+    prompt = list(range(1, 41))
+
+    def run(namespace: str) -> None:
+        seq = sequence(prompt)
+        seq.request.cache_namespace = namespace
+        generate(runner, [seq], 2)
+        runner.release(seq)
+
+    run("tenant-a")
+    assert runner.prefix_cache.hit_tokens == 0
+    run("tenant-b")
+    assert runner.prefix_cache.hit_tokens == 0
+    run("tenant-a")
+    assert runner.prefix_cache.hit_tokens == 32
