@@ -214,7 +214,9 @@ class _Merged:
 
 
 def _headers(head: dict[str, Any], streamed: bool) -> list[tuple[bytes, bytes]]:
-    drop = {"content-length", "transfer-encoding"} if streamed else {"transfer-encoding"}
+    # Serve's proxy sets X-Request-ID itself (the same id: the replica kept the one the
+    # proxy forwarded), so the replica's copy would repeat it
+    drop = {"transfer-encoding", "x-request-id"} | ({"content-length"} if streamed else set())
     return [
         (k.encode("latin-1"), v.encode("latin-1"))
         for k, v in head["headers"]

@@ -50,6 +50,9 @@ class EngineReplica:
         await asyncio.to_thread(self.state.loaded.wait)
         if self.state.serving is None:
             raise RuntimeError(self.state.load_error or "the model did not load")
+        import torch
+
+        self.threads = torch.get_num_threads()  # model.threads: auto follows num_cpus
         self._reporter = asyncio.create_task(self._report_forever())
         logger.info("replica %s ready on %s (pid %d)", self.replica_id, self.host, os.getpid())
 
@@ -82,6 +85,7 @@ class EngineReplica:
             "resident_adapters": serving.registry.resident_ids() if serving else [],
             "running": serving.engine.num_running if serving else 0,
             "waiting": serving.engine.num_waiting if serving else 0,
+            "threads": self.threads,
         }
         if with_metrics:
             status["metrics"] = self.state.metrics.render().decode()

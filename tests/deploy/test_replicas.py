@@ -136,6 +136,7 @@ def test_gateway_routes_health_metrics_and_replicas_scope(cluster: ReplicatedSer
     assert httpx.get(f"{cluster.v1}/replicas").status_code == 401
     entries = replicas(cluster)
     assert len(entries) == 2 and all(e["pid"] > 0 and e["host"] for e in entries)
+    assert [e["threads"] for e in entries] == [1, 1]  # model.threads auto: num_cpus 1 each
 
     def labelled() -> str | None:
         text = httpx.get(f"{cluster.base_url}/metrics", headers=CLIENT).text
