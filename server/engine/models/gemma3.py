@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from server.engine.models.base import DecoderModel, LayerWeights, LinearFactory
-from server.engine.models.llama import GATE_UP_NAMES, QKV_NAMES
+from server.engine.models.llama import llama_projections
 
 
 class Gemma3Model(DecoderModel):
@@ -62,18 +62,15 @@ class Gemma3Model(DecoderModel):
         return tables
 
     def layer_weights(self, index: int, layer, linear: LinearFactory, prefix: str) -> LayerWeights:
-        attn, mlp = layer.self_attn, layer.mlp
+        attn = layer.self_attn
         return LayerWeights(
             input_norm=self.norm_weight(layer.input_layernorm),
-            qkv=linear(*((f"{prefix}.self_attn.{n}", getattr(attn, n)) for n in QKV_NAMES)),
-            o=linear((f"{prefix}.self_attn.o_proj", attn.o_proj)),
             mlp_norm=self.norm_weight(layer.pre_feedforward_layernorm),
-            gate_up=linear(*((f"{prefix}.mlp.{n}", getattr(mlp, n)) for n in GATE_UP_NAMES)),
-            down=linear((f"{prefix}.mlp.down_proj", mlp.down_proj)),
             window=self.layer_window(index),
             rope=self.config.layer_types[index],
             q_norm=self.norm_weight(attn.q_norm),
             k_norm=self.norm_weight(attn.k_norm),
             attn_out_norm=self.norm_weight(layer.post_attention_layernorm),
             mlp_out_norm=self.norm_weight(layer.post_feedforward_layernorm),
+            **llama_projections(layer, linear, prefix),
         )
