@@ -33,7 +33,6 @@ REFUSED = frozenset(
         "tool_choice",
         "parallel_tool_calls",
         "response_format",
-        "echo",
         "suffix",
         "best_of",
         "stream_options",
