@@ -85,6 +85,7 @@ def _score_likelihood(
     from evaluation.dataset import answer_choices
     from evaluation.indexing import index_root
     from evaluation.likelihood_arms import LikelihoodSettings, score_arms
+    from evaluation.lm_eval_tasks import write_lm_eval_tasks
     from evaluation.server_api import ScoringClient
     from ragtune.config import load_settings
 
@@ -108,7 +109,8 @@ def _score_likelihood(
         per_arm = score_arms(client, arms, items, rows, scoring, options.progress)
     finally:
         client.close()
-    return {"seconds": round(time.perf_counter() - started, 1), "arms": per_arm}
+    tasks = write_lm_eval_tasks(options.out, rows)
+    return {"seconds": round(time.perf_counter() - started, 1), "arms": per_arm, "lm_eval": tasks}
 
 
 def run_bench(options: BenchOptions) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from typing import Any
 
 from evaluation.dataset import QAItem, answer_choices, gold_choice
 from evaluation.likelihood import choice_metrics, score_choices
+from evaluation.lm_eval_tasks import CONTEXT_KEY
 from evaluation.prompts import chat_messages, load_headings, rag_user_turn
 from evaluation.runner import Arm
 from evaluation.server_api import ScoringClient, ScoringError
@@ -96,8 +97,10 @@ def _score_one(
         measured: dict[str, Any] = {REFERENCE_METRIC: round(per_byte, 6)}
     else:
         measured = choice_metrics(scores, choices, gold_choice(item, choices))
+        measured["gold_index"] = gold_choice(item, choices)
     return {
         **measured,
+        CONTEXT_KEY: context,  # for the lm-eval task files; not kept in results.json
         "likelihood_prompt_tokens": count,
         "likelihood_prompt_matches": None if expected is None else count == expected,
         "likelihood_error": None,

@@ -25,6 +25,7 @@ ARM_NAMES = ("base", "rag", "ft", "ft+rag")
 # the instruction the `claims` recipe trains knowledge adapters under, so they keep its format
 LABEL_PROMPT = LABEL_INSTRUCTION
 FREE_PROMPT = "Answer the question in one or two sentences."
+FREE_PROMPT_JA = "質問に一、二文で答えてください。"
 
 
 @dataclass(frozen=True)
@@ -73,9 +74,15 @@ def parse_arms(spec: str, base_model: str, adapter: str | None) -> list[Arm]:
 
 
 def default_system_prompt(items: list[QAItem]) -> str:
-    """A yes/no/maybe instruction when most questions carry a label, else a short-answer one."""
+    """A yes/no/maybe instruction when most questions carry a label, else a short-answer
+    one (in Japanese when most questions are Japanese)."""
+    from training.chunks import is_japanese
+
     labelled = sum(item.label is not None for item in items)
-    return LABEL_PROMPT if labelled * 2 > len(items) else FREE_PROMPT
+    if labelled * 2 > len(items):
+        return LABEL_PROMPT
+    japanese = sum(is_japanese(item.question) for item in items)
+    return FREE_PROMPT_JA if japanese * 2 > len(items) else FREE_PROMPT
 
 
 def _messages(item: QAItem, settings: GenerationSettings) -> list[dict[str, str]]:

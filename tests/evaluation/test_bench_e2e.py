@@ -110,6 +110,21 @@ def test_bench_all_arms_against_the_real_server(server, index_root: Path, tmp_pa
 
     facts = results["run"]["likelihood"]["arms"]
     assert all(f["errors"] == 0 and f["prompt_mismatches"] == 0 for f in facts.values())
+    # the same prompts as lm-evaluation-harness tasks; results.json keeps no prompt text
+    assert results["run"]["likelihood"]["lm_eval"] == [
+        "ragtune_base",
+        "ragtune_rag",
+        "ragtune_ft",
+        "ragtune_ft_rag",
+    ]
+    task = (out / "lm_eval" / "ragtune_ft_rag.yaml").read_text(encoding="utf-8")
+    assert "output_type: multiple_choice" in task and "ft_rag.jsonl" in task
+    docs = [json.loads(line) for line in (out / "lm_eval" / "ft_rag.jsonl").open()]
+    assert [d["id"] for d in docs] == ["vpn", "leave"] and docs[0]["gold"] == 0
+    assert docs[0]["context"].endswith("<|im_start|>assistant\n")
+    assert all(
+        "likelihood_context" not in row for a in results["arms"].values() for row in a["rows"]
+    )
 
     markdown = (out / "report.md").read_text(encoding="utf-8")
     assert markdown.startswith("# Benchmark: qa")

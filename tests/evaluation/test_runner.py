@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 from evaluation.dataset import QAItem
-from evaluation.runner import FREE_PROMPT, LABEL_PROMPT, Arm, default_system_prompt, parse_arms
+from evaluation.runner import (
+    FREE_PROMPT,
+    FREE_PROMPT_JA,
+    LABEL_PROMPT,
+    Arm,
+    default_system_prompt,
+    parse_arms,
+)
 from evaluation.target import resolve_adapter
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,6 +51,11 @@ def test_default_system_prompt_follows_the_labels() -> None:
     free = [QAItem("a", "q", answers=("x",)), QAItem("b", "q", label="no")]
     assert default_system_prompt(labelled) == LABEL_PROMPT
     assert default_system_prompt(free) == FREE_PROMPT
+    japanese = [
+        QAItem("a", "休暇は何日ですか？", answers=("十日",)),
+        QAItem("b", "q", answers=("x",)),
+    ]
+    assert default_system_prompt(japanese[:1]) == FREE_PROMPT_JA
 
 
 def _adapter(path: Path, name: str | None = None) -> Path:

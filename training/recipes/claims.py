@@ -5,7 +5,8 @@ keeps beginning its answers with a decision when the instruction asks for one.
 Labels come from the documents, never from a benchmark: a sentence as written is a "yes";
 the same sentence with a number or a direction word changed ("increased" -> "decreased")
 is a "no", answered with the original sentence; a sentence that hedges ("may", "no
-significant difference") is a "maybe". Half of the questions come with documents in the
+significant difference") is a "maybe". Plain "yes" sentences are thinned out so that the
+labels stay balanced. Half of the questions come with documents in the
 server's RAG prompt (the sentence's paragraph among distractors, cited as [n]), half
 closed-book. English sentences only.
 """
@@ -26,6 +27,9 @@ LABEL_INSTRUCTION = (
 )
 TEMPLATES = ("Is it true that {claim}?", "Does the evidence show that {claim}?")
 NO_SHARE = 0.6  # of the sentences that can be changed into a false claim
+# of the sentences that cannot: kept as "yes" questions this often, so that yes does not
+# outnumber no and maybe (a 135M adapter otherwise learns to answer "Yes." to everything)
+YES_KEEP = 0.4
 RAG_SHARE = 0.5
 MIN_CHARS, MAX_CHARS = 40, 260
 
@@ -131,6 +135,9 @@ class ClaimsRecipe:
         for sentence in candidate_sentences(unit)[: context.questions_per_unit + 1]:
             key = f"{unit.doc_id}\x1f{sentence}"
             label, claim = label_claim(sentence, key)
+            plain_yes = label == "yes" and falsify(sentence) is None
+            if plain_yes and rng_for("keep", key).random() >= YES_KEEP:
+                continue
             rng = rng_for("claims", key)
             question = rng.choice(TEMPLATES).format(claim=claim_text(claim))
             answer = f"{label.capitalize()}. {sentence}"
