@@ -9,12 +9,17 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.ragtune-installed
 PYTEST_ARGS ?=
 
-.PHONY: run test fuzz install models lint clean demo-adapter demo-eval demo-adapter-ja demo-eval-ja bench-pubmedqa bench-pubmedqa-quick
+.PHONY: run test test-all fuzz install models lint clean demo-adapter demo-eval demo-adapter-ja demo-eval-ja bench-pubmedqa bench-pubmedqa-quick
 
 run: models
 	$(BIN)/ragtune serve
 
+# `make test` (and CI) skips the tests marked slow (README, Development); `make test-all` runs them too
+TEST_MARKS ?= not slow
 test: models
+	$(BIN)/python -m pytest -m "$(TEST_MARKS)" $(PYTEST_ARGS)
+
+test-all: models
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Seeded schemathesis fuzzing of every route on a real server (tests/fuzz); fails below 1000
