@@ -88,7 +88,7 @@ def test_bench_all_arms_against_the_real_server(server, index_root: Path, tmp_pa
             assert row["predicted_label"] in ("yes", "no", "maybe", None)
             # likelihood: every choice scored after the arm's own prompt, rebuilt exactly
             assert row["likelihood_error"] is None
-            assert row["choices"] == ["Yes", "No", "Maybe"]
+            assert row["choices"] == ["Yes", "No"]  # the dataset's labels, capitalised
             assert row["likelihood_choice"] in row["choices"]
             assert all(ll < 0 for ll in row["loglikelihoods"])
             assert row["likelihood_prompt_matches"] is True
