@@ -233,6 +233,24 @@ class ServeConfig(_Section):
         return self
 
 
+class FeedbackConfig(_Section):
+    store_conversations: bool = Field(
+        False,
+        description="Keep each chat response's prompt messages and answer (PII masked) under "
+        "$RAGTUNE_HOME/feedback so ratings and corrections can become training data; off: "
+        "only ratings are kept, and no text at all.",
+    )
+    retention_days: int = Field(
+        30, ge=1, description="Feedback records older than this many days are deleted."
+    )
+    max_responses: int = Field(
+        10000,
+        ge=1,
+        description="Recent responses the server remembers (id -> model, adapter version, "
+        "key id; no text) so feedback can name them; older ids get 404.",
+    )
+
+
 class Settings(BaseSettings):
     """Everything `ragtune serve` needs. See README.md ("Configuration") for each option."""
 
@@ -264,6 +282,7 @@ class Settings(BaseSettings):
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
     audit_log: Path | None = Field(
         None, description="Append-only JSONL of admin actions; default $RAGTUNE_HOME/audit.log."
     )

@@ -116,3 +116,20 @@ def _remove_stale_scratch(target: Path) -> None:
             shutil.rmtree(scratch, ignore_errors=True)
         finally:
             os.close(fd)
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line with a single O_APPEND write, fsynced: concurrent writers never
+    interleave inside a line, and a crash can only leave the last line torn (readers skip
+    a line that does not parse). New files are private (0600)."""
+    data = (line.rstrip("\n") + "\n").encode("utf-8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        written = os.write(fd, data)
+        if written != len(data):  # a full disk; never leave half a record unmarked
+            os.write(fd, b"\n")
+            raise OSError(f"short write to {path}: {written} of {len(data)} bytes")
+        os.fsync(fd)
+    finally:
+        os.close(fd)

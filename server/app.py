@@ -6,6 +6,7 @@ import asyncio
 import logging
 import threading
 import uuid
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ from server.adapters.registry import AdapterRegistry
 from server.admin import admin_router
 from server.auth import KeyStore
 from server.errors import ServiceUnavailableError, error_response, install_error_handlers
+from server.feedback import FeedbackService, feedback_router
 from server.logs import request_id
 from server.metrics import UNKNOWN_MODEL, Metrics
 from server.middleware import BodySizeLimit, HTTPOnly
@@ -66,6 +68,9 @@ class ServerState:
     loaded: threading.Event = field(default_factory=threading.Event)
     replica_id: str | None = None  # a Ray Serve replica's id, sent as X-Ragtune-Replica
     store_sync: StoreSync | None = None  # set when a shared store is configured
+    feedback: FeedbackService | None = None  # POST /v1/feedback and the response ledger
+    # called as listener(adapter, version, rating) for every rating POST /v1/feedback records
+    rating_listeners: list[Callable[[str, str, str], None]] = field(default_factory=list)
 
     def require_serving(self) -> OpenAIServing:
         if self.serving is None:
@@ -114,6 +119,7 @@ def _load(state: ServerState) -> None:
             state.store_sync.attach_indexes(retrieval.store if retrieval else None)
             state.store_sync.start()
         state.serving = OpenAIServing(engine, settings, registry, state.metrics, retrieval)
+        state.serving.feedback = state.feedback
         logger.info("ready: serving %s", settings.model.served_model_name)
     except Exception as exc:
         logger.exception("model failed to load")
@@ -164,6 +170,14 @@ def create_app(settings: Settings, replica_id: str | None = None) -> FastAPI:
         audit=AuditLog(settings.audit_path()),
         metrics=Metrics(replica_id),
         replica_id=replica_id,
+    )
+    state.feedback = FeedbackService(
+        settings.feedback,
+        settings.home,
+        state.metrics,
+        state.audit,
+        settings.model.served_model_name,
+        state.rating_listeners,
     )
 
     @asynccontextmanager
@@ -268,9 +282,11 @@ def create_app(settings: Settings, replica_id: str | None = None) -> FastAPI:
         return ModelList(data=cards)
 
     @v1.post("/chat/completions", responses=GENERATION_RESPONSES)
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+    async def chat_completions(
+        body: ChatCompletionRequest, request: Request, key_id: str | None = Depends(require_client)
+    ) -> Any:
         request.state.model = body.model
-        return await state.require_serving().create_chat_completion(body)
+        return await state.require_serving().create_chat_completion(body, key_id)
 
     @v1.post("/completions", responses=GENERATION_RESPONSES)
     async def completions(body: CompletionRequest, request: Request) -> Any:
@@ -291,6 +307,7 @@ def create_app(settings: Settings, replica_id: str | None = None) -> FastAPI:
     app.include_router(v1)
     app.include_router(tokenizer_router(require_client, state.require_serving, ERROR_RESPONSES))
     app.include_router(admin_router(state))
+    app.include_router(feedback_router(state.feedback, require_client))
     return app
 
 

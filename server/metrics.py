@@ -101,6 +101,13 @@ class Metrics:
             buckets=FAST_BUCKETS,
             registry=r,
         )
+        self.feedback = Counter(
+            "ragtune_feedback",
+            "Ratings (POST /v1/feedback) by model (adapter name, or the base model), the "
+            "adapter version that served the rated answer ('' for the base model) and rating",
+            ["model", "version", "rating"],
+            registry=r,
+        )
 
         self.engine_info = Info(
             "ragtune_engine",

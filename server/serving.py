@@ -34,6 +34,7 @@ from server.errors import (
     ServiceUnavailableError,
     to_api_error,
 )
+from server.feedback import FeedbackService
 from server.logprobs import TokenTexts, chat_content, choice_logprobs
 from server.metrics import Metrics
 from server.protocol import (
@@ -96,6 +97,7 @@ class OpenAIServing:
         self.context_length = engine.max_seq_len
         self.token_texts = TokenTexts(self.tokenizer)
         self._grammars: GrammarCompiler | None = None  # built on the first structured request
+        self.feedback: FeedbackService | None = None  # set by the app: the response ledger
 
     # ------------------------------------------------------------------------ model selection
     def model_ids(self) -> list[str]:
@@ -119,7 +121,9 @@ class OpenAIServing:
             raise ModelNotFoundError(model, self.model_ids()) from None
 
     # ------------------------------------------------------------------------------ requests
-    async def create_chat_completion(self, request: ChatCompletionRequest) -> Any:
+    async def create_chat_completion(
+        self, request: ChatCompletionRequest, key_id: str | None = None
+    ) -> Any:
         request.unsupported()
         adapter = await self.resolve_adapter(request.model)
         conversation = request.conversation()
@@ -150,6 +154,8 @@ class OpenAIServing:
             "chatcmpl", request, prompt_ids, adapter, grammar=grammar
         )
         streams = self._submit(gens)
+        if self.feedback is not None:  # the ledger (and the conversation, when kept)
+            streams = self.feedback.track(response_id, request, adapter, key_id, streams)
         if request.stream:
             return sse(chat_events(self, request, response_id, streams, sources))
         results = await self._collect(streams, request.model)

@@ -29,17 +29,34 @@ def _add_prepare(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "prepare",
         help="Turn documents into PII-masked, de-duplicated train/val/test chat JSONL.",
-        description="Documents -> train.jsonl, val.jsonl, test.jsonl and stats.json in --out.",
+        description="Documents (or, with --from-feedback, rated chat completions) -> "
+        "train.jsonl, val.jsonl, test.jsonl and stats.json in --out.",
     )
     parser.add_argument(
         "--source",
         nargs="+",
-        required=True,
         action="extend",
         metavar="PATH",
-        help="files or directories (repeatable)",
+        help="files or directories (repeatable); required without --from-feedback",
     )
-    parser.add_argument("--recipe", choices=RECIPES, required=True)
+    parser.add_argument("--recipe", choices=RECIPES, help="required with --source")
+    parser.add_argument(
+        "--from-feedback",
+        nargs="?",
+        const="",
+        metavar="DIR",
+        help="instead of documents: corrections and up-rated answers of the conversations "
+        "the server kept (feedback.store_conversations) in DIR (default $RAGTUNE_HOME/feedback)",
+    )
+    parser.add_argument(
+        "--against",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="DIR",
+        help="with --from-feedback: a prepared dataset whose examples are not repeated "
+        "(repeatable)",
+    )
     parser.add_argument("--out", required=True, type=Path, help="output directory (replaced)")
     parser.add_argument(
         "--qa-generator",
@@ -72,6 +89,10 @@ def run_prepare(args: argparse.Namespace) -> int:
     from ragtune.config import default_home
     from training.prepare import PrepareOptions, prepare
 
+    if args.from_feedback is not None:
+        return run_prepare_from_feedback(args)
+    if not args.source or not args.recipe:
+        raise ValueError("ragtune prepare needs --source and --recipe (or --from-feedback)")
     stats = prepare(
         PrepareOptions(
             sources=[Path(source) for source in args.source],
@@ -87,6 +108,50 @@ def run_prepare(args: argparse.Namespace) -> int:
             mask_pii=not args.no_pii_masking,
             questions_per_unit=args.questions_per_unit,
         )
+    )
+    print(json.dumps(stats, indent=2, ensure_ascii=False))
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def run_prepare_from_feedback(args: argparse.Namespace) -> int:
+    """Feedback -> dataset; audited as counts (never the text) like other data changes."""
+    import getpass
+
+    from ragtune.audit import AuditLog
+    from ragtune.config import load_settings
+    from ragtune.feedback_store import feedback_dir
+    from training.from_feedback import FeedbackOptions, prepare_from_feedback
+
+    settings = load_settings()
+    source = Path(args.from_feedback) if args.from_feedback else feedback_dir(settings.home)
+    audit = AuditLog(settings.audit_path())
+    who = f"cli:{getpass.getuser()}"
+    fields = {"source": str(source), "out": str(args.out)}
+    try:
+        stats = prepare_from_feedback(
+            FeedbackOptions(
+                feedback_dir=source,
+                out=args.out,
+                against=args.against,
+                retention_days=settings.feedback.retention_days,
+                val_ratio=args.val_ratio,
+                test_ratio=args.test_ratio,
+                seed=args.seed,
+                near_duplicate_threshold=args.near_duplicate_threshold or None,
+            )
+        )
+    except Exception as exc:
+        audit.record(who, "prepare_from_feedback", "error", error=str(exc), **fields)
+        raise
+    audit.record(
+        who,
+        "prepare_from_feedback",
+        "ok",
+        **fields,
+        feedback=stats["feedback"],
+        examples=stats["examples"],
+        data_hash=stats["data_hash"],
     )
     print(json.dumps(stats, indent=2, ensure_ascii=False))
     print(f"wrote {args.out}", file=sys.stderr)
