@@ -57,7 +57,12 @@ def _area_commands() -> list:
     import importlib
 
     registers = []
-    for module_name in ("retrieval.cli", "training.cli", "evaluation.cli"):
+    for module_name in (
+        "retrieval.cli",
+        "training.cli",
+        "evaluation.cli",
+        "evaluation.adapters_cli",
+    ):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:

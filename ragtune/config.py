@@ -233,6 +233,31 @@ class ServeConfig(_Section):
         return self
 
 
+class CanaryConfig(_Section):
+    """When a canary version (POST /v1/adapters/{name}/canary) is rolled back by itself."""
+
+    max_error_rate: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Roll the canary back when more than this share of its requests fail "
+        "(server errors, or its weights cannot be loaded).",
+    )
+    max_down_rate: float = Field(
+        0.3,
+        ge=0,
+        le=1,
+        description="Roll the canary back when more than this share of its ratings "
+        "(POST /v1/feedback) are 'down'.",
+    )
+    min_requests: int = Field(
+        20, ge=1, description="Canary requests needed before its error rate is judged."
+    )
+    min_ratings: int = Field(
+        10, ge=1, description="Canary ratings needed before its down-rating rate is judged."
+    )
+
+
 class FeedbackConfig(_Section):
     store_conversations: bool = Field(
         False,
@@ -283,6 +308,7 @@ class Settings(BaseSettings):
     store: StoreConfig = Field(default_factory=StoreConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
+    canary: CanaryConfig = Field(default_factory=CanaryConfig)
     audit_log: Path | None = Field(
         None, description="Append-only JSONL of admin actions; default $RAGTUNE_HOME/audit.log."
     )

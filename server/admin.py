@@ -9,13 +9,17 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, Request
 
+from server.adapters.errors import AdapterError, AdapterNotFoundError
 from server.adapters.registry import AdapterRegistry
+from server.canary import CanaryRouter
 from server.memory import release_free_memory
 from server.protocol import (
     ActivateAdapterRequest,
+    CanaryRequest,
     ErrorResponse,
     IndexSourcesRequest,
     LoadLoraAdapterRequest,
+    PromoteAdapterRequest,
     UnloadLoraAdapterRequest,
 )
 from server.rag import RetrievalService
@@ -119,7 +123,12 @@ def admin_router(state: ServerState) -> APIRouter:
 
         def work() -> dict[str, Any]:
             entry = adapters.activate(name, body.version)
-            return {"status": "ok", "lora_name": name, "active_version": entry.version}
+            promoted = canaries().promoted(name, entry.version)  # a canary's version: it ends
+            result = {"status": "ok", "lora_name": name, "active_version": entry.version}
+            if promoted is not None:
+                result["canary"] = promoted.describe()
+                result["audit"] = {"canary": "promoted"}
+            return result
 
         fields = {"adapter": name, "version": body.version}
         return await audited(key_id, "activate_adapter", fields, work)
@@ -138,6 +147,107 @@ def admin_router(state: ServerState) -> APIRouter:
             }
 
         return await audited(key_id, "rollback_adapter", {"adapter": name}, work)
+
+    # ---------------------------------------------------------------------- canary and gate
+    def canaries() -> CanaryRouter:
+        assert state.canary is not None  # made with the app
+        return state.canary
+
+    @router.post("/adapters/{name}/canary")
+    async def start_canary(
+        name: str, body: CanaryRequest, key_id: str = Depends(require_admin)
+    ) -> dict[str, Any]:
+        """Send `fraction` of `model=name` requests to `version` until stopped, promoted
+        (activated) or rolled back by itself (config section `canary`)."""
+        adapters = registry()
+
+        def work() -> dict[str, Any]:
+            found = next((a for a in adapters.describe() if a["name"] == name), None)
+            if found is None:
+                raise AdapterNotFoundError(f"adapter {name} is not loaded")
+            if body.version not in {v["version"] for v in found["versions"]}:
+                raise AdapterNotFoundError(f"adapter {name}@{body.version} is not loaded")
+            if body.version == found["active_version"]:
+                raise AdapterError(
+                    f"{name}@{body.version} is already the active version; a canary needs "
+                    "another loaded version",
+                    param="version",
+                )
+            canary = canaries().start(name, body.version, body.fraction, key_id)
+            result = {"status": "ok", "canary": canary.describe()}
+            result["audit"] = {"active_version": found["active_version"]}
+            return result
+
+        fields = {"adapter": name, "version": body.version, "fraction": body.fraction}
+        return await audited(key_id, "start_canary", fields, work)
+
+    @router.get("/adapters/{name}/canary")
+    async def get_canary(name: str, _: str = Depends(require_admin)) -> dict[str, Any]:
+        """The adapter's latest canary (running or ended) with its per-version counts."""
+        found = canaries().describe(name)
+        if found is None:
+            raise AdapterNotFoundError(f"adapter {name} has had no canary")
+        return {"canary": found}
+
+    @router.delete("/adapters/{name}/canary")
+    async def stop_canary(name: str, key_id: str = Depends(require_admin)) -> dict[str, Any]:
+        """End the running canary; traffic goes back to the active version."""
+
+        def work() -> dict[str, Any]:
+            canary = canaries().stop(name, "stopped", "stopped by an admin")
+            audit = {"version": canary.version}
+            return {"status": "ok", "canary": canary.describe(), "audit": audit}
+
+        return await audited(key_id, "stop_canary", {"adapter": name}, work)
+
+    @router.post("/adapters/{name}/promote")
+    async def promote_adapter(
+        name: str, body: PromoteAdapterRequest, key_id: str = Depends(require_admin)
+    ) -> dict[str, Any]:
+        """Record a promotion gate's decision (`ragtune adapters promote`) in the audit log
+        and the version's manifest; an accepted one activates the version (and promotes a
+        canary of it), a refused one changes nothing else."""
+        adapters = registry()
+        decision = "accepted" if body.accepted else "refused"
+
+        def work() -> dict[str, Any]:
+            record = {
+                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "decision": decision,
+                "key_id": key_id,
+                "requested_by": body.requested_by,
+                **body.gate,
+            }
+            if body.accepted:
+                entry = adapters.activate(name, body.version)
+                promoted = canaries().promoted(name, entry.version)
+            else:
+                promoted = None
+            written = adapters.note_promotion(
+                name, body.version, record, write=state.settings.store.url is None
+            )
+            active = next(a for a in adapters.describe() if a["name"] == name)
+            result: dict[str, Any] = {
+                "status": "ok",
+                "lora_name": name,
+                "version": body.version,
+                "decision": decision,
+                "active_version": active["active_version"],
+                "manifest_written": written,
+            }
+            if promoted is not None:
+                result["canary"] = promoted.describe()
+            result["audit"] = {"canary": "promoted" if promoted else None}
+            return result
+
+        fields = {
+            "adapter": name,
+            "version": body.version,
+            "decision": decision,
+            "requested_by": body.requested_by,
+            "gate": body.gate,
+        }
+        return await audited(key_id, "promote_adapter", fields, work)
 
     # ----------------------------------------------------------------------------- indexes
     async def write_index(name: str, sources: list[str], key_id: str, replace: bool) -> Any:

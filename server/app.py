@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from contextlib import asynccontextmanager
@@ -22,7 +23,11 @@ from ragtune.config import Settings
 from server.adapters.loader import BaseSpec
 from server.adapters.registry import AdapterRegistry
 from server.admin import admin_router
+from server.attribution import HEADER as SERVED_HEADER
+from server.attribution import begin as begin_attribution
+from server.attribution import end as end_attribution
 from server.auth import KeyStore
+from server.canary import CanaryRouter
 from server.errors import ServiceUnavailableError, error_response, install_error_handlers
 from server.feedback import FeedbackService, feedback_router
 from server.logs import request_id
@@ -69,6 +74,7 @@ class ServerState:
     replica_id: str | None = None  # a Ray Serve replica's id, sent as X-Ragtune-Replica
     store_sync: StoreSync | None = None  # set when a shared store is configured
     feedback: FeedbackService | None = None  # POST /v1/feedback and the response ledger
+    canary: CanaryRouter | None = None  # canary splits and per-version counters
     # called as listener(adapter, version, rating) for every rating POST /v1/feedback records
     rating_listeners: list[Callable[[str, str, str], None]] = field(default_factory=list)
 
@@ -120,6 +126,7 @@ def _load(state: ServerState) -> None:
             state.store_sync.start()
         state.serving = OpenAIServing(engine, settings, registry, state.metrics, retrieval)
         state.serving.feedback = state.feedback
+        state.serving.canary = state.canary
         logger.info("ready: serving %s", settings.model.served_model_name)
     except Exception as exc:
         logger.exception("model failed to load")
@@ -179,6 +186,8 @@ def create_app(settings: Settings, replica_id: str | None = None) -> FastAPI:
         settings.model.served_model_name,
         state.rating_listeners,
     )
+    state.canary = CanaryRouter(settings.canary, state.metrics, state.audit)
+    state.rating_listeners.append(state.canary.observe_rating)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -222,6 +231,8 @@ def create_app(settings: Settings, replica_id: str | None = None) -> FastAPI:
         headers = Headers(scope=scope)
         rid = headers.get("x-request-id", "")[:128].strip() or uuid.uuid4().hex
         status = 500  # if the app raises before it answers
+        started = time.perf_counter()
+        served, served_token = begin_attribution()  # which adapter version answers
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -230,6 +241,8 @@ def create_app(settings: Settings, replica_id: str | None = None) -> FastAPI:
                 MutableHeaders(scope=message)["X-Request-ID"] = rid
                 if state.replica_id:
                     MutableHeaders(scope=message)["X-Ragtune-Replica"] = state.replica_id
+                if served.model_id:
+                    MutableHeaders(scope=message)[SERVED_HEADER] = served.model_id
             await send(message)
 
         token = request_id.set(rid)
@@ -246,6 +259,11 @@ def create_app(settings: Settings, replica_id: str | None = None) -> FastAPI:
         finally:
             request_id.reset(token)
             reset_tenant(tenant)
+            end_attribution(served_token)
+            if served.adapter and state.canary is not None:
+                ok = status < 500 and not served.failed
+                latency = time.perf_counter() - started
+                state.canary.observe_response(served.adapter, served.version, ok, latency)
             route = scope.get("route")
             model = (scope.get("state") or {}).get("model")
             state.metrics.requests.labels(

@@ -14,6 +14,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Enum,
     Gauge,
     Histogram,
     Info,
@@ -106,6 +107,41 @@ class Metrics:
             "Ratings (POST /v1/feedback) by model (adapter name, or the base model), the "
             "adapter version that served the rated answer ('' for the base model) and rating",
             ["model", "version", "rating"],
+            registry=r,
+        )
+
+        # per adapter version (labels from the registry: bounded), for canaries and rollbacks;
+        # ratings per version are `ragtune_feedback` above
+        self.adapter_requests = Counter(
+            "ragtune_adapter_requests",
+            "Generation requests an adapter version served, by outcome (ok|error)",
+            ["adapter", "version", "outcome"],
+            registry=r,
+        )
+        self.adapter_latency = Histogram(
+            "ragtune_adapter_request_latency_seconds",
+            "Whole-request latency per adapter version",
+            ["adapter", "version"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.canary_fraction = Gauge(
+            "ragtune_canary_fraction",
+            "Share of model=<adapter> traffic sent to the canary version (0 when none runs)",
+            ["adapter", "version"],
+            registry=r,
+        )
+        self.canary_state = Enum(
+            "ragtune_canary_state",
+            "The adapter's latest canary: running, stopped, rolled_back or promoted",
+            ["adapter"],
+            states=["running", "stopped", "rolled_back", "promoted"],
+            registry=r,
+        )
+        self.canary_rollbacks = Counter(
+            "ragtune_canary_rollbacks",
+            "Canaries rolled back by themselves, by reason (error_rate|down_rate)",
+            ["adapter", "reason"],
             registry=r,
         )
 

@@ -516,6 +516,28 @@ class ActivateAdapterRequest(RequestModel):
     version: str
 
 
+class CanaryRequest(RequestModel):
+    """POST /v1/adapters/{name}/canary: send `fraction` of `model=name` traffic to
+    `version` (a loaded version other than the active one)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: str
+    fraction: float = Field(gt=0, le=1)
+
+
+class PromoteAdapterRequest(RequestModel):
+    """POST /v1/adapters/{name}/promote: a gate's decision (`ragtune adapters promote`),
+    audited and written to the version's manifest; `accepted` also activates `version`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: str
+    accepted: bool
+    gate: dict[str, Any] = Field(default_factory=dict)  # metric, min_delta, the numbers
+    requested_by: str | None = Field(None, max_length=200)
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str

@@ -14,6 +14,8 @@ from ragtune.config import Settings
 from ragtune.models.chat import encode_prompt, render_chat
 from server.adapters.errors import AdapterNotFoundError
 from server.adapters.registry import AdapterRegistry
+from server.attribution import note_adapter
+from server.canary import CanaryRouter
 from server.choices import (
     ChoiceResult,
     Echo,
@@ -78,6 +80,8 @@ class RequestTimeoutError(APIError):
 
 
 class OpenAIServing:
+    canary: CanaryRouter | None = None  # set by the app: canary splits of `name` requests
+
     def __init__(
         self,
         engine: Engine,
@@ -116,9 +120,14 @@ class OpenAIServing:
         if model == self.base_model_id:
             return None
         try:
-            return await run_blocking(self.registry.resolve, model)
+            if self.canary is None:
+                weights = await run_blocking(self.registry.resolve, model)
+            else:  # a running canary takes its share of `name` requests
+                weights = await run_blocking(self.canary.resolve, model, self.registry.resolve)
         except AdapterNotFoundError:
             raise ModelNotFoundError(model, self.model_ids()) from None
+        note_adapter(weights.key)
+        return weights
 
     # ------------------------------------------------------------------------------ requests
     async def create_chat_completion(

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi.responses import StreamingResponse
 
+from server.attribution import note_failed
 from server.choices import ChoiceResult, Echo, total_completion_tokens, total_prompt_tokens
 from server.engine import RequestStream, StepOutput
 from server.errors import sse_error, to_api_error
@@ -34,6 +35,15 @@ if TYPE_CHECKING:
 
 def event(model: Any) -> str:
     return f"data: {model.model_dump_json(exclude_none=True)}\n\n"
+
+
+def _failed(exc: Exception) -> str:
+    """The error event ending a stream; a server error counts against the adapter version
+    that served it (server/attribution.py), though the response's status was already 200."""
+    error = to_api_error(exc)
+    if error.status_code >= 500:
+        note_failed()
+    return sse_error(error)
 
 
 def sse(events: AsyncIterator[str]) -> StreamingResponse:
@@ -116,7 +126,7 @@ async def chat_events(
         if request.include_usage:
             yield chunk([], usage=totals.usage())
     except Exception as exc:
-        yield sse_error(to_api_error(exc))
+        yield _failed(exc)
     yield "data: [DONE]\n\n"
 
 
@@ -173,5 +183,5 @@ async def completion_events(
         if request.include_usage:
             yield chunk([], usage=totals.usage())
     except Exception as exc:
-        yield sse_error(to_api_error(exc))
+        yield _failed(exc)
     yield "data: [DONE]\n\n"

@@ -14,6 +14,7 @@ state first), `after_change` after it succeeded (publish the new state).
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import re
 import threading
@@ -30,7 +31,7 @@ from server.adapters.errors import (
     AdapterNotFoundError,
     AdapterUnavailableError,
 )
-from server.adapters.loader import BaseSpec, LoadedAdapter, read_adapter
+from server.adapters.loader import BaseSpec, LoadedAdapter, file_signature, read_adapter
 from server.adapters.paths import confine
 from server.engine.lora import AdapterWeights
 
@@ -171,6 +172,31 @@ class AdapterRegistry:
             entry = record.versions[previous]
         self.after_change("rollback", name, None)
         return entry
+
+    def note_promotion(self, name: str, version: str, record: dict[str, Any], write: bool) -> bool:
+        """Append a promotion decision to the version's manifest (`promotions`): in memory,
+        and in its ragtune_adapter.json when `write` and the file exists. The file signature
+        a reload checks is refreshed, so the note does not make the version unloadable.
+        Returns whether the file was written."""
+        from ragtune.fileio import atomic_write_text
+        from ragtune.manifest import MANIFEST_NAME
+
+        with self._lock:
+            entry = self._record(name).versions.get(version)
+            if entry is None:
+                raise AdapterNotFoundError(f"adapter {name}@{version} is not loaded")
+            entry.manifest = {
+                **entry.manifest,
+                "promotions": [*entry.manifest.get("promotions", []), record],
+            }
+            path = entry.path / MANIFEST_NAME
+            if not write or not path.is_file():
+                return False
+            data = json.loads(path.read_text(encoding="utf-8"))
+            data["promotions"] = [*data.get("promotions", []), record]
+            atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False))
+            entry.files = file_signature(entry.path)
+            return True
 
     # ------------------------------------------------------------------------- shared state
     def snapshot(self) -> dict[str, dict[str, Any]]:
