@@ -212,11 +212,11 @@ def admin_router(state: ServerState) -> APIRouter:
 
         def work() -> dict[str, Any]:
             record = {
+                **body.gate,  # the numbers; never overriding who decided what, and when
                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "decision": decision,
                 "key_id": key_id,
                 "requested_by": body.requested_by,
-                **body.gate,
             }
             if body.accepted:
                 entry = adapters.activate(name, body.version)
