@@ -2,6 +2,8 @@
 sizes, for each `engine.weights` kind. Prints one JSON line per kind.
 
     python bench/decode_step.py --weights int4,int8,dense --rows 1,4,16
+    python bench/decode_step.py --weights int4 --rows 1,16 --adapters 1   # rows on LoRA slots
+    python bench/decode_step.py --weights int4 --rows 1,16 --adapters 1 --sparse  # SHiRA
 """
 
 from __future__ import annotations
@@ -14,17 +16,55 @@ import torch
 
 from ragtune.config import EngineConfig, ModelConfig, default_home
 from ragtune.models import load_base_model
+from server.engine.lora import AdapterWeights
 from server.engine.runner import CompactRunner
 from server.engine.sequence import Sequence
+from server.engine.sparse import SparseAdapterWeights
 from server.engine.types import GenerationRequest, SamplingParams
 
 
-def step_ms(runner: CompactRunner, tokenizer, rows: int, steps: int) -> float:
-    """Mean decode step over `steps` steps after `rows` prompts of 30-45 tokens."""
+def random_adapters(
+    runner: CompactRunner, count: int, rank: int, sparse: bool
+) -> list[AdapterWeights | SparseAdapterWeights]:
+    """`count` random rank-`rank` adapters on every projection of the runner's model (sparse:
+    SHiRA adapters of the same parameter count, r * (in + out) random entries per matrix)."""
+    generator = torch.Generator().manual_seed(0)
+    adapters: list[AdapterWeights | SparseAdapterWeights] = []
+    for index in range(count):
+        if sparse:
+            entries = {}
+            for layer in range(runner.model.num_layers):
+                for module, (fan_in, fan_out) in runner.module_shapes.items():
+                    count_ = rank * (fan_in + fan_out)
+                    flat = torch.randperm(fan_in * fan_out, generator=generator)[:count_].sort()
+                    values = torch.randn(count_, generator=generator) * 0.02
+                    entries[(layer, module)] = (flat.values // fan_in, flat.values % fan_in, values)
+            adapters.append(SparseAdapterWeights(f"sparse{index}@1", rank, entries))
+            continue
+        factors = {}
+        for layer in range(runner.model.num_layers):
+            for module, (fan_in, fan_out) in runner.module_shapes.items():
+                a = torch.randn(rank, fan_in, generator=generator) * 0.02
+                b = torch.randn(fan_out, rank, generator=generator) * 0.02
+                factors[(layer, module)] = (a, b)
+        adapters.append(AdapterWeights(f"random{index}@1", rank, factors))
+    return adapters
+
+
+def step_ms(
+    runner: CompactRunner,
+    tokenizer,
+    rows: int,
+    steps: int,
+    adapters: list[AdapterWeights | SparseAdapterWeights],
+) -> float:
+    """Mean decode step over `steps` steps after `rows` prompts of 30-45 tokens (round-robin
+    over `adapters` when there are any)."""
     seqs = []
     for i in range(rows):
         prompt = list(range(100, 130 + i))
-        request = GenerationRequest(f"r{i}", prompt, SamplingParams(steps + 8, 0.0), None)
+        adapter = adapters[i % len(adapters)] if adapters else None
+        request = GenerationRequest(f"r{i}", prompt, SamplingParams(steps + 8, 0.0), adapter)
         seq = Sequence(request, tokenizer, set(), lambda _: None)
         runner.add(seq)
         seqs.append(seq)
@@ -53,15 +93,39 @@ def main() -> None:
     parser.add_argument("--weights", default="int4,int8,dense")
     parser.add_argument("--rows", default="1,4,16")
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--adapters", type=int, default=0, help="rows round-robin over N LoRAs")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--sparse", action="store_true", help="SHiRA adapters, LoRA's size")
+    parser.add_argument("--profile", action="store_true", help="torch profiler table, last kind")
     args = parser.parse_args()
     loaded = load_base_model(ModelConfig(quantization=args.quantization), default_home())
     rows = [int(r) for r in args.rows.split(",")]
     for weights in args.weights.split(","):
         config = EngineConfig(max_batch_size=max(rows), weights=weights)
         runner = CompactRunner(loaded, config, max_seq_len=2048)
+        adapters = random_adapters(runner, args.adapters, args.rank, args.sparse)
         with torch.inference_mode():
-            times = {r: round(step_ms(runner, loaded.tokenizer, r, args.steps), 2) for r in rows}
-        print(json.dumps({"quantization": args.quantization, "weights": weights, "ms": times}))
+            times = {
+                r: round(step_ms(runner, loaded.tokenizer, r, args.steps, adapters), 2)
+                for r in rows
+            }
+            if args.profile:
+                with torch.profiler.profile() as profiler:
+                    step_ms(runner, loaded.tokenizer, rows[-1], 10, adapters)
+                print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+        print(
+            json.dumps(
+                {
+                    "quantization": args.quantization,
+                    "weights": weights,
+                    "adapters": args.adapters,
+                    "kind": "sparse" if args.sparse else "lora",
+                    "adapter_mib": round(sum(a.nbytes for a in adapters) / 2**20, 1),
+                    "slot_mib": round(runner.lora.nbytes / 2**20, 1),
+                    "ms": times,
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -12,10 +12,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from training.recipes import RECIPES  # light: recipe modules, no torch
+
 if TYPE_CHECKING:
     from training.config import TrainConfig
 
-RECIPES = ("paragraphs", "qa", "code", "keywords")
 METHODS = ("lora", "qlora", "sparse")
 
 

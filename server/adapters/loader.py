@@ -16,7 +16,9 @@ from pydantic import ValidationError
 
 from ragtune.manifest import MANIFEST_NAME, AdapterManifest
 from server.adapters.errors import AdapterError
+from server.adapters.sparse_reader import read_shira
 from server.engine.lora import AdapterWeights
+from server.engine.sparse import SparseAdapterWeights
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -39,7 +41,7 @@ class BaseSpec:
 
 @dataclass
 class LoadedAdapter:
-    weights: AdapterWeights
+    weights: AdapterWeights | SparseAdapterWeights
     version: str
     path: Path
     rank: int
@@ -76,11 +78,46 @@ def read_adapter(
     rank = config.get("r")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise AdapterError(f"{CONFIG_FILE}: r={rank!r} is not a valid rank")
+    targets = _targets(config, spec)
+    final_version = version or (manifest.version if manifest else None) or "v1"
+    key = f"{name}@{final_version}#{load_id}"
+    if config["peft_type"] == "SHIRA":  # r sets the entry budget, not a slot width
+        sparse = read_shira(config, spec, load_tensors(path), key)
+        return LoadedAdapter(
+            weights=sparse,
+            version=final_version,
+            path=path,
+            rank=rank,
+            alpha=1.0,
+            target_modules=sorted(sparse.target_modules),
+            manifest=manifest.model_dump() if manifest else {},
+            files=files,
+        )
     if rank > spec.max_rank:
         raise AdapterError(
             f"rank {rank} exceeds engine.max_lora_rank {spec.max_rank}; raise it in the server "
             f"config or retrain with r <= {spec.max_rank}"
         )
+    alpha = _number(config.get("lora_alpha", rank), "lora_alpha")
+    factors = _read_factors(path, config, spec, rank, alpha)
+    # rank_pattern gives modules their own ranks; the slots need one rank per adapter, so
+    # smaller factors are zero-padded to the largest (B @ A is unchanged).
+    rank = max(a.shape[0] for a, _ in factors.values())
+    factors = _pack({k: _pad(a, b, rank) for k, (a, b) in factors.items()}, spec.dtype)
+    del targets  # the weights say which modules are adapted
+    return LoadedAdapter(
+        weights=AdapterWeights(key=key, rank=rank, factors=factors),
+        version=final_version,
+        path=path,
+        rank=rank,
+        alpha=alpha,
+        target_modules=sorted({m for _, m in factors}),
+        manifest=manifest.model_dump() if manifest else {},
+        files=files,
+    )
+
+
+def _targets(config: dict[str, Any], spec: BaseSpec) -> list[str]:
     targets = config.get("target_modules") or []
     targets = [targets] if isinstance(targets, str) else targets
     if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
@@ -91,23 +128,7 @@ def read_adapter(
             f"target modules {unknown} do not exist in the base model or cannot be batched; "
             f"supported: {list(spec.module_shapes)}"
         )
-    alpha = _number(config.get("lora_alpha", rank), "lora_alpha")
-    factors = _read_factors(path, config, spec, rank, alpha)
-    # rank_pattern gives modules their own ranks; the slots need one rank per adapter, so
-    # smaller factors are zero-padded to the largest (B @ A is unchanged).
-    rank = max(a.shape[0] for a, _ in factors.values())
-    factors = _pack({key: _pad(a, b, rank) for key, (a, b) in factors.items()}, spec.dtype)
-    final_version = version or (manifest.version if manifest else None) or "v1"
-    return LoadedAdapter(
-        weights=AdapterWeights(key=f"{name}@{final_version}#{load_id}", rank=rank, factors=factors),
-        version=final_version,
-        path=path,
-        rank=rank,
-        alpha=alpha,
-        target_modules=sorted({m for _, m in factors}),
-        manifest=manifest.model_dump() if manifest else {},
-        files=files,
-    )
+    return targets
 
 
 def _number(value: Any, what: str) -> float:
@@ -159,11 +180,12 @@ def _read_config(path: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise AdapterError(f"{CONFIG_FILE} must hold a JSON object")
     peft_type = str(config.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
+    if peft_type not in ("LORA", "SHIRA"):
         raise AdapterError(
-            f"peft_type {peft_type} cannot be served: only LoRA adapters are batched "
-            "(merge a sparse adapter into the base, or retrain with --method lora)"
+            f"peft_type {peft_type} cannot be served: LoRA and SHiRA (sparse) adapters are "
+            "batched; merge this one into the base, or retrain with --method lora|sparse"
         )
+    config["peft_type"] = peft_type
     problems = []
     if config.get("use_dora"):
         problems.append("DoRA (use_dora)")
@@ -194,21 +216,7 @@ def _read_manifest(path: Path, spec: BaseSpec) -> AdapterManifest | None:
 def _read_factors(
     path: Path, config: dict[str, Any], spec: BaseSpec, rank: int, alpha: float
 ) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
-    weights_path = path / WEIGHTS_FILE
-    if not weights_path.is_file():
-        if any(path.glob("*.bin")) or any(path.glob("*.pt")):
-            raise AdapterError(
-                "weights are pickled (.bin/.pt), which this server never loads; save them as "
-                "adapter_model.safetensors (PEFT: save_pretrained(..., safe_serialization=True))"
-            )
-        raise AdapterError(f"{WEIGHTS_FILE} is missing in {path}")
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        tensors = load_file(weights_path)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise AdapterError(f"{WEIGHTS_FILE} is corrupted: {exc}") from None
+    tensors = load_tensors(path)
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     key_paths: dict[tuple[int, str], str] = {}
     for key, tensor in tensors.items():
@@ -259,6 +267,26 @@ def _read_factors(
             )
         factors[(layer, module)] = (a.to(spec.dtype).contiguous(), scaled)
     return factors
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The adapter's safetensors file (never a pickle)."""
+    file_name = WEIGHTS_FILE
+    weights_path = path / file_name
+    if not weights_path.is_file():
+        if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+            raise AdapterError(
+                "weights are pickled (.bin/.pt), which this server never loads; save them as "
+                "adapter_model.safetensors (PEFT: save_pretrained(..., safe_serialization=True))"
+            )
+        raise AdapterError(f"{file_name} is missing in {path}")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(weights_path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterError(f"{file_name} is corrupted: {exc}") from None
 
 
 def _pattern(config: dict[str, Any], what: str) -> dict[re.Pattern[str], float]:

@@ -1,17 +1,23 @@
 """Many LoRA adapters in one forward pass.
 
 Each resident adapter owns a slot in fixed-size buffers (`max_loras` slots of `max_lora_rank`,
-smaller ranks zero-padded, alpha/r folded into B). For a fused projection the batch computes
-t = x @ A_allᵀ once, zeroes the columns that do not belong to each row's slot, and adds
-t @ B. Shapes depend only on the configured sizes, never on which adapters share the batch,
-so a row's result is the same alone or next to any neighbours; base-model rows get a zero mask.
+smaller ranks zero-padded, alpha/r folded into B). For a fused projection group a step runs
+a GEMM pair for each slot its rows use, t_s = x @ A_sᵀ and delta_s = t_s @ B_s, each of the
+same shape whatever the batch, zeroes the rows of t_s that belong to other slots (or the base
+model) and sums the deltas over slots: a row gets its own slot's delta plus exact zeros, so
+its result is the same alone or next to any neighbours. Only the slots in use are computed: a
+lone adapter row costs one rank-r product, not max_loras of them.
+A slot may instead hold a sparse adapter (engine/sparse.py), whose rows get its sparse delta.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+
+from server.engine.sparse import SparseAdapterWeights, SparseTerms, add_sparse, group_matrices
 
 # Fused projection groups of the forward and the PEFT module names inside each, in the order
 # of their output columns: Llama's layout. A family whose checkpoint fuses them (Phi-3:
@@ -43,6 +49,11 @@ class AdapterWeights:
 
 
 class LoraSlots:
+    """The resident adapters' factors, per group: A [layers, slots, in, parts * rank] (the
+    parts' Aᵀ side by side) and B [layers, slots, parts * rank, group out], block-diagonal:
+    part p's rows feed only part p's output columns, so one GEMM applies every part (zero
+    blocks add exact 0)."""
+
     def __init__(
         self,
         num_layers: int,
@@ -59,16 +70,14 @@ class LoraSlots:
         self.dtype = dtype
         self.device = device
         self.module_shapes = module_shapes
-        width = num_slots * max_rank
-        self.a: dict[str, torch.Tensor] = {}  # group -> [layers, parts * width, in]
-        # group -> [layers, parts * width, group out], block-diagonal: part p's rows feed only
-        # part p's output columns, so one GEMM applies every part (zero blocks add exact 0)
+        self.a: dict[str, torch.Tensor] = {}
         self.b: dict[str, torch.Tensor] = {}
         self.out_offsets: dict[str, list[tuple[int, int]]] = {}
         for group, modules in groups.items():
             in_features = module_shapes[modules[0]][0]
+            width = len(modules) * max_rank
             self.a[group] = torch.zeros(
-                num_layers, len(modules) * width, in_features, dtype=dtype, device=device
+                num_layers, num_slots, in_features, width, dtype=dtype, device=device
             )
             offsets, start = [], 0
             for module in modules:
@@ -76,103 +85,173 @@ class LoraSlots:
                 start += module_shapes[module][1]
             self.out_offsets[group] = offsets
             self.b[group] = torch.zeros(
-                num_layers, len(modules) * width, start, dtype=dtype, device=device
+                num_layers, num_slots, width, start, dtype=dtype, device=device
             )
-        self.column_slot = torch.arange(num_slots, device=device).repeat_interleave(max_rank)
         self._group_users: dict[str, set[int]] = {group: set() for group in groups}
+        # slot -> (layer, group) -> CSR delta, for slots holding a sparse adapter
+        self.sparse: dict[int, dict[tuple[int, str], torch.Tensor]] = {}
 
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.a.values()) + sum(b.nbytes for b in self.b.values())
 
-    def load(self, slot: int, adapter: AdapterWeights) -> None:
+    def load(self, slot: int, adapter: AdapterWeights | SparseAdapterWeights) -> None:
         """Copy an adapter's factors into `slot` (zeroing whatever was there)."""
+        if isinstance(adapter, SparseAdapterWeights):
+            self.clear(slot)
+            self.sparse[slot] = group_matrices(
+                adapter, self.groups, self.module_shapes, self.out_offsets, self.device
+            )
+            return
         if adapter.rank > self.max_rank:
             raise ValueError(f"rank {adapter.rank} exceeds engine.max_lora_rank {self.max_rank}")
         self.clear(slot)
-        width = self.num_slots * self.max_rank
-        rows = slice(slot * self.max_rank, slot * self.max_rank + adapter.rank)
         for (layer, module), (a, b) in adapter.factors.items():
             group = next(g for g, modules in self.groups.items() if module in modules)
             part = self.groups[group].index(module)
-            base = part * width
+            cols = slice(part * self.max_rank, part * self.max_rank + adapter.rank)
             start, stop = self.out_offsets[group][part]
-            self.a[group][layer, base + rows.start : base + rows.stop] = a.to(self.dtype)
-            self.b[group][layer, base + rows.start : base + rows.stop, start:stop] = b.t().to(
-                self.dtype
-            )
+            self.a[group][layer, slot, :, cols] = a.t().to(self.dtype)
+            self.b[group][layer, slot, cols, start:stop] = b.t().to(self.dtype)
             self._group_users[group].add(slot)
 
     def clear(self, slot: int) -> None:
-        width = self.num_slots * self.max_rank
-        rows = slice(slot * self.max_rank, (slot + 1) * self.max_rank)
-        for group, modules in self.groups.items():
-            for part in range(len(modules)):
-                self.a[group][:, part * width + rows.start : part * width + rows.stop] = 0
-                self.b[group][:, part * width + rows.start : part * width + rows.stop] = 0
+        self.sparse.pop(slot, None)
+        for group in self.groups:
+            self.a[group][:, slot] = 0
+            self.b[group][:, slot] = 0
             self._group_users[group].discard(slot)
 
     def batch(self, row_slots: torch.Tensor) -> LoraBatch:
         """row_slots: [rows] slot of each row, -1 for the base model."""
-        mask = (self.column_slot[None, :] == row_slots[:, None]).to(self.dtype)
-        used = set(row_slots.unique().tolist()) - {-1}
-        active = {group for group, users in self._group_users.items() if users & used}
-        return LoraBatch(self, mask, active)
+        slots = row_slots.tolist()
+        in_use = set(slots) - {-1}
+        sparse = {
+            slot: None if len(in_use) == 1 and -1 not in slots else _rows_of(slots, slot)
+            for slot in sorted(in_use & set(self.sparse))
+        }
+        used = sorted(in_use - set(sparse))
+        active = {group for group, users in self._group_users.items() if users & set(used)}
+        select: slice | torch.Tensor = slice(0, 0)
+        mask = None  # every row on the one LoRA slot: no row to zero
+        if used and used == list(range(used[0], used[-1] + 1)):  # usually: a view, no copy
+            select = slice(used[0], used[-1] + 1)
+        elif used:
+            select = torch.tensor(used, device=self.device)
+        if len(used) > 1 or (used and len(in_use) + (-1 in slots) > 1):
+            which = torch.tensor(used, device=self.device)
+            mask = (which[:, None] == row_slots[None, :]).to(self.dtype)[:, :, None]
+        return LoraBatch(self, select, mask, len(slots), active, sparse)
+
+
+def _rows_of(slots: list[int], slot: int) -> torch.Tensor:
+    return torch.tensor([row for row, s in enumerate(slots) if s == slot])
+
+
+class GroupLora(NamedTuple):
+    """What one fused group of one layer needs in a step (see add_lora)."""
+
+    a: torch.Tensor  # [used slots, in, parts * rank]
+    b: torch.Tensor  # [used slots, parts * rank, out]
+    mask: torch.Tensor | None  # [used slots, rows, 1]: 1 where the row is that slot's
+    rows: int  # the row count the GEMMs run on (inputs are padded with zero rows to it)
+
+
+class LayerAdapters(NamedTuple):
+    """What one layer's projections add in a step; a group no row uses is absent."""
+
+    lora: dict[str, GroupLora]
+    sparse: dict[str, SparseTerms]
 
 
 class LoraBatch:
-    """The per-step view: which columns each row may use, and which groups are worth running."""
+    """The per-step view: which slots the rows use, which rows each may touch, and which
+    groups are worth running."""
 
-    def __init__(self, slots: LoraSlots, mask: torch.Tensor, active_groups: set[str]):
+    def __init__(
+        self,
+        slots: LoraSlots,
+        select: slice | torch.Tensor,
+        mask: torch.Tensor | None,
+        rows: int,
+        active_groups: set[str],
+        sparse: dict[int, torch.Tensor | None],  # sparse slot -> its rows (None: all)
+    ):
         self.slots = slots
-        self.mask = mask  # [rows, num_slots * max_rank]
+        self.select = select
+        self.mask = mask
+        self.rows = rows
         self.active_groups = active_groups
-        # the mask tiled once per part of a fused group (qkv: 3, gate_up: 2, o/down: 1)
-        parts = {len(modules) for modules in slots.groups.values()}
-        self._tiled = {count: mask.repeat(1, count) for count in parts}
+        self.sparse = sparse
 
     def repeat_rows(self, times: int) -> LoraBatch:
         """The same view for `times` copies of a one-row batch."""
-        return LoraBatch(self.slots, self.mask.repeat(times, 1), self.active_groups)
+        mask = None if self.mask is None else self.mask.repeat(1, times, 1)
+        # a lone row uses its sparse adapter (rows None) or has none: nothing to repeat
+        return LoraBatch(
+            self.slots, self.select, mask, self.rows * times, self.active_groups, self.sparse
+        )
 
     def pad_rows(self, rows: int) -> LoraBatch:
         """The same view for a batch padded to `rows` rows (the extra rows use no adapter).
-        With a mask taller than its input, `add_lora` pads the input to the mask's height, so
-        the LoRA GEMMs always see the same row count (see DecoderModel.fixed_decode_rows)."""
-        extra = rows - self.mask.shape[0]
+        `add_lora` pads the input to this height with zero rows, so the LoRA GEMMs always see
+        the same row count (see DecoderModel.fixed_decode_rows); a zero row's delta is 0."""
+        extra = rows - self.rows
         if extra <= 0:
             return self
-        mask = torch.cat((self.mask, self.mask.new_zeros(extra, self.mask.shape[1])))
-        return LoraBatch(self.slots, mask, self.active_groups)
+        mask = self.mask
+        if mask is not None:
+            mask = torch.cat((mask, mask.new_zeros(mask.shape[0], extra, 1)), dim=1)
+        return LoraBatch(self.slots, self.select, mask, rows, self.active_groups, self.sparse)
 
-    def layer(self, index: int) -> LayerLora:
-        """The factors one layer needs, as plain tensors: what the (compiled) layer function
-        takes, so one compiled graph serves every layer."""
-        return {
-            group: (
-                self.slots.a[group][index],
-                self.slots.b[group][index],
-                self._tiled[len(self.slots.groups[group])],
+    def layer(self, index: int) -> LayerAdapters:
+        """The factors one layer needs, as plain tensors."""
+        lora = {
+            group: GroupLora(
+                self.slots.a[group][index][self.select],
+                self.slots.b[group][index][self.select],
+                self.mask,
+                self.rows,
             )
             for group in self.active_groups
         }
+        sparse: dict[str, SparseTerms] = {}
+        for slot, rows in self.sparse.items():
+            for (layer, group), matrix in self.slots.sparse[slot].items():
+                if layer == index:
+                    sparse.setdefault(group, []).append((rows, matrix))
+        return LayerAdapters(lora, sparse)
 
 
-# group -> (A [parts * width, in], B [parts * width, out], row mask [rows, parts * width]);
-# a group that no row of the batch uses is absent
-LayerLora = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-
-
-def add_lora(
-    lora: LayerLora | None, group: str, x: torch.Tensor, out: torch.Tensor
+def add_adapters(
+    adapters: LayerAdapters | None, group: str, x: torch.Tensor, out: torch.Tensor
 ) -> torch.Tensor:
-    """out + the LoRA delta of each row's adapter for one fused projection group. A mask with
-    more rows than `x` (LoraBatch.pad_rows) pads `x` with zero rows to its height first."""
-    if lora is None or group not in lora:
+    """out + the delta of each row's adapter (LoRA or sparse) for one fused projection group."""
+    if adapters is None:
         return out
-    a, b, mask = lora[group]
+    if group in adapters.sparse:
+        out = add_sparse(adapters.sparse[group], x, out)
+    if group in adapters.lora:
+        out = add_lora(adapters.lora[group], x, out)
+    return out
+
+
+def add_lora(factors: GroupLora, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out + the LoRA delta of each row's slot. A view taller than `x` (LoraBatch.pad_rows)
+    pads `x` with zero rows to its height first.
+
+    One GEMM pair per slot in use, never one batched GEMM over the slots: a batched GEMM may
+    split its work by the batch size (one slot: threads share a product; several: one thread
+    per product), and a row's bits would then depend on which adapters its neighbours use."""
     rows = x.shape[0]
-    if mask.shape[0] > rows:
-        x = torch.cat((x, x.new_zeros(mask.shape[0] - rows, x.shape[1])))
-        return out + (((x @ a.t()) * mask) @ b)[:rows]
-    return out + ((x @ a.t()) * mask) @ b
+    if factors.rows > rows:
+        x = torch.cat((x, x.new_zeros(factors.rows - rows, x.shape[1])))
+    x = x.to(factors.a.dtype)
+    delta = None
+    for index in range(factors.a.shape[0]):
+        t = x @ factors.a[index]
+        if factors.mask is not None:
+            t = t * factors.mask[index]
+        # each row has one non-zero term in this sum: adding exact zeros keeps its bits
+        delta = t @ factors.b[index] if delta is None else delta + t @ factors.b[index]
+    return out + delta[:rows].to(out.dtype)

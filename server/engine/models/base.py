@@ -34,7 +34,7 @@ from server.engine.linear import (
     is_bnb,
     linear_for,
 )
-from server.engine.lora import LLAMA_GROUPS, LayerLora, LoraBatch, LoraSlots, add_lora
+from server.engine.lora import LLAMA_GROUPS, LayerAdapters, LoraBatch, LoraSlots, add_adapters
 
 logger = logging.getLogger(__name__)
 
@@ -368,7 +368,7 @@ class DecoderModel:
         w: LayerWeights,
         x: torch.Tensor,  # [tokens, hidden]
         rotary: dict[str, tuple[torch.Tensor, torch.Tensor]],  # see _rotary
-        lora: LayerLora | None,
+        lora: LayerAdapters | None,
         wide: bool = False,  # a prompt chunk of more than WIDE_ROWS tokens
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Norm, fused q/k/v projection and rotary embedding: q [tokens, heads, d], k and v
@@ -377,7 +377,7 @@ class DecoderModel:
         qkv = w.qkv(h, wide)
         if w.qkv_bias is not None:
             qkv = qkv + w.qkv_bias
-        qkv = add_lora(lora, "qkv", h, qkv)
+        qkv = add_adapters(lora, "qkv", h, qkv)
         tokens = x.shape[0]
         cos, sin = rotary[w.rope]
         # q and k heads side by side, rotated in one go
@@ -394,18 +394,18 @@ class DecoderModel:
         w: LayerWeights,
         x: torch.Tensor,  # [tokens, hidden] the layer's input (residual)
         attn: torch.Tensor,  # [tokens, q_size]
-        lora: LayerLora | None,
+        lora: LayerAdapters | None,
         wide: bool = False,
     ) -> torch.Tensor:
         """Output projection, residual and MLP: the layer's output [tokens, hidden]."""
-        out = add_lora(lora, "o", attn, w.o(attn, wide))
+        out = add_adapters(lora, "o", attn, w.o(attn, wide))
         if w.attn_out_norm is not None:
             out = self._rms_norm(out, w.attn_out_norm)
         x = x + out
         h = self._rms_norm(x, w.mlp_norm)
-        gate, up = add_lora(lora, "gate_up", h, w.gate_up(h, wide)).chunk(2, dim=-1)
+        gate, up = add_adapters(lora, "gate_up", h, w.gate_up(h, wide)).chunk(2, dim=-1)
         act = self.activation(gate) * up
-        out = add_lora(lora, "down", act, w.down(act, wide))
+        out = add_adapters(lora, "down", act, w.down(act, wide))
         if w.mlp_out_norm is not None:
             out = self._rms_norm(out, w.mlp_out_norm)
         return x + out

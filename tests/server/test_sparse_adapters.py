@@ -1,0 +1,244 @@
+"""Sparse (SHiRA) adapters served over HTTP in the batched engine beside LoRA and base rows.
+
+On a tiny random Llama (float32, dense weights): a PEFT SHiRA adapter with PEFT's seeded random
+mask and one with an importance-chosen mask (PEFT saves each mask's entries beside the values)
+load through `/v1/load_lora_adapter` and give PEFT's greedy tokens, alone and while base,
+LoRA and the other sparse adapter run in the same batches. On the bundled model: an adapter
+trained by `ragtune train --method sparse` loads the same way and serves PEFT's tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from ragtune.launcher import start_server
+from tests.conftest import ADMIN_KEY, API_KEY, SERVER_ENV
+from tests.engine.families import ALL_MODULES, hf_greedy, peft_adapter, save_model_dir
+
+MAX_TOKENS = 12
+PROMPTS = [
+    "The warehouse manual says that every pallet must be checked before it leaves the dock",
+    "Kubernetes operators reconcile the desired state of a custom resource with the cluster",
+]
+
+
+def shira_adapter(model, path: Path, seed: int, indices: bool):
+    """A PEFT SHiRA adapter with random values on every projection, saved to `path`. With
+    `indices`, its mask keeps each matrix's largest base weights (an importance choice no seed
+    regenerates); without, PEFT's seeded random mask, and the saved indices are dropped, as
+    older PEFT versions saved none, so the server draws the mask from the seed."""
+    from peft import ShiraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+
+    config = ShiraConfig(
+        r=2, target_modules=ALL_MODULES, random_seed=seed, init_weights=False, task_type="CAUSAL_LM"
+    )
+    if indices:
+
+        def largest(base_layer, r, **_):
+            weight = base_layer.weight.detach()
+            count = r * (weight.shape[0] + weight.shape[1])
+            mask = torch.zeros(weight.numel(), dtype=weight.dtype)
+            mask[weight.abs().flatten().topk(count).indices] = 1.0
+            return mask.view_as(weight)
+
+        config.mask_fn = largest
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(copy.deepcopy(model), config).eval()
+    with torch.no_grad():  # SHiRA values are drawn from randn: scale them to a mild change
+        for name, parameter in peft_model.named_parameters():
+            if "shira_weight" in name:
+                parameter.mul_(0.5)
+    peft_model.save_pretrained(path, safe_serialization=True)
+    weights = load_file(path / "adapter_model.safetensors")
+    assert any(k.endswith(".shira_indices") for k in weights)
+    if not indices:
+        kept = {k: v for k, v in weights.items() if not k.endswith(".shira_indices")}
+        save_file(kept, str(path / "adapter_model.safetensors"))
+    return peft_model
+
+
+def expected_text(model, tokenizer, prompt: str, eos: set[int]) -> str:
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    tokens = hf_greedy(model, ids, MAX_TOKENS - 1)
+    for i, token in enumerate(tokens):
+        if token in eos:
+            tokens = tokens[:i]
+            break
+    return tokenizer.decode(tokens).removesuffix("\ufffd")
+
+
+def load(running, name: str, path: Path) -> None:
+    response = httpx.post(
+        f"{running.v1}/load_lora_adapter",
+        json={"lora_name": name, "lora_path": str(path)},
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+        timeout=120,
+    )
+    assert response.status_code == 200, response.text
+
+
+def alone_and_mixed(running, expected: dict[tuple[str, str], str]) -> tuple[dict, dict]:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=running.v1, api_key=API_KEY, max_retries=0, timeout=300)
+
+    async def complete(prompt: str, which: str) -> str:
+        response = await client.completions.create(
+            model=which, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0
+        )
+        return response.choices[0].text
+
+    async def run() -> tuple[dict, dict]:
+        alone = {key: await complete(*key) for key in expected}
+        mixed = await asyncio.gather(*(complete(*key) for key in expected))
+        return alone, dict(zip(expected, mixed, strict=True))
+
+    return asyncio.run(run())
+
+
+def test_sparse_adapters_serve_peft_tokens_beside_lora_and_base(tmp_path):
+    model, tokenizer = save_model_dir("llama", tmp_path / "model")
+    adapters = tmp_path / "adapters"
+    references = {
+        "tiny-llama": model,
+        "lora": peft_adapter(model, "llama", adapters / "lora"),
+        "seeded": shira_adapter(model, adapters / "seeded", seed=3, indices=False),
+        "chosen": shira_adapter(model, adapters / "chosen", seed=4, indices=True),
+    }
+    env = {
+        **SERVER_ENV,
+        "RAGTUNE_MODEL__SOURCE": str(tmp_path / "model"),
+        "RAGTUNE_MODEL__SERVED_MODEL_NAME": "tiny-llama",
+        "RAGTUNE_MODEL__QUANTIZATION": "none",
+        "RAGTUNE_MODEL__DTYPE": "fp32",
+        "RAGTUNE_ENGINE__WEIGHTS": "dense",
+        "RAGTUNE_ADAPTERS__ROOTS": json.dumps([str(adapters)]),
+    }
+    running = start_server(env, tmp_path / "server.log")
+    try:
+        for name in ("lora", "seeded", "chosen"):
+            load(running, name, adapters / name)
+        listed = httpx.get(
+            f"{running.v1}/adapters", headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+        ).json()
+        assert "seeded" in json.dumps(listed) and "chosen" in json.dumps(listed)
+        eos = {tokenizer.eos_token_id}
+        with torch.no_grad():
+            expected = {
+                (prompt, name): expected_text(reference, tokenizer, prompt, eos)
+                for prompt in PROMPTS
+                for name, reference in references.items()
+            }
+        for name in ("seeded", "chosen"):  # each sparse adapter changes what the model says
+            assert any(expected[(p, name)] != expected[(p, "tiny-llama")] for p in PROMPTS)
+        alone, mixed = alone_and_mixed(running, expected)
+        assert alone == expected
+        assert mixed == expected
+    finally:
+        running.stop()
+
+
+def test_a_sparse_adapter_without_its_mask_is_refused(tmp_path):
+    """A mask whose entries were not saved and no seed rebuilds cannot be served exactly."""
+    model, _ = save_model_dir("llama", tmp_path / "model")
+    path = tmp_path / "adapters" / "lost"
+    shira_adapter(model, path, seed=5, indices=False)
+    config = json.loads((path / "adapter_config.json").read_text())
+    config["random_seed"] = None
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    env = {
+        **SERVER_ENV,
+        "RAGTUNE_MODEL__SOURCE": str(tmp_path / "model"),
+        "RAGTUNE_MODEL__QUANTIZATION": "none",
+        "RAGTUNE_MODEL__DTYPE": "fp32",
+        "RAGTUNE_ENGINE__WEIGHTS": "dense",
+        "RAGTUNE_ADAPTERS__ROOTS": json.dumps([str(tmp_path / "adapters")]),
+    }
+    running = start_server(env, tmp_path / "server.log")
+    try:
+        response = httpx.post(
+            f"{running.v1}/load_lora_adapter",
+            json={"lora_name": "lost", "lora_path": str(path)},
+            headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+            timeout=60,
+        )
+        assert response.status_code == 400
+        assert "random_seed" in response.json()["error"]["message"]
+    finally:
+        running.stop()
+
+
+@pytest.fixture(scope="module")
+def bundled_dir() -> Path:
+    from ragtune.config import default_home
+    from ragtune.models import resolve_model_dir
+
+    return resolve_model_dir("bundled", default_home())
+
+
+@pytest.mark.slow  # trains on the bundled model: minutes
+def test_trained_sparse_adapter_serves_peft_tokens_on_the_bundled_model(bundled_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.training.test_train import ROWS, VAL, tiny_config
+    from training.trainer import train
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, rows in (("train.jsonl", ROWS), ("val.jsonl", VAL)):
+        lines = [
+            json.dumps(
+                {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            )
+            for q, a in rows
+        ]
+        (data / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    config = tiny_config(
+        bundled_dir,
+        data,
+        method="sparse",
+        max_steps=6,
+        learning_rate=0.05,
+        adapter={"r": 8, "alpha": 16, "target_modules": ALL_MODULES},
+        output=tmp_path / "adapters" / "sparse",
+    )
+    result = train(config, home=tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(bundled_dir)
+    base = AutoModelForCausalLM.from_pretrained(bundled_dir, dtype=torch.float32).eval()
+    reference = PeftModel.from_pretrained(copy.deepcopy(base), result.adapter_dir).eval()
+    env = {
+        **SERVER_ENV,
+        "RAGTUNE_MODEL__QUANTIZATION": "none",
+        "RAGTUNE_MODEL__DTYPE": "fp32",
+        "RAGTUNE_ENGINE__WEIGHTS": "dense",
+        "RAGTUNE_ADAPTERS__ROOTS": json.dumps([str(tmp_path / "adapters")]),
+    }
+    running = start_server(env, tmp_path / "server.log")
+    try:
+        load(running, "sparse", result.adapter_dir)
+        served_name = httpx.get(
+            f"{running.v1}/models", headers={"Authorization": f"Bearer {API_KEY}"}
+        ).json()["data"][0]["id"]
+        eos = {tokenizer.eos_token_id}
+        prompts = [r[0] for r in ROWS[:2]]
+        with torch.no_grad():
+            expected = {
+                (prompt, name): expected_text(model, tokenizer, prompt, eos)
+                for prompt in prompts
+                for name, model in ((served_name, base), ("sparse", reference))
+            }
+        assert any(expected[(p, "sparse")] != expected[(p, served_name)] for p in prompts)
+        alone, mixed = alone_and_mixed(running, expected)
+        assert alone == expected
+        assert mixed == expected
+    finally:
+        running.stop()
