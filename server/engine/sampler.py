@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from server.engine.controls import RowControls
+from server.engine.grammar import fill_batch
 from server.engine.types import SamplingParams, TokenLogprobs
 
 Drawn = tuple[int, TokenLogprobs | None]
@@ -128,6 +129,7 @@ def row_draws(
     # float32 (logits near 1e34) is garbage too
     finite = torch.isfinite(logits.sum(dim=-1)).tolist()
     rows = controls or [None] * len(params)
+    fill_batch([c.grammar for c in rows if c is not None and c.grammar is not None])
 
     def draw(
         row: int, p: SamplingParams, generator: torch.Generator, control: RowControls | None
