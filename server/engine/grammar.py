@@ -82,46 +82,17 @@ class RowGrammar:
         import xgrammar as xgr
 
         self._xgr = xgr
-        self.matcher = xgr.GrammarMatcher(compiled)
-        self.vocab_size = compiled.tokenizer_info.vocab_size
-        self._bitmask = xgr.allocate_token_bitmask(1, self.vocab_size)
-        self._filled = False  # fill_batch filled the bitmask for the coming token
+        self._matcher = xgr.GrammarMatcher(compiled)
+        self._bitmask = xgr.allocate_token_bitmask(1, compiled.tokenizer_info.vocab_size)
 
     def mask(self, row: torch.Tensor) -> None:
         """Set the logits of tokens the grammar forbids next to -inf, in place ([vocab] fp32)."""
-        if not self._filled:
-            self.matcher.fill_next_token_bitmask(self._bitmask)
-        self._filled = False
+        self._matcher.fill_next_token_bitmask(self._bitmask)
         self._xgr.apply_token_bitmask_inplace(row.view(1, -1), self._bitmask)
 
     def accept(self, token: int) -> None:
-        if not self.matcher.is_terminated() and not self.matcher.accept_token(token):
+        if not self._matcher.is_terminated() and not self._matcher.accept_token(token):
             raise RuntimeError(f"token {token} does not continue the grammar")
-
-
-_batch_matcher: Any = None
-
-
-def fill_batch(grammars: list[RowGrammar]) -> None:
-    """Fill the next-token bitmasks of a step's constrained rows together, on the torch
-    threads (idle while the sampler runs), instead of one after another in each row's draw:
-    the mask is the one per-row cost of structured output that grows with the batch."""
-    global _batch_matcher
-    if len(grammars) < 2 or torch.get_num_threads() < 2:
-        return
-    import xgrammar as xgr
-
-    if _batch_matcher is None:
-        _batch_matcher = xgr.BatchGrammarMatcher(max_threads=torch.get_num_threads())
-    by_vocab: dict[int, list[RowGrammar]] = {}
-    for grammar in grammars:
-        by_vocab.setdefault(grammar.vocab_size, []).append(grammar)
-    for vocab_size, group in by_vocab.items():
-        bitmask = xgr.allocate_token_bitmask(len(group), vocab_size)
-        _batch_matcher.batch_fill_next_token_bitmask([g.matcher for g in group], bitmask)
-        for index, grammar in enumerate(group):
-            grammar._bitmask.copy_(bitmask[index : index + 1])
-            grammar._filled = True
 
 
 def _reason(exc: Exception) -> str:

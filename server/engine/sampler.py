@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from server.engine.controls import RowControls
-from server.engine.grammar import fill_batch
 from server.engine.types import SamplingParams, TokenLogprobs
 
 Drawn = tuple[int, TokenLogprobs | None]
@@ -129,7 +128,6 @@ def row_draws(
     # float32 (logits near 1e34) is garbage too
     finite = torch.isfinite(logits.sum(dim=-1)).tolist()
     rows = controls or [None] * len(params)
-    fill_batch([c.grammar for c in rows if c is not None and c.grammar is not None])
 
     def draw(
         row: int, p: SamplingParams, generator: torch.Generator, control: RowControls | None
