@@ -252,6 +252,7 @@ def add_lora(factors: GroupLora, x: torch.Tensor, out: torch.Tensor) -> torch.Te
         t = x @ factors.a[index]
         if factors.mask is not None:
             t = t * factors.mask[index]
-        # each row has one non-zero term in this sum: adding exact zeros keeps its bits
-        delta = t @ factors.b[index] if delta is None else delta + t @ factors.b[index]
+        # each row has one non-zero term in this sum (its own slot's): adding exact zeros
+        # to it, or it to zeros, keeps its bits whichever way the GEMM accumulates
+        delta = t @ factors.b[index] if delta is None else delta.addmm_(t, factors.b[index])
     return out + delta[:rows].to(out.dtype)
