@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from ragtune.fileio import sha256_file
+from ragtune.fileio import atomic_directory, atomic_write_text, sha256_file
 
 SPLIT_FILES = {"train": "train.jsonl", "val": "val.jsonl", "test": "test.jsonl"}
 STATS_FILE = "stats.json"
@@ -43,3 +43,42 @@ def dataset_hash(data_dir: Path) -> str:
         if path.is_file():
             digest.update(f"{split}:{sha256_file(path)}\n".encode())
     return digest.hexdigest()
+
+
+def write_split_dataset(
+    out: Path,
+    examples: list[Any],
+    *,
+    val_ratio: float,
+    test_ratio: float,
+    seed: int,
+    summarize: Callable[[dict[str, list[Any]], dict[str, str]], dict[str, Any]],
+    doc_ids: list[str] | None = None,
+) -> dict[str, Any]:
+    """Split `examples` by their documents (`doc_id`: all of a document's examples in one
+    split; `doc_ids`, default the examples', are the documents the split is drawn over),
+    write the split files and stats.json as one atomic directory, and return the stats: the
+    common fields, then `summarize(by_split, assignment)`'s own."""
+    from training.split import split_documents
+
+    assignment = split_documents(
+        doc_ids if doc_ids is not None else [example.doc_id for example in examples],
+        val_ratio=val_ratio,
+        test_ratio=test_ratio,
+        seed=seed,
+    )
+    by_split: dict[str, list[Any]] = {split: [] for split in SPLIT_FILES}
+    for example in examples:
+        by_split[assignment[example.doc_id]].append(example)
+    with atomic_directory(out) as scratch:
+        for split, name in SPLIT_FILES.items():
+            write_jsonl(scratch / name, (example.to_json() for example in by_split[split]))
+        summary = {
+            "examples": {split: len(rows) for split, rows in by_split.items()},
+            "seed": seed,
+            "split_ratios": {"val": val_ratio, "test": test_ratio},
+            "data_hash": dataset_hash(scratch),
+            **summarize(by_split, assignment),
+        }
+        atomic_write_text(scratch / STATS_FILE, json.dumps(summary, indent=2, ensure_ascii=False))
+    return summary

@@ -15,7 +15,6 @@ splits documents: each response is its own document (`feedback:<response id>`).
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,12 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from ragtune.feedback_store import FeedbackStore
-from ragtune.fileio import atomic_directory, atomic_write_text
-from training.dataset import SPLIT_FILES, STATS_FILE, dataset_hash, read_split, write_jsonl
+from training.dataset import SPLIT_FILES, read_split, write_split_dataset
 from training.dedupe import remove_exact, remove_near, text_hash
 from training.pii import mask_pii
 from training.records import Example
-from training.split import split_documents
 
 logger = logging.getLogger(__name__)
 
@@ -125,20 +122,13 @@ def prepare_from_feedback(options: FeedbackOptions) -> dict[str, Any]:
             "feedback.store_conversations on can be used)"
         )
 
-    assignment = split_documents(
-        [example.doc_id for example in kept],
+    summary = write_split_dataset(
+        options.out,
+        kept,
         val_ratio=options.val_ratio,
         test_ratio=options.test_ratio,
         seed=options.seed,
-    )
-    by_split: dict[str, list[Example]] = {split: [] for split in SPLIT_FILES}
-    for example in kept:
-        by_split[assignment[example.doc_id]].append(example)
-
-    with atomic_directory(options.out) as scratch:
-        for split, name in SPLIT_FILES.items():
-            write_jsonl(scratch / name, (example.to_json() for example in by_split[split]))
-        summary = {
+        summarize=lambda by_split, assignment: {
             "recipe": RECIPE,
             "sources": [str(options.feedback_dir)],
             "against": [str(directory) for directory in options.against],
@@ -146,13 +136,9 @@ def prepare_from_feedback(options: FeedbackOptions) -> dict[str, Any]:
             "examples_removed_exact_duplicates": exact_within,
             "examples_removed_existing_duplicates": exact_against,
             "examples_removed_near_duplicates": near,
-            "examples": {split: len(rows) for split, rows in by_split.items()},
             "pii_masked": dict(sorted(pii.items())),
-            "seed": options.seed,
-            "split_ratios": {"val": options.val_ratio, "test": options.test_ratio},
             "retention_days": options.retention_days,
-            "data_hash": dataset_hash(scratch),
-        }
-        atomic_write_text(scratch / STATS_FILE, json.dumps(summary, indent=2, ensure_ascii=False))
+        },
+    )
     logger.info("prepared %d examples from feedback in %s", len(kept), options.out)
     return summary

@@ -13,15 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ragtune.fileio import atomic_directory, atomic_write_text
-from training.dataset import SPLIT_FILES, STATS_FILE, dataset_hash, write_jsonl
+from training.dataset import write_split_dataset
 from training.dedupe import dedupe, remove_exact
 from training.documents import Document, load_documents
 from training.keywords import KeywordIndex
 from training.pii import mask_pii
 from training.recipes import Generator, RecipeContext, get_recipe
 from training.records import Example
-from training.split import split_documents
 
 logger = logging.getLogger(__name__)
 
@@ -92,20 +90,8 @@ def prepare(options: PrepareOptions, generator: Generator | None = None) -> dict
                 pii.update({f"generated_{kind}": n for kind, n in result.counts.items()})
     examples, example_dupes = remove_exact(examples, key=lambda example: example.text)
 
-    assignment = split_documents(
-        [document.id for document in documents],
-        val_ratio=options.val_ratio,
-        test_ratio=options.test_ratio,
-        seed=options.seed,
-    )
-    by_split: dict[str, list[Example]] = {split: [] for split in SPLIT_FILES}
-    for example in examples:
-        by_split[assignment[example.doc_id]].append(example)
-
-    with atomic_directory(options.out) as scratch:
-        for split, name in SPLIT_FILES.items():
-            write_jsonl(scratch / name, (example.to_json() for example in by_split[split]))
-        summary = {
+    def summarize(by_split: dict[str, list[Example]], assignment: dict[str, str]) -> dict:
+        return {
             "recipe": options.recipe,
             "qa_generator": options.qa_generator if options.recipe in ("qa", "code") else None,
             "sources": [str(source) for source in options.sources],
@@ -115,19 +101,22 @@ def prepare(options: PrepareOptions, generator: Generator | None = None) -> dict
             "units_removed_exact_duplicates": unit_dupes.exact,
             "units_removed_near_duplicates": unit_dupes.near,
             "examples_removed_exact_duplicates": example_dupes,
-            "examples": {split: len(rows) for split, rows in by_split.items()},
             "pii_masked": dict(sorted(pii.items())),
             "recipe_stats": dict(sorted(stats.items())),
             "mean_prompt_chars": _mean(ex.messages[-2]["content"] for ex in examples),
             "mean_answer_chars": _mean(ex.messages[-1]["content"] for ex in examples),
-            "seed": options.seed,
-            "split_ratios": {"val": options.val_ratio, "test": options.test_ratio},
-            "data_hash": dataset_hash(scratch),
             **options.extra_stats,
         }
-        import json
 
-        atomic_write_text(scratch / STATS_FILE, json.dumps(summary, indent=2, ensure_ascii=False))
+    summary = write_split_dataset(
+        options.out,
+        examples,
+        val_ratio=options.val_ratio,
+        test_ratio=options.test_ratio,
+        seed=options.seed,
+        summarize=summarize,
+        doc_ids=[document.id for document in documents],
+    )
     logger.info(
         "prepared %d examples from %d documents in %s", len(examples), len(documents), options.out
     )
