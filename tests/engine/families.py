@@ -146,3 +146,41 @@ def save_model_dir(family: str, path: Path):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return model, tokenizer
+
+
+def expected_text(model, tokenizer, prompt: str, eos: set[int], max_tokens: int) -> str:
+    """What the server should answer to a greedy completion of `prompt` with `max_tokens`:
+    Hugging Face's (or PEFT's) greedy tokens up to the first end-of-sequence token."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    tokens = hf_greedy(model, ids, max_tokens - 1)
+    for i, token in enumerate(tokens):
+        if token in eos:
+            tokens = tokens[:i]
+            break
+    # the server holds back an incomplete UTF-8 sequence at the end (no split characters)
+    return tokenizer.decode(tokens).removesuffix("\ufffd")
+
+
+def served_alone_and_mixed(
+    v1: str, api_key: str, keys: list[tuple[str, str]], max_tokens: int
+) -> tuple[dict, dict]:
+    """Greedy completions of each (prompt, model) over HTTP with the official client: one
+    after another, then all at once (one mixed batch); two dicts keyed like `keys`."""
+    import asyncio
+
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=v1, api_key=api_key, max_retries=0, timeout=300)
+
+    async def complete(prompt: str, which: str) -> str:
+        response = await client.completions.create(
+            model=which, prompt=prompt, max_tokens=max_tokens, temperature=0
+        )
+        return response.choices[0].text
+
+    async def run() -> tuple[dict, dict]:
+        alone = {key: await complete(*key) for key in keys}
+        mixed = await asyncio.gather(*(complete(*key) for key in keys))
+        return alone, dict(zip(keys, mixed, strict=True))
+
+    return asyncio.run(run())

@@ -6,7 +6,6 @@ concurrently in one batch. Prompts are longer than the sliding window."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import httpx
@@ -15,7 +14,13 @@ import torch
 
 from ragtune.launcher import start_server
 from tests.conftest import ADMIN_KEY, API_KEY, SERVER_ENV
-from tests.engine.families import FAMILY_NAMES, hf_greedy, peft_adapter, save_model_dir
+from tests.engine.families import (
+    FAMILY_NAMES,
+    expected_text,
+    peft_adapter,
+    save_model_dir,
+    served_alone_and_mixed,
+)
 
 MAX_TOKENS = 16
 PROMPTS = [
@@ -52,19 +57,7 @@ def _as_set(value) -> set[int]:
     return set(value) if isinstance(value, list) else {value}
 
 
-def expected_text(model, tokenizer, prompt: str, eos: set[int]) -> str:
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    tokens = hf_greedy(model, ids, MAX_TOKENS - 1)
-    for i, token in enumerate(tokens):
-        if token in eos:
-            tokens = tokens[:i]
-            break
-    # the server holds back an incomplete UTF-8 sequence at the end (no split characters)
-    return tokenizer.decode(tokens).removesuffix("\ufffd")
-
-
 def test_family_serves_hugging_face_and_peft_tokens_alone_and_mixed(served):
-    import openai
 
     name, running, tokenizer, model, peft_model, root, eos = served
     models = httpx.get(f"{running.v1}/models", headers={"Authorization": f"Bearer {API_KEY}"})
@@ -80,26 +73,13 @@ def test_family_serves_hugging_face_and_peft_tokens_alone_and_mixed(served):
 
     with torch.no_grad():
         expected = {
-            (prompt, which): expected_text(m, tokenizer, prompt, eos)
+            (prompt, which): expected_text(m, tokenizer, prompt, eos, MAX_TOKENS)
             for prompt in PROMPTS
             for which, m in ((f"tiny-{name}", model), ("tuned", peft_model))
         }
     assert any(expected[(p, f"tiny-{name}")] != expected[(p, "tuned")] for p in PROMPTS)
 
-    client = openai.AsyncOpenAI(base_url=running.v1, api_key=API_KEY, max_retries=0, timeout=120)
-
-    async def complete(prompt: str, which: str) -> str:
-        response = await client.completions.create(
-            model=which, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0
-        )
-        return response.choices[0].text
-
-    async def run() -> tuple[dict, dict]:
-        alone = {key: await complete(*key) for key in expected}
-        mixed = await asyncio.gather(*(complete(*key) for key in expected))
-        return alone, dict(zip(expected, mixed, strict=True))
-
-    alone, mixed = asyncio.run(run())
+    alone, mixed = served_alone_and_mixed(running.v1, API_KEY, list(expected), MAX_TOKENS)
     assert alone == expected, name
     assert mixed == expected, name
 

@@ -9,7 +9,6 @@ trained by `ragtune train --method sparse` loads the same way and serves PEFT's 
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import json
 from pathlib import Path
@@ -20,7 +19,13 @@ import torch
 
 from ragtune.launcher import start_server
 from tests.conftest import ADMIN_KEY, API_KEY, SERVER_ENV
-from tests.engine.families import ALL_MODULES, hf_greedy, peft_adapter, save_model_dir
+from tests.engine.families import (
+    ALL_MODULES,
+    expected_text,
+    peft_adapter,
+    save_model_dir,
+    served_alone_and_mixed,
+)
 
 MAX_TOKENS = 12
 PROMPTS = [
@@ -65,16 +70,6 @@ def shira_adapter(model, path: Path, seed: int, indices: bool):
     return peft_model
 
 
-def expected_text(model, tokenizer, prompt: str, eos: set[int]) -> str:
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    tokens = hf_greedy(model, ids, MAX_TOKENS - 1)
-    for i, token in enumerate(tokens):
-        if token in eos:
-            tokens = tokens[:i]
-            break
-    return tokenizer.decode(tokens).removesuffix("\ufffd")
-
-
 def load(running, name: str, path: Path) -> None:
     response = httpx.post(
         f"{running.v1}/load_lora_adapter",
@@ -83,25 +78,6 @@ def load(running, name: str, path: Path) -> None:
         timeout=120,
     )
     assert response.status_code == 200, response.text
-
-
-def alone_and_mixed(running, expected: dict[tuple[str, str], str]) -> tuple[dict, dict]:
-    import openai
-
-    client = openai.AsyncOpenAI(base_url=running.v1, api_key=API_KEY, max_retries=0, timeout=300)
-
-    async def complete(prompt: str, which: str) -> str:
-        response = await client.completions.create(
-            model=which, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0
-        )
-        return response.choices[0].text
-
-    async def run() -> tuple[dict, dict]:
-        alone = {key: await complete(*key) for key in expected}
-        mixed = await asyncio.gather(*(complete(*key) for key in expected))
-        return alone, dict(zip(expected, mixed, strict=True))
-
-    return asyncio.run(run())
 
 
 def test_sparse_adapters_serve_peft_tokens_beside_lora_and_base(tmp_path):
@@ -133,13 +109,13 @@ def test_sparse_adapters_serve_peft_tokens_beside_lora_and_base(tmp_path):
         eos = {tokenizer.eos_token_id}
         with torch.no_grad():
             expected = {
-                (prompt, name): expected_text(reference, tokenizer, prompt, eos)
+                (prompt, name): expected_text(reference, tokenizer, prompt, eos, MAX_TOKENS)
                 for prompt in PROMPTS
                 for name, reference in references.items()
             }
         for name in ("seeded", "chosen"):  # each sparse adapter changes what the model says
             assert any(expected[(p, name)] != expected[(p, "tiny-llama")] for p in PROMPTS)
-        alone, mixed = alone_and_mixed(running, expected)
+        alone, mixed = served_alone_and_mixed(running.v1, API_KEY, list(expected), MAX_TOKENS)
         assert alone == expected
         assert mixed == expected
     finally:
@@ -232,12 +208,12 @@ def test_trained_sparse_adapter_serves_peft_tokens_on_the_bundled_model(bundled_
         prompts = [r[0] for r in ROWS[:2]]
         with torch.no_grad():
             expected = {
-                (prompt, name): expected_text(model, tokenizer, prompt, eos)
+                (prompt, name): expected_text(model, tokenizer, prompt, eos, MAX_TOKENS)
                 for prompt in prompts
                 for name, model in ((served_name, base), ("sparse", reference))
             }
         assert any(expected[(p, "sparse")] != expected[(p, served_name)] for p in prompts)
-        alone, mixed = alone_and_mixed(running, expected)
+        alone, mixed = served_alone_and_mixed(running.v1, API_KEY, list(expected), MAX_TOKENS)
         assert alone == expected
         assert mixed == expected
     finally:
