@@ -180,6 +180,34 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--base-model", help="'bundled' or a local model directory")
     parser.add_argument("--seed", type=int)
     parser.add_argument(
+        "--rank",
+        type=_int_or_auto,
+        metavar="R|auto",
+        help="adapter.r; 'auto' sweeps search.ranks on the validation split and keeps the "
+        "fewest parameters within 5%% of the best validation-loss reduction",
+    )
+    parser.add_argument(
+        "--density",
+        type=_float_or_auto,
+        metavar="D|auto",
+        help="sparse only: trained fraction of the target weights in (0, 1] (replaces r); "
+        "'auto' sweeps search.densities",
+    )
+    parser.add_argument(
+        "--sparse-selection",
+        choices=("random", "gradient", "magnitude"),
+        help="sparse only: which entries train: PEFT's seeded random mask, the largest "
+        "accumulated |grad| on a calibration pass over the training data, or the largest |W|",
+    )
+    parser.add_argument(
+        "--calibration-batches", type=int, help="batches of the gradient calibration pass"
+    )
+    parser.add_argument(
+        "--budget-minutes",
+        type=float,
+        help="wall-time budget of the --rank auto / --density auto sweep",
+    )
+    parser.add_argument(
         "--resume",
         nargs="?",
         const="latest",
@@ -203,11 +231,39 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         "version": args.version,
         "base_model": args.base_model,
         "seed": args.seed,
+        "adapter.r": args.rank,
+        "adapter.density": args.density,
+        "adapter.selection": args.sparse_selection,
+        "adapter.calibration_batches": args.calibration_batches,
+        "search.budget_minutes": args.budget_minutes,
     }
-    config = load_train_config(args.config, {k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if args.rank is not None and args.density is not None:
+        raise ValueError("--rank and --density set the same budget: give one of them")
+    if args.rank is not None:
+        given["adapter.density"] = None  # the flag's rank replaces a density from the file
+    config = load_train_config(args.config, given)
     if args.no_progress:
         config.progress = False
     return config
+
+
+def _int_or_auto(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
+
+
+def _float_or_auto(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -29,12 +29,73 @@ class _Strict(BaseModel):
 
 class AdapterSettings(_Strict):
     """LoRA/QLoRA rank and scaling; for `sparse` (SHiRA) `r` sets the trainable budget:
-    r * (in + out) weights per target matrix, the same count LoRA of rank r would train."""
+    r * (in + out) weights per target matrix, the same count LoRA of rank r would train.
 
-    r: int = Field(16, ge=1)
+    `r: auto` (and, for sparse, `density: auto`) sweeps the budget (`search`); `density` is
+    the sparse budget as a fraction of all target weights, turned into the `r` whose
+    r * (in + out) entries per matrix come nearest to it (PEFT's SHiRA and the server keep
+    that count per matrix). `selection` chooses which entries a sparse adapter trains."""
+
+    r: int | Literal["auto"] = Field(16, description="rank, or 'auto' to sweep `search.ranks`")
     alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r)")
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+    density: float | Literal["auto"] | None = Field(
+        None,
+        description="sparse only: trained fraction of the target weights, in (0, 1]; replaces r",
+    )
+    selection: Literal["random", "gradient", "magnitude"] = Field(
+        "random",
+        description="sparse only: PEFT's seeded random mask, the largest accumulated |grad| "
+        "over a calibration pass on the training data, or the largest |W|",
+    )
+    calibration_batches: int = Field(
+        16, ge=1, description="gradient selection: training batches in the calibration pass"
+    )
+
+    @model_validator(mode="after")
+    def _budget(self) -> AdapterSettings:
+        if isinstance(self.r, int) and self.r < 1:
+            raise ValueError("adapter.r must be at least 1 (or 'auto')")
+        if isinstance(self.density, float) and not 0 < self.density <= 1:
+            raise ValueError(f"adapter.density must be in (0, 1], got {self.density}")
+        if self.r == "auto" and self.density is not None:
+            raise ValueError(
+                "adapter.r 'auto' and adapter.density both set: sweep one budget "
+                "(--rank auto sweeps ranks, --density auto sweeps densities)"
+            )
+        return self
+
+    @property
+    def auto(self) -> bool:
+        return self.r == "auto" or self.density == "auto"
+
+
+class SearchSettings(_Strict):
+    """`r: auto` / `density: auto`: candidates, tried smallest first, each trained with the
+    full settings (max_steps, early stopping on val) until the budget would be exceeded; the
+    chosen one is the adapter written (see training/rank_search.py for the rule)."""
+
+    budget_minutes: float = Field(10.0, gt=0, description="wall-time budget of the sweep")
+    ranks: list[int] = Field(default_factory=lambda: [2, 4, 8, 16, 32], min_length=1)
+    densities: list[float] = Field(
+        default_factory=lambda: [0.005, 0.01, 0.02, 0.04, 0.08], min_length=1
+    )
+    tolerance: float = Field(
+        0.05,
+        ge=0,
+        lt=1,
+        description="keep the smallest candidate with at least (1 - tolerance) of the best "
+        "candidate's validation-loss reduction",
+    )
+
+    @model_validator(mode="after")
+    def _candidates(self) -> SearchSettings:
+        if any(r < 1 for r in self.ranks):
+            raise ValueError("search.ranks must be at least 1")
+        if any(not 0 < d <= 1 for d in self.densities):
+            raise ValueError("search.densities must be in (0, 1]")
+        return self
 
 
 class TrainConfig(_Strict):
@@ -49,6 +110,7 @@ class TrainConfig(_Strict):
     output: Path | None = Field(None, description="default $RAGTUNE_HOME/adapters/NAME/VERSION")
     method: Literal["lora", "qlora", "sparse"] = "lora"
     adapter: AdapterSettings = Field(default_factory=AdapterSettings)
+    search: SearchSettings = Field(default_factory=SearchSettings)
 
     max_steps: int = Field(200, ge=1, description="optimizer steps (an upper bound)")
     epochs: float = Field(3.0, gt=0, description="used only when max_steps is -1")
@@ -84,6 +146,17 @@ class TrainConfig(_Strict):
     def _checkpoint_cadence(self) -> TrainConfig:
         if self.save_steps is not None and self.save_steps % self.eval_steps:
             raise ValueError("save_steps must be a multiple of eval_steps (best-model tracking)")
+        if self.method != "sparse":
+            if self.adapter.density is not None:
+                raise ValueError(
+                    f"adapter.density (--density) applies to --method sparse only, not "
+                    f"{self.method}: set the LoRA budget with adapter.r (--rank)"
+                )
+            if self.adapter.selection != "random":
+                raise ValueError(
+                    f"adapter.selection (--sparse-selection) applies to --method sparse only, "
+                    f"not {self.method}"
+                )
         return self
 
     @property

@@ -110,18 +110,29 @@ def _resume_checkpoint(resume: str | None, checkpoint_dir: Path) -> str | None:
     return last
 
 
-def peft_config(config: TrainConfig) -> Any:
-    """LoRA for lora/qlora; SHiRA (sparse high-rank adapter) for sparse."""
+def peft_config(config: TrainConfig, mask_fn: Any = None) -> Any:
+    """LoRA for lora/qlora; SHiRA (sparse high-rank adapter) for sparse: PEFT's seeded random
+    mask, or `mask_fn` (training/sparse_selection.py), recorded as `mask_type` =
+    adapter.selection with no seed (PEFT saves the chosen entries; none can be redrawn)."""
     settings = config.adapter
     if config.method == "sparse":
+        import warnings
+
         from peft import ShiraConfig
 
-        return ShiraConfig(
-            r=settings.r,
-            target_modules=list(settings.target_modules),
-            random_seed=config.seed,
-            task_type="CAUSAL_LM",
-        )
+        chosen = mask_fn is not None
+        with warnings.catch_warnings():  # PEFT warns that a custom mask_type needs a mask_fn
+            warnings.simplefilter("ignore", UserWarning)
+            shira = ShiraConfig(
+                r=settings.r,
+                target_modules=list(settings.target_modules),
+                mask_type=settings.selection if chosen else "random",
+                random_seed=None if chosen else config.seed,
+                task_type="CAUSAL_LM",
+            )
+        if chosen:
+            shira.mask_fn = mask_fn
+        return shira
     from peft import LoraConfig
 
     return LoraConfig(
@@ -195,7 +206,12 @@ def train(
     home: Path | None = None,
     callbacks: list[Any] | None = None,
 ) -> TrainResult:
-    """Train and write the adapter; returns its directory and metrics (on every rank)."""
+    """Train and write the adapter; returns its directory and metrics (on every rank).
+    `adapter.r: auto` / `adapter.density: auto` sweep the budget (training/rank_search.py)."""
+    if config.adapter.auto:
+        from training.rank_search import train_with_search
+
+        return train_with_search(config, home or default_home(), callbacks, resume)
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import Trainer, TrainingArguments, set_seed
@@ -244,7 +260,29 @@ def train(
         )
     elif config.gradient_checkpointing:
         model.enable_input_require_grads()
-    model = get_peft_model(model, peft_config(config))
+    tokenizer = loaded.tokenizer
+    train_set = encode_rows(tokenizer, train_rows, config.max_seq_len)
+    val_set = encode_rows(tokenizer, val_rows, config.max_seq_len)
+    collator = PadCollator(tokenizer.pad_token_id)
+    selection = None
+    if config.method == "sparse":
+        from training.sparse_selection import calibration_batches, select
+
+        selection = select(
+            model,
+            config.adapter,
+            lambda: calibration_batches(
+                train_set,
+                collator,
+                config.batch_size,
+                config.adapter.calibration_batches,
+                config.seed,
+            ),
+        )
+        config.adapter.r = selection.r
+    model = get_peft_model(model, peft_config(config, selection and selection.mask_fn))
+    if selection is not None:  # the masks are built: free the scores the function holds
+        model.peft_config["default"].mask_fn = None
     trainable, total = model.get_nb_trainable_parameters()
     logger.info(
         "%s adapter: %d trainable of %d parameters (%.2f%%)",
@@ -254,9 +292,6 @@ def train(
         100 * trainable / total,
     )
 
-    tokenizer = loaded.tokenizer
-    train_set = encode_rows(tokenizer, train_rows, config.max_seq_len)
-    val_set = encode_rows(tokenizer, val_rows, config.max_seq_len)
     has_val = bool(val_set)
     if not has_val:
         logger.warning("no validation examples: no eval loss, no early stopping")
@@ -303,7 +338,7 @@ def train(
         args=args,
         train_dataset=train_set,
         eval_dataset=val_set or None,
-        data_collator=PadCollator(tokenizer.pad_token_id),
+        data_collator=collator,
         callbacks=[*_callbacks(config, has_val, timer), *(callbacks or [])],
     )
     # The starting loss is measured outside train(): as an in-loop evaluation it would set the
@@ -352,6 +387,8 @@ def train(
         "base_quantization": loaded.quantization,
         "estimated_memory_bytes": _estimate_for(config, loaded.model_dir, loaded.device),
     }
+    if selection is not None:
+        metrics["sparse_selection"] = selection.record
     if trainer.is_world_process_zero():
         manifest = AdapterManifest(
             name=config.name,
