@@ -85,11 +85,14 @@ def _url(args: argparse.Namespace) -> str:
     return f"http://{server.host}:{server.port}/v1"
 
 
-def _call(method: str, url: str, key: str, body: dict[str, Any] | None = None) -> Any:
+def admin_call(
+    method: str, url: str, key: str, body: dict[str, Any] | None = None, timeout: float = 120
+) -> Any:
+    """One admin request; RuntimeError naming the status and body unless it is a 200."""
     import httpx
 
     response = httpx.request(
-        method, url, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=120
+        method, url, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=timeout
     )
     if response.status_code != 200:
         raise RuntimeError(f"{method} {url}: {response.status_code} {response.text}")
@@ -100,73 +103,132 @@ def run_promote(args: argparse.Namespace) -> int:
     import httpx
     import openai
 
-    from evaluation.gate import GateOptions, run_gate
-    from ragtune.config import default_home
-
     name, at, version = args.target.partition("@")
     if not at or not name or not version:
         raise ValueError(f"give the candidate as NAME@VERSION, not {args.target!r}")
-    if not args.gate.is_file():
-        raise FileNotFoundError(f"--gate {args.gate}: no such file")
-    if args.min_delta < 0:
-        raise ValueError("--min-delta must be >= 0")
     for noisy in ("httpx", "faiss.loader", "bm25s"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    url, key = _url(args), _admin_key(args.admin_key)
     try:
-        listed = _call("GET", f"{url}/adapters", key)["data"]
-        found = next((a for a in listed if a["name"] == name), None)
-        if found is None:
-            raise ValueError(f"adapter {name} is not loaded on {url}")
-        if version not in {v["version"] for v in found["versions"]}:
-            raise ValueError(f"{name}@{version} is not loaded on {url}; load it first")
-        active = found["active_version"]
-        if version == active:
-            raise ValueError(f"{name}@{version} is already the active version")
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        out = args.out or default_home() / "gates" / name / f"{version}-vs-{active}-{stamp}"
-        gate = run_gate(
-            GateOptions(
-                url=url,
-                api_key=key,
-                adapter=name,
-                active=active,
-                candidate=version,
-                dataset=args.gate,
-                out=out,
-                metric=args.metric,
-                min_delta=args.min_delta,
-                limit=args.limit,
-                seed=args.seed,
-                max_tokens=args.max_tokens,
-                concurrency=args.concurrency,
-                progress=not args.no_progress,
-            )
-        )
-        accepted = gate.pop("accepted")
-        result = _call(
-            "POST",
-            f"{url}/adapters/{name}/promote",
-            key,
-            {
-                "version": version,
-                "accepted": accepted,
-                "gate": gate,
-                "requested_by": f"cli:{getpass.getuser()}",
-            },
+        outcome = gate_and_promote(
+            name,
+            version,
+            args.gate,
+            url=_url(args),
+            key=_admin_key(args.admin_key),
+            out=args.out,
+            metric=args.metric,
+            min_delta=args.min_delta,
+            limit=args.limit,
+            seed=args.seed,
+            max_tokens=args.max_tokens,
+            concurrency=args.concurrency,
+            progress=not args.no_progress,
         )
     except (RuntimeError, httpx.HTTPError, openai.APIError) as exc:
         print(f"ragtune: error: {exc}", file=sys.stderr)
         return 1
-    paired = gate["paired"] or {}
-    print(
-        f"{result['decision']}: {name}@{version} vs {active} on {gate['metric']} "
-        f"({gate['questions']} questions): candidate - active = {_num(paired.get('diff'))} "
-        f"[{_num(paired.get('low'))}, {_num(paired.get('high'))}], min-delta "
-        f"{args.min_delta}; active version now {result['active_version']}"
+    print(describe_promotion(outcome))
+    print(f"reports: {outcome['out']}", file=sys.stderr)
+    return 0 if outcome["accepted"] else REFUSED
+
+
+def gate_and_promote(
+    name: str,
+    version: str,
+    dataset: Path,
+    *,
+    url: str,
+    key: str,
+    out: Path | None = None,
+    metric: str = "auto",
+    min_delta: float = 0.0,
+    limit: int | None = None,
+    seed: int = 0,
+    max_tokens: int = 32,
+    concurrency: int = 8,
+    progress: bool = True,
+    requested_by: str | None = None,
+) -> dict[str, Any]:
+    """Gate NAME@VERSION against the server's active version and record the decision
+    through `POST /v1/adapters/{name}/promote` (which activates an accepted version).
+
+    Returns {accepted, decision, name, version, active, gate, result, out}. Raises
+    ValueError for bad input (not loaded, already active, ...), RuntimeError, httpx or
+    openai errors when the server or a benchmark run fails. Also used by `ragtune retrain`.
+    """
+    from evaluation.gate import GateOptions, run_gate
+    from ragtune.config import default_home
+
+    if not dataset.is_file():
+        raise FileNotFoundError(f"--gate {dataset}: no such file")
+    if min_delta < 0:
+        raise ValueError("--min-delta must be >= 0")
+    url = url.rstrip("/")
+    listed = admin_call("GET", f"{url}/adapters", key)["data"]
+    found = next((a for a in listed if a["name"] == name), None)
+    if found is None:
+        raise ValueError(f"adapter {name} is not loaded on {url}")
+    if version not in {v["version"] for v in found["versions"]}:
+        raise ValueError(f"{name}@{version} is not loaded on {url}; load it first")
+    active = found["active_version"]
+    if version == active:
+        raise ValueError(f"{name}@{version} is already the active version")
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    out = out or default_home() / "gates" / name / f"{version}-vs-{active}-{stamp}"
+    gate = run_gate(
+        GateOptions(
+            url=url,
+            api_key=key,
+            adapter=name,
+            active=active,
+            candidate=version,
+            dataset=dataset,
+            out=out,
+            metric=metric,
+            min_delta=min_delta,
+            limit=limit,
+            seed=seed,
+            max_tokens=max_tokens,
+            concurrency=concurrency,
+            progress=progress,
+        )
     )
-    print(f"reports: {out}", file=sys.stderr)
-    return 0 if accepted else REFUSED
+    accepted = gate.pop("accepted")
+    result = admin_call(
+        "POST",
+        f"{url}/adapters/{name}/promote",
+        key,
+        {
+            "version": version,
+            "accepted": accepted,
+            "gate": gate,
+            "requested_by": requested_by or f"cli:{getpass.getuser()}",
+        },
+    )
+    return {
+        "accepted": accepted,
+        "decision": result["decision"],
+        "name": name,
+        "version": version,
+        "active": active,
+        "active_now": result["active_version"],
+        "min_delta": min_delta,
+        "gate": gate,
+        "out": out,
+    }
+
+
+def describe_promotion(outcome: dict[str, Any]) -> str:
+    """One line: the decision and the paired difference with its interval."""
+    gate = outcome["gate"]
+    paired = gate["paired"] or {}
+    return (
+        f"{outcome['decision']}: {outcome['name']}@{outcome['version']} vs "
+        f"{outcome['active']} on {gate['metric']} ({gate['questions']} questions): candidate "
+        f"- active = {_num(paired.get('diff'))} [{_num(paired.get('low'))}, "
+        f"{_num(paired.get('high'))}], min-delta {outcome['min_delta']}; active version now "
+        f"{outcome['active_now']}"
+    )
 
 
 def _num(value: float | None) -> str:

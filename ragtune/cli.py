@@ -62,6 +62,7 @@ def _area_commands() -> list:
         "training.cli",
         "evaluation.cli",
         "evaluation.adapters_cli",
+        "training.retrain_cli",
     ):
         try:
             module = importlib.import_module(module_name)
