@@ -647,8 +647,12 @@ def _run_locked(
         found = changes(config, home, state, retention_days)
         if not anything_changed(found, state):
             message = f"nothing changed since run {state.get('last_run')}; nothing to do"
-            print(message)
-            return EXIT_OK, {"adapter": config.adapter, "status": "nothing_to_do"}
+            logger.info("%s: %s", config.adapter, message)
+            return EXIT_OK, {
+                "adapter": config.adapter,
+                "status": "nothing_to_do",
+                "message": message,
+            }
         run = _new_run(root, config)
         state["current_run"] = run.id
         run.save()

@@ -9,6 +9,7 @@ refused the candidate (the active version is untouched), 75 another run holds th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -54,10 +55,12 @@ def run_retrain_command(args: argparse.Namespace) -> int:
         return 0
     for noisy in ("httpx", "faiss.loader", "bm25s"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    code, report = run_retrain(config, restart=args.restart, progress=not args.no_progress)
+    # stdout carries the report alone (JSON); what the steps print (the trainer's loss
+    # lines, the gate's verdict) goes to stderr with the logs
+    with contextlib.redirect_stdout(sys.stderr):
+        code, report = run_retrain(config, restart=args.restart, progress=not args.no_progress)
     if code == EXIT_LOCKED:
         print(f"ragtune: {report['message']}", file=sys.stderr)
         return code
-    if report.get("status") != "nothing_to_do":
-        print(json.dumps(report, indent=2, ensure_ascii=False, default=str))
+    print(json.dumps(report, indent=2, ensure_ascii=False, default=str))
     return code
