@@ -57,9 +57,10 @@ async def chat(http, url, model, prompt, max_tokens, stream, headers) -> dict:
         if not stream:
             response = await http.post(f"{url}/v1/chat/completions", json=body, headers=headers)
             tokens = response.json()["usage"]["completion_tokens"] if response.is_success else 0
+            error = None if response.is_success else response.text[:300]
         else:
             body["stream_options"] = {"include_usage": True}
-            tokens = 0
+            tokens, error = 0, None
             async with http.stream(
                 "POST", f"{url}/v1/chat/completions", json=body, headers=headers
             ) as response:
@@ -67,16 +68,17 @@ async def chat(http, url, model, prompt, max_tokens, stream, headers) -> dict:
                     if line.startswith("data: {") and '"usage":{' in line:
                         tokens = json.loads(line[6:])["usage"]["completion_tokens"]
                     if '"error"' in line:
-                        response.status_code = 599
+                        response.status_code, error = 599, line[:300]
         status = response.status_code
         replica = response.headers.get("x-ragtune-replica")
     except httpx.HTTPError as exc:
-        status, replica, tokens = type(exc).__name__, None, 0
+        status, replica, tokens, error = type(exc).__name__, None, 0, repr(exc)[:300]
     return {
         "model": model,
         "status": status,
         "replica": replica,
         "tokens": tokens,
+        "error": error,
         "start": started,
         "end": time.monotonic(),
     }
@@ -209,6 +211,7 @@ async def failover(args, url: str, admin: dict, client: dict) -> dict:
         "failed_in_flight": len(failed_before),
         "failed_after_kill": len(failed_after),
         "failed_statuses": sorted({str(r["status"]) for r in failed_before + failed_after}),
+        "failure_samples": sorted({r["error"] for r in failed_before + failed_after})[:5],
         "recovery_s": round(recovered_at - killed_at, 1) if recovered_at else None,
         "served_by": sorted({r["replica"] for r in results if r["replica"]}),
         "served_after_recovery": sorted(

@@ -127,6 +127,8 @@ def _load(state: ServerState) -> None:
         state.serving = OpenAIServing(engine, settings, registry, state.metrics, retrieval)
         state.serving.feedback = state.feedback
         state.serving.canary = state.canary
+        if state.store_sync is not None:
+            state.serving.catch_up = state.store_sync.catch_up
         logger.info("ready: serving %s", settings.model.served_model_name)
     except Exception as exc:
         logger.exception("model failed to load")

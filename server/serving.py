@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -102,6 +102,8 @@ class OpenAIServing:
         self.token_texts = TokenTexts(self.tokenizer)
         self._grammars: GrammarCompiler | None = None  # built on the first structured request
         self.feedback: FeedbackService | None = None  # set by the app: the response ledger
+        # set by the app on a shared store: apply the store's newer state now
+        self.catch_up: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------------ model selection
     def model_ids(self) -> list[str]:
@@ -120,14 +122,23 @@ class OpenAIServing:
         if model == self.base_model_id:
             return None
         try:
-            if self.canary is None:
-                weights = await run_blocking(self.registry.resolve, model)
-            else:  # a running canary takes its share of `name` requests
-                weights = await run_blocking(self.canary.resolve, model, self.registry.resolve)
+            weights = await run_blocking(self._resolve, model)
         except AdapterNotFoundError:
-            raise ModelNotFoundError(model, self.model_ids()) from None
+            # Another server may have just loaded it (shared store): catch up, then decide
+            if self.catch_up is None:
+                raise ModelNotFoundError(model, self.model_ids()) from None
+            await run_blocking(self.catch_up)
+            try:
+                weights = await run_blocking(self._resolve, model)
+            except AdapterNotFoundError:
+                raise ModelNotFoundError(model, self.model_ids()) from None
         note_adapter(weights.key)
         return weights
+
+    def _resolve(self, model: str) -> AdapterWeights:
+        if self.canary is None:
+            return self.registry.resolve(model)
+        return self.canary.resolve(model, self.registry.resolve)  # the canary's share
 
     # ------------------------------------------------------------------------------ requests
     async def create_chat_completion(

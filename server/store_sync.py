@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from ragtune.config import Settings
@@ -15,6 +16,8 @@ from server.adapters.registry import AdapterRegistry
 from server.adapters.shared import SharedRegistry
 
 logger = logging.getLogger(__name__)
+
+CATCH_UP_INTERVAL_S = 0.2
 
 
 def store_settings(settings: Settings) -> Settings:
@@ -37,12 +40,26 @@ class StoreSync:
         self.mirror = IndexMirror(self.store) if self.store.remote else None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._catch_up_lock = threading.Lock()
+        self._last_catch_up = 0.0
 
     def pull(self) -> None:
         """Apply everything the store has that this server lacks (blocking)."""
         self.registry.pull()
         if self.mirror is not None:
             self.mirror.pull()
+
+    def catch_up(self) -> None:
+        """Pull now if the store moved on: a request naming an adapter that
+        another server loaded a moment ago is served, not answered 404 until the next poll.
+        At most one store read per CATCH_UP_INTERVAL_S, so unknown names cannot flood it."""
+        with self._catch_up_lock:
+            now = time.monotonic()
+            if now - self._last_catch_up < CATCH_UP_INTERVAL_S:
+                return  # one just ran (or is the one this call waited for)
+            self._last_catch_up = now
+            if self.registry.changed():
+                self.pull()
 
     def attach_indexes(self, index_store: Any) -> None:
         """Publish this server's index writes (remote stores; local ones are shared as is)."""
