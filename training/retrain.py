@@ -642,6 +642,7 @@ def _run_locked(
     run: Run | None = None
     if current and not restart and (root / "runs" / current / "run.json").is_file():
         run = Run(root / "runs" / current, _read_json(root / "runs" / current / "run.json"))
+        run.record["status"] = "running"
         logger.info("continuing run %s of %s", run.id, config.adapter)
     if run is None:
         found = changes(config, home, state, retention_days)
