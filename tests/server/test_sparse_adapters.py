@@ -3,7 +3,8 @@
 On a tiny random Llama (float32, dense weights): a PEFT SHiRA adapter with PEFT's seeded random
 mask and one with an importance-chosen mask (PEFT saves each mask's entries beside the values)
 load through `/v1/load_lora_adapter` and give PEFT's greedy tokens, alone and while base,
-LoRA and the other sparse adapter run in the same batches. On the bundled model: an adapter
+LoRA and the other sparse adapter run in the same batches; so does one trained by `ragtune
+train --sparse-selection gradient` (training/sparse_selection.py). On the bundled model: an adapter
 trained by `ragtune train --method sparse` loads the same way and serves PEFT's tokens.
 """
 
@@ -122,6 +123,57 @@ def test_sparse_adapters_serve_peft_tokens_beside_lora_and_base(tmp_path):
         running.stop()
 
 
+def test_a_gradient_selected_adapter_from_ragtune_train_serves_peft_tokens(tmp_path):
+    """`ragtune train --method sparse --sparse-selection gradient` on the tiny Llama: the mask
+    no seed rebuilds (mask_type 'gradient', the entries saved beside the values) is served."""
+    from peft import PeftModel
+
+    from tests.training.test_sparse_selection import write_chat_data
+    from tests.training.test_train import ROWS, VAL, tiny_config
+    from training.trainer import train
+
+    model, tokenizer = save_model_dir("llama", tmp_path / "model")
+    config = tiny_config(
+        tmp_path / "model",
+        write_chat_data(tmp_path / "data", ROWS, VAL),
+        method="sparse",
+        max_steps=4,
+        learning_rate=0.05,
+        adapter={"r": 2, "target_modules": ALL_MODULES, "selection": "gradient"},
+        output=tmp_path / "adapters" / "gradient",
+    )
+    result = train(config, home=tmp_path)
+    assert json.loads((result.adapter_dir / "adapter_config.json").read_text())["mask_type"] == (
+        "gradient"
+    )
+    reference = PeftModel.from_pretrained(copy.deepcopy(model), result.adapter_dir).eval()
+    env = {
+        **SERVER_ENV,
+        "RAGTUNE_MODEL__SOURCE": str(tmp_path / "model"),
+        "RAGTUNE_MODEL__SERVED_MODEL_NAME": "tiny-llama",
+        "RAGTUNE_MODEL__QUANTIZATION": "none",
+        "RAGTUNE_MODEL__DTYPE": "fp32",
+        "RAGTUNE_ENGINE__WEIGHTS": "dense",
+        "RAGTUNE_ADAPTERS__ROOTS": json.dumps([str(tmp_path / "adapters")]),
+    }
+    running = start_server(env, tmp_path / "server.log")
+    try:
+        load(running, "gradient", result.adapter_dir)
+        eos = {tokenizer.eos_token_id}
+        with torch.no_grad():
+            expected = {
+                (prompt, name): expected_text(reference_model, tokenizer, prompt, eos, MAX_TOKENS)
+                for prompt in PROMPTS
+                for name, reference_model in (("tiny-llama", model), ("gradient", reference))
+            }
+        assert any(expected[(p, "gradient")] != expected[(p, "tiny-llama")] for p in PROMPTS)
+        alone, mixed = served_alone_and_mixed(running.v1, API_KEY, list(expected), MAX_TOKENS)
+        assert alone == expected
+        assert mixed == expected
+    finally:
+        running.stop()
+
+
 def test_a_sparse_adapter_without_its_mask_is_refused(tmp_path):
     """A mask whose entries were not saved and no seed rebuilds cannot be served exactly."""
     model, _ = save_model_dir("llama", tmp_path / "model")
@@ -165,22 +217,13 @@ def test_trained_sparse_adapter_serves_peft_tokens_on_the_bundled_model(bundled_
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tests.training.test_sparse_selection import write_chat_data
     from tests.training.test_train import ROWS, VAL, tiny_config
     from training.trainer import train
 
-    data = tmp_path / "data"
-    data.mkdir()
-    for name, rows in (("train.jsonl", ROWS), ("val.jsonl", VAL)):
-        lines = [
-            json.dumps(
-                {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-            )
-            for q, a in rows
-        ]
-        (data / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
     config = tiny_config(
         bundled_dir,
-        data,
+        write_chat_data(tmp_path / "data", ROWS, VAL),
         method="sparse",
         max_steps=6,
         learning_rate=0.05,
