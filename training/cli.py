@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from training.recipes import RECIPES  # light: recipe modules, no torch
 
@@ -181,14 +181,14 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument(
         "--rank",
-        type=_int_or_auto,
+        type=_or_auto(int),
         metavar="R|auto",
         help="adapter.r; 'auto' sweeps search.ranks on the validation split and keeps the "
         "fewest parameters within 5%% of the best validation-loss reduction",
     )
     parser.add_argument(
         "--density",
-        type=_float_or_auto,
+        type=_or_auto(float),
         metavar="D|auto",
         help="sparse only: trained fraction of the target weights in (0, 1] (replaces r); "
         "'auto' sweeps search.densities",
@@ -248,22 +248,21 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return config
 
 
-def _int_or_auto(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
+def _or_auto(kind: type) -> Any:
+    """argparse type: a number of `kind`, or the word 'auto'."""
 
+    def parse(text: str) -> Any:
+        if text == "auto":
+            return text
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {kind.__name__} or 'auto', got {text!r}"
+            ) from None
 
-def _float_or_auto(text: str) -> float | str:
-    if text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+    parse.__name__ = f"{kind.__name__} or 'auto'"
+    return parse
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -71,6 +71,23 @@ def shira_adapter(model, path: Path, seed: int, indices: bool):
     return peft_model
 
 
+def dense_server_env(adapters: Path, model: Path | None = None, served_name: str | None = None):
+    """A float32 dense-weight server with `adapters` as its adapter root; `model`: a model
+    directory instead of the bundled model."""
+    env = {
+        **SERVER_ENV,
+        "RAGTUNE_MODEL__QUANTIZATION": "none",
+        "RAGTUNE_MODEL__DTYPE": "fp32",
+        "RAGTUNE_ENGINE__WEIGHTS": "dense",
+        "RAGTUNE_ADAPTERS__ROOTS": json.dumps([str(adapters)]),
+    }
+    if model is not None:
+        env["RAGTUNE_MODEL__SOURCE"] = str(model)
+    if served_name is not None:
+        env["RAGTUNE_MODEL__SERVED_MODEL_NAME"] = served_name
+    return env
+
+
 def load(running, name: str, path: Path) -> None:
     response = httpx.post(
         f"{running.v1}/load_lora_adapter",
@@ -90,15 +107,7 @@ def test_sparse_adapters_serve_peft_tokens_beside_lora_and_base(tmp_path):
         "seeded": shira_adapter(model, adapters / "seeded", seed=3, indices=False),
         "chosen": shira_adapter(model, adapters / "chosen", seed=4, indices=True),
     }
-    env = {
-        **SERVER_ENV,
-        "RAGTUNE_MODEL__SOURCE": str(tmp_path / "model"),
-        "RAGTUNE_MODEL__SERVED_MODEL_NAME": "tiny-llama",
-        "RAGTUNE_MODEL__QUANTIZATION": "none",
-        "RAGTUNE_MODEL__DTYPE": "fp32",
-        "RAGTUNE_ENGINE__WEIGHTS": "dense",
-        "RAGTUNE_ADAPTERS__ROOTS": json.dumps([str(adapters)]),
-    }
+    env = dense_server_env(adapters, tmp_path / "model", "tiny-llama")
     running = start_server(env, tmp_path / "server.log")
     try:
         for name in ("lora", "seeded", "chosen"):
@@ -128,8 +137,7 @@ def test_a_gradient_selected_adapter_from_ragtune_train_serves_peft_tokens(tmp_p
     no seed rebuilds (mask_type 'gradient', the entries saved beside the values) is served."""
     from peft import PeftModel
 
-    from tests.training.test_sparse_selection import write_chat_data
-    from tests.training.test_train import ROWS, VAL, tiny_config
+    from tests.training.test_train import ROWS, VAL, tiny_config, write_chat_data
     from training.trainer import train
 
     model, tokenizer = save_model_dir("llama", tmp_path / "model")
@@ -147,15 +155,7 @@ def test_a_gradient_selected_adapter_from_ragtune_train_serves_peft_tokens(tmp_p
         "gradient"
     )
     reference = PeftModel.from_pretrained(copy.deepcopy(model), result.adapter_dir).eval()
-    env = {
-        **SERVER_ENV,
-        "RAGTUNE_MODEL__SOURCE": str(tmp_path / "model"),
-        "RAGTUNE_MODEL__SERVED_MODEL_NAME": "tiny-llama",
-        "RAGTUNE_MODEL__QUANTIZATION": "none",
-        "RAGTUNE_MODEL__DTYPE": "fp32",
-        "RAGTUNE_ENGINE__WEIGHTS": "dense",
-        "RAGTUNE_ADAPTERS__ROOTS": json.dumps([str(tmp_path / "adapters")]),
-    }
+    env = dense_server_env(tmp_path / "adapters", tmp_path / "model", "tiny-llama")
     running = start_server(env, tmp_path / "server.log")
     try:
         load(running, "gradient", result.adapter_dir)
@@ -182,14 +182,7 @@ def test_a_sparse_adapter_without_its_mask_is_refused(tmp_path):
     config = json.loads((path / "adapter_config.json").read_text())
     config["random_seed"] = None
     (path / "adapter_config.json").write_text(json.dumps(config))
-    env = {
-        **SERVER_ENV,
-        "RAGTUNE_MODEL__SOURCE": str(tmp_path / "model"),
-        "RAGTUNE_MODEL__QUANTIZATION": "none",
-        "RAGTUNE_MODEL__DTYPE": "fp32",
-        "RAGTUNE_ENGINE__WEIGHTS": "dense",
-        "RAGTUNE_ADAPTERS__ROOTS": json.dumps([str(tmp_path / "adapters")]),
-    }
+    env = dense_server_env(tmp_path / "adapters", tmp_path / "model")
     running = start_server(env, tmp_path / "server.log")
     try:
         response = httpx.post(
@@ -217,8 +210,7 @@ def test_trained_sparse_adapter_serves_peft_tokens_on_the_bundled_model(bundled_
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tests.training.test_sparse_selection import write_chat_data
-    from tests.training.test_train import ROWS, VAL, tiny_config
+    from tests.training.test_train import ROWS, VAL, tiny_config, write_chat_data
     from training.trainer import train
 
     config = tiny_config(
@@ -234,13 +226,7 @@ def test_trained_sparse_adapter_serves_peft_tokens_on_the_bundled_model(bundled_
     tokenizer = AutoTokenizer.from_pretrained(bundled_dir)
     base = AutoModelForCausalLM.from_pretrained(bundled_dir, dtype=torch.float32).eval()
     reference = PeftModel.from_pretrained(copy.deepcopy(base), result.adapter_dir).eval()
-    env = {
-        **SERVER_ENV,
-        "RAGTUNE_MODEL__QUANTIZATION": "none",
-        "RAGTUNE_MODEL__DTYPE": "fp32",
-        "RAGTUNE_ENGINE__WEIGHTS": "dense",
-        "RAGTUNE_ADAPTERS__ROOTS": json.dumps([str(tmp_path / "adapters")]),
-    }
+    env = dense_server_env(tmp_path / "adapters")
     running = start_server(env, tmp_path / "server.log")
     try:
         load(running, "sparse", result.adapter_dir)

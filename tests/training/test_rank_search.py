@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from ragtune.manifest import AdapterManifest
-from tests.training.test_sparse_selection import tiny_dir, write_chat_data  # noqa: F401
-from tests.training.test_train import ROWS, VAL, tiny_config
+from tests.training.test_sparse_selection import tiny_dir  # noqa: F401
+from tests.training.test_train import ROWS, VAL, tiny_config, write_chat_data
 from training import rank_search
 from training.config import TrainConfig
 from training.rank_search import choose, estimate_next

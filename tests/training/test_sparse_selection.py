@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.engine.families import ALL_MODULES, save_model_dir, tiny_model
-from tests.training.test_train import ROWS, VAL, tiny_config
+from tests.training.test_train import ROWS, VAL, tiny_config, write_chat_data
 from training.config import AdapterSettings, TrainConfig
 from training.sparse_selection import (
     budget_count,
@@ -26,28 +26,6 @@ from training.sparse_selection import (
 )
 
 SELECTIONS = ("random", "magnitude", "gradient")
-
-
-def write_chat_data(data: Path, train: list, val: list) -> Path:
-    """train.jsonl / val.jsonl of (question, answer) pairs, as `ragtune prepare` writes."""
-    data.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("train.jsonl", train), ("val.jsonl", val)):
-        (data / name).write_text(
-            "".join(
-                json.dumps(
-                    {
-                        "messages": [
-                            {"role": "user", "content": q},
-                            {"role": "assistant", "content": a},
-                        ]
-                    }
-                )
-                + "\n"
-                for q, a in rows
-            ),
-            encoding="utf-8",
-        )
-    return data
 
 
 @pytest.fixture(scope="module")

@@ -31,11 +31,10 @@ def base_dir() -> Path:
     return resolve_model_dir("bundled", default_home())
 
 
-@pytest.fixture
-def data_dir(tmp_path: Path) -> Path:
-    data = tmp_path / "data"
-    data.mkdir()
-    for name, rows in (("train.jsonl", ROWS), ("val.jsonl", VAL)):
+def write_chat_data(data: Path, train: list, val: list) -> Path:
+    """train.jsonl / val.jsonl of (question, answer) pairs, as `ragtune prepare` writes."""
+    data.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train.jsonl", train), ("val.jsonl", val)):
         (data / name).write_text(
             "".join(
                 json.dumps(
@@ -52,6 +51,11 @@ def data_dir(tmp_path: Path) -> Path:
             encoding="utf-8",
         )
     return data
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return write_chat_data(tmp_path / "data", ROWS, VAL)
 
 
 def tiny_config(base_dir: Path, data_dir: Path, **overrides: Any) -> TrainConfig:
