@@ -190,6 +190,8 @@ def _publish(
 ) -> AdapterManifest:
     """The chosen candidate's PEFT files under the version's name, its manifest with the
     sweep added (renamed into place once complete, like every adapter version)."""
+    if adapter_dir.exists():  # written by another run during the sweep: never replace it
+        raise ValueError(f"{adapter_dir} appeared during the sweep; adapter versions are immutable")
     manifest = AdapterManifest.read(chosen_dir)
     if manifest is None:
         raise RuntimeError(f"{chosen_dir} has no {MANIFEST_NAME}")
