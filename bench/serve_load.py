@@ -5,6 +5,10 @@ next, until `--requests` are done. Streaming (the default) measures time to firs
 
     python bench/serve_load.py --url http://127.0.0.1:8000/v1 --concurrency 16 \\
         --requests 64 --max-tokens 128 --models smollm2-135m-instruct
+
+`--lengths-out F` writes each request's completion tokens (by job index); `--lengths-in F`
+gives job i exactly that many (`max_tokens` = F[i], `ignore_eos`): a run with another run's
+output lengths, e.g. plain requests as long as the JSON-schema ones (bench/constrained.py).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import itertools
 import json
 import statistics
 import time
+from pathlib import Path
 
 import httpx
 
@@ -101,9 +106,10 @@ async def run(args: argparse.Namespace) -> dict:
     prompts = itertools.cycle(PROMPTS)
     loras = itertools.cycle(args.lora_ids or [None])
     jobs = [(next(models), next(prompts), next(loras)) for _ in range(args.requests)]
+    lengths = json.loads(Path(args.lengths_in).read_text()) if args.lengths_in else None
     queue: asyncio.Queue = asyncio.Queue()
-    for job in jobs:
-        queue.put_nowait(job)
+    for index, job in enumerate(jobs):
+        queue.put_nowait((index, *job))
     results: list[dict] = []
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=args.concurrency * 2)
@@ -116,28 +122,26 @@ async def run(args: argparse.Namespace) -> dict:
 
         async def worker() -> None:
             while not queue.empty():
-                model, prompt, lora_id = queue.get_nowait()
+                index, model, prompt, lora_id = queue.get_nowait()
+                max_tokens, extra = args.max_tokens, args.extra
+                if lengths is not None:
+                    max_tokens, extra = lengths[index], {**(extra or {}), "ignore_eos": True}
                 try:
-                    results.append(
-                        await one_request(
-                            http,
-                            args.url,
-                            model,
-                            prompt,
-                            args.max_tokens,
-                            args.stream,
-                            headers,
-                            lora_id,
-                            args.extra,
-                        )
-                    )
+                    result = await one_request(
+                        http, args.url, model, prompt, max_tokens, args.stream, headers,
+                        lora_id, extra,
+                    )  # fmt: skip
                 except httpx.HTTPError as exc:
-                    results.append({"ok": False, "status": type(exc).__name__})
+                    result = {"ok": False, "status": type(exc).__name__}
+                results.append({**result, "index": index})
 
         started = time.perf_counter()
         await asyncio.gather(*[worker() for _ in range(args.concurrency)])
         elapsed = time.perf_counter() - started
     ok = [r for r in results if r["ok"]]
+    if args.lengths_out:
+        by_index = {r["index"]: r.get("tokens", 0) for r in results}
+        Path(args.lengths_out).write_text(json.dumps([by_index[i] for i in range(len(jobs))]))
     latencies = [r["latency"] for r in ok]
     ttfts = [r["ttft"] for r in ok if r.get("ttft") is not None]
     tokens = sum(r["tokens"] for r in ok)
@@ -191,6 +195,8 @@ def main() -> None:
         default=None,
         help='JSON merged into every request body, e.g. \'{"logprobs": true, "top_logprobs": 5}\'',
     )
+    parser.add_argument("--lengths-out", help="write each request's completion tokens here")
+    parser.add_argument("--lengths-in", help="give each request the tokens this file lists")
     print(json.dumps(asyncio.run(run(parser.parse_args()))))
 
 

@@ -90,8 +90,12 @@ class RowGrammar:
         self._matcher.fill_next_token_bitmask(self._bitmask)
         self._xgr.apply_token_bitmask_inplace(row.view(1, -1), self._bitmask)
 
+    def try_accept(self, token: int) -> bool:
+        """Advance over `token` if the grammar allows it (else nothing changes): ~2 µs."""
+        return self._matcher.is_terminated() or self._matcher.accept_token(token)
+
     def accept(self, token: int) -> None:
-        if not self._matcher.is_terminated() and not self._matcher.accept_token(token):
+        if not self.try_accept(token):
             raise RuntimeError(f"token {token} does not continue the grammar")
 
 

@@ -100,10 +100,10 @@ def _draw(
     generator: torch.Generator,
     controls: RowControls | None,
 ) -> Drawn:
-    shaped = logits if controls is None else controls.shape(logits)
-    token = sample_row(shaped, params, generator)
-    if controls is not None:
-        controls.record(token)
+    if controls is None:
+        token = sample_row(logits, params, generator)
+    else:
+        token = controls.choose(logits, lambda row: sample_row(row, params, generator))
     if params.logprobs is None:
         return token, None
     return token, token_logprobs(logits, token, params.logprobs)
