@@ -560,6 +560,34 @@ def test_fixed_row_decode_keeps_rows_independent_of_neighbours(fixture, request,
     torch.testing.assert_close(logits[0], logits[1], rtol=0.02, atol=0.02)
 
 
+def test_a_leaving_sequence_keeps_slot_order_and_its_neighbours_tokens(tiny):
+    """Fixed-row decode (AMX, MKL): a release moves the later slots down one, so slots stay in
+    admission order (longest first) and each extent class is a run of neighbouring slots,
+    read in place; no remaining row's tokens change."""
+
+    def fixed_runner() -> CompactRunner:
+        runner = runner_for(tiny)
+        runner.model.fixed_decode_rows = 4
+        return runner
+
+    prompts = [[5] * 70, PROMPTS[1], PROMPTS[0], PROMPTS[2]]
+    alone = [generate(fixed_runner(), [sequence(p)], 14)[0] for p in prompts]
+    runner = fixed_runner()
+    seqs = [sequence(p) for p in prompts]
+    generate(runner, seqs, 4)
+    runner.release(seqs[1])
+    remaining = [seqs[0], seqs[2], seqs[3]]
+    assert [s.slot for s in remaining] == [0, 1, 2] and runner.slots == remaining
+    positions = torch.tensor([s.cache_len for s in remaining])
+    extents = runner.model._decode_extents(positions, runner.cache, None)
+    assert [rows for rows, _, _ in extents] == [slice(1, 3), slice(0, 1)]  # 64 and 96 keys
+    for _ in range(10):
+        for seq, row in zip(remaining, runner.decode(remaining), strict=True):
+            seq.output_ids.append(int(row.argmax()))
+    for seq, expected in zip(remaining, (alone[0], alone[2], alone[3]), strict=True):
+        assert seq.output_ids == expected
+
+
 def test_prefix_blocks_are_shared_only_within_a_cache_namespace(tiny):
     """Tenants apart: a prompt cached for one namespace (an API key's tenant, a cache_salt)
     is never restored for another, which could otherwise learn it by timing. The cache is

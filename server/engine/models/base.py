@@ -581,17 +581,20 @@ class DecoderModel:
 
     def _decode_extents(
         self, positions: torch.Tensor, cache: KVCache, window: int | None
-    ) -> list[tuple[torch.Tensor | None, int, torch.Tensor]]:
+    ) -> list[tuple[torch.Tensor | slice | None, int, torch.Tensor]]:
         """How a decode step's rows attend in layers with this sliding window: (rows, key
         extent, mask bias) per group of rows sharing one batched GEMM; rows None means all
-        rows in slot order.
+        rows in slot order, a slice a run of neighbouring slots (read in place), a tensor
+        scattered slots (their keys and values copied out).
 
         Where GEMMs are row-independent, one group over the batch's longest length (masked
         keys weigh exactly zero). Elsewhere (`fixed_decode_rows`: AMX, MKL) a kernel may sum
         the same keys in another order when the extent changes (seen on AMX: a lone row over
         48 keys and the same row among longer ones over 64 differ in the last bit), so each
         row attends over an extent set by its own length (`KVCache.extent_class`), and rows
-        of one class share a GEMM (one row count per class is not needed: measured)."""
+        of one class share a GEMM (one row count per class is not needed: measured). The
+        runner keeps slots in admission order, which is longest first, so a class is mostly
+        a run of neighbouring slots: views, not copies (ModelRunner.release)."""
         group = self.num_heads // self.num_kv_heads
         if self.fixed_decode_rows:
             classes = [cache.extent_class(p + 1) for p in positions.tolist()]
@@ -600,7 +603,7 @@ class DecoderModel:
         extents = []
         for length in sorted(set(classes)):
             members = [i for i, c in enumerate(classes) if c == length]
-            rows = None if len(members) == len(classes) else torch.tensor(members)
+            rows = _row_selection(members, len(classes))
             own = positions if rows is None else positions[rows]
             # [rows * kv_heads, heads per kv head, length]: 0 where a row may look, -inf not
             bias = self._mask(own, length, window)[:, None, :]
@@ -613,7 +616,7 @@ class DecoderModel:
         layer: int,
         q: torch.Tensor,  # [rows, heads, d] one query token per row
         cache: KVCache,
-        extents: list[tuple[torch.Tensor | None, int, torch.Tensor]],
+        extents: list[tuple[torch.Tensor | slice | None, int, torch.Tensor]],
     ) -> torch.Tensor:
         """Attention of one decode step in one layer: [rows, q_size]."""
         group = self.num_heads // self.num_kv_heads
@@ -622,6 +625,9 @@ class DecoderModel:
             if rows is None:
                 keys_t, values = cache.batch_view(layer, q.shape[0], length)
                 queries = q
+            elif isinstance(rows, slice):
+                keys_t, values = cache.range_view(layer, rows, length)
+                queries = q[rows]
             else:
                 keys_t, values = cache.gather_view(layer, rows, length)
                 queries = q[rows]
@@ -656,6 +662,15 @@ class DecoderModel:
         scores = torch.baddbmm(bias, grouped, keys_t, alpha=self.scale)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(grouped.dtype)
         return torch.bmm(probs, values)
+
+
+def _row_selection(members: list[int], rows: int) -> torch.Tensor | slice | None:
+    """None for every row, a slice for a run of neighbouring rows, else the row indices."""
+    if len(members) == rows:
+        return None
+    if members[-1] - members[0] + 1 == len(members):
+        return slice(members[0], members[-1] + 1)
+    return torch.tensor(members)
 
 
 def module_shapes(model: DecoderModel) -> dict[str, tuple[int, int]]:
