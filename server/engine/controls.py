@@ -69,6 +69,14 @@ class RowControls:
         self.record(token)
         return token
 
+    def try_keep(self, token: int) -> bool:
+        """Record `token` if this row may take it as drawn (no grammar, or one that accepts
+        it): the batch's greedy argmax for a greedy row with no other control."""
+        if self.grammar is not None and not self.grammar.try_accept(token):
+            return False
+        self.record(token)
+        return True
+
     def record(self, token: int) -> None:
         self.generated += 1
         self._counts[token] = self._counts.get(token, 0) + 1

@@ -146,15 +146,9 @@ class KVCache:
         contiguous when `length` is the capacity."""
         return self.keys_t[layer][:batch, ..., :length], self.values[layer][:batch, :, :length]
 
-    def range_view(self, layer: int, rows: slice, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """keys_t and values of neighbouring slots, in place (no copy)."""
-        return self.keys_t[layer][rows, ..., :length], self.values[layer][rows, :, :length]
-
-    def gather_view(
-        self, layer: int, rows: torch.Tensor, length: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """keys_t [len(rows), kv_heads, d, length] and values of some slots (copies)."""
-        return self.keys_t[layer][rows, ..., :length], self.values[layer][rows, :, :length]
+    def values_view(self, layer: int, rows: torch.Tensor | slice, length: int) -> torch.Tensor:
+        """values [rows, kv_heads, length, d] of some slots: in place for a slice."""
+        return self.values[layer][rows, :, :length]
 
     def clear(self, slot: int, length: int) -> None:
         """Zero a slot's first `length` positions: a NaN or Inf left there by a sequence that

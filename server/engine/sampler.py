@@ -109,6 +109,23 @@ def _draw(
     return token, token_logprobs(logits, token, params.logprobs)
 
 
+def _greedy_first(
+    token: int,
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator,
+    controls: RowControls,
+) -> Drawn:
+    """A greedy row under a grammar and nothing else keeps the batch's argmax when the
+    grammar accepts it (no row copy, no mask, no second argmax: controls.py), else draws
+    as any controlled row."""
+    if not controls.try_keep(token):
+        return _draw(logits, params, generator, controls)
+    if params.logprobs is None:
+        return token, None
+    return token, token_logprobs(logits, token, params.logprobs)
+
+
 def row_draws(
     logits: torch.Tensor,
     params: list[SamplingParams],
@@ -138,6 +155,8 @@ def row_draws(
             if p.logprobs is None:
                 return partial(_argmax, greedy[row])
             return partial(_argmax_with_logprobs, greedy[row], logits[row], p.logprobs)
+        if p.greedy and not p.shapes_logits:  # a grammar alone: try the batch's argmax
+            return partial(_greedy_first, greedy[row], logits[row], p, generator, control)
         return partial(_draw, logits[row], p, generator, control)
 
     return [draw(row, *args) for row, args in enumerate(zip(params, generators, rows, strict=True))]

@@ -13,7 +13,7 @@ from ragtune.config import default_home
 from ragtune.models import resolve_model_dir
 from server.engine.controls import RowControls
 from server.engine.grammar import GrammarCompiler, GrammarSpec, RowGrammar
-from server.engine.sampler import make_generator, sample_row
+from server.engine.sampler import make_generator, sample_batch, sample_row
 from server.engine.types import SamplingParams
 
 SCHEMA = {
@@ -65,6 +65,28 @@ def test_greedy_keeps_the_masked_argmax(grammar, cut: int) -> None:
         assert token == int(masked.argmax())
         refused += not bool(allowed[int(logits.argmax())])
     assert refused > 0  # the unmasked argmax was refused at least once: both paths ran
+
+
+def test_a_greedy_batch_keeps_each_rows_masked_argmax(grammar) -> None:
+    """The batch path: a greedy row under a grammar alone keeps the batch's argmax when the
+    grammar accepts it, else masks; a row with a logit bias too goes the shaped way."""
+    compiled, _, vocab = grammar
+    prefix: list[int] = []  # the start: only a `{` may come, so random argmaxes are refused
+    allowed = _allowed(compiled, prefix, vocab)
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(8, vocab, generator=generator) * 4
+    logits[::2, allowed.nonzero().flatten()[0]] = 50.0  # even rows: an allowed argmax
+    plain = SamplingParams(max_tokens=16, temperature=0.0)
+    biased = SamplingParams(max_tokens=16, temperature=0.0, logit_bias=((7, 1.0),))
+    params = [plain] * 6 + [biased] * 2
+    controls = [_row_at(compiled, prefix, p) for p in params]
+    tokens = sample_batch(logits, params, [make_generator(0)] * 8, controls)
+    for row, token in enumerate(tokens):
+        shaped = logits[row].clone()
+        shaped[7] += 1.0 if row >= 6 else 0.0
+        assert token == int(shaped.masked_fill(~allowed, float("-inf")).argmax())
+        assert controls[row].generated == 1
+    assert not all(allowed[logits[row].argmax()] for row in range(8))  # both paths ran
 
 
 def _frequencies(compiled, prefix, logits, params, draws: int) -> torch.Tensor:

@@ -581,11 +581,11 @@ class DecoderModel:
 
     def _decode_extents(
         self, positions: torch.Tensor, cache: KVCache, window: int | None
-    ) -> list[tuple[torch.Tensor | slice | None, int, torch.Tensor]]:
+    ) -> DecodeExtents:
         """How a decode step's rows attend in layers with this sliding window: (rows, key
         extent, mask bias) per group of rows sharing one batched GEMM; rows None means all
         rows in slot order, a slice a run of neighbouring slots (read in place), a tensor
-        scattered slots (their keys and values copied out).
+        scattered slots (their values copied out).
 
         Where GEMMs are row-independent, one group over the batch's longest length (masked
         keys weigh exactly zero). Elsewhere (`fixed_decode_rows`: AMX, MKL) a kernel may sum
@@ -594,55 +594,66 @@ class DecoderModel:
         row attends over an extent set by its own length (`KVCache.extent_class`), and rows
         of one class share a GEMM (one row count per class is not needed: measured). The
         runner keeps slots in admission order, which is longest first, so a class is mostly
-        a run of neighbouring slots: views, not copies (ModelRunner.release)."""
+        a run of neighbouring slots: views, not copies (ModelRunner.release). The score GEMM
+        (q·Kᵀ sums over head_dim, not over keys) gives every key the same bits whatever the
+        extent (checked on AMX bf16 and AVX2 fp32), so with several classes all rows share
+        one score GEMM over the longest extent (`shared_bias`) and only the softmax and the
+        value GEMM run per class."""
         group = self.num_heads // self.num_kv_heads
         if self.fixed_decode_rows:
             classes = [cache.extent_class(p + 1) for p in positions.tolist()]
         else:
             classes = [cache.bucket(int(positions.max()) + 1)] * positions.shape[0]
-        extents = []
-        for length in sorted(set(classes)):
-            members = [i for i, c in enumerate(classes) if c == length]
-            rows = _row_selection(members, len(classes))
-            own = positions if rows is None else positions[rows]
+        lengths = sorted(set(classes))
+
+        def bias_for(own: torch.Tensor, length: int) -> torch.Tensor:
             # [rows * kv_heads, heads per kv head, length]: 0 where a row may look, -inf not
             bias = self._mask(own, length, window)[:, None, :]
-            bias = bias.repeat_interleave(self.num_kv_heads, 0).expand(-1, group, -1)
-            extents.append((rows, length, bias.contiguous()))
-        return extents
+            return bias.repeat_interleave(self.num_kv_heads, 0).expand(-1, group, -1).contiguous()
+
+        if len(lengths) == 1:
+            return DecodeExtents([(None, lengths[0], bias_for(positions, lengths[0]))])
+        groups = []
+        for length in lengths:
+            members = [i for i, c in enumerate(classes) if c == length]
+            groups.append((_row_selection(members, len(classes)), length, None))
+        return DecodeExtents(groups, bias_for(positions, lengths[-1]))
 
     def _decode_attention(
         self,
         layer: int,
         q: torch.Tensor,  # [rows, heads, d] one query token per row
         cache: KVCache,
-        extents: list[tuple[torch.Tensor | slice | None, int, torch.Tensor]],
+        extents: DecodeExtents,
     ) -> torch.Tensor:
         """Attention of one decode step in one layer: [rows, q_size]."""
         group = self.num_heads // self.num_kv_heads
-        out = None
-        for rows, length, bias in extents:
-            if rows is None:
-                keys_t, values = cache.batch_view(layer, q.shape[0], length)
-                queries = q
-            elif isinstance(rows, slice):
-                keys_t, values = cache.range_view(layer, rows, length)
-                queries = q[rows]
-            else:
-                keys_t, values = cache.gather_view(layer, rows, length)
-                queries = q[rows]
-            groups = queries.shape[0] * self.num_kv_heads  # [groups, group, d]
-            attn = self._attention(
-                queries.reshape(groups, group, self.head_dim),
+        batch = q.shape[0]
+        if extents.shared_bias is None:
+            [(_, length, bias)] = extents.groups
+            keys_t, values = cache.batch_view(layer, batch, length)
+            groups = batch * self.num_kv_heads  # [groups, group, d]
+            return self._attention(
+                q.reshape(groups, group, self.head_dim),
                 keys_t.reshape(groups, self.head_dim, length),
                 values.reshape(groups, length, self.head_dim),
                 bias,
-            ).reshape(queries.shape[0], self.q_size)
-            if rows is None:
-                return attn
-            if out is None:
-                out = attn.new_empty(q.shape[0], self.q_size)
-            out[rows] = attn
+            ).reshape(batch, self.q_size)
+        longest = extents.groups[-1][1]
+        keys_t, _ = cache.batch_view(layer, batch, longest)
+        scores = torch.baddbmm(
+            extents.shared_bias,
+            q.reshape(batch * self.num_kv_heads, group, self.head_dim),
+            keys_t.reshape(batch * self.num_kv_heads, self.head_dim, longest),
+            alpha=self.scale,
+        ).view(batch, self.num_kv_heads, group, longest)
+        out = q.new_empty(batch, self.q_size)
+        for rows, length, _ in extents.groups:
+            own = scores[rows, ..., :length]
+            count = own.shape[0] * self.num_kv_heads
+            probs = torch.softmax(own.reshape(count, group, length), dim=-1, dtype=torch.float32)
+            values = cache.values_view(layer, rows, length).reshape(count, length, self.head_dim)
+            out[rows] = torch.bmm(probs.to(q.dtype), values).reshape(-1, self.q_size)
         return out
 
     def _attention(
@@ -662,6 +673,16 @@ class DecoderModel:
         scores = torch.baddbmm(bias, grouped, keys_t, alpha=self.scale)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(grouped.dtype)
         return torch.bmm(probs, values)
+
+
+@dataclass
+class DecodeExtents:
+    """A decode step's attention plan for one sliding window (DecoderModel._decode_extents):
+    groups of rows with their key extent (and mask bias when a group is alone); with several
+    groups, the bias of every row over the longest extent for the shared score GEMM."""
+
+    groups: list[tuple[torch.Tensor | slice | None, int, torch.Tensor | None]]
+    shared_bias: torch.Tensor | None = None
 
 
 def _row_selection(members: list[int], rows: int) -> torch.Tensor | slice | None:
