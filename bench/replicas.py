@@ -161,6 +161,7 @@ async def affinity(args, url: str, admin: dict, client: dict) -> dict:
         "bench": "affinity",
         "requests": len(results),
         "errors": sum(r["status"] != 200 for r in results),
+        "failure_samples": sorted({r["error"] for r in results if r["status"] != 200})[:5],
         "affinity_hit_share": round(hits / max(len(results), 1), 3),
         "placement": placement,
     }

@@ -211,6 +211,13 @@ class AdapterRegistry:
                 for name, record in self._records.items()
             }
 
+    def files_changed(self, name: str, version: str) -> bool:
+        """Whether the version's files on disk are no longer those it was registered with
+        (another server sharing the store replaced them, even with equal content)."""
+        with self._lock:
+            entry = self._records[name].versions[version]
+        return file_signature(entry.path) != entry.files
+
     def set_versions(self, name: str, active: str, history: list[str]) -> None:
         """Take another server's active version and rollback history (versions known here)."""
         with self._lock:

@@ -73,7 +73,11 @@ class SharedRegistry:
             for version, info in record["versions"].items():
                 key = (name, version)
                 known = version in local.get(name, {}).get("versions", {})
-                if known and self._digests.get(key) == info["digest"]:
+                if (
+                    known
+                    and self._digests.get(key) == info["digest"]
+                    and not registry.files_changed(name, version)
+                ):
                     continue
                 if self._failed.get(key) == info["digest"]:
                     continue

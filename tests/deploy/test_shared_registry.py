@@ -101,6 +101,20 @@ def test_a_replaced_version_is_reloaded_elsewhere(tiny, stores) -> None:
     assert not torch.equal(_first_tensor(first), _first_tensor(second))
 
 
+def test_a_version_replaced_by_equal_files_still_loads_elsewhere(tiny, stores) -> None:
+    """A replace with the same content keeps the digest but not the files (a local store's
+    directory is swapped under the other server): that server re-registers them instead of
+    refusing the version later as changed on disk (seen in bench/replicas.py on a reused home)."""
+    spec, source = tiny
+    a = _server(spec, stores(0), source)
+    b = _server(spec, stores(1))
+    a.load("z", str(source / "a2"), "v1")
+    b.before_change()
+    a.load("z", str(source / "a2"), "v1", replace=True)
+    b.before_change()
+    assert torch.equal(_first_tensor(b.resolve("z")), _first_tensor(a.resolve("z")))
+
+
 def test_changes_made_on_the_second_server_come_back(tiny, stores) -> None:
     spec, source = tiny
     a = _server(spec, stores(0), source)
