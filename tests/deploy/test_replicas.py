@@ -162,8 +162,11 @@ def test_adapters_reach_every_replica_and_requests_follow_them(
     fs, name = bucket
     assert fs.exists(f"{name}/store/adapters/ad3/v1/_COMPLETE.json")  # published through S3
 
-    hits, total = asyncio.run(_round_robin(cluster, requests=64, concurrency=8))
-    assert total == 64
+    # 96 requests as bench/replicas.py sends: the first request of an adapter on a replica is
+    # a miss whatever the router does (4-8 of them), and 64 left room for only 6 (one flaky run
+    # of `make test` had 57 of 64)
+    hits, total = asyncio.run(_round_robin(cluster, requests=96, concurrency=8))
+    assert total == 96
     assert hits / total >= 0.9, (hits, total)
 
 
