@@ -46,8 +46,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_retrain_command(args: argparse.Namespace) -> int:
     from ragtune.config import default_home
-    from training.retrain import EXIT_LOCKED, run_retrain, status
+    from training.retrain import run_retrain, status
     from training.retrain_config import load_retrain_config
+    from training.retrain_context import EXIT_LOCKED
 
     config = load_retrain_config(args.config)
     if args.status:

@@ -18,7 +18,7 @@ import yaml
 
 from ragtune.feedback_store import FeedbackStore
 from ragtune.launcher import free_port
-from training import retrain
+from training import retrain, retrain_context, retrain_steps
 from training.dataset import SPLIT_FILES, read_split
 from training.retrain_config import load_retrain_config
 
@@ -91,10 +91,10 @@ def prepare_and_finish(config, home: Path) -> dict:
     """The prepare step, then finish (nothing trained): what a successful run leaves."""
     from ragtune.audit import AuditLog
 
-    root = retrain.adapter_root(home, config.adapter)
-    state = retrain._read_json(root / "state.json")
+    root = retrain_context.adapter_root(home, config.adapter)
+    state = retrain_context.read_json(root / "state.json")
     run = retrain._new_run(root, config)
-    ctx = retrain.Context(
+    ctx = retrain_context.Context(
         config=config,
         home=home,
         run=run,
@@ -105,8 +105,8 @@ def prepare_and_finish(config, home: Path) -> dict:
         train_fn=None,
         retention_days=30,
     )
-    run.step("prepare").update(status="done", outputs=retrain.step_prepare(ctx))
-    retrain.step_finish(ctx)
+    run.step("prepare").update(status="done", outputs=retrain_steps.step_prepare(ctx))
+    retrain_steps.step_finish(ctx)
     return run.outputs("prepare")
 
 
@@ -121,7 +121,7 @@ def keep_feedback(home: Path, response_id: str, question: str, correction: str) 
 HOLD = """
 import sys, time
 from pathlib import Path
-from training.retrain import retrain_lock
+from training.retrain_context import retrain_lock
 with retrain_lock(Path(sys.argv[1]), "holder"):
     print("held", flush=True)
     time.sleep(60)
@@ -142,7 +142,7 @@ def test_a_second_run_exits_at_once_with_the_lock_message(home, config_file):
             timeout=120,
             cwd=REPO,
         )
-        assert second.returncode == retrain.EXIT_LOCKED, second.stdout + second.stderr
+        assert second.returncode == retrain_context.EXIT_LOCKED, second.stdout + second.stderr
         assert "another ragtune retrain run holds" in second.stderr
         assert f'"pid": {holder.pid}' in second.stderr and "Traceback" not in second.stderr
         assert time.monotonic() - started < 60  # did not wait for the lock
@@ -151,7 +151,7 @@ def test_a_second_run_exits_at_once_with_the_lock_message(home, config_file):
         holder.kill()
         holder.wait()
     # the holder is gone (killed): the kernel released its lock
-    with retrain.retrain_lock(home, "tiny"):
+    with retrain_context.retrain_lock(home, "tiny"):
         pass
 
 
@@ -171,9 +171,8 @@ def test_only_changed_documents_and_new_feedback_are_taken_up(home, config_file,
     write_docs(docs, {"returns.md": doc("Returns", "Returned goods wait in cage 7.")})
     (docs / "sub" / "freezer.md").unlink()
     keep_feedback(home, "chatcmpl-1", "Where are forklifts charged?", "Only in bay 4.")
-    found = retrain.changes(
-        config, home, retrain._read_json(retrain.adapter_root(home, "tiny") / "state.json"), 30
-    )
+    state = retrain_context.read_json(retrain_context.adapter_root(home, "tiny") / "state.json")
+    found = retrain_context.changes(config, home, state, 30)
     assert (found["new"], found["changed"], found["removed"]) == (
         ["returns.md"],
         ["badges.md"],
