@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import openai
 import pytest
 
 from ragtune.launcher import start_server
 from tests.conftest import ADMIN_KEY, API_KEY, SERVER_ENV
-from tests.engine.families import peft_adapter, save_model_dir
+from tests.engine.families import load_adapter_over_http, peft_adapter, save_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +41,7 @@ def two_servers(tmp_path_factory):
 
 def test_an_adapter_loaded_on_one_server_is_served_by_the_other_at_once(two_servers) -> None:
     (first, second), root = two_servers
-    response = httpx.post(
-        f"{first.v1}/load_lora_adapter",
-        json={"lora_name": "fresh", "lora_path": str(root / "adapters" / "fresh")},
-        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
-        timeout=60,
-    )
-    assert response.status_code == 200, response.text
+    load_adapter_over_http(first.v1, ADMIN_KEY, "fresh", root / "adapters" / "fresh")
     client = openai.OpenAI(base_url=second.v1, api_key=API_KEY, max_retries=0)
     completion = client.chat.completions.create(
         model="fresh", messages=[{"role": "user", "content": "hello"}], max_tokens=4

@@ -184,3 +184,16 @@ def served_alone_and_mixed(
         return alone, dict(zip(keys, mixed, strict=True))
 
     return asyncio.run(run())
+
+
+def load_adapter_over_http(v1: str, admin_key: str, name: str, path: Path) -> None:
+    """POST /v1/load_lora_adapter (admin scope), which must succeed."""
+    import httpx
+
+    response = httpx.post(
+        f"{v1}/load_lora_adapter",
+        json={"lora_name": name, "lora_path": str(path)},
+        headers={"Authorization": f"Bearer {admin_key}"},
+        timeout=120,
+    )
+    assert response.status_code == 200, response.text

@@ -12,6 +12,7 @@ import pytest
 from ragtune.config import default_home
 from ragtune.launcher import start_server
 from tests.conftest import ADMIN_KEY, API_KEY, SERVER_ENV
+from tests.engine.families import load_adapter_over_http
 from training.config import TrainConfig
 from training.trainer import train
 
@@ -97,11 +98,5 @@ def test_gemma_runs_in_the_compact_engine_and_streams_whole_characters(gemma):
 
 def test_a_trained_gemma_lora_loads_and_changes_the_answer(gemma):
     running, adapter = gemma
-    loaded = httpx.post(
-        f"{running.v1}/load_lora_adapter",
-        json={"lora_name": "kisoku", "lora_path": str(adapter)},
-        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
-        timeout=120,
-    )
-    assert loaded.status_code == 200, loaded.text
+    load_adapter_over_http(running.v1, ADMIN_KEY, "kisoku", adapter)
     assert complete(running, "kisoku") != complete(running, MODEL)

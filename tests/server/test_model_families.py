@@ -17,6 +17,7 @@ from tests.conftest import ADMIN_KEY, API_KEY, SERVER_ENV
 from tests.engine.families import (
     FAMILY_NAMES,
     expected_text,
+    load_adapter_over_http,
     peft_adapter,
     save_model_dir,
     served_alone_and_mixed,
@@ -63,13 +64,7 @@ def test_family_serves_hugging_face_and_peft_tokens_alone_and_mixed(served):
     models = httpx.get(f"{running.v1}/models", headers={"Authorization": f"Bearer {API_KEY}"})
     [listed] = [m for m in models.json()["data"] if m["id"] == f"tiny-{name}"]
     assert listed["runner"] == f"compact:{'llama' if name == 'mistral' else name}"
-    loaded = httpx.post(
-        f"{running.v1}/load_lora_adapter",
-        json={"lora_name": "tuned", "lora_path": str(root / "adapters" / "tuned")},
-        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
-        timeout=60,
-    )
-    assert loaded.status_code == 200, loaded.text
+    load_adapter_over_http(running.v1, ADMIN_KEY, "tuned", root / "adapters" / "tuned")
 
     with torch.no_grad():
         expected = {

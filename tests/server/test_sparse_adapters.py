@@ -23,6 +23,7 @@ from tests.conftest import ADMIN_KEY, API_KEY, SERVER_ENV
 from tests.engine.families import (
     ALL_MODULES,
     expected_text,
+    load_adapter_over_http,
     peft_adapter,
     save_model_dir,
     served_alone_and_mixed,
@@ -88,14 +89,23 @@ def dense_server_env(adapters: Path, model: Path | None = None, served_name: str
     return env
 
 
-def load(running, name: str, path: Path) -> None:
-    response = httpx.post(
-        f"{running.v1}/load_lora_adapter",
-        json={"lora_name": name, "lora_path": str(path)},
-        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
-        timeout=120,
-    )
-    assert response.status_code == 200, response.text
+def assert_served_as_references(
+    running, tokenizer, references: dict, base: str, changed: tuple[str, ...], prompts=PROMPTS
+) -> None:
+    """Every (prompt, model) served greedily over HTTP, alone and in one mixed batch, gives
+    its reference model's text; each adapter in `changed` changes what `base` says."""
+    eos = {tokenizer.eos_token_id}
+    with torch.no_grad():
+        expected = {
+            (prompt, name): expected_text(reference, tokenizer, prompt, eos, MAX_TOKENS)
+            for prompt in prompts
+            for name, reference in references.items()
+        }
+    for name in changed:
+        assert any(expected[(p, name)] != expected[(p, base)] for p in prompts)
+    alone, mixed = served_alone_and_mixed(running.v1, API_KEY, list(expected), MAX_TOKENS)
+    assert alone == expected
+    assert mixed == expected
 
 
 def test_sparse_adapters_serve_peft_tokens_beside_lora_and_base(tmp_path):
@@ -111,23 +121,14 @@ def test_sparse_adapters_serve_peft_tokens_beside_lora_and_base(tmp_path):
     running = start_server(env, tmp_path / "server.log")
     try:
         for name in ("lora", "seeded", "chosen"):
-            load(running, name, adapters / name)
+            load_adapter_over_http(running.v1, ADMIN_KEY, name, adapters / name)
         listed = httpx.get(
             f"{running.v1}/adapters", headers={"Authorization": f"Bearer {ADMIN_KEY}"}
         ).json()
         assert "seeded" in json.dumps(listed) and "chosen" in json.dumps(listed)
-        eos = {tokenizer.eos_token_id}
-        with torch.no_grad():
-            expected = {
-                (prompt, name): expected_text(reference, tokenizer, prompt, eos, MAX_TOKENS)
-                for prompt in PROMPTS
-                for name, reference in references.items()
-            }
-        for name in ("seeded", "chosen"):  # each sparse adapter changes what the model says
-            assert any(expected[(p, name)] != expected[(p, "tiny-llama")] for p in PROMPTS)
-        alone, mixed = served_alone_and_mixed(running.v1, API_KEY, list(expected), MAX_TOKENS)
-        assert alone == expected
-        assert mixed == expected
+        assert_served_as_references(
+            running, tokenizer, references, "tiny-llama", changed=("seeded", "chosen")
+        )
     finally:
         running.stop()
 
@@ -158,18 +159,11 @@ def test_a_gradient_selected_adapter_from_ragtune_train_serves_peft_tokens(tmp_p
     env = dense_server_env(tmp_path / "adapters", tmp_path / "model", "tiny-llama")
     running = start_server(env, tmp_path / "server.log")
     try:
-        load(running, "gradient", result.adapter_dir)
-        eos = {tokenizer.eos_token_id}
-        with torch.no_grad():
-            expected = {
-                (prompt, name): expected_text(reference_model, tokenizer, prompt, eos, MAX_TOKENS)
-                for prompt in PROMPTS
-                for name, reference_model in (("tiny-llama", model), ("gradient", reference))
-            }
-        assert any(expected[(p, "gradient")] != expected[(p, "tiny-llama")] for p in PROMPTS)
-        alone, mixed = served_alone_and_mixed(running.v1, API_KEY, list(expected), MAX_TOKENS)
-        assert alone == expected
-        assert mixed == expected
+        load_adapter_over_http(running.v1, ADMIN_KEY, "gradient", result.adapter_dir)
+        references = {"tiny-llama": model, "gradient": reference}
+        assert_served_as_references(
+            running, tokenizer, references, "tiny-llama", changed=("gradient",)
+        )
     finally:
         running.stop()
 
@@ -229,21 +223,14 @@ def test_trained_sparse_adapter_serves_peft_tokens_on_the_bundled_model(bundled_
     env = dense_server_env(tmp_path / "adapters")
     running = start_server(env, tmp_path / "server.log")
     try:
-        load(running, "sparse", result.adapter_dir)
+        load_adapter_over_http(running.v1, ADMIN_KEY, "sparse", result.adapter_dir)
         served_name = httpx.get(
             f"{running.v1}/models", headers={"Authorization": f"Bearer {API_KEY}"}
         ).json()["data"][0]["id"]
-        eos = {tokenizer.eos_token_id}
+        references = {served_name: base, "sparse": reference}
         prompts = [r[0] for r in ROWS[:2]]
-        with torch.no_grad():
-            expected = {
-                (prompt, name): expected_text(model, tokenizer, prompt, eos, MAX_TOKENS)
-                for prompt in prompts
-                for name, model in ((served_name, base), ("sparse", reference))
-            }
-        assert any(expected[(p, "sparse")] != expected[(p, served_name)] for p in prompts)
-        alone, mixed = served_alone_and_mixed(running.v1, API_KEY, list(expected), MAX_TOKENS)
-        assert alone == expected
-        assert mixed == expected
+        assert_served_as_references(
+            running, tokenizer, references, served_name, changed=("sparse",), prompts=prompts
+        )
     finally:
         running.stop()
