@@ -100,10 +100,8 @@ def client(server: RunningServer):
     return openai.OpenAI(base_url=server.v1, api_key=API_KEY, max_retries=0, timeout=120)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def async_client(server: RunningServer):
-    """One per test: its pooled connections belong to the event loop of the test's
-    asyncio.run, and a client kept across tests would reuse them on a closed loop."""
     import openai
 
     return openai.AsyncOpenAI(base_url=server.v1, api_key=API_KEY, max_retries=0, timeout=120)

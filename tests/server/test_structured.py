@@ -9,6 +9,7 @@ import json
 from typing import Literal
 
 import httpx
+import openai
 import pytest
 from pydantic import BaseModel, Field
 
@@ -36,7 +37,7 @@ def parse_all(async_client, count: int, concurrency: int) -> list[City]:
     models = [BASE_MODEL, *ADAPTERS]
 
     async def ask(i: int) -> City:
-        completion = await async_client.chat.completions.parse(
+        completion = await client.chat.completions.parse(
             model=models[i % len(models)],
             messages=[{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
             response_format=City,
@@ -55,7 +56,14 @@ def parse_all(async_client, count: int, concurrency: int) -> list[City]:
             async with limit:
                 return await ask(i)
 
-        return await asyncio.gather(*(bounded(i) for i in range(count)))
+        async with client:
+            return await asyncio.gather(*(bounded(i) for i in range(count)))
+
+    # a client of this asyncio.run's own: a shared one's pooled connections would belong to
+    # the loop of an earlier asyncio.run, closed by now
+    client = openai.AsyncOpenAI(
+        base_url=async_client.base_url, api_key=API_KEY, max_retries=0, timeout=120
+    )
 
     return asyncio.run(run())
 
