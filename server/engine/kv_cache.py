@@ -63,13 +63,8 @@ class KVCache:
         return min(rounded, self.max_len)
 
     def extent_class(self, length: int) -> int:
-        """A key extent set by one sequence's own length alone (64, 96, 128, 192, 256, ...:
-        at most 1.5x the length, few distinct shapes), for devices whose batched GEMMs may sum
-        in another order when the extent changes (see DecoderModel._decode_extents)."""
-        size = 64
-        while size < length:
-            size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
-        return min(size, self.max_len)
+        """A key extent set by one sequence's own length alone (see `extent_class`)."""
+        return extent_class(length, self.max_len)
 
     def slots_for(self, rows: int) -> int:
         """The slot axis for `rows` running sequences: the next power of two, so that a batch
@@ -169,3 +164,22 @@ class KVCache:
         for keys_t, values in zip(self.keys_t, self.values, strict=True):
             keys_t[target, ..., :length] = keys_t[source, ..., :length]
             values[target, :, :length] = values[source, :, :length]
+
+
+def extent_class(length: int, max_len: int) -> int:
+    """A key extent set by one sequence's own length alone (64, 96, 128, 192, 256, ...: at
+    most 1.5x the length, few distinct shapes, every one a multiple of 32 keys), for devices
+    whose batched GEMMs may sum in another order when the extent changes (see
+    server/engine/models/attention.py)."""
+    size = 64
+    while size < length:
+        size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
+    return min(size, max_len)
+
+
+def extent_classes(max_len: int) -> list[int]:
+    """Every extent class up to max_len, shortest first."""
+    classes = [extent_class(1, max_len)]
+    while classes[-1] < max_len:
+        classes.append(extent_class(classes[-1] + 1, max_len))
+    return classes

@@ -24,6 +24,7 @@ from server.engine.models import (
     model_class,
     module_shapes,
 )
+from server.engine.models.exactness import describe_sharing
 from server.engine.prefix_cache import PrefixCache
 from server.engine.sequence import Sequence
 
@@ -146,6 +147,8 @@ class CompactRunner:
             "weights": m.weights,
             "head": type(m.lm_head).__name__,
             "rows_independent": str(m.rows_independent).lower(),
+            # what decode rows of different extent classes share (models/attention.py)
+            "extent_sharing": describe_sharing(m.padded_extents) if m.fixed_decode_rows else "n/a",
             "prefix_cache": "on" if self.prefix_cache is not None else "off",
         }
 

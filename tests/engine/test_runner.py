@@ -9,6 +9,8 @@ import torch
 from ragtune.config import EngineConfig
 from ragtune.models.loader import LoadedModel
 from server.adapters.loader import BaseSpec, read_adapter
+from server.engine.models.attention import plan_decode
+from server.engine.models.exactness import PaddedExtents, padded_extents_exact
 from server.engine.runner import CompactRunner
 from server.engine.sequence import Sequence
 from server.engine.types import GenerationRequest, SamplingParams
@@ -531,17 +533,30 @@ def tiny_adapter(tiny: LoadedModel, runner: CompactRunner, path, rank: int, seed
     return read_adapter(path, path.name, None, spec, seed).weights
 
 
+def share_extents(runner: CompactRunner, sharing: str) -> None:
+    """Force how decode rows of different extent classes share attention calls: one call
+    per class, or what this device's start-up check allows (computed here even where the
+    GEMMs are row-independent and the model skipped it)."""
+    model = runner.model
+    model.padded_extents = (
+        PaddedExtents() if sharing == "per_class" else padded_extents_exact(model, 128)
+    )
+
+
+@pytest.mark.parametrize("sharing", ["per_class", "checked"])
 @pytest.mark.parametrize("fixture", ["tiny", "tiny_bf16"])
-def test_fixed_row_decode_keeps_rows_independent_of_neighbours(fixture, request, tmp_path):
+def test_fixed_row_decode_keeps_rows_independent_of_neighbours(fixture, sharing, request, tmp_path):
     """The path for devices whose GEMMs depend on the row count (AMX, MKL): LoRA GEMMs on a
-    fixed row count and each row's attention over its own extent class. Forced here so it is
-    checked on every CPU: a row's greedy tokens alone == in a mixed-adapter batch of
-    different lengths, and the logits stay those of the usual path."""
+    fixed row count and each row's attention over its own extent class, classes sharing the
+    calls this device's check allows. Forced here so it is checked on every CPU: a row's
+    greedy tokens alone == in a mixed-adapter batch of different lengths, and the logits stay
+    those of the usual path."""
     loaded = request.getfixturevalue(fixture)
 
     def fixed_runner() -> CompactRunner:
         runner = runner_for(loaded, weights="int4", max_loras=2, max_lora_rank=8)
         runner.model.fixed_decode_rows = 4
+        share_extents(runner, sharing)
         return runner
 
     probe = fixed_runner()
@@ -560,14 +575,17 @@ def test_fixed_row_decode_keeps_rows_independent_of_neighbours(fixture, request,
     torch.testing.assert_close(logits[0], logits[1], rtol=0.02, atol=0.02)
 
 
-def test_a_leaving_sequence_keeps_slot_order_and_its_neighbours_tokens(tiny):
+@pytest.mark.parametrize("sharing", ["per_class", "checked"])
+def test_a_leaving_sequence_keeps_slot_order_and_its_neighbours_tokens(tiny, sharing):
     """Fixed-row decode (AMX, MKL): a release moves the later slots down one, so slots stay in
     admission order (longest first) and each extent class is a run of neighbouring slots,
-    read in place; no remaining row's tokens change."""
+    read in place, or all classes share one call where the device's check allows; no
+    remaining row's tokens change."""
 
     def fixed_runner() -> CompactRunner:
         runner = runner_for(tiny)
         runner.model.fixed_decode_rows = 4
+        share_extents(runner, sharing)
         return runner
 
     prompts = [[5] * 70, PROMPTS[1], PROMPTS[0], PROMPTS[2]]
@@ -579,8 +597,12 @@ def test_a_leaving_sequence_keeps_slot_order_and_its_neighbours_tokens(tiny):
     remaining = [seqs[0], seqs[2], seqs[3]]
     assert [s.slot for s in remaining] == [0, 1, 2] and runner.slots == remaining
     positions = torch.tensor([s.cache_len for s in remaining])
-    extents = runner.model._decode_extents(positions, runner.cache, None)
-    assert [rows for rows, _, _ in extents.groups] == [slice(1, 3), slice(0, 1)]  # 64, 96 keys
+    extents = plan_decode(runner.model, positions, runner.cache, None)
+    if runner.model.padded_extents.values:  # one call over 96 keys
+        assert [(rows, length) for rows, length, _ in extents.groups] == [(None, 96)]
+    else:  # 64 and 96 keys
+        assert [rows for rows, _, _ in extents.groups] == [slice(1, 3), slice(0, 1)]
+        assert extents.shared_softmax == runner.model.padded_extents.softmax
     for _ in range(10):
         for seq, row in zip(remaining, runner.decode(remaining), strict=True):
             seq.output_ids.append(int(row.argmax()))

@@ -3,15 +3,15 @@ base.py. A family not listed here is served by the serial fallback (server/engin
 
 from __future__ import annotations
 
+from server.engine.models.attention import PROMPT_QUERY_BLOCK
 from server.engine.models.base import (
-    PROMPT_QUERY_BLOCK,
-    WIDE_ROWS,
     DecoderModel,
     LayerWeights,
     PromptChunk,
     RowScores,
     module_shapes,
 )
+from server.engine.models.exactness import WIDE_ROWS
 from server.engine.models.gemma3 import Gemma3Model
 from server.engine.models.llama import LlamaModel
 from server.engine.models.phi3 import Phi3Model

@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from ragtune.models.checkpoint import open_checkpoint
 from server.engine.kv_cache import KVCache
 from server.engine.linear import (
-    DenseLinear,
     Linear,
     W8A8Linear,
     dense_weight,
@@ -35,14 +34,16 @@ from server.engine.linear import (
     linear_for,
 )
 from server.engine.lora import LLAMA_GROUPS, LayerAdapters, LoraBatch, LoraSlots, add_adapters
+from server.engine.models.attention import decode_attention, plan_decode, prompt_attention
+from server.engine.models.exactness import (
+    PaddedExtents,
+    describe_sharing,
+    gemm_rows_independent,
+    padded_extents_exact,
+)
 
 logger = logging.getLogger(__name__)
 
-# Prompt chunks above this many tokens run packed weights dequantized (dense GEMM): one chunk
-# alone breaks even at ~24 tokens (int4 23.2 ms, dense 22.6), prompts sharing a forward gain more.
-WIDE_ROWS = 24
-# Query rows of a prompt chunk whose attention runs at once (see DecoderModel._prompt_attention).
-PROMPT_QUERY_BLOCK = 128
 # Prompt rows whose full-vocabulary logprobs exist at once (Gemma's 262k vocabulary: 64 rows
 # are 67 MB of float32)
 SCORE_ROWS = 64
@@ -52,44 +53,6 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
 }
 GLOBAL_ROPE = "global"
-
-
-def gemm_rows_independent(model: DecoderModel) -> bool:
-    """Whether every GEMM of the forward gives a row the same bits whatever other rows share
-    the call, so that prompts can be prefilled together without changing any of them. True
-    of oneDNN's bf16 GEMM and of the packed kernels on the CPUs measured here, but a kernel
-    may pick its summation order by the row count (split-K GEMMs on GPUs, oneDNN's one-row
-    path on some CPUs), so it is checked on this device, with the model's own weights."""
-    generator = torch.Generator().manual_seed(0)
-
-    def same_rows(linear, in_features: int, wide: bool, rows: int, slices) -> bool:
-        x = torch.randn(rows, in_features, generator=generator).to(model.dtype)
-        x = x.to(model.device)
-        full = linear(x, wide)
-        return all(torch.equal(linear(x[lo:hi], wide), full[lo:hi]) for lo, hi in slices)
-
-    layer = model.layers[0]
-    shapes = (
-        (layer.qkv, model.hidden),
-        (layer.o, model.num_heads * model.head_dim),
-        (layer.gate_up, model.hidden),
-        (layer.down, model.intermediate),
-    )
-    narrow = ((0, 1), (0, 2), (5, 5 + WIDE_ROWS), (64, 96))
-    # a wide prompt's last chunk may be one row (the rest restored from the prefix cache)
-    wide = ((0, 1), (0, 2), (3, 10), (0, WIDE_ROWS + 1), (100, 300), (470, 512))
-
-    def dense(out_features: int, in_features: int) -> DenseLinear:  # LoRA A and B shapes
-        weight = torch.randn(out_features, in_features, generator=generator)
-        return DenseLinear(weight.to(model.dtype).to(model.device))
-
-    return (
-        all(same_rows(linear, n, False, 96, narrow) for linear, n in shapes)
-        and all(same_rows(linear, n, True, 512, wide) for linear, n in shapes)
-        and same_rows(model.lm_head, model.hidden, False, 16, ((0, 1), (3, 9)))
-        and same_rows(dense(64, model.hidden), model.hidden, False, 96, narrow)
-        and same_rows(dense(model.hidden, 64), 64, False, 96, narrow)
-    )
 
 
 def doubled(norm_weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -267,10 +230,16 @@ class DecoderModel:
         # with one row count a row's bits depend neither on its neighbours nor on its position
         # (measured). The runner sets it to the batch capacity.
         self.fixed_decode_rows: int | None = None
+        # ... and decode rows attend over their own extent class, sharing with other classes
+        # the parts of attention this device gives the same bits over a longer extent
+        self.padded_extents = PaddedExtents()
         if not self.rows_independent:
+            self.padded_extents = padded_extents_exact(self, length)
             logger.info(
                 "this device's GEMMs depend on the row count: prompts prefill one at a time, "
-                "the prefix cache is off, decode pads library GEMMs to a fixed row count"
+                "the prefix cache is off, decode pads library GEMMs to a fixed row count; "
+                "decode attention shares across extent classes: %s",
+                describe_sharing(self.padded_extents),
             )
 
     # ------------------------------------------------------------------ family hooks
@@ -416,7 +385,7 @@ class DecoderModel:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits
 
-    def _mask(self, queries: torch.Tensor, length: int, window: int | None) -> torch.Tensor:
+    def mask(self, queries: torch.Tensor, length: int, window: int | None) -> torch.Tensor:
         """[rows, length] additive bias: 0 where the query at position queries[i] may look
         (causal, and within its sliding window), -inf elsewhere (weighs exactly zero)."""
         keys = torch.arange(length, device=self.device)[None, :]
@@ -457,7 +426,7 @@ class DecoderModel:
             bounds.append((offset, offset + count))
             rows = positions[offset : offset + count]
             # window -> [count, end]: token i sees cache positions <= start + i (in its window)
-            masks.append({w: self._mask(rows, c.start + count, w) for w in self.windows})
+            masks.append({w: self.mask(rows, c.start + count, w) for w in self.windows})
             offset += count
         lora = None
         if lora_slots is not None and any(c.lora_slot >= 0 for c in chunks):
@@ -470,7 +439,7 @@ class DecoderModel:
             for c, (lo, hi), mask in zip(chunks, bounds, masks, strict=True):
                 cache.write_prompt(index, c.slot, c.start, k[lo:hi], v[lo:hi])
                 keys_t, values = cache.prompt_view(index, c.slot, c.start + hi - lo)
-                parts.append(self._prompt_attention(q[lo:hi], keys_t, values, mask[w.window]))
+                parts.append(prompt_attention(self, q[lo:hi], keys_t, values, mask[w.window]))
             attn = parts[0] if len(parts) == 1 else torch.cat(parts)
             x = self._attention_output(w, x, attn, layer_lora, wide)
         for c, (lo, _) in zip(chunks, bounds, strict=True):
@@ -487,31 +456,6 @@ class DecoderModel:
             logits = self._logits(x[lo : lo + SCORE_ROWS])
             scores.extend(logits, targets[lo : lo + SCORE_ROWS], top)
         return scores
-
-    def _prompt_attention(
-        self,
-        q: torch.Tensor,  # [rows, heads, d] one prompt chunk's queries
-        keys_t: torch.Tensor,  # [kv_heads, d, end]
-        values: torch.Tensor,  # [kv_heads, end, d]
-        mask: torch.Tensor,  # [rows, end] 0 or -inf
-    ) -> torch.Tensor:
-        """A prompt chunk's attention [rows, q_size], PROMPT_QUERY_BLOCK query rows at a time:
-        a long chunk's scores, float32 probabilities and mask (heads x rows x keys; 28 MB a
-        layer for 512 rows over 1,530 keys) would go through memory several times, a block's
-        stay in cache (a 1,530-token prompt: 1.34 -> 0.83 s; 128 rows as good as 192 or 256,
-        better than 32, 64 or unblocked). Exact: a query row's result does not depend on the
-        other rows of its GEMM (see `_attention`)."""
-        group = self.num_heads // self.num_kv_heads
-        parts = []
-        for lo in range(0, q.shape[0], PROMPT_QUERY_BLOCK):
-            hi = min(q.shape[0], lo + PROMPT_QUERY_BLOCK)
-            # the query heads that share a kv head, these rows: [kv_heads, group * rows, d]
-            grouped = q[lo:hi].transpose(0, 1).reshape(self.num_kv_heads, -1, self.head_dim)
-            bias = mask[lo:hi].repeat(group, 1)[None]
-            attn = self._attention(grouped, keys_t, values, bias)
-            attn = attn.view(self.num_kv_heads, group, hi - lo, self.head_dim)
-            parts.append(attn.permute(2, 0, 1, 3).reshape(hi - lo, self.q_size))
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def prefill_groups(self, chunks: list[PromptChunk]) -> list[list[int]]:
         """Which chunks may share a forward: those of one kernel class, and only where every
@@ -546,7 +490,7 @@ class DecoderModel:
         Where GEMMs depend on the row count at any size (`fixed_decode_rows`: AMX, MKL), the
         two-row trick is not enough: LoRA GEMMs (every GEMM under dense weights) run on
         `fixed_decode_rows` rows, the extra ones zero, and attention extents follow each row's
-        own length (`_decode_extents`).
+        own length (attention.plan_decode).
         """
         real = tokens.shape[0]
         fixed = self.fixed_decode_rows
@@ -563,13 +507,13 @@ class DecoderModel:
         x = self.embed[tokens]
         rotary = self._rotary(positions)
         rows = torch.arange(real, device=self.device)
-        extents = {w: self._decode_extents(positions[:real], cache, w) for w in self.windows}
+        extents = {w: plan_decode(self, positions[:real], cache, w) for w in self.windows}
 
         for index, w in enumerate(self.layers):
             layer_lora = lora.layer(index) if lora is not None else None
             q, k, v = self._attention_input(w, x, rotary, layer_lora)
             cache.write_decode(index, rows, write_positions, k[:real], v[:real])
-            attn = self._decode_attention(index, q[:real], cache, extents[w.window])
+            attn = decode_attention(self, index, q[:real], cache, extents[w.window])
             if batch > real:  # copies of a lone row, or padding: attention is per row
                 attn = (
                     attn.expand(batch, -1)
@@ -578,120 +522,6 @@ class DecoderModel:
                 )
             x = self._attention_output(w, x, attn, layer_lora)
         return self._logits(x)[:real]
-
-    def _decode_extents(
-        self, positions: torch.Tensor, cache: KVCache, window: int | None
-    ) -> DecodeExtents:
-        """How a decode step's rows attend in layers with this sliding window: (rows, key
-        extent, mask bias) per group of rows sharing one batched GEMM; rows None means all
-        rows in slot order, a slice a run of neighbouring slots (read in place), a tensor
-        scattered slots (their values copied out).
-
-        Where GEMMs are row-independent, one group over the batch's longest length (masked
-        keys weigh exactly zero). Elsewhere (`fixed_decode_rows`: AMX, MKL) a kernel may sum
-        the same keys in another order when the extent changes (seen on AMX: a lone row over
-        48 keys and the same row among longer ones over 64 differ in the last bit), so each
-        row attends over an extent set by its own length (`KVCache.extent_class`), and rows
-        of one class share a GEMM (one row count per class is not needed: measured). The
-        runner keeps slots in admission order, which is longest first, so a class is mostly
-        a run of neighbouring slots: views, not copies (ModelRunner.release). The score GEMM
-        (q·Kᵀ sums over head_dim, not over keys) gives every key the same bits whatever the
-        extent (checked on AMX bf16 and AVX2 fp32), so with several classes all rows share
-        one score GEMM over the longest extent (`shared_bias`) and only the softmax and the
-        value GEMM run per class."""
-        group = self.num_heads // self.num_kv_heads
-        if self.fixed_decode_rows:
-            classes = [cache.extent_class(p + 1) for p in positions.tolist()]
-        else:
-            classes = [cache.bucket(int(positions.max()) + 1)] * positions.shape[0]
-        lengths = sorted(set(classes))
-
-        def bias_for(own: torch.Tensor, length: int) -> torch.Tensor:
-            # [rows * kv_heads, heads per kv head, length]: 0 where a row may look, -inf not
-            bias = self._mask(own, length, window)[:, None, :]
-            return bias.repeat_interleave(self.num_kv_heads, 0).expand(-1, group, -1).contiguous()
-
-        if len(lengths) == 1:
-            return DecodeExtents([(None, lengths[0], bias_for(positions, lengths[0]))])
-        groups = []
-        for length in lengths:
-            members = [i for i, c in enumerate(classes) if c == length]
-            groups.append((_row_selection(members, len(classes)), length, None))
-        return DecodeExtents(groups, bias_for(positions, lengths[-1]))
-
-    def _decode_attention(
-        self,
-        layer: int,
-        q: torch.Tensor,  # [rows, heads, d] one query token per row
-        cache: KVCache,
-        extents: DecodeExtents,
-    ) -> torch.Tensor:
-        """Attention of one decode step in one layer: [rows, q_size]."""
-        group = self.num_heads // self.num_kv_heads
-        batch = q.shape[0]
-        if extents.shared_bias is None:
-            [(_, length, bias)] = extents.groups
-            keys_t, values = cache.batch_view(layer, batch, length)
-            groups = batch * self.num_kv_heads  # [groups, group, d]
-            return self._attention(
-                q.reshape(groups, group, self.head_dim),
-                keys_t.reshape(groups, self.head_dim, length),
-                values.reshape(groups, length, self.head_dim),
-                bias,
-            ).reshape(batch, self.q_size)
-        longest = extents.groups[-1][1]
-        keys_t, _ = cache.batch_view(layer, batch, longest)
-        scores = torch.baddbmm(
-            extents.shared_bias,
-            q.reshape(batch * self.num_kv_heads, group, self.head_dim),
-            keys_t.reshape(batch * self.num_kv_heads, self.head_dim, longest),
-            alpha=self.scale,
-        ).view(batch, self.num_kv_heads, group, longest)
-        out = q.new_empty(batch, self.q_size)
-        for rows, length, _ in extents.groups:
-            own = scores[rows, ..., :length]
-            count = own.shape[0] * self.num_kv_heads
-            probs = torch.softmax(own.reshape(count, group, length), dim=-1, dtype=torch.float32)
-            values = cache.values_view(layer, rows, length).reshape(count, length, self.head_dim)
-            out[rows] = torch.bmm(probs.to(q.dtype), values).reshape(-1, self.q_size)
-        return out
-
-    def _attention(
-        self,
-        grouped: torch.Tensor,  # [batch, group * queries, d] query heads sharing a kv head
-        keys_t: torch.Tensor,  # [batch, d, length]
-        values: torch.Tensor,  # [batch, length, d]
-        bias: torch.Tensor,  # broadcast to [batch, group * queries, length]: 0 or -inf
-    ) -> torch.Tensor:
-        """Hugging Face's eager attention arithmetic (scores in the compute dtype, softmax in
-        float32) in three ops: the scale and the mask fused into the score GEMM on transposed
-        keys, one GEMM for the values. Exact under any subset of query rows and any masked
-        key extent (masked keys weigh exactly zero; checked in tests/engine), which keeps a
-        row's result independent of its batch neighbours, padded lengths and prompt chunking.
-        For one query per row the CPU flash kernel is mostly overhead (1.47 ms against
-        0.19 ms at 16 rows x 256 keys); for prompts SDPA fell back to its unfused math path."""
-        scores = torch.baddbmm(bias, grouped, keys_t, alpha=self.scale)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(grouped.dtype)
-        return torch.bmm(probs, values)
-
-
-@dataclass
-class DecodeExtents:
-    """A decode step's attention plan for one sliding window (DecoderModel._decode_extents):
-    groups of rows with their key extent (and mask bias when a group is alone); with several
-    groups, the bias of every row over the longest extent for the shared score GEMM."""
-
-    groups: list[tuple[torch.Tensor | slice | None, int, torch.Tensor | None]]
-    shared_bias: torch.Tensor | None = None
-
-
-def _row_selection(members: list[int], rows: int) -> torch.Tensor | slice | None:
-    """None for every row, a slice for a run of neighbouring rows, else the row indices."""
-    if len(members) == rows:
-        return None
-    if members[-1] - members[0] + 1 == len(members):
-        return slice(members[0], members[-1] + 1)
-    return torch.tensor(members)
 
 
 def module_shapes(model: DecoderModel) -> dict[str, tuple[int, int]]:
@@ -713,8 +543,6 @@ def module_shapes(model: DecoderModel) -> dict[str, tuple[int, int]]:
 
 
 __all__ = [
-    "PROMPT_QUERY_BLOCK",
-    "WIDE_ROWS",
     "DecoderModel",
     "LayerWeights",
     "PromptChunk",

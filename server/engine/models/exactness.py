@@ -1,0 +1,139 @@
+"""Start-up checks of which kernels give a row the same bits whatever shares its call, run on
+this device with the model's own shapes. The forward picks its batching from them: a check
+that fails costs speed (rows computed apart), never a row's result depending on its batch
+neighbours."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from server.engine.kv_cache import extent_classes
+from server.engine.linear import DenseLinear
+
+if TYPE_CHECKING:
+    from server.engine.models.base import DecoderModel
+
+# Prompt chunks above this many tokens run packed weights dequantized (dense GEMM): one chunk
+# alone breaks even at ~24 tokens (int4 23.2 ms, dense 22.6), prompts sharing a forward gain more.
+WIDE_ROWS = 24
+# The longest key extent padded_extents_exact checks (its buffers grow with the square)
+CHECKED_EXTENT = 4096
+
+
+def gemm_rows_independent(model: DecoderModel) -> bool:
+    """Whether every GEMM of the forward gives a row the same bits whatever other rows share
+    the call, so that prompts can be prefilled together without changing any of them. True
+    of oneDNN's bf16 GEMM and of the packed kernels on the CPUs measured here, but a kernel
+    may pick its summation order by the row count (split-K GEMMs on GPUs, oneDNN's one-row
+    path on some CPUs), so it is checked on this device, with the model's own weights."""
+    generator = torch.Generator().manual_seed(0)
+
+    def same_rows(linear, in_features: int, wide: bool, rows: int, slices) -> bool:
+        x = torch.randn(rows, in_features, generator=generator).to(model.dtype)
+        x = x.to(model.device)
+        full = linear(x, wide)
+        return all(torch.equal(linear(x[lo:hi], wide), full[lo:hi]) for lo, hi in slices)
+
+    layer = model.layers[0]
+    shapes = (
+        (layer.qkv, model.hidden),
+        (layer.o, model.num_heads * model.head_dim),
+        (layer.gate_up, model.hidden),
+        (layer.down, model.intermediate),
+    )
+    narrow = ((0, 1), (0, 2), (5, 5 + WIDE_ROWS), (64, 96))
+    # a wide prompt's last chunk may be one row (the rest restored from the prefix cache)
+    wide = ((0, 1), (0, 2), (3, 10), (0, WIDE_ROWS + 1), (100, 300), (470, 512))
+
+    def dense(out_features: int, in_features: int) -> DenseLinear:  # LoRA A and B shapes
+        weight = torch.randn(out_features, in_features, generator=generator)
+        return DenseLinear(weight.to(model.dtype).to(model.device))
+
+    return (
+        all(same_rows(linear, n, False, 96, narrow) for linear, n in shapes)
+        and all(same_rows(linear, n, True, 512, wide) for linear, n in shapes)
+        and same_rows(model.lm_head, model.hidden, False, 16, ((0, 1), (3, 9)))
+        and same_rows(dense(64, model.hidden), model.hidden, False, 96, narrow)
+        and same_rows(dense(model.hidden, 64), 64, False, 96, narrow)
+    )
+
+
+@dataclass(frozen=True)
+class PaddedExtents:
+    """Which parts of decode attention give a row the same bits over a longer key extent (the
+    keys past its own extent class weighing exactly zero) as over its own class: then rows of
+    every class share one call instead of one call per class (see attention.decode_attention)."""
+
+    softmax: bool = False
+    values: bool = False
+    up_to: int = 0  # the longest extent checked: longer batches keep one call per class
+
+    def shared(self, longest: int) -> PaddedExtents:
+        """What may be shared in a step whose longest extent class is `longest`."""
+        return self if longest <= self.up_to else PaddedExtents()
+
+
+def padded_extents_exact(model: DecoderModel, max_len: int, rows: int = 8) -> PaddedExtents:
+    """Checked on this device with the model's head shapes and dtype, at every extent class up
+    to `max_len` (at most CHECKED_EXTENT keys): a row's float32 softmax over its own class
+    against the same row inside a softmax over a longer class, and its value GEMM
+    (probabilities in the compute dtype, values read in place from a cache-shaped buffer, as
+    decode reads them) against the same row in one GEMM over the longer class.
+
+    Measured on AMX (bf16) and emulated AVX2: class extents are multiples of 32 keys, and
+    there the softmax sums the same lanes in the same order with zeros after them; the bf16
+    value GEMM too, MKL's fp32 one not (its blocking over keys follows the extent)."""
+    generator = torch.Generator().manual_seed(1)
+    classes = extent_classes(min(max_len, CHECKED_EXTENT))
+    group = model.num_heads // model.num_kv_heads
+    kv, d, dtype, device = model.num_kv_heads, model.head_dim, model.dtype, model.device
+    drawn_scores = (torch.randn(rows, kv, group, classes[-1], generator=generator) * 4).to(dtype)
+    drawn_cache = torch.randn(rows, kv, classes[-1], d, generator=generator).to(dtype)
+    softmax_same = values_same = True
+    for longest in classes[1:]:
+        shorter = [c for c in classes if c < longest]
+        own = torch.randint(0, longest, (rows,), generator=generator)  # each row's position
+        edges = [c - 1 for c in shorter[-rows:]]  # the last key of the classes below
+        own[: len(edges)] = torch.tensor(edges)
+        hidden = (torch.arange(longest)[None] > own[:, None])[:, None, None]
+        scores = drawn_scores[..., :longest].masked_fill(hidden, float("-inf")).to(device)
+        cache = drawn_cache[:, :, :longest].contiguous().to(device)
+        probs = torch.softmax(scores.view(rows * kv, group, longest), dim=-1, dtype=torch.float32)
+        probs = probs.to(dtype)
+        out = torch.bmm(probs, cache.view(rows * kv, longest, d)).view(rows, kv, group, d)
+        probs = probs.view(rows, kv, group, longest)
+        for row in range(rows):
+            length = next(c for c in classes if c > own[row])
+            if length == longest:
+                continue
+            alone = torch.softmax(scores[row, ..., :length], dim=-1, dtype=torch.float32)
+            alone = alone.to(dtype)
+            softmax_same = softmax_same and torch.equal(alone, probs[row, ..., :length])
+            if not softmax_same:
+                return PaddedExtents()
+            if values_same:
+                values = cache[row : row + 1, :, :length].reshape(kv, length, d)
+                values_same = torch.equal(torch.bmm(alone, values), out[row])
+    return PaddedExtents(softmax_same, values_same, classes[-1])
+
+
+def describe_sharing(padded: PaddedExtents) -> str:
+    """For the start-up log and the engine info metric."""
+    if padded.values:
+        return f"scores+softmax+values<={padded.up_to}"
+    if padded.softmax:
+        return f"scores+softmax<={padded.up_to}"
+    return "scores"
+
+
+__all__ = [
+    "CHECKED_EXTENT",
+    "WIDE_ROWS",
+    "PaddedExtents",
+    "describe_sharing",
+    "gemm_rows_independent",
+    "padded_extents_exact",
+]
