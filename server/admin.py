@@ -11,17 +11,17 @@ from fastapi import APIRouter, Depends, Request
 
 from server.adapters.errors import AdapterError, AdapterNotFoundError
 from server.adapters.registry import AdapterRegistry
-from server.canary import CanaryRouter
-from server.memory import release_free_memory
-from server.protocol import (
+from server.admin_protocol import (
     ActivateAdapterRequest,
     CanaryRequest,
-    ErrorResponse,
     IndexSourcesRequest,
     LoadLoraAdapterRequest,
     PromoteAdapterRequest,
     UnloadLoraAdapterRequest,
 )
+from server.canary import CanaryRouter
+from server.memory import release_free_memory
+from server.protocol import ErrorResponse
 from server.rag import RetrievalService
 from server.threads import run_blocking
 

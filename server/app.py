@@ -28,20 +28,15 @@ from server.attribution import begin as begin_attribution
 from server.attribution import end as end_attribution
 from server.auth import KeyStore
 from server.canary import CanaryRouter
+from server.chat_protocol import ChatCompletionRequest
+from server.completion_protocol import CompletionRequest
+from server.embedding_protocol import EmbeddingRequest, EmbeddingResponse
 from server.errors import ServiceUnavailableError, error_response, install_error_handlers
 from server.feedback import FeedbackService, feedback_router
 from server.logs import request_id
 from server.metrics import UNKNOWN_MODEL, Metrics
 from server.middleware import BodySizeLimit, HTTPOnly
-from server.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    EmbeddingRequest,
-    EmbeddingResponse,
-    ErrorResponse,
-    ModelCard,
-    ModelList,
-)
+from server.protocol import ErrorResponse, ModelCard, ModelList
 from server.serving import OpenAIServing
 from server.store_sync import StoreSync, store_settings
 from server.tenancy import bind_tenant, reset_tenant

@@ -36,12 +36,13 @@ from fastapi import APIRouter, Depends
 from ragtune.audit import AuditLog
 from ragtune.config import FeedbackConfig
 from ragtune.feedback_store import FeedbackStore, feedback_dir
+from server.chat_protocol import ChatCompletionRequest
 from server.engine import RequestStream, StepOutput
 from server.errors import APIError, BadRequestError, NotFoundError
 from server.feedback_protocol import FeedbackRequest, FeedbackResponse
 from server.ledger import ResponseLedger, ServedResponse
 from server.metrics import Metrics
-from server.protocol import ChatCompletionRequest, ErrorResponse
+from server.protocol import ErrorResponse
 from server.threads import run_blocking
 
 logger = logging.getLogger(__name__)

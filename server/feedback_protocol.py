@@ -1,5 +1,5 @@
 """POST /v1/feedback request and response bodies (the generation protocol is in
-server/protocol.py)."""
+server/chat_protocol.py and server/completion_protocol.py)."""
 
 from __future__ import annotations
 

@@ -1,13 +1,13 @@
-"""Serving logic for /v1/chat/completions and /v1/completions: validate against the limits,
-turn the request into engine requests (one per choice), and shape engine output as OpenAI JSON
-(streams: server/streaming.py)."""
+"""Serving logic for /v1/chat/completions and /v1/completions: resolve the adapter, retrieve,
+render the prompt, turn the request into engine requests (one per choice, within the limits:
+server/serving_requests.py), and shape engine output (server/serving_outputs.py) as OpenAI
+JSON (streams: server/streaming.py)."""
 
 from __future__ import annotations
 
 import base64
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
 from typing import Any
 
 from ragtune.config import Settings
@@ -16,41 +16,30 @@ from server.adapters.errors import AdapterNotFoundError
 from server.adapters.registry import AdapterRegistry
 from server.attribution import note_adapter
 from server.canary import CanaryRouter
+from server.chat_protocol import ChatCompletionRequest
 from server.choices import (
     ChoiceResult,
     Echo,
-    child_seed,
-    merged,
-    total_completion_tokens,
-    total_prompt_tokens,
 )
-from server.engine import Engine, GenerationRequest, RequestStream, StepOutput
-from server.engine.grammar import GrammarCompiler, GrammarError, GrammarSpec
-from server.engine.lora import AdapterWeights
-from server.errors import (
-    APIError,
-    BadRequestError,
-    InternalError,
-    ModelNotFoundError,
-    NotFoundError,
-    ServiceUnavailableError,
-    to_api_error,
-)
-from server.feedback import FeedbackService
-from server.logprobs import TokenTexts, chat_content, choice_logprobs
-from server.metrics import Metrics
-from server.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
+from server.completion_protocol import CompletionRequest
+from server.embedding_protocol import (
     EmbeddingData,
     EmbeddingRequest,
     EmbeddingResponse,
     EmbeddingUsage,
-    RagOptions,
-    Source,
-    _GenerationRequest,
-    new_id,
 )
+from server.engine import Engine, RequestStream, StepOutput
+from server.engine.lora import AdapterWeights
+from server.errors import (
+    BadRequestError,
+    ModelNotFoundError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
+from server.feedback import FeedbackService
+from server.logprobs import TokenTexts, chat_content, choice_logprobs
+from server.metrics import Metrics
+from server.protocol import RagOptions, Source, new_id
 from server.rag import RetrievalService
 from server.responses import (
     ChatChoice,
@@ -59,11 +48,11 @@ from server.responses import (
     CompletionChoice,
     CompletionResponse,
     ResponseMessage,
-    Usage,
 )
+from server.serving_outputs import OutputCollector, usage_of
+from server.serving_requests import RequestBuilder
 from server.streaming import chat_events, completion_events, sse
 from server.structured import response_grammar
-from server.tenancy import cache_namespace
 from server.threads import run_blocking
 from server.tools import (
     finish_reply,
@@ -71,12 +60,6 @@ from server.tools import (
     tool_conversation,
     tool_grammar,
 )
-
-
-class RequestTimeoutError(APIError):
-    status_code = 504
-    error_type = "timeout_error"
-    code = "request_timeout"
 
 
 class OpenAIServing:
@@ -100,7 +83,8 @@ class OpenAIServing:
         self.system_fingerprint = f"fp_{engine.loaded.fingerprint[:10]}"
         self.context_length = engine.max_seq_len
         self.token_texts = TokenTexts(self.tokenizer)
-        self._grammars: GrammarCompiler | None = None  # built on the first structured request
+        self.requests = RequestBuilder(engine, settings)  # limits, choices, grammar, submission
+        self.outputs = OutputCollector(metrics, settings)  # deadline, metrics, results
         self.feedback: FeedbackService | None = None  # set by the app: the response ledger
         # set by the app on a shared store: apply the store's newer state now
         self.catch_up: Callable[[], None] | None = None
@@ -169,22 +153,22 @@ class OpenAIServing:
         else:
             text = render_chat(self.tokenizer, conversation)
         prompt_ids = encode_prompt(self.tokenizer, text)
-        grammar = await self.compile_grammar(spec)
-        response_id, gens = self._engine_requests(
+        grammar = await self.requests.compile_grammar(spec)
+        response_id, gens = self.requests.engine_requests(
             "chatcmpl", request, prompt_ids, adapter, grammar=grammar
         )
-        streams = self._submit(gens)
+        streams = self.requests.submit(gens)
         if self.feedback is not None:  # the ledger (and the conversation, when kept)
             streams = self.feedback.track(response_id, request, adapter, key_id, streams)
         if request.stream:
             return sse(chat_events(self, request, response_id, streams, sources))
-        results = await self._collect(streams, request.model)
+        results = await self.outputs.collect(streams, request.model)
         return ChatCompletionResponse(
             id=response_id,
             model=request.model,
             system_fingerprint=self.system_fingerprint,
             choices=[self._chat_choice(request, i, result) for i, result in enumerate(results)],
-            usage=_usage(results),
+            usage=usage_of(results),
             sources=sources,
         )
 
@@ -222,18 +206,18 @@ class OpenAIServing:
             if isinstance(prompt, str):
                 prompt_ids = encode_prompt(self.tokenizer, prompt)
             else:
-                self._check_token_ids("prompt", prompt)
+                self.requests.check_token_ids("prompt", prompt)
                 prompt_ids = list(prompt)
             tag = f"{response_id}-{number}" if len(prompts) > 1 else response_id
-            _, choices = self._engine_requests("cmpl", request, prompt_ids, adapter, tag)
+            _, choices = self.requests.engine_requests("cmpl", request, prompt_ids, adapter, tag)
             gens += choices
             if request.echo:
                 text = prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt_ids)
                 echoes += [Echo(text, prompt_ids)] * len(choices)
-        streams = self._submit(gens)
+        streams = self.requests.submit(gens)
         if request.stream:
             return sse(completion_events(self, request, response_id, streams, sources, echoes))
-        results = await self._collect(streams, request.model)
+        results = await self.outputs.collect(streams, request.model)
         choices = []
         for i, result in enumerate(results):
             echo = echoes[i] if echoes else None
@@ -251,7 +235,7 @@ class OpenAIServing:
             model=request.model,
             system_fingerprint=self.system_fingerprint,
             choices=choices,
-            usage=_usage(results, request.n),
+            usage=usage_of(results, request.n),
             sources=sources,
         )
 
@@ -306,154 +290,11 @@ class OpenAIServing:
         return result
 
     # ------------------------------------------------------------------------------- helpers
-    def _check_token_ids(self, param: str, ids: list[int]) -> None:
-        vocab = len(self.tokenizer)
-        if any(not 0 <= t < vocab for t in ids):
-            raise BadRequestError(f"{param} token ids must be in [0, {vocab})", param)
-
-    def _engine_requests(
-        self,
-        prefix: str,
-        request: _GenerationRequest,
-        prompt_ids: list[int],
-        adapter: AdapterWeights | None,
-        response_id: str | None = None,  # default: a new one
-        grammar: Any = None,  # compiled (see compile_grammar)
-    ) -> tuple[str, list[GenerationRequest]]:
-        """The response id and one engine request per choice (`n`), within the limits."""
-        limits = self.settings.limits
-        if not prompt_ids:
-            raise BadRequestError(
-                "the prompt is empty", "messages" if prefix == "chatcmpl" else "prompt"
-            )
-        max_prompt = min(limits.max_prompt_tokens, self.context_length - 1)
-        if len(prompt_ids) > max_prompt:
-            raise BadRequestError(
-                f"the prompt has {len(prompt_ids)} tokens but this server accepts at most "
-                f"{max_prompt} (limits.max_prompt_tokens); shorten the prompt",
-                "messages" if prefix == "chatcmpl" else "prompt",
-                code="context_length_exceeded",
-            )
-        for param, ids in request.token_ids().items():
-            self._check_token_ids(param, ids)
-        room = self.context_length - len(prompt_ids)
-        wanted = request.requested_max_tokens()
-        if wanted is None:
-            wanted = min(limits.max_new_tokens, room)
-        elif not {"max_tokens", "max_completion_tokens"} & request.model_fields_set:
-            wanted = min(wanted, limits.max_new_tokens, room)  # a default, not the client's ask
-        elif wanted > limits.max_new_tokens:
-            raise BadRequestError(
-                f"max_tokens={wanted} exceeds this server's limit of {limits.max_new_tokens} "
-                "(limits.max_new_tokens)",
-                "max_tokens",
-            )
-        elif wanted > room:
-            raise BadRequestError(
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({wanted}) exceeds the "
-                f"{self.context_length}-token sequence limit (engine.max_seq_len)",
-                "max_tokens",
-                code="context_length_exceeded",
-            )
-        params = request.to_sampling_params(wanted)
-        response_id = response_id or new_id(prefix)
-        namespace = cache_namespace(request.cache_salt)
-        if request.n == 1:
-            return response_id, [
-                GenerationRequest(response_id, prompt_ids, params, adapter, grammar, namespace)
-            ]
-        return response_id, [
-            GenerationRequest(
-                f"{response_id}-{i}",
-                prompt_ids,
-                replace(params, seed=child_seed(params.seed, i)),
-                adapter,
-                grammar,
-                namespace,
-            )
-            for i in range(request.n)
-        ]
-
-    async def compile_grammar(self, spec: GrammarSpec | None) -> Any:
-        """The compiled grammar for a request's structured output (None: free text); a schema
-        the grammar library cannot compile is a 400 naming the problem. The vocabulary table
-        is built on first use (seconds for a 262k vocabulary), off the event loop."""
-        if spec is None:
-            return None
-        if self._grammars is None:
-            loaded = self.engine.loaded
-            vocab = loaded.model.config.get_text_config().vocab_size
-            self._grammars = await run_blocking(
-                GrammarCompiler, self.tokenizer, vocab, self.engine.eos_ids
-            )
-        try:
-            return await run_blocking(self._grammars.compile, spec)
-        except GrammarError as exc:
-            raise BadRequestError(f"cannot follow this schema: {exc}", "response_format") from None
-
-    def _submit(self, gens: list[GenerationRequest]) -> list[RequestStream]:
-        """All choices or none: a refusal (queue full, shutting down) cancels those queued."""
-        streams: list[RequestStream] = []
-        try:
-            for gen in gens:
-                streams.append(self.engine.submit(gen))
-        except Exception as exc:
-            for stream in streams:
-                stream.cancel()
-            raise to_api_error(exc) from exc
-        return streams
-
     def choice_outputs(
         self, streams: list[RequestStream], model: str
     ) -> AsyncIterator[tuple[int, StepOutput]]:
         """Every choice's outputs as they arrive, tagged with the choice's index."""
-        return merged([self._outputs(stream, model) for stream in streams])
-
-    async def _outputs(self, stream: RequestStream, model: str) -> AsyncIterator[StepOutput]:
-        """Engine outputs with the per-request deadline applied; always frees the slot."""
-        started = time.monotonic()
-        # one timer per request, not a wait_for (a task and a timer) per token
-        timer = stream.loop.call_later(self.settings.limits.request_timeout_s, stream.expire)
-        first = True
-        try:
-            while True:
-                try:
-                    output = await anext(stream)
-                except StopAsyncIteration:
-                    return
-                except TimeoutError:
-                    raise RequestTimeoutError(
-                        f"request exceeded limits.request_timeout_s="
-                        f"{self.settings.limits.request_timeout_s}"
-                    ) from None
-                if first:
-                    self.metrics.ttft.labels(model).observe(time.monotonic() - started)
-                    first = False
-                if output.finished:
-                    self._observe_finished(model, output, time.monotonic() - started)
-                if output.finished and output.finish_reason in ("abort", "error"):
-                    error = output.error or "request aborted"
-                    if "shut down" in error:
-                        raise ServiceUnavailableError(error)
-                    raise InternalError(error)
-                yield output
-                if output.finished:
-                    return
-        finally:
-            timer.cancel()
-            stream.cancel()
-
-    def _observe_finished(self, model: str, output: StepOutput, seconds: float) -> None:
-        self.metrics.latency.labels(model).observe(seconds)
-        self.metrics.generations.labels(model, output.finish_reason).inc()
-        self.metrics.tokens.labels(model, "prompt").inc(output.prompt_tokens)
-        self.metrics.tokens.labels(model, "completion").inc(output.completion_tokens)
-
-    async def _collect(self, streams: list[RequestStream], model: str) -> list[ChoiceResult]:
-        results = [ChoiceResult() for _ in streams]
-        async for index, output in self.choice_outputs(streams, model):
-            results[index].add(output)
-        return results
+        return self.outputs.choice_outputs(streams, model)
 
 
 def _native_tools(tools: list | None, native: bool) -> list[dict] | None:
@@ -461,8 +302,3 @@ def _native_tools(tools: list | None, native: bool) -> list[dict] | None:
     if not tools or not native:
         return None
     return [tool.model_dump(exclude_none=True) for tool in tools]
-
-
-def _usage(results: list[ChoiceResult], n: int = 1) -> Usage:
-    finals = [result.final for result in results]
-    return Usage.of(total_prompt_tokens(finals, n), total_completion_tokens(finals))

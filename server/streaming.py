@@ -11,11 +11,13 @@ from typing import TYPE_CHECKING, Any
 from fastapi.responses import StreamingResponse
 
 from server.attribution import note_failed
+from server.chat_protocol import ChatCompletionRequest
 from server.choices import ChoiceResult, Echo, total_completion_tokens, total_prompt_tokens
+from server.completion_protocol import CompletionRequest
 from server.engine import RequestStream, StepOutput
 from server.errors import sse_error, to_api_error
 from server.logprobs import chat_content, completion_logprobs
-from server.protocol import ChatCompletionRequest, CompletionRequest, Source
+from server.protocol import Source
 from server.responses import (
     ChatChoiceLogprobs,
     ChatChunkChoice,

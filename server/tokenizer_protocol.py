@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.protocol import ChatMessage, ProtocolError, RequestModel, check_messages
+from server.chat_protocol import ChatMessage, check_messages
+from server.protocol import ProtocolError, RequestModel
 
 
 class TokenizeRequest(RequestModel):

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Depends
 
 from ragtune.models.chat import render_chat
+from server.chat_protocol import conversation
 from server.errors import BadRequestError, ModelNotFoundError
-from server.protocol import conversation
 from server.tokenizer_protocol import (
     DetokenizeRequest,
     DetokenizeResponse,

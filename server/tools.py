@@ -21,8 +21,8 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
+from server.chat_protocol import ChatMessage, ToolChoice, ToolDefinition
 from server.engine.grammar import GrammarSpec
-from server.protocol import ChatMessage, ToolChoice, ToolDefinition
 from server.structured import schema_grammar
 
 # Calls in one forced reply with parallel_tool_calls: small models rarely close the list on
