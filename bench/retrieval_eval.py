@@ -149,8 +149,9 @@ def run_latency(args: argparse.Namespace, embedder: Any) -> dict[str, Any]:
     from retrieval.chunking import Chunk
     from retrieval.config import RetrievalConfig
     from retrieval.dense import DenseIndex
+    from retrieval.generation import IndexInfo
+    from retrieval.index import Index
     from retrieval.lexical import LexicalIndex, top_k_positive
-    from retrieval.store import Index, IndexInfo
 
     rng = np.random.default_rng(0)
     n, dim = args.synthetic_chunks, embedder.dim

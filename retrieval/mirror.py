@@ -20,12 +20,12 @@ from pathlib import Path
 from ragtune.fileio import atomic_write_text
 from ragtune.store import Store
 from retrieval.errors import IndexUnavailableError
-from retrieval.store import _GENERATION, NAME_PATTERN
+from retrieval.generation import CURRENT, GENERATION_PATTERN
+from retrieval.store import NAME_PATTERN
 
 logger = logging.getLogger(__name__)
 
 POINTERS = "registry/indexes.json"
-CURRENT = "CURRENT"
 
 
 class IndexMirror:
@@ -81,7 +81,9 @@ class IndexMirror:
             self._applying = True
             try:
                 for name, generation in doc["indexes"].items():
-                    if not (NAME_PATTERN.fullmatch(name) and _GENERATION.fullmatch(generation)):
+                    if not (
+                        NAME_PATTERN.fullmatch(name) and GENERATION_PATTERN.fullmatch(generation)
+                    ):
                         logger.warning("store names an invalid index %r@%r", name, generation)
                         continue
                     if self._local_generation(name) != generation:

@@ -1,20 +1,10 @@
-"""Named indexes on disk: build, incremental add, delete, load and search.
+"""Named indexes under one root: names, info, cached loading, and serialised writes.
 
-Layout of one index (``<root>/<name>/``)::
-
-    CURRENT                 "gen-000007": the generation readers use
-    gen-000007/
-        manifest.json       format, embedder, chunking, counts, sha256 of every other file
-        documents.json      one record per source document (hash, title, chunk range)
-        chunks.jsonl        one chunk per line (id, source, title, heading, span, text)
-        embeddings.npy      float32 (chunks, dim), L2-normalised
-        dense.faiss         only for HNSW indexes (flat ones are rebuilt from the .npy)
-        lexical/            bm25s arrays (.npy, allow_pickle=False) and vocab JSON
-
-A write builds a complete new generation in a scratch directory, renames it into place
-(`atomic_directory`) and only then switches CURRENT (`atomic_write_text`): a crash at any
-point leaves the previous generation current and intact. The generation before the current
-one is kept so a reader that read CURRENT just before a switch can still load it.
+Each index is a directory of generations (format: retrieval/generation.py). A write (build,
+add, delete) holds the index's lock file, plans what changes (retrieval/ingest.py), writes a
+complete new generation, renames it into place and only then switches CURRENT, so a crash at
+any point leaves the previous generation current and intact. Readers never wait for writers;
+the loaded, searchable generation is an `Index` (retrieval/index.py).
 """
 
 from __future__ import annotations
@@ -31,42 +21,47 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from ragtune.fileio import atomic_directory, atomic_write_text, sha256_file
-from retrieval.chunking import Chunk, TokenCounter, chunk_document
-from retrieval.config import SEARCH_MODES, RetrievalConfig
+from ragtune.fileio import atomic_directory, atomic_write_text
+from retrieval.config import RetrievalConfig
 from retrieval.errors import (
     IndexNotFoundError,
     IndexUnavailableError,
     InvalidIndexNameError,
     InvalidSourcesError,
-    LoaderError,
 )
-from retrieval.loaders import Document, file_hash, iter_source_files, load_file, source_key
+from retrieval.generation import (
+    CURRENT,
+    GENERATION_PATTERN,
+    MANIFEST,
+    Generation,
+    IndexInfo,
+    info_from_manifest,
+    next_generation,
+    prune,
+    read_generation,
+    write_generation,
+)
+from retrieval.index import Index, SearchHit
+from retrieval.ingest import (
+    BuildReport,
+    Pending,
+    assemble_embeddings,
+    chunk_settings,
+    compatible,
+    pending_files,
+    plan_write,
+)
+from retrieval.loaders import Document
 
 if TYPE_CHECKING:
-    from retrieval.dense import DenseIndex
     from retrieval.embedder import Embedder
-    from retrieval.lexical import LexicalIndex
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_GENERATION = re.compile(r"^gen-(\d{6,})$")
-CURRENT = "CURRENT"
-MANIFEST = "manifest.json"
-DOCUMENTS = "documents.json"
-CHUNKS = "chunks.jsonl"
-EMBEDDINGS = "embeddings.npy"
-DENSE = "dense.faiss"
-LEXICAL = "lexical"
-MAX_TOP_K = 1000
 
 
 def validate_index_name(name: object) -> str:
@@ -76,280 +71,6 @@ def validate_index_name(name: object) -> str:
             "starting with a letter or digit"
         )
     return name
-
-
-@dataclass(frozen=True)
-class SearchHit:
-    """One retrieved chunk. `score` is the cosine (dense), BM25 score (bm25) or fused score
-    (hybrid); only its order is comparable across modes."""
-
-    index: str
-    source: str
-    chunk_id: str
-    score: float
-    text: str
-    title: str
-    heading: tuple[str, ...]
-    start: int
-    end: int
-    doc_hash: str
-    rank: int
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["heading"] = list(self.heading)
-        return data
-
-
-@dataclass(frozen=True)
-class IndexInfo:
-    name: str
-    path: str
-    generation: str
-    documents: int
-    chunks: int
-    dense: str
-    embedder: dict[str, Any]
-    chunking: dict[str, Any]
-    created_at: str
-    updated_at: str
-    size_bytes: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class BuildReport:
-    """What a build/add did; `embedded_chunks` counts only chunks that went through the model."""
-
-    name: str
-    generation: str = ""
-    documents: int = 0
-    chunks: int = 0
-    added: list[str] = field(default_factory=list)
-    updated: list[str] = field(default_factory=list)
-    unchanged: list[str] = field(default_factory=list)
-    removed: list[str] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    embedded_chunks: int = 0
-    seconds: float = 0.0
-
-    @property
-    def chunks_per_second(self) -> float:
-        return self.embedded_chunks / self.seconds if self.seconds > 0 else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["chunks_per_second"] = round(self.chunks_per_second, 2)
-        return data
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-# ---------------------------------------------------------------------------- loading
-
-
-@dataclass
-class _Generation:
-    """The raw contents of one generation, as read from disk for an update."""
-
-    manifest: dict[str, Any]
-    documents: list[dict[str, Any]]
-    chunks: list[Chunk]
-    embeddings: np.ndarray
-
-
-def _read_generation(directory: Path, verify: bool = True) -> _Generation:
-    manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"unsupported index format {manifest.get('format_version')!r}")
-    if verify:
-        for relative, expected in manifest["files"].items():
-            path = directory / relative
-            if not path.resolve().is_relative_to(directory.resolve()):
-                raise ValueError(f"manifest names a file outside the index: {relative!r}")
-            if not path.is_file():
-                raise ValueError(f"missing file {relative}")
-            if sha256_file(path) != expected:
-                raise ValueError(f"checksum mismatch for {relative}")
-    documents = json.loads((directory / DOCUMENTS).read_text(encoding="utf-8"))
-    with open(directory / CHUNKS, encoding="utf-8") as handle:
-        chunks = [Chunk.from_json(json.loads(line)) for line in handle if line.strip()]
-    embeddings = np.load(directory / EMBEDDINGS, allow_pickle=False)
-    expected_shape = (manifest["counts"]["chunks"], manifest["embedder"]["dim"])
-    if len(chunks) != expected_shape[0] or embeddings.shape != expected_shape:
-        raise ValueError(
-            f"{len(chunks)} chunks and embeddings {embeddings.shape} do not match the "
-            f"manifest {expected_shape}"
-        )
-    if embeddings.dtype != np.float32:
-        raise ValueError(f"embeddings have dtype {embeddings.dtype}, expected float32")
-    return _Generation(manifest, documents, chunks, embeddings)
-
-
-class Index:
-    """A loaded, immutable index generation. `search` is safe from many threads at once:
-    the FAISS and BM25 structures are only read, and the shared Embedder serialises its own
-    forward passes."""
-
-    def __init__(
-        self,
-        name: str,
-        info: IndexInfo,
-        chunks: list[Chunk],
-        dense: DenseIndex,
-        lexical: LexicalIndex,
-        embedder_provider: Any,
-        config: RetrievalConfig | None = None,
-    ) -> None:
-        self.name = name
-        self._config = config or RetrievalConfig()
-        self.info = info
-        self.chunks = chunks
-        self._dense = dense
-        self._lexical = lexical
-        self._embedder_provider = embedder_provider
-
-    def __len__(self) -> int:
-        return len(self.chunks)
-
-    @classmethod
-    def load(
-        cls,
-        name: str,
-        directory: Path,
-        config: RetrievalConfig,
-        embedder_provider: Any,
-        *,
-        verify: bool = True,
-    ) -> Index:
-        from retrieval.dense import DenseIndex
-        from retrieval.lexical import LexicalIndex
-
-        generation = _read_generation(directory, verify=verify)
-        manifest = generation.manifest
-        if manifest["dense"]["kind"] == "hnsw":
-            dense = DenseIndex.load(directory / DENSE, ef_search=config.hnsw_ef_search)
-        else:
-            flat_only = len(generation.chunks) + 1
-            dense = DenseIndex.build(generation.embeddings, hnsw_threshold=flat_only)
-        lexical = LexicalIndex.load(directory / LEXICAL)
-        if dense.size != len(generation.chunks) or lexical.size != len(generation.chunks):
-            raise ValueError("dense or lexical index size does not match the chunk count")
-        info = _info_from_manifest(name, directory, manifest)
-        return cls(name, info, generation.chunks, dense, lexical, embedder_provider, config)
-
-    def _embedder(self) -> Embedder:
-        embedder = self._embedder_provider()
-        expected = self.info.embedder.get("fingerprint")
-        if embedder.fingerprint != expected:
-            raise IndexUnavailableError(
-                f"index {self.name!r} was built with embedder {self.info.embedder.get('name')} "
-                f"({expected}); the configured one is {embedder.name} ({embedder.fingerprint}). "
-                "Rebuild the index."
-            )
-        return embedder
-
-    def search(
-        self,
-        query: str,
-        top_k: int = 5,
-        mode: str = "hybrid",
-        min_score: float | None = None,
-    ) -> list[SearchHit]:
-        """The best `top_k` chunks for `query`, best first, dropping hits below `min_score`
-        (compared with the score of the chosen mode). BM25 never returns chunks that share
-        no term with the query."""
-        if not isinstance(query, str) or not query.strip():
-            raise ValueError("query must be a non-empty string")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
-            raise ValueError(f"top_k must be an integer from 1 to {MAX_TOP_K}")
-        if mode not in SEARCH_MODES:
-            raise ValueError(f"mode must be one of {', '.join(SEARCH_MODES)}; got {mode!r}")
-        if mode == "bm25":
-            ids, scores = self._lexical.search(query, top_k)
-        else:
-            query_vector = self._embedder().embed([query])[0]
-            if mode == "dense":
-                ids, scores = self._dense.search(query_vector, top_k)
-            else:
-                ids, scores = self._hybrid(query, query_vector, top_k)
-        hits = []
-        for idx, score in zip(ids.tolist(), scores.tolist(), strict=True):
-            if min_score is not None and score < min_score:
-                continue
-            chunk = self.chunks[idx]
-            hits.append(
-                SearchHit(
-                    index=self.name,
-                    source=chunk.source,
-                    chunk_id=chunk.chunk_id,
-                    score=float(score),
-                    text=chunk.text,
-                    title=chunk.title,
-                    heading=chunk.heading,
-                    start=chunk.start,
-                    end=chunk.end,
-                    doc_hash=chunk.doc_hash,
-                    rank=len(hits) + 1,
-                )
-            )
-        return hits
-
-    def _hybrid(
-        self, query: str, query_vector: np.ndarray, top_k: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        from retrieval.fusion import fuse
-        from retrieval.lexical import top_k_positive
-
-        pool = max(self._config.hybrid_pool, 4 * top_k)
-        dense_ids, _ = self._dense.search(query_vector, pool)
-        lexical_all = self._lexical.scores(query)
-        lexical_ids, _ = top_k_positive(lexical_all, pool)
-        candidates = np.unique(np.concatenate([dense_ids, lexical_ids]))
-        # Exact scores for every candidate in both modes, so neither list's misses count
-        # as zero similarity.
-        dense_scores = self._dense.vectors(candidates) @ query_vector
-        fused = fuse(
-            dense_scores,
-            lexical_all[candidates],
-            self._config.fusion,
-            self._config.dense_weight,
-        )
-        order = np.argsort(-fused, kind="stable")[:top_k]
-        return candidates[order], fused[order]
-
-
-def _info_from_manifest(name: str, directory: Path, manifest: dict[str, Any]) -> IndexInfo:
-    size = sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
-    return IndexInfo(
-        name=name,
-        path=str(directory),
-        generation=directory.name,
-        documents=int(manifest["counts"]["documents"]),
-        chunks=int(manifest["counts"]["chunks"]),
-        dense=str(manifest["dense"]["kind"]),
-        embedder=dict(manifest["embedder"]),
-        chunking=dict(manifest["chunking"]),
-        created_at=str(manifest["created_at"]),
-        updated_at=str(manifest["updated_at"]),
-        size_bytes=size,
-    )
-
-
-# ---------------------------------------------------------------------------- store
-
-
-@dataclass
-class _Pending:
-    """A document to (re)index: known hash, text loaded only if its hash is new."""
-
-    source: str
-    doc_hash: str
-    load: Any  # () -> Document
 
 
 class IndexStore:
@@ -419,7 +140,7 @@ class IndexStore:
             raise IndexNotFoundError(f"index {name!r} not found") from None
         except OSError as exc:
             raise IndexUnavailableError(f"index {name!r}: cannot read CURRENT ({exc})") from exc
-        if not _GENERATION.fullmatch(generation):
+        if not GENERATION_PATTERN.fullmatch(generation):
             raise IndexUnavailableError(f"index {name!r}: CURRENT is corrupt")
         return directory / generation, generation, stat.st_mtime_ns
 
@@ -446,7 +167,7 @@ class IndexStore:
         directory, _, _ = self._current(name)
         try:
             manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
-            return _info_from_manifest(name, directory, manifest)
+            return info_from_manifest(name, directory, manifest)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise IndexUnavailableError(f"index {name!r} is unavailable: {exc}") from exc
 
@@ -512,7 +233,7 @@ class IndexStore:
         """Create or replace `name` with exactly the documents under `sources`; documents
         whose content hash is already indexed reuse their chunks and embeddings."""
         validate_index_name(name)
-        report = self._write(name, self._pending_files(sources), replace=True, progress=progress)
+        report = self._write(name, pending_files(sources), replace=True, progress=progress)
         self.on_change(name)
         return report
 
@@ -521,7 +242,7 @@ class IndexStore:
     ) -> BuildReport:
         """Add or refresh documents in an existing index; others stay as they are."""
         self._current(name)  # fail fast (unknown name) before hashing the sources
-        report = self._write(name, self._pending_files(sources), replace=False, progress=progress)
+        report = self._write(name, pending_files(sources), replace=False, progress=progress)
         self.on_change(name)
         return report
 
@@ -534,7 +255,7 @@ class IndexStore:
         progress: bool | None = None,
     ) -> BuildReport:
         """Like build/add for documents that are already in memory (uploads, benchmarks)."""
-        pending = [_Pending(doc.source, doc.doc_hash, (lambda doc=doc: doc)) for doc in documents]
+        pending = [Pending(doc.source, doc.doc_hash, (lambda doc=doc: doc)) for doc in documents]
         report = self._write(name, pending, replace=replace, progress=progress)
         self.on_change(name)
         return report
@@ -551,102 +272,30 @@ class IndexStore:
             self._cache.pop(name, None)
         self.on_change(name)
 
-    def _pending_files(self, sources: Sequence[str | Path]) -> list[_Pending]:
-        if not sources:
-            raise InvalidSourcesError("no sources given")
-        pending = []
-        for path in iter_source_files(sources):
-            digest = file_hash(path)
-            pending.append(
-                _Pending(
-                    source_key(path),
-                    digest,
-                    (lambda path=path, digest=digest: load_file(path, doc_hash=digest)),
-                )
-            )
-        return pending
-
     def _write(
-        self, name: str, pending: list[_Pending], *, replace: bool, progress: bool | None
+        self, name: str, pending: list[Pending], *, replace: bool, progress: bool | None
     ) -> BuildReport:
-        from tqdm.auto import tqdm
-
         started = time.perf_counter()
         report = BuildReport(name=validate_index_name(name))
+        show_progress = not _quiet(progress)
         with self._write_lock(name):
             directory = self._index_dir(name)
             old = self._read_for_update(name, replace=replace)
             embedder = self.embedder
             counter = embedder.token_counter()
-            settings = self._chunk_settings(counter)
-            compatible = old is not None and self._compatible(old.manifest, embedder, settings)
-            if old is not None and not replace and not compatible:
+            settings = chunk_settings(self.config, counter)
+            reuse = old is not None and compatible(old.manifest, embedder, settings)
+            if old is not None and not replace and not reuse:
                 raise InvalidSourcesError(
                     f"index {name!r} was built with another embedder or chunk settings; "
                     "rebuild it with `ragtune index build`"
                 )
-            old_docs = {record["source"]: record for record in old.documents} if old else {}
-            # Embeddings are a pure function of the embedded text: any chunk whose text was
-            # embedded before (unchanged parts of an edited file, a renamed file) reuses it.
-            known_rows: dict[str, int] = {}
-            if old is not None and compatible:
-                for row, chunk in enumerate(old.chunks):
-                    known_rows.setdefault(chunk.embedding_text(), row)
-
-            final: dict[str, _Pending | dict[str, Any]] = {}
-            if old is not None and not replace:
-                final.update(old_docs)
-            for item in pending:
-                final[item.source] = item
-
-            chunks: list[Chunk] = []
-            rows: list[int] = []  # row in old.embeddings, or -1 to embed now
-            documents: list[dict[str, Any]] = []
-            for source, item in tqdm(
-                list(final.items()), desc=f"chunk {name}", unit="doc", disable=_quiet(progress)
-            ):
-                previous = old_docs.get(source)
-                if isinstance(item, dict) or (
-                    compatible and previous is not None and previous["doc_hash"] == item.doc_hash
-                ):
-                    assert previous is not None
-                    first, count = previous["first_chunk"], previous["chunks"]
-                    doc_chunks = old.chunks[first : first + count] if old else []
-                    doc_rows = list(range(first, first + count))
-                    title, kind = previous["title"], previous["kind"]
-                    doc_hash = previous["doc_hash"]
-                    if not isinstance(item, dict):
-                        report.unchanged.append(source)
-                else:
-                    try:
-                        doc = item.load()
-                    except (LoaderError, OSError) as exc:
-                        logger.warning("skipping %s: %s", source, exc)
-                        report.skipped.append((source, str(exc)))
-                        continue
-                    doc_chunks = chunk_document(
-                        doc, self.config.chunk_tokens, self.config.chunk_overlap, counter
-                    )
-                    doc_rows = [known_rows.get(c.embedding_text(), -1) for c in doc_chunks]
-                    title, kind, doc_hash = doc.title, doc.kind, doc.doc_hash
-                    (report.updated if previous is not None else report.added).append(source)
-                documents.append(
-                    {
-                        "source": source,
-                        "doc_hash": doc_hash,
-                        "title": title,
-                        "kind": kind,
-                        "first_chunk": len(chunks),
-                        "chunks": len(doc_chunks),
-                    }
-                )
-                chunks.extend(doc_chunks)
-                rows.extend(doc_rows)
-            if replace:
-                report.removed = sorted(set(old_docs) - set(final))
-            changed = report.added or report.updated or report.removed
-            dropped = any(source in old_docs for source, _ in report.skipped)
-            if old is not None and not changed and not dropped:
+            plan = plan_write(
+                name, old, pending, report, replace=replace, reuse=reuse, config=self.config,
+                counter=counter, show_progress=show_progress,
+            )  # fmt: skip
+            documents, chunks = plan.documents, plan.chunks
+            if old is not None and not plan.changed:
                 report.generation = old.manifest["generation"]
                 report.documents, report.chunks = len(documents), len(chunks)
                 report.seconds = time.perf_counter() - started
@@ -657,17 +306,18 @@ class IndexStore:
                     f"index {name!r} would be empty: no text found in the sources"
                 )
 
-            embeddings, report.embedded_chunks = self._assemble(
-                chunks, rows, old, embedder, progress
+            embeddings, report.embedded_chunks = assemble_embeddings(
+                chunks, plan.rows, old, embedder, show_progress
             )
-            generation = _next_generation(directory)
+            generation = next_generation(directory)
             with atomic_directory(directory / generation) as scratch:
-                self._write_generation(
-                    scratch, name, generation, old, documents, chunks, embeddings, embedder,
-                    settings, progress,
+                write_generation(
+                    scratch, name=name, generation=generation, old=old, documents=documents,
+                    chunks=chunks, embeddings=embeddings, embedder=embedder, settings=settings,
+                    config=self.config, show_progress=show_progress,
                 )  # fmt: skip
             atomic_write_text(directory / CURRENT, generation + "\n")
-            _prune(directory, keep={generation, old.manifest["generation"] if old else ""})
+            prune(directory, keep={generation, old.manifest["generation"] if old else ""})
         report.generation = generation
         report.documents = len(documents)
         report.chunks = len(chunks)
@@ -679,7 +329,7 @@ class IndexStore:
         )  # fmt: skip
         return report
 
-    def _read_for_update(self, name: str, *, replace: bool) -> _Generation | None:
+    def _read_for_update(self, name: str, *, replace: bool) -> Generation | None:
         try:
             directory, _, _ = self._current(name)
         except IndexNotFoundError:
@@ -689,7 +339,7 @@ class IndexStore:
                 f"index {name!r} not found; create it with `ragtune index build`"
             ) from None
         try:
-            return _read_generation(directory)
+            return read_generation(directory)
         except Exception as exc:
             if replace:
                 logger.warning("replacing unreadable index %r (%s)", name, exc)
@@ -698,125 +348,9 @@ class IndexStore:
                 f"index {name!r} is unavailable ({exc}); rebuild it with `ragtune index build`"
             ) from exc
 
-    def _chunk_settings(self, counter: TokenCounter) -> dict[str, Any]:
-        return {
-            "max_tokens": self.config.chunk_tokens,
-            "overlap_tokens": self.config.chunk_overlap,
-            "token_counter": counter.name,
-        }
-
-    @staticmethod
-    def _compatible(manifest: dict[str, Any], embedder: Embedder, settings: dict) -> bool:
-        return (
-            manifest["embedder"].get("fingerprint") == embedder.fingerprint
-            and manifest["chunking"] == settings
-        )
-
-    @staticmethod
-    def _assemble(
-        chunks: list[Chunk],
-        rows: list[int],
-        old: _Generation | None,
-        embedder: Embedder,
-        progress: bool | None,
-    ) -> tuple[np.ndarray, int]:
-        """The (chunks, dim) matrix: known rows copied, the rest embedded now (and counted)."""
-        matrix = np.zeros((len(chunks), embedder.dim), dtype=np.float32)
-        row_array = np.asarray(rows, dtype=np.int64)
-        known = np.flatnonzero(row_array >= 0)
-        if known.size:
-            assert old is not None
-            matrix[known] = old.embeddings[row_array[known]]
-        missing = np.flatnonzero(row_array < 0)
-        if missing.size:
-            texts = [chunks[position].embedding_text() for position in missing]
-            matrix[missing] = embedder.embed(texts, progress=not _quiet(progress))
-        return matrix, int(missing.size)
-
-    def _write_generation(
-        self,
-        scratch: Path,
-        name: str,
-        generation: str,
-        old: _Generation | None,
-        documents: list[dict[str, Any]],
-        chunks: list[Chunk],
-        embeddings: np.ndarray,
-        embedder: Embedder,
-        settings: dict[str, Any],
-        progress: bool | None,
-    ) -> None:
-        from retrieval.dense import DenseIndex
-        from retrieval.lexical import LexicalIndex
-
-        config = self.config
-        (scratch / DOCUMENTS).write_text(
-            json.dumps(documents, ensure_ascii=False), encoding="utf-8"
-        )
-        with open(scratch / CHUNKS, "w", encoding="utf-8") as handle:
-            for chunk in chunks:
-                handle.write(json.dumps(chunk.to_json(), ensure_ascii=False) + "\n")
-        np.save(scratch / EMBEDDINGS, embeddings, allow_pickle=False)
-        dense = DenseIndex.build(
-            embeddings,
-            hnsw_threshold=config.hnsw_threshold,
-            hnsw_m=config.hnsw_m,
-            ef_construction=config.hnsw_ef_construction,
-            ef_search=config.hnsw_ef_search,
-        )
-        if dense.kind == "hnsw":
-            dense.save(scratch / DENSE)
-        lexical = LexicalIndex.build(
-            [chunk.embedding_text() for chunk in chunks], progress=not _quiet(progress)
-        )
-        lexical.save(scratch / LEXICAL)
-        files = {
-            path.relative_to(scratch).as_posix(): sha256_file(path)
-            for path in sorted(scratch.rglob("*"))
-            if path.is_file()
-        }
-        now = _now()
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "name": name,
-            "generation": generation,
-            "created_at": old.manifest["created_at"] if old else now,
-            "updated_at": now,
-            "embedder": embedder.describe(),
-            "chunking": settings,
-            "dense": {"kind": dense.kind, "hnsw_m": config.hnsw_m},
-            "lexical": {"kind": "bm25s", "tokenizer": "nfkc-lower-cjk-bigram-v1"},
-            "counts": {"documents": len(documents), "chunks": len(chunks)},
-            "files": files,
-        }
-        atomic_write_text(scratch / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False))
-
 
 def _quiet(progress: bool | None) -> bool:
     """Progress bars: shown when asked, or by default when stderr is a terminal."""
     if progress is None:
         return not sys.stderr.isatty()
     return not progress
-
-
-def _next_generation(directory: Path) -> str:
-    numbers = [0]
-    if directory.is_dir():
-        for entry in directory.iterdir():
-            match = _GENERATION.fullmatch(entry.name)
-            if match:
-                numbers.append(int(match.group(1)))
-    return f"gen-{max(numbers) + 1:06d}"
-
-
-def _prune(directory: Path, keep: set[str]) -> None:
-    """Drop generations other than the current and previous one, and scratch left by a
-    crashed writer: generation directories and CURRENT's temporary file (we hold the write
-    lock, so no scratch is in use)."""
-    for entry in directory.iterdir():
-        if entry.name in keep or entry.name == CURRENT:
-            continue
-        if _GENERATION.fullmatch(entry.name) or (entry.name.startswith(".gen-") and entry.is_dir()):
-            shutil.rmtree(entry, ignore_errors=True)
-        elif entry.name.startswith(f".{CURRENT}.") and entry.name.endswith(".tmp"):
-            entry.unlink(missing_ok=True)

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from retrieval.fusion import fuse, rrf_fusion, zscore_fusion
+from retrieval.index import SearchHit
 from retrieval.lexical import LexicalIndex, lexical_tokens
 from retrieval.prompt import RAG_PROMPT_TEMPLATE, format_rag_prompt
-from retrieval.store import SearchHit
 
 
 @pytest.mark.parametrize(
