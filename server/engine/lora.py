@@ -8,6 +8,7 @@ model) and sums the deltas over slots: a row gets its own slot's delta plus exac
 its result is the same alone or next to any neighbours. Only the slots in use are computed: a
 lone adapter row costs one rank-r product, not max_loras of them.
 A slot may instead hold a sparse adapter (engine/sparse.py), whose rows get its sparse delta.
+Decode steps over packed base weights take another route (engine/lora_rowwise.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import NamedTuple
 
 import torch
 
+from server.engine.lora_rowwise import RowwisePair, RowwiseTerms, add_rowwise, pack_pair
 from server.engine.sparse import SparseAdapterWeights, SparseTerms, add_sparse, group_matrices
 
 # Fused projection groups of the forward and the PEFT module names inside each, in the order
@@ -63,8 +65,11 @@ class LoraSlots:
         dtype: torch.dtype,
         device: str,
         groups: dict[str, tuple[str, ...]] = LLAMA_GROUPS,
+        rowwise_decode: bool = False,
     ):
         self.groups = groups
+        # decode steps use each slot's int8 pairs over its own rows (engine/lora_rowwise.py)
+        self.rowwise_decode = rowwise_decode
         self.num_slots = num_slots
         self.max_rank = max_rank
         self.dtype = dtype
@@ -90,6 +95,8 @@ class LoraSlots:
         self._group_users: dict[str, set[int]] = {group: set() for group in groups}
         # slot -> (layer, group) -> CSR delta, for slots holding a sparse adapter
         self.sparse: dict[int, dict[tuple[int, str], torch.Tensor]] = {}
+        # slot -> per layer: group -> int8 pair, for LoRA slots when rowwise_decode
+        self.rowwise: dict[int, list[dict[str, RowwisePair]]] = {}
 
     @property
     def nbytes(self) -> int:
@@ -114,23 +121,50 @@ class LoraSlots:
             self.a[group][layer, slot, :, cols] = a.t().to(self.dtype)
             self.b[group][layer, slot, cols, start:stop] = b.t().to(self.dtype)
             self._group_users[group].add(slot)
+        if self.rowwise_decode:
+            self.rowwise[slot] = self._rowwise_pairs(slot, adapter)
+
+    def _rowwise_pairs(self, slot: int, adapter: AdapterWeights) -> list[dict[str, RowwisePair]]:
+        """The slot's factors as int8 pairs, per layer and group, over the columns it fills."""
+        layers: list[dict[str, RowwisePair]] = [
+            {} for _ in range(self.a[next(iter(self.a))].shape[0])
+        ]
+        for layer in {layer for layer, _ in adapter.factors}:
+            for group, modules in self.groups.items():
+                parts = [p for p, m in enumerate(modules) if (layer, m) in adapter.factors]
+                if not parts:
+                    continue
+                columns = [p * self.max_rank + j for p in parts for j in range(adapter.rank)]
+                layers[layer][group] = pack_pair(
+                    self.a[group][layer, slot].float(), self.b[group][layer, slot].float(), columns
+                )
+        return layers
 
     def clear(self, slot: int) -> None:
         self.sparse.pop(slot, None)
+        self.rowwise.pop(slot, None)
         for group in self.groups:
             self.a[group][:, slot] = 0
             self.b[group][:, slot] = 0
             self._group_users[group].discard(slot)
 
-    def batch(self, row_slots: torch.Tensor) -> LoraBatch:
-        """row_slots: [rows] slot of each row, -1 for the base model."""
+    def batch(self, row_slots: torch.Tensor, decode: bool = False) -> LoraBatch:
+        """row_slots: [rows] slot of each row, -1 for the base model. `decode`: a decode
+        step, whose LoRA slots take the rowwise route where it is on."""
         slots = row_slots.tolist()
         in_use = set(slots) - {-1}
+        only = len(in_use) == 1 and -1 not in slots  # every row on one slot
         sparse = {
-            slot: None if len(in_use) == 1 and -1 not in slots else _rows_of(slots, slot)
+            slot: None if only else _rows_of(slots, slot)
             for slot in sorted(in_use & set(self.sparse))
         }
-        used = sorted(in_use - set(sparse))
+        rowwise = {}
+        if decode and self.rowwise_decode:
+            rowwise = {
+                slot: None if only else _rows_of(slots, slot)
+                for slot in sorted(in_use & set(self.rowwise))
+            }
+        used = sorted(in_use - set(sparse) - set(rowwise))
         active = {group for group, users in self._group_users.items() if users & set(used)}
         select: slice | torch.Tensor = slice(0, 0)
         mask = None  # every row on the one LoRA slot: no row to zero
@@ -141,7 +175,7 @@ class LoraSlots:
         if len(used) > 1 or (used and len(in_use) + (-1 in slots) > 1):
             which = torch.tensor(used, device=self.device)
             mask = (which[:, None] == row_slots[None, :]).to(self.dtype)[:, :, None]
-        return LoraBatch(self, select, mask, len(slots), active, sparse)
+        return LoraBatch(self, select, mask, len(slots), active, sparse, rowwise)
 
 
 def _rows_of(slots: list[int], slot: int) -> torch.Tensor:
@@ -162,6 +196,7 @@ class LayerAdapters(NamedTuple):
 
     lora: dict[str, GroupLora]
     sparse: dict[str, SparseTerms]
+    rowwise: dict[str, RowwiseTerms]
 
 
 class LoraBatch:
@@ -176,6 +211,7 @@ class LoraBatch:
         rows: int,
         active_groups: set[str],
         sparse: dict[int, torch.Tensor | None],  # sparse slot -> its rows (None: all)
+        rowwise: dict[int, torch.Tensor | None] | None = None,  # rowwise slot -> its rows
     ):
         self.slots = slots
         self.select = select
@@ -183,13 +219,26 @@ class LoraBatch:
         self.rows = rows
         self.active_groups = active_groups
         self.sparse = sparse
+        self.rowwise = rowwise or {}
+
+    @property
+    def rowwise_only(self) -> bool:
+        """Every adapter row takes the rowwise route: no GEMM here depends on the row count,
+        so the rows need neither padding nor copies (models/base.py decode)."""
+        return bool(self.rowwise) and not self.active_groups and not self.sparse
 
     def repeat_rows(self, times: int) -> LoraBatch:
         """The same view for `times` copies of a one-row batch."""
         mask = None if self.mask is None else self.mask.repeat(1, times, 1)
         # a lone row uses its sparse adapter (rows None) or has none: nothing to repeat
         return LoraBatch(
-            self.slots, self.select, mask, self.rows * times, self.active_groups, self.sparse
+            self.slots,
+            self.select,
+            mask,
+            self.rows * times,
+            self.active_groups,
+            self.sparse,
+            self.rowwise,
         )
 
     def pad_rows(self, rows: int) -> LoraBatch:
@@ -202,7 +251,9 @@ class LoraBatch:
         mask = self.mask
         if mask is not None:
             mask = torch.cat((mask, mask.new_zeros(mask.shape[0], extra, 1)), dim=1)
-        return LoraBatch(self.slots, self.select, mask, rows, self.active_groups, self.sparse)
+        return LoraBatch(
+            self.slots, self.select, mask, rows, self.active_groups, self.sparse, self.rowwise
+        )
 
     def layer(self, index: int) -> LayerAdapters:
         """The factors one layer needs, as plain tensors."""
@@ -220,7 +271,11 @@ class LoraBatch:
             for (layer, group), matrix in self.slots.sparse[slot].items():
                 if layer == index:
                     sparse.setdefault(group, []).append((rows, matrix))
-        return LayerAdapters(lora, sparse)
+        rowwise: dict[str, RowwiseTerms] = {}
+        for slot, rows in self.rowwise.items():
+            for group, pair in self.slots.rowwise[slot][index].items():
+                rowwise.setdefault(group, []).append((rows, pair))
+        return LayerAdapters(lora, sparse, rowwise)
 
 
 def add_adapters(
@@ -233,6 +288,8 @@ def add_adapters(
         out = add_sparse(adapters.sparse[group], x, out)
     if group in adapters.lora:
         out = add_lora(adapters.lora[group], x, out)
+    if group in adapters.rowwise:
+        out = add_rowwise(adapters.rowwise[group], x, out)
     return out
 
 

@@ -16,6 +16,7 @@ from ragtune.models import LoadedModel
 from server.engine.kv_cache import KVCache
 from server.engine.linear import packed_weights_supported
 from server.engine.lora import AdapterWeights, LoraSlots
+from server.engine.lora_rowwise import rowwise_supported
 from server.engine.models import (
     WIDE_ROWS,
     DecoderModel,
@@ -121,6 +122,7 @@ class CompactRunner:
             lora_dtype(m),
             loaded.device,
             groups=m.LORA_GROUPS,
+            rowwise_decode=m.weights != "dense" and rowwise_supported(self.module_shapes),
         )
         self.adapter_slots = AdapterSlotTable(self.lora)
         self.slots: list[Sequence] = []  # index = KV slot = decode row
@@ -150,6 +152,10 @@ class CompactRunner:
             # what decode rows of different extent classes share (models/attention.py)
             "extent_sharing": describe_sharing(m.padded_extents) if m.fixed_decode_rows else "n/a",
             "prefix_cache": "on" if self.prefix_cache is not None else "off",
+            # decode's LoRA products (engine/lora_rowwise.py)
+            "lora_decode": "int8-rowwise"
+            if self.lora.rowwise_decode
+            else dtype_name(self.lora.dtype),
         }
 
     def can_admit(self, seq: Sequence) -> bool:
@@ -239,7 +245,7 @@ class CompactRunner:
         device = self.device
         lora = None
         if any(s >= 0 for s in lora_rows):
-            lora = self.lora.batch(torch.tensor(lora_rows, device=device))
+            lora = self.lora.batch(torch.tensor(lora_rows, device=device), decode=True)
         logits = self.model.decode(
             torch.tensor(tokens, device=device),
             torch.tensor(positions, device=device),

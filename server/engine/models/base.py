@@ -490,17 +490,19 @@ class DecoderModel:
         Where GEMMs depend on the row count at any size (`fixed_decode_rows`: AMX, MKL), the
         two-row trick is not enough: LoRA GEMMs (every GEMM under dense weights) run on
         `fixed_decode_rows` rows, the extra ones zero, and attention extents follow each row's
-        own length (attention.plan_decode).
+        own length (attention.plan_decode). LoRA rows on the rowwise route (packed weights:
+        engine/lora_rowwise.py) need neither.
         """
         real = tokens.shape[0]
         fixed = self.fixed_decode_rows
+        float_lora = lora is not None and not lora.rowwise_only  # rowwise: rows on their own
         if fixed and self.weights == "dense" and real < fixed:  # every GEMM sees `fixed` rows
             pad = tokens.new_zeros(fixed - real)
             tokens, positions = torch.cat((tokens, pad)), torch.cat((positions, pad))
             lora = lora.pad_rows(fixed) if lora is not None else None
-        elif fixed and lora is not None:  # packed base GEMMs are row-independent; LoRA's not
+        elif fixed and float_lora:  # packed base GEMMs are row-independent; float LoRA's not
             lora = lora.pad_rows(fixed)
-        elif real == 1 and (self.weights == "dense" or lora is not None):
+        elif real == 1 and (self.weights == "dense" or float_lora):
             tokens, positions = tokens.repeat(2), positions.repeat(2)
             lora = lora.repeat_rows(2) if lora is not None else None
         batch = tokens.shape[0]

@@ -1,0 +1,99 @@
+"""Decode-time LoRA on the packed int8 kernel (server/engine/lora_rowwise.py): which runners
+take it, that it applies the adapter as the float path does (to int8 rounding), and that a
+row's tokens do not depend on which adapters its neighbours use or how many rows there are."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from server.engine.lora_rowwise import INNER_MULTIPLE, add_rowwise, pack_pair
+from tests.engine.test_runner import (  # noqa: F401  (tiny, tiny_bf16: fixtures)
+    PROMPTS,
+    generate,
+    runner_for,
+    sequence,
+    tiny,
+    tiny_adapter,
+    tiny_bf16,
+)
+
+
+def test_the_kernel_computes_each_row_on_its_own():
+    """The property the route rests on: a row's bits are the same alone, at any row count
+    and at any position in the batch."""
+    torch.manual_seed(0)
+    a, b = torch.randn(64, 24), torch.randn(24, 96)  # A [in, width], B [width, out]
+    pair = pack_pair(a, b, list(range(24)))
+    assert pair.a.shape == (2 * INNER_MULTIPLE, 64)  # width padded to the kernel's multiple
+    x = torch.randn(16, 64, dtype=torch.bfloat16)
+    every = add_rowwise([(None, pair)], x, torch.zeros(16, 96, dtype=torch.bfloat16))
+    for rows in (1, 3, 7):
+        for start in (0, 16 - rows):
+            part = x[start : start + rows]
+            alone = add_rowwise([(None, pair)], part, torch.zeros(rows, 96, dtype=torch.bfloat16))
+            assert torch.equal(alone, every[start : start + rows])
+    # a slot over some rows of the batch: the others get exact zeros added
+    rows = torch.tensor([2, 5, 11])
+    some = add_rowwise([(rows, pair)], x, torch.zeros(16, 96, dtype=torch.bfloat16))
+    assert torch.equal(some[rows], every[rows])
+    assert not some[[0, 1, 3, 4, 6]].any()
+    # and it is the float product to int8 rounding
+    exact = (x.float() @ a) @ b
+    assert (some[rows].float() - exact[rows]).abs().max() < 0.02 * exact.abs().max()
+
+
+@pytest.mark.parametrize("fixture", ["tiny", "tiny_bf16"])
+def test_packed_weights_decode_lora_rowwise_dense_weights_do_not(fixture, request):
+    loaded = request.getfixturevalue(fixture)
+    assert runner_for(loaded, weights="int4").kernels()["lora_decode"] == "int8-rowwise"
+    assert runner_for(loaded, weights="int8").lora.rowwise_decode
+    dense = runner_for(loaded, weights="dense")
+    assert not dense.lora.rowwise_decode and dense.kernels()["lora_decode"] != "int8-rowwise"
+
+
+@pytest.mark.parametrize("fixture", ["tiny", "tiny_bf16"])
+def test_rowwise_lora_is_the_float_lora_to_rounding(fixture, request, tmp_path):
+    """The same decode step with the adapter's factors in int8 (rowwise) and in float (the
+    route a dense-weight runner takes) gives close logits, and both move them off the base
+    model's by far more than that."""
+    loaded = request.getfixturevalue(fixture)
+    probe = runner_for(loaded, weights="int4", max_loras=2, max_lora_rank=8)
+    adapter = tiny_adapter(loaded, probe, tmp_path / "a", 8, 3)
+
+    def first_step(rowwise: bool, with_adapter: bool) -> torch.Tensor:
+        runner = runner_for(loaded, weights="int4", max_loras=2, max_lora_rank=8)
+        runner.lora.rowwise_decode = rowwise
+        seqs = [sequence(PROMPTS[1], adapter if with_adapter else None)]
+        generate(runner, seqs, 0)
+        return runner.decode(seqs).float()
+
+    rowwise, float_lora = first_step(True, True), first_step(False, True)
+    base = first_step(True, False)
+    rounding = (rowwise - float_lora).abs().max()
+    assert rounding < 0.05 * float_lora.abs().max()
+    assert (float_lora - base).abs().max() > 10 * rounding
+
+
+@pytest.mark.parametrize("fixture", ["tiny", "tiny_bf16"])
+def test_rowwise_rows_keep_their_tokens_beside_any_neighbours(fixture, request, tmp_path):
+    """Two adapters and the base model in one batch of different lengths: each row's greedy
+    tokens are those it gets alone, with and without the fixed-row path of AMX/MKL CPUs."""
+    loaded = request.getfixturevalue(fixture)
+
+    def runner(fixed: bool):
+        made = runner_for(loaded, weights="int4", max_loras=2, max_lora_rank=8)
+        if fixed:
+            made.model.fixed_decode_rows = 4
+        return made
+
+    probe = runner(False)
+    adapters = [tiny_adapter(loaded, probe, tmp_path / f"a{i}", 4 + 4 * i, i) for i in range(2)]
+    jobs = [(PROMPTS[0], adapters[0]), (PROMPTS[1], None), ([7] * 70, adapters[1])]
+    for fixed in (False, True):
+        together = generate(runner(fixed), [sequence(p, a) for p, a in jobs], 20)
+        for (prompt, adapter), tokens in zip(jobs, together, strict=True):
+            assert generate(runner(fixed), [sequence(prompt, adapter)], 20) == [tokens]
+        # the same rows with a neighbour on the same adapter (every row of a slot at once)
+        pair = [sequence(PROMPTS[0], adapters[0]), sequence(PROMPTS[2], adapters[0])]
+        assert generate(runner(fixed), pair, 20)[0] == together[0]
