@@ -3,10 +3,12 @@ definitions and `tool_choice`, and the conversation the chat template takes."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from server.engine.types import SamplingParams
 from server.protocol import MAX_LOGPROBS, ProtocolError, RequestModel, _GenerationRequest
 
 
@@ -94,6 +96,13 @@ class ChatCompletionRequest(_GenerationRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = Field(None, description="logprobs of the generated tokens")
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    prompt_logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="vLLM's extension: every prompt token's logprob (after the first) and its "
+        "top k alternatives, as the response's `prompt_logprobs`; not with stream",
+    )
     tools: list[ToolDefinition] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = Field(
         None,
@@ -125,10 +134,20 @@ class ChatCompletionRequest(_GenerationRequest):
     def top_logprobs_wanted(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
+    def to_sampling_params(self, max_tokens: int) -> SamplingParams:
+        params = super().to_sampling_params(max_tokens)
+        if self.prompt_logprobs is not None:
+            return replace(params, prompt_logprobs=self.prompt_logprobs)
+        return params
+
     def unsupported(self) -> None:
         super().unsupported()
         if self.top_logprobs is not None and not self.logprobs:
             raise ProtocolError("top_logprobs needs logprobs=true", "top_logprobs")
+        if self.prompt_logprobs is not None and self.stream:
+            raise ProtocolError(
+                "prompt_logprobs are not available with stream=true", "prompt_logprobs"
+            )
         if self.tools is None and self.parallel_tool_calls is not None:
             raise ProtocolError("parallel_tool_calls needs tools", "parallel_tool_calls")
         choice = self.tool_choice_mode()

@@ -13,7 +13,7 @@ from typing import Any
 
 from server.choices import ChoiceResult, Echo
 from server.engine.types import TokenLogprobs
-from server.responses import ChatLogprob, ChatLogprobContent, CompletionLogprobs
+from server.responses import ChatLogprob, ChatLogprobContent, CompletionLogprobs, PromptLogprob
 
 # JSON has no -inf; OpenAI and vLLM clamp to this
 MIN_LOGPROB = -9999.0
@@ -134,3 +134,29 @@ def choice_logprobs(
         completion_logprobs(prompt, texts, 0, echo.token_ids, out)
         offset = len(echo.text)
     return completion_logprobs(result.logprobs, texts, offset, out=out)
+
+
+def prompt_logprobs(
+    entries: list[TokenLogprobs | None], texts: TokenTexts
+) -> list[dict[str, PromptLogprob] | None]:
+    """vLLM's chat `prompt_logprobs`: per prompt token None (the first) or {token id: its
+    logprob, rank and text} for the token itself and then its top alternatives."""
+    out: list[dict[str, PromptLogprob] | None] = []
+    for entry in entries:
+        if entry is None:
+            out.append(None)
+            continue
+        found = {
+            str(entry.token_id): PromptLogprob(
+                logprob=_clamp(entry.logprob),
+                rank=entry.rank,
+                decoded_token=texts.text(entry.token_id),
+            )
+        }
+        for rank, (other, logprob) in enumerate(entry.top, start=1):
+            found.setdefault(
+                str(other),
+                PromptLogprob(logprob=_clamp(logprob), rank=rank, decoded_token=texts.text(other)),
+            )
+        out.append(found)
+    return out

@@ -84,6 +84,14 @@ class ChatChoice(BaseModel):
     logprobs: ChatChoiceLogprobs | None = None
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's `Logprob`, as its chat `prompt_logprobs` entries hold them."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str
+
+
 class ChatCompletionResponse(BaseModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
@@ -93,6 +101,9 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     sources: list[Source] | None = None
+    # vLLM's extension (request `prompt_logprobs`): per prompt token, None for the first,
+    # else token id -> its logprob for the token itself and its top alternatives
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
 
 
 class DeltaMessage(BaseModel):

@@ -37,7 +37,7 @@ from server.errors import (
     ServiceUnavailableError,
 )
 from server.feedback import FeedbackService
-from server.logprobs import TokenTexts, chat_content, choice_logprobs
+from server.logprobs import TokenTexts, chat_content, choice_logprobs, prompt_logprobs
 from server.metrics import Metrics
 from server.protocol import RagOptions, Source, new_id
 from server.rag import RetrievalService
@@ -170,6 +170,11 @@ class OpenAIServing:
             choices=[self._chat_choice(request, i, result) for i, result in enumerate(results)],
             usage=usage_of(results),
             sources=sources,
+            prompt_logprobs=(
+                prompt_logprobs(results[0].prompt_logprobs or [], self.token_texts)
+                if request.prompt_logprobs is not None
+                else None
+            ),
         )
 
     def _chat_choice(

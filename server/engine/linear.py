@@ -66,9 +66,21 @@ class Int8Linear:
     each row of the result is computed on its own whatever the batch size (measured), so
     outputs stay batch-invariant."""
 
+    # the kernel reads input features in vectors of 16; other lengths crash it (SIGSEGV)
+    INNER_MULTIPLE = 16
+
     def __init__(self, weight: torch.Tensor):
+        if not self.fits(weight):
+            raise ValueError(
+                f"a weight of {weight.shape[1]} input features cannot be packed as int8 (needs "
+                f"a multiple of {self.INNER_MULTIPLE}); set engine.weights: dense"
+            )
         self.weight, scales = per_channel_int8(weight)
         self.scales = scales.to(KERNEL_DTYPE)
+
+    @classmethod
+    def fits(cls, weight: torch.Tensor) -> bool:
+        return weight.shape[1] % cls.INNER_MULTIPLE == 0
 
     def __call__(self, x: torch.Tensor, wide: bool = False) -> torch.Tensor:
         """`wide`: many rows (a prompt chunk), where the GEMM is compute-bound and the packed

@@ -23,10 +23,9 @@ from typing import NamedTuple
 
 import torch
 
-from server.engine.linear import KERNEL_DTYPE, per_channel_int8
+from server.engine.linear import KERNEL_DTYPE, Int8Linear, per_channel_int8
 
-# The packed int8 kernel reads the inner dimension in vectors of 16: other lengths crash it.
-INNER_MULTIPLE = 16
+INNER_MULTIPLE = Int8Linear.INNER_MULTIPLE  # the packed kernel's input-length multiple
 
 
 class RowwisePair(NamedTuple):

@@ -86,7 +86,8 @@ class Sequence:
             return
         for i, token in enumerate(targets):
             top = tuple(zip(scores.top_ids[i], scores.top_logprobs[i], strict=True))
-            self._prompt_logprobs.append(TokenLogprobs(token, scores.logprobs[i], top))
+            rank = scores.ranks[i] if scores.ranks else None
+            self._prompt_logprobs.append(TokenLogprobs(token, scores.logprobs[i], top, rank))
 
     def finish_prompt_only(self) -> None:
         """max_tokens 0 (scoring a prompt): done once the prompt is in, nothing sampled."""

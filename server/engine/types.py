@@ -58,6 +58,7 @@ class TokenLogprobs:
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
+    rank: int | None = None  # 1 = most likely; computed for prompt tokens (vLLM's `rank`)
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """`/v1/completions` echo on the bundled model through the official client: the prompt comes
 back before the completion, with logprobs over prompt and generated tokens (vLLM's shape),
-streamed too; several prompts give several choices; max_tokens 0 only scores."""
+streamed too; several prompts give several choices; max_tokens 0 only scores. And vLLM's
+chat extension `prompt_logprobs`: the same prompt scores from a chat request."""
 
 from __future__ import annotations
 
@@ -79,6 +80,67 @@ def test_bad_echo_requests_are_400_naming_the_field(server, body, param):
     response = httpx.post(
         f"{server.v1}/completions",
         json={"model": BASE_MODEL, **body},
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        timeout=60,
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"].split(".")[0] == param
+
+
+def test_chat_prompt_logprobs_are_the_echoed_prompts(client, server):
+    """vLLM's `prompt_logprobs` on a chat request: one entry per prompt token (None for the
+    first), each holding the token's own logprob and rank and its top alternatives; the
+    same numbers as echoing the rendered prompt through /v1/completions."""
+    messages = [{"role": "user", "content": "Is the sky blue? Answer yes or no."}]
+    chat = client.chat.completions.create(
+        model=BASE_MODEL,
+        messages=messages,
+        max_tokens=2,
+        temperature=0,
+        extra_body={"prompt_logprobs": 2},
+    )
+    entries = chat.model_extra["prompt_logprobs"]
+    assert len(entries) == chat.usage.prompt_tokens and entries[0] is None
+    ids = httpx.post(
+        f"{server.base_url}/tokenize",
+        json={"model": BASE_MODEL, "messages": messages},
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        timeout=60,
+    ).json()["tokens"]
+    echo = client.completions.create(
+        model=BASE_MODEL, prompt=ids, echo=True, logprobs=2, max_tokens=0, temperature=0
+    )
+    echoed = echo.choices[0].logprobs
+    for token, entry, logprob, top in zip(
+        ids[1:], entries[1:], echoed.token_logprobs[1:], echoed.top_logprobs[1:], strict=True
+    ):
+        own = entry[str(token)]
+        assert own["logprob"] == pytest.approx(logprob, abs=1e-5)
+        alternatives = sorted(entry.values(), key=lambda e: -e["logprob"])[:2]
+        assert {a["decoded_token"] for a in alternatives} <= set(top)
+        # rank: 1 + how many tokens are more likely; the top alternatives are ranks 1 and 2
+        best = max(a["logprob"] for a in entry.values())
+        assert (own["rank"] == 1) == (own["logprob"] >= best)
+        assert own["rank"] >= 1 and len(entry) in (2, 3)
+    plain = client.chat.completions.create(
+        model=BASE_MODEL, messages=messages, max_tokens=2, temperature=0
+    )
+    assert plain.model_extra.get("prompt_logprobs") is None
+    assert plain.choices[0].message.content == chat.choices[0].message.content
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
+        ({"prompt_logprobs": 21}, "prompt_logprobs"),
+        ({"prompt_logprobs": -1}, "prompt_logprobs"),
+    ],
+)
+def test_bad_chat_prompt_logprobs_are_400_naming_the_field(server, extra, param):
+    response = httpx.post(
+        f"{server.v1}/chat/completions",
+        json={"model": BASE_MODEL, "messages": [{"role": "user", "content": "Hi"}], **extra},
         headers={"Authorization": f"Bearer {API_KEY}"},
         timeout=60,
     )

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -109,12 +109,15 @@ class RowScores:
     logprobs: list[float]
     top_ids: list[list[int]]
     top_logprobs: list[list[float]]
+    ranks: list[int] = field(default_factory=list)  # the target's rank, 1 = most likely
 
     def extend(self, logits: torch.Tensor, targets: list[int], top: int) -> None:
         """Score rows of float32 logits [rows, vocab] predicting `targets`."""
         logprobs = torch.log_softmax(logits, dim=-1)
         ids = torch.tensor(targets, device=logits.device)[:, None]
-        self.logprobs += logprobs.gather(1, ids)[:, 0].tolist()
+        chosen = logprobs.gather(1, ids)
+        self.logprobs += chosen[:, 0].tolist()
+        self.ranks += ((logprobs > chosen).sum(dim=-1) + 1).tolist()
         if top:
             values, indices = logprobs.topk(top, dim=-1)
             self.top_ids += indices.tolist()
