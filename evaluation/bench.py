@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from evaluation import stats
-from evaluation.dataset import label_set, load_dataset
+from evaluation.dataset import answer_choices, label_set, load_dataset
 from evaluation.report import build_results, write_reports
 from evaluation.runner import (
+    GENERATION_SCORES_KEY,
     GenerationSettings,
     default_system_prompt,
     parse_arms,
@@ -53,6 +54,11 @@ class BenchOptions:
     name: str | None = None
     server_env: dict[str, str] = field(default_factory=dict)
     likelihood: bool = True
+    # "echo": every question's prompt scored by a request of its own, as lm-eval sends it
+    # (the same numbers lm-eval gets); "generation": read from the generation request's own
+    # logprobs where they hold the answer (likelihood.scores_from_generation: no second
+    # prefill; the same numbers only where a prompt's rows do not depend on its length)
+    likelihood_from: str = "echo"
     extra_run_info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -82,7 +88,6 @@ def _score_likelihood(
     options: BenchOptions,
 ) -> dict[str, Any] | None:
     """Likelihood scoring of the rows with an answer set or a reference (None: neither)."""
-    from evaluation.dataset import answer_choices
     from evaluation.indexing import index_root
     from evaluation.likelihood_arms import LikelihoodSettings, score_arms
     from evaluation.lm_eval_tasks import write_lm_eval_tasks
@@ -150,6 +155,10 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
         top_k=options.top_k,
         mode=options.mode,
         concurrency=options.concurrency,
+        # labelled questions: each request also returns what scoring their choices needs
+        score_from_generation=options.likelihood
+        and options.likelihood_from == "generation"
+        and any(answer_choices(item, label_set(items)) for item in items),
     )
     options.out.mkdir(parents=True, exist_ok=True)
     with open_target(
@@ -169,6 +178,9 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
         likelihood = None
         if options.likelihood:
             likelihood = _score_likelihood(target, arms, items, rows, settings, root, options)
+        for arm_rows in rows.values():  # the reused scores are not kept in results.json
+            for row in arm_rows:
+                row.pop(GENERATION_SCORES_KEY, None)
         server = options.url or "a server started by the bench"
     summary = summarise(
         items,

@@ -86,6 +86,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="skip scoring the answer choices by log-likelihood (labelled / choices rows)",
     )
+    how.add_argument(
+        "--likelihood-from",
+        choices=("echo", "generation"),
+        default="echo",
+        help="echo (default): score each prompt with a request of its own, the numbers "
+        "lm-eval's local-completions gets; generation: read the choices from the generation "
+        "request's own prompt and first-token logprobs (no second prefill; equal to echo "
+        "only where the server's prompt rows do not depend on the prompt's length)",
+    )
     how.add_argument("--no-progress", action="store_true", help="no progress bars")
     preset = parser.add_argument_group("preset training")
     preset.add_argument("--train-steps", type=int, help="preset: cap on optimizer steps")
@@ -148,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
                     mode=args.mode,
                     system_prompt=args.system_prompt,
                     likelihood=not args.no_likelihood,
+                    likelihood_from=args.likelihood_from,
                 )
             )
         else:
@@ -173,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
                     resamples=args.resamples,
                     progress=progress,
                     likelihood=not args.no_likelihood,
+                    likelihood_from=args.likelihood_from,
                 )
             )
     except (RuntimeError, openai.APIError) as exc:

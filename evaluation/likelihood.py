@@ -15,6 +15,14 @@ no / maybe after the same context): that token's logprob is read from the `top_l
 of the first choice's last position, the same row of the same forward pass. A choice not
 among those top entries is scored by a request of its own, so the numbers are always the
 ones a request per choice would give.
+
+The bench's own generation request can make even that prefill unneeded
+(`score_from_generation`): it sent the same prompt, and asked for its prompt tokens'
+logprobs (vLLM's `prompt_logprobs`) and the first answer token's top alternatives. The
+context plus the continuation's shared prefix (the chat template's trailing newline, which
+`_encode_pair` moves) is that prompt, so the prefix's logprobs are its last prompt tokens'
+and each choice's last token is one of the first answer token's alternatives: the same rows
+of the same model, computed by the generation's prefill instead of a second one.
 """
 
 from __future__ import annotations
@@ -33,6 +41,9 @@ class ChoiceScore:
     loglikelihood: float
     greedy: bool
     tokens: int
+    # the log-likelihood is at most `loglikelihood` (its last token was not among the
+    # alternatives a generation request kept): it counts only where it cannot win
+    upper_bound: bool = False
 
 
 def encode_pair(
@@ -59,25 +70,91 @@ def _continuation(choice: EchoChoice, start: int, length: int) -> ChoiceScore:
     return ChoiceScore(float(sum(logprobs)), greedy, length)  # type: ignore[arg-type]
 
 
+Pair = tuple[list[int], list[int]]  # (context ids, continuation ids)
+
+
+def choice_pairs(
+    client: ScoringClient, tokenize_model: str, context: str, choices: tuple[str, ...]
+) -> list[Pair]:
+    """encode_pair of each choice after `context`, tokenized by the server."""
+    known: dict[str, list[int]] = {}
+
+    def tokenize(text: str) -> list[int]:
+        if text not in known:
+            known[text] = client.tokenize(tokenize_model, text)
+        return known[text]
+
+    pairs = [encode_pair(tokenize, context, choice) for choice in choices]
+    if any(not cont for _, cont in pairs):
+        raise ValueError("a choice adds no token to the context")
+    return pairs
+
+
+def scores_from_generation(
+    pairs: list[Pair],
+    prompt_ids: list[int],
+    generation: dict[str, Any] | None,
+    last_texts: list[str],
+) -> list[ChoiceScore] | None:
+    """The choices' scores read from the generation request's own logprobs (see above), or
+    None where they are not all there: a choice differing from the others before its last
+    token, a context that is not the prompt minus the shared prefix, a prompt whose last
+    tokens are not the ones sent, or a last token outside the alternatives kept."""
+    if not generation:
+        return None
+    tail, top = generation["prompt_tail"], generation["first_top"]
+    context, shared = pairs[0][0], pairs[0][1][:-1]
+    if any(ctx != context or cont[:-1] != shared for ctx, cont in pairs):
+        return None
+    if context + shared != prompt_ids or len(shared) >= len(tail) or len(tail) > len(prompt_ids):
+        return None
+    entries = []
+    for token, entry in zip(prompt_ids[-len(tail) :], tail, strict=True):
+        if entry is not None and str(token) not in entry:
+            return None  # the generation's prompt ended in other tokens
+        entries.append(None if entry is None else entry[str(token)])
+    prefix = entries[len(entries) - len(shared) :] if shared else []
+    if any(entry is None for entry in prefix) or len(set(last_texts)) < len(last_texts):
+        return None
+    if not any(text in top for text in last_texts):
+        return None
+    total = float(sum(entry["logprob"] for entry in prefix))
+    prefix_greedy = all(entry.get("rank") == 1 for entry in prefix)
+    best, least = max(top.values()), min(top.values())
+    return [
+        ChoiceScore(total + top[text], prefix_greedy and top[text] >= best, len(cont))
+        if text in top
+        else ChoiceScore(total + least, False, len(cont), upper_bound=True)
+        for text, (_, cont) in zip(last_texts, pairs, strict=True)
+    ]
+
+
+def settle_bounds(
+    client: ScoringClient, model: str, pairs: list[Pair], scores: list[ChoiceScore]
+) -> list[ChoiceScore]:
+    """Exact scores for the bounded choices (one echo request for all of them), the others
+    kept: what a generation request's scores need where a bounded choice could win."""
+    bounded = [j for j, score in enumerate(scores) if score.upper_bound]
+    if not bounded:
+        return scores
+    echoed = client.echo(model, [pairs[j][0] + pairs[j][1] for j in bounded], TOP_LOGPROBS)
+    settled = list(scores)
+    for j, choice in zip(bounded, echoed, strict=True):
+        settled[j] = _continuation(choice, len(pairs[j][0]), len(pairs[j][1]))
+    return settled
+
+
 def score_choices(
     client: ScoringClient,
     model: str,
     context: str,
     choices: tuple[str, ...],
     tokenize_model: str | None = None,
+    pairs: list[Pair] | None = None,
 ) -> list[ChoiceScore]:
     """Log-likelihood of each choice after `context` (a rendered prompt), under `model`."""
     tokenize_as = tokenize_model or model
-    known: dict[str, list[int]] = {}
-
-    def tokenize(text: str) -> list[int]:
-        if text not in known:
-            known[text] = client.tokenize(tokenize_as, text)
-        return known[text]
-
-    pairs = [encode_pair(tokenize, context, choice) for choice in choices]
-    if any(not cont for _, cont in pairs):
-        raise ValueError("a choice adds no token to the context")
+    pairs = pairs or choice_pairs(client, tokenize_as, context, choices)
     first_ctx, first_cont = pairs[0]
     first = client.echo(model, [first_ctx + first_cont], TOP_LOGPROBS)[0]
     scores: list[ChoiceScore | None] = [_continuation(first, len(first_ctx), len(first_cont))]
@@ -115,20 +192,48 @@ def _argmax(values: list[float]) -> int:
     return max(range(len(values)), key=lambda i: (values[i], -i))
 
 
-def choice_metrics(
-    scores: list[ChoiceScore], choices: tuple[str, ...], gold: int | None
-) -> dict[str, Any]:
-    """lm-eval's multiple_choice metrics for one question: acc, acc_norm (per character),
-    acc_bytes (per UTF-8 byte), and the choice each picks."""
+def _normalized(scores: list[ChoiceScore], choices: tuple[str, ...]) -> list[list[float]]:
+    """The values acc, acc_norm (per character) and acc_bytes (per UTF-8 byte) compare."""
     lls = [score.loglikelihood for score in scores]
     per_char = [ll / max(len(choice), 1) for ll, choice in zip(lls, choices, strict=True)]
     per_byte = [
         ll / max(len(choice.encode("utf-8")), 1) for ll, choice in zip(lls, choices, strict=True)
     ]
+    return [lls, per_char, per_byte]
+
+
+def decided(scores: list[ChoiceScore], choices: tuple[str, ...]) -> bool:
+    """Whether every metric's pick is certain though some scores are only upper bounds: the
+    pick is an exact score above every bound (a bounded choice scores at most its bound,
+    so it can neither win nor tie)."""
+    bounded = [i for i, score in enumerate(scores) if score.upper_bound]
+    for values in _normalized(scores, choices):
+        pick = _argmax(values)
+        if pick in bounded or any(values[i] >= values[pick] for i in bounded):
+            return False
+    return True
+
+
+def choice_metrics(
+    scores: list[ChoiceScore], choices: tuple[str, ...], gold: int | None
+) -> dict[str, Any]:
+    """lm-eval's multiple_choice metrics for one question: acc, acc_norm (per character),
+    acc_bytes (per UTF-8 byte), and the choice each picks. Scores that are upper bounds
+    must leave every pick `decided`; they are reported as bounds, not values."""
+    if not decided(scores, choices):
+        raise ValueError("an upper-bounded choice could win: score it exactly")
+    lls, per_char, per_byte = _normalized(scores, choices)
     pick, pick_norm, pick_bytes = _argmax(lls), _argmax(per_char), _argmax(per_byte)
     return {
         "choices": list(choices),
-        "loglikelihoods": [round(ll, 6) for ll in lls],
+        "loglikelihoods": [
+            None if score.upper_bound else round(ll, 6)
+            for ll, score in zip(lls, scores, strict=True)
+        ],
+        "loglikelihood_bounds": [
+            round(ll, 6) if score.upper_bound else None
+            for ll, score in zip(lls, scores, strict=True)
+        ],
         "greedy": [score.greedy for score in scores],
         "likelihood_choice": choices[pick],
         "likelihood_choice_norm": choices[pick_norm],

@@ -6,7 +6,9 @@ arm finds the right answer, however it would phrase its own.
 
 Runs after generation, because a RAG arm is scored on the sources its own generation
 request retrieved. Prompts are tokenized with the base model's name (adapters share its
-tokenizer), so the base and ft arms share one tokenization.
+tokenizer), so the base and ft arms share one tokenization. Where the generation request
+kept its scores (runner.GENERATION_SCORES_KEY) they answer without another request to the
+model (likelihood.scores_from_generation); each row says which (`likelihood_source`).
 """
 
 from __future__ import annotations
@@ -21,10 +23,17 @@ from pathlib import Path
 from typing import Any
 
 from evaluation.dataset import QAItem, answer_choices, gold_choice
-from evaluation.likelihood import choice_metrics, score_choices
+from evaluation.likelihood import (
+    choice_metrics,
+    choice_pairs,
+    decided,
+    score_choices,
+    scores_from_generation,
+    settle_bounds,
+)
 from evaluation.lm_eval_tasks import CONTEXT_KEY
 from evaluation.prompts import chat_messages, load_headings, rag_user_turn
-from evaluation.runner import Arm
+from evaluation.runner import GENERATION_SCORES_KEY, Arm
 from evaluation.server_api import ScoringClient, ScoringError
 
 logger = logging.getLogger(__name__)
@@ -50,16 +59,17 @@ class _Contexts:
 
     def __init__(self, client: ScoringClient, model: str):
         self.client, self.model = client, model
-        self._known: dict[str, tuple[int, str]] = {}
+        self._known: dict[str, tuple[list[int], str]] = {}
         self._lock = threading.Lock()
 
-    def get(self, messages: list[dict[str, str]]) -> tuple[int, str]:
+    def get(self, messages: list[dict[str, str]]) -> tuple[list[int], str]:
+        """(the prompt's token ids, its text)"""
         key = json.dumps(messages, ensure_ascii=False)
         with self._lock:
             found = self._known.get(key)
         if found is None:
             ids = self.client.tokenize_messages(self.model, messages)
-            found = (len(ids), self.client.detokenize(self.model, ids))
+            found = (ids, self.client.detokenize(self.model, ids))
             with self._lock:
                 self._known[key] = found
         return found
@@ -81,9 +91,24 @@ def _score_one(
     if arm.rag:
         sources = (generated or {}).get("sources") or []
         user = rag_user_turn(item.question, sources, settings.headings, settings.max_source_chars)
+    expected = (generated or {}).get("prompt_tokens")
     try:
-        count, context = contexts.get(chat_messages(settings.system_prompt, user))
-        scores = score_choices(client, arm.model, context, choices, settings.base_model)
+        ids, context = contexts.get(chat_messages(settings.system_prompt, user))
+        count = len(ids)
+        pairs = choice_pairs(client, settings.base_model, context, choices)
+        scores, source = None, "echo"
+        kept = (generated or {}).get(GENERATION_SCORES_KEY)
+        if kept and not reference and count == expected:
+            texts = client.token_texts(settings.base_model, [cont[-1] for _, cont in pairs])
+            scores = scores_from_generation(pairs, ids, kept, texts)
+            source = "generation" if scores is not None else source
+            if scores is not None and not decided(scores, choices):
+                # a bounded choice could win: score those exactly, the rest as read
+                scores, source = settle_bounds(client, arm.model, pairs, scores), "generation+echo"
+        if scores is None:
+            scores = score_choices(
+                client, arm.model, context, choices, settings.base_model, pairs=pairs
+            )
     except (ScoringError, ValueError) as exc:
         # a failed question counts as wrong, never dropped (as a failed generation does)
         error = {"likelihood_error": f"{type(exc).__name__}: {exc}"}
@@ -91,7 +116,6 @@ def _score_one(
             return error
         wrong = None if gold_choice(item, choices) is None else 0.0
         return {**error, **{metric: wrong for metric in LIKELIHOOD_METRICS}}
-    expected = (generated or {}).get("prompt_tokens")
     if reference:
         per_byte = scores[0].loglikelihood / max(len(choices[0].encode("utf-8")), 1)
         measured: dict[str, Any] = {REFERENCE_METRIC: round(per_byte, 6)}
@@ -103,6 +127,7 @@ def _score_one(
         CONTEXT_KEY: context,  # for the lm-eval task files; not kept in results.json
         "likelihood_prompt_tokens": count,
         "likelihood_prompt_matches": None if expected is None else count == expected,
+        "likelihood_source": source,
         "likelihood_error": None,
     }
 
@@ -145,6 +170,10 @@ def score_arms(
             "errors": sum(bool(row.get("likelihood_error")) for row in scored),
             "prompt_mismatches": sum(
                 row.get("likelihood_prompt_matches") is False for row in scored
+            ),
+            "from_generation": sum(row.get("likelihood_source") == "generation" for row in scored),
+            "settled_by_echo": sum(
+                row.get("likelihood_source") == "generation+echo" for row in scored
             ),
             "seconds": round(time.perf_counter() - started, 1),
         }

@@ -97,6 +97,7 @@ class PresetOptions:
     mode: str | None = None
     system_prompt: str | None = None
     likelihood: bool = True
+    likelihood_from: str = "echo"
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -190,6 +191,7 @@ def run_preset(options: PresetOptions) -> dict[str, Any]:
             resamples=options.resamples,
             progress=options.progress,
             likelihood=options.likelihood,
+            likelihood_from=options.likelihood_from,
             server_env=env,
             name=preset.title + (f", first {options.limit}" if options.limit else ""),
             extra_run_info={

@@ -202,7 +202,10 @@ def likelihood_line(facts: dict[str, Any]) -> str:
     arms = facts.get("arms") or {}
     mismatches = sum(a.get("prompt_mismatches") or 0 for a in arms.values())
     errors = sum(a.get("errors") or 0 for a in arms.values())
-    return (
+    settled = sum(a.get("settled_by_echo") or 0 for a in arms.values())
+    reused = settled + sum(a.get("from_generation") or 0 for a in arms.values())
+    scored = sum(a.get("questions") or 0 for a in arms.values())
+    line = (
         "Likelihood columns: each answer choice (free-text questions: the first reference "
         "answer) scored by its log-likelihood after the arm's own prompt (the server's echo "
         "logprobs, as lm-evaluation-harness scores multiple_choice: acc picks the highest "
@@ -211,6 +214,14 @@ def likelihood_line(facts: dict[str, Any]) -> str:
         f"{facts.get('seconds')} s; {errors} failed, {mismatches} rebuilt prompts differed "
         "in length from the generation request's."
     )
+    if reused:
+        line += (
+            f" {reused} of {scored} questions were read from the generation request's own "
+            f"prompt and first-token logprobs (`--likelihood-from generation`; {settled} of "
+            "them with a choice outside its top alternatives echoed to settle the pick), "
+            f"{scored - reused} echoed."
+        )
+    return line
 
 
 def preset_line(run: dict[str, Any]) -> str:

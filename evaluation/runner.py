@@ -18,6 +18,14 @@ from typing import Any
 from evaluation.dataset import QAItem
 from training.recipes.claims import LABEL_INSTRUCTION
 
+# A row's scores from its own generation request (not kept in results.json): the first
+# answer token's top alternatives {text: logprob} and the last prompt tokens' vLLM
+# `prompt_logprobs` entries. Likelihood scoring (likelihood.py) reads the answer choices'
+# log-likelihoods from them where it can, instead of scoring the prompt a second time.
+GENERATION_SCORES_KEY = "generation_scores"
+FIRST_TOKEN_ALTERNATIVES = 20  # OpenAI's most
+PROMPT_TAIL = 8  # prompt tokens kept: the continuation's shared prefix is one or two
+
 logger = logging.getLogger(__name__)
 
 ARM_NAMES = ("base", "rag", "ft", "ft+rag")
@@ -47,6 +55,8 @@ class GenerationSettings:
     top_k: int = 3
     mode: str | None = None
     concurrency: int = 8
+    # ask each request for the scores likelihood scoring can reuse (GENERATION_SCORES_KEY)
+    score_from_generation: bool = False
 
     def rag_body(self) -> dict[str, Any]:
         options: dict[str, Any] = {"top_k": self.top_k}
@@ -108,7 +118,8 @@ def ask(client: Any, arm: Arm, item: QAItem, settings: GenerationSettings) -> di
             max_tokens=settings.max_tokens,
             temperature=settings.temperature,
             seed=settings.seed,
-            extra_body=settings.rag_body() if arm.rag else None,
+            extra_body=_extra_body(arm, settings),
+            **_logprob_options(settings),
         )
     except openai.APIError as exc:
         row.update(answer="", error=f"{type(exc).__name__}: {exc}", latency_s=None)
@@ -130,7 +141,33 @@ def ask(client: Any, arm: Arm, item: QAItem, settings: GenerationSettings) -> di
             for source in sources
         ],
     )
+    if settings.score_from_generation:
+        row[GENERATION_SCORES_KEY] = _generation_scores(choice, response.model_extra or {})
     return row
+
+
+def _extra_body(arm: Arm, settings: GenerationSettings) -> dict[str, Any] | None:
+    body = settings.rag_body() if arm.rag else {}
+    if settings.score_from_generation:
+        body["prompt_logprobs"] = 0  # vLLM's extension: each prompt token's own logprob
+    return body or None
+
+
+def _logprob_options(settings: GenerationSettings) -> dict[str, Any]:
+    if not settings.score_from_generation:
+        return {}
+    return {"logprobs": True, "top_logprobs": FIRST_TOKEN_ALTERNATIVES}
+
+
+def _generation_scores(choice: Any, extra: dict[str, Any]) -> dict[str, Any] | None:
+    content = choice.logprobs.content if choice.logprobs else None
+    prompt = extra.get("prompt_logprobs")
+    if not content or not prompt:
+        return None
+    return {
+        "first_top": {alt.token: alt.logprob for alt in content[0].top_logprobs},
+        "prompt_tail": prompt[-PROMPT_TAIL:],
+    }
 
 
 def run_arm(
@@ -145,6 +182,16 @@ def run_arm(
     from tqdm import tqdm
 
     warm = ask(client, arm, items[0], replace(settings, max_tokens=1))
+    if warm["error"] and settings.score_from_generation:
+        plain = replace(settings, score_from_generation=False)
+        if not ask(client, arm, items[0], replace(plain, max_tokens=1))["error"]:
+            logger.warning(
+                "arm %s: the server refuses prompt_logprobs/top_logprobs (%s); likelihood "
+                "scoring will score every prompt with a request of its own",
+                arm.name,
+                warm["error"],
+            )
+            settings, warm = plain, {"error": None}
     if warm["error"]:
         raise RuntimeError(f"arm {arm.name} ({arm.model}) fails: {warm['error']}")
     rows: list[dict[str, Any] | None] = [None] * len(items)

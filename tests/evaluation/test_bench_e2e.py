@@ -90,7 +90,11 @@ def test_bench_all_arms_against_the_real_server(server, index_root: Path, tmp_pa
             assert row["likelihood_error"] is None
             assert row["choices"] == ["Yes", "No"]  # the dataset's labels, capitalised
             assert row["likelihood_choice"] in row["choices"]
-            assert all(ll < 0 for ll in row["loglikelihoods"])
+            # each choice exactly, or (read from the generation request, outside its top
+            # alternatives) as a bound that cannot win
+            for ll, bound in zip(row["loglikelihoods"], row["loglikelihood_bounds"], strict=True):
+                assert (ll is None) != (bound is None) and (ll if bound is None else bound) < 0
+            assert row["likelihood_source"] in ("generation", "generation+echo", "echo")
             assert row["likelihood_prompt_matches"] is True
             if arm["rag"]:
                 assert 1 <= len(row["sources"]) <= 2

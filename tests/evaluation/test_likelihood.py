@@ -161,3 +161,62 @@ def test_arms_score_choices_and_free_text_references(fp32_server, hf_model) -> N
     per_byte = expected / len(items[1].answers[0].encode("utf-8"))
     assert math.isclose(free["reference_loglik_per_byte"], per_byte, abs_tol=1e-4)
     assert "likelihood_accuracy" not in free
+
+
+def test_choices_read_from_the_generation_request_equal_the_echoed_ones(fp32_server) -> None:
+    """`--likelihood-from generation`: the generation request's own prompt logprobs and
+    first-token alternatives give each choice's score without another prefill; where the
+    server's prompt rows do not depend on the prompt's length (float32 here, to summation
+    order) they are the echoed scores, and every pick is the same. A choice outside the
+    alternatives kept is an upper bound that cannot win, or is settled by an echo."""
+    import openai
+
+    from evaluation.dataset import QAItem
+    from evaluation.likelihood_arms import LikelihoodSettings, score_arms
+    from evaluation.runner import GENERATION_SCORES_KEY, Arm, GenerationSettings, ask
+
+    model = "smollm2-135m-instruct"
+    items = [QAItem(f"q{i}", q, label="yes") for i, q in enumerate(QUESTIONS)]
+    arm = Arm("base", model, False)
+    openai_client = openai.OpenAI(base_url=fp32_server.v1, api_key=API_KEY)
+    rows = {}
+    for reuse in (True, False):
+        settings = GenerationSettings(
+            max_tokens=2, system_prompt=LABEL_PROMPT, score_from_generation=reuse
+        )
+        rows[reuse] = {"base": [ask(openai_client, arm, item, settings) for item in items]}
+    assert all(row[GENERATION_SCORES_KEY] for row in rows[True]["base"])
+    client = ScoringClient(fp32_server.v1, API_KEY)
+    labels = ("yes", "no", "maybe")
+    try:
+        facts = {
+            reuse: score_arms(
+                client,
+                [arm],
+                items,
+                rows[reuse],
+                LikelihoodSettings(model, LABEL_PROMPT, labels),
+                False,
+            )
+            for reuse in (True, False)
+        }
+    finally:
+        client.close()
+    read = facts[True]["base"]
+    assert read["from_generation"] + read["settled_by_echo"] == len(items)
+    assert facts[False]["base"]["from_generation"] == 0
+    for got, echoed in zip(rows[True]["base"], rows[False]["base"], strict=True):
+        assert got["likelihood_source"] in ("generation", "generation+echo")
+        assert echoed["likelihood_source"] == "echo"
+        for key in ("likelihood_choice", "likelihood_choice_norm", "likelihood_accuracy"):
+            assert got[key] == echoed[key]
+        for value, bound, exact in zip(
+            got["loglikelihoods"],
+            got["loglikelihood_bounds"],
+            echoed["loglikelihoods"],
+            strict=True,
+        ):
+            if value is None:
+                assert exact <= bound + 1e-4  # the bound holds
+            else:
+                assert math.isclose(value, exact, abs_tol=1e-4)

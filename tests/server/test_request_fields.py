@@ -122,8 +122,8 @@ def test_openapi_lists_every_generation_field(http):
     }  # fmt: skip
     chat_fields = set(schemas["ChatCompletionRequest"]["properties"])
     assert shared | {
-        "messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools", "tool_choice",
-        "parallel_tool_calls", "response_format",
+        "messages", "max_completion_tokens", "logprobs", "top_logprobs", "prompt_logprobs",
+        "tools", "tool_choice", "parallel_tool_calls", "response_format",
     } == chat_fields  # fmt: skip
     completion_fields = set(schemas["CompletionRequest"]["properties"])
     assert shared | {"prompt", "logprobs", "echo", "suffix", "best_of"} == completion_fields
