@@ -122,7 +122,12 @@ class TrainConfig(_Strict):
     gradient_accumulation: int = Field(1, ge=1)
     max_seq_len: int = Field(512, ge=16, description="longer examples are truncated")
     gradient_checkpointing: bool = False
-    dtype: Literal["fp32", "bf16"] = Field("fp32", description="fp32 on CPU; bf16 on GPUs")
+    dtype: Literal["fp32", "bf16", "auto"] = Field(
+        "fp32",
+        description="fp32; bf16 (GPUs: mixed precision; CPUs: bf16 weights); auto: fp32 "
+        "weights with bf16 autocast (mixed precision) where the device has native bf16 "
+        "(CUDA, CPUs with AVX-512 BF16 or AMX), else fp32",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1, description="torch threads per process")
 

@@ -137,6 +137,30 @@ def test_lora_default_versioned_output(base_dir: Path, data_dir: Path, tmp_path:
         train(tiny_config(base_dir, data_dir, version="v1"), home=tmp_path / "home")
 
 
+def test_auto_dtype_trains_in_bf16_autocast_where_the_cpu_has_native_bf16(
+    base_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    """dtype auto: fp32 weights and bf16 autocast (mixed precision) on a CPU with native bf16
+    (AMX, AVX-512 BF16; ~2x faster steps on the bundled model), plain fp32 where bf16 GEMMs
+    are slow; either way a float32 adapter that changes the model."""
+    from safetensors import safe_open
+
+    from ragtune.hardware import detect
+    from training.trainer import mixed_precision, train
+
+    config = tiny_config(base_dir, data_dir, dtype="auto")
+    assert mixed_precision(config) == detect().native_bf16
+    assert not mixed_precision(tiny_config(base_dir, data_dir))  # fp32 stays fp32
+    result = train(config, home=tmp_path / "home")
+    manifest = AdapterManifest.read(result.adapter_dir)
+    assert manifest.metrics["mixed_precision_bf16"] == detect().native_bf16
+    assert manifest.metrics["eval_loss"] > 0
+    with safe_open(result.adapter_dir / "adapter_model.safetensors", "pt") as weights:
+        dtypes = {str(weights.get_tensor(k).dtype) for k in weights.keys()}  # noqa: SIM118
+    assert dtypes == {"torch.float32"}
+    _reload_and_check(result.adapter_dir, base_dir)
+
+
 def test_qlora_trains_on_an_nf4_base(base_dir: Path, data_dir: Path, tmp_path: Path) -> None:
     from training.trainer import train
 
