@@ -137,7 +137,7 @@ class ChatCompletionRequest(_GenerationRequest):
     def to_sampling_params(self, max_tokens: int) -> SamplingParams:
         params = super().to_sampling_params(max_tokens)
         if self.prompt_logprobs is not None:
-            return replace(params, prompt_logprobs=self.prompt_logprobs)
+            return replace(params, prompt_logprobs=self.prompt_logprobs, prompt_ranks=True)
         return params
 
     def unsupported(self) -> None:

@@ -68,6 +68,7 @@ class LoraSlots:
         rowwise_decode: bool = False,
     ):
         self.groups = groups
+        self.num_layers = num_layers
         # decode steps use each slot's int8 pairs over its own rows (engine/lora_rowwise.py)
         self.rowwise_decode = rowwise_decode
         self.num_slots = num_slots
@@ -126,9 +127,7 @@ class LoraSlots:
 
     def _rowwise_pairs(self, slot: int, adapter: AdapterWeights) -> list[dict[str, RowwisePair]]:
         """The slot's factors as int8 pairs, per layer and group, over the columns it fills."""
-        layers: list[dict[str, RowwisePair]] = [
-            {} for _ in range(self.a[next(iter(self.a))].shape[0])
-        ]
+        layers: list[dict[str, RowwisePair]] = [{} for _ in range(self.num_layers)]
         for layer in {layer for layer, _ in adapter.factors}:
             for group, modules in self.groups.items():
                 parts = [p for p, m in enumerate(modules) if (layer, m) in adapter.factors]

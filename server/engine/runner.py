@@ -213,6 +213,7 @@ class CompactRunner:
         top = seq.params.prompt_logprobs
         if top is not None:
             chunk.targets, chunk.top = prompt[start + 1 : end + 1], top
+            chunk.ranks = seq.params.prompt_ranks
         return chunk
 
     def _chunk_length(self, seq: Sequence) -> int:
@@ -334,7 +335,7 @@ class HFModelRunner:
             )
             if top is not None:
                 scores = RowScores([], [], [])
-                scores.extend(out.logits[0, :-1].float(), prompt[1:], top)
+                scores.extend(out.logits[0, :-1].float(), prompt[1:], top, seq.params.prompt_ranks)
                 seq.add_prompt_logprobs(prompt[1:], scores)
             seq.cache = out.past_key_values
             seq.cache_len = seq.prompt_len

@@ -31,6 +31,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k: the chosen token's logprob and the top k
     # the same for every prompt token after the first (echo + logprobs; lm-eval scoring)
     prompt_logprobs: int | None = None
+    prompt_ranks: bool = False  # with prompt_logprobs: each prompt token's rank (chat's)
 
     @property
     def greedy(self) -> bool:

@@ -98,6 +98,7 @@ class PromptChunk:
     # not asked. `prefill` puts the result in `scores`.
     targets: list[int] | None = None
     top: int = 0
+    ranks: bool = False  # each target's rank too (chat `prompt_logprobs`; echo has none)
     scores: RowScores | None = None
 
 
@@ -111,14 +112,17 @@ class RowScores:
     top_logprobs: list[list[float]]
     ranks: list[int] = field(default_factory=list)  # the target's rank, 1 = most likely
 
-    def extend(self, logits: torch.Tensor, targets: list[int], top: int) -> None:
-        """Score rows of float32 logits [rows, vocab] predicting `targets`."""
+    def extend(
+        self, logits: torch.Tensor, targets: list[int], top: int, ranks: bool = False
+    ) -> None:
+        """Score rows of float32 logits [rows, vocab] predicting `targets` (`ranks`: and
+        each target's rank, a pass over the vocabulary that echo requests skip)."""
         logprobs = torch.log_softmax(logits, dim=-1)
         ids = torch.tensor(targets, device=logits.device)[:, None]
         chosen = logprobs.gather(1, ids)
         self.logprobs += chosen[:, 0].tolist()
-        # int32 sums: twice as fast as the default int64 over a [rows, vocab] comparison
-        self.ranks += ((logprobs > chosen).sum(dim=-1, dtype=torch.int32) + 1).tolist()
+        if ranks:  # int32 sums: twice as fast as int64 over a [rows, vocab] comparison
+            self.ranks += ((logprobs > chosen).sum(dim=-1, dtype=torch.int32) + 1).tolist()
         if top:
             values, indices = logprobs.topk(top, dim=-1)
             self.top_ids += indices.tolist()
@@ -448,17 +452,17 @@ class DecoderModel:
             x = self._attention_output(w, x, attn, layer_lora, wide)
         for c, (lo, _) in zip(chunks, bounds, strict=True):
             if c.targets is not None:
-                c.scores = self._score(x[lo : lo + len(c.targets)], c.targets, c.top)
+                c.scores = self._score(x[lo : lo + len(c.targets)], c.targets, c.top, c.ranks)
         last = torch.tensor([hi - 1 for _, hi in bounds], device=device)
         return self._logits(x[last])
 
-    def _score(self, x: torch.Tensor, targets: list[int], top: int) -> RowScores:
+    def _score(self, x: torch.Tensor, targets: list[int], top: int, ranks: bool) -> RowScores:
         """Prompt logprobs of the rows `x` predicting `targets`, SCORE_ROWS rows at a time,
         so a long prompt never holds its whole [rows, vocab] log-softmax."""
         scores = RowScores([], [], [])
         for lo in range(0, x.shape[0], SCORE_ROWS):
             logits = self._logits(x[lo : lo + SCORE_ROWS])
-            scores.extend(logits, targets[lo : lo + SCORE_ROWS], top)
+            scores.extend(logits, targets[lo : lo + SCORE_ROWS], top, ranks)
         return scores
 
     def prefill_groups(self, chunks: list[PromptChunk]) -> list[list[int]]:
