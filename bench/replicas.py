@@ -3,6 +3,7 @@
     python bench/replicas.py affinity  --replicas 2 --requests 96
     python bench/replicas.py failover  --replicas 2 --seconds 40 --kill-after 8
     python bench/replicas.py overhead  --replicas 1 --requests 48     # plain serve vs Ray path
+    python bench/replicas.py beside    --replicas 1                   # plain serve beside idle Ray
 
 affinity  loads 4 adapters through the admin API (so every replica knows them, their weights
           on disk until needed), then sends c=8 round-robin requests over the 4. A request is
@@ -15,6 +16,9 @@ failover  c=8 non-streamed load over the adapters; after --kill-after seconds SI
           replicas report ready again.
 overhead  the same streamed load at c=1 and c=16 against plain `ragtune serve` and against
           `--replicas N`; tok/s and their ratio.
+beside    plain `ragtune serve` alone, then beside an idle `--replicas N` cluster (whose
+          replicas serve nothing), then alone again: what Ray's own processes cost an engine
+          on the same cores, apart from the request path.
 
 The server runs with the environment of this process (RAGTUNE_MODEL__SOURCE etc.), or use
 --url for one already running (--admin-key/--api-key). Measure on a quiet machine only.
@@ -237,7 +241,7 @@ async def throughput(url: str, client: dict, model: str, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("bench", choices=["affinity", "failover", "overhead"])
+    parser.add_argument("bench", choices=["affinity", "failover", "overhead", "beside"])
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--url", help="a running --replicas server (else one is started)")
     parser.add_argument("--adapter-root", default=os.environ.get("BENCH_ADAPTER_ROOT", ""))
@@ -270,6 +274,22 @@ def main() -> None:
         ratio = {k: round(ray_path[k] / single[k], 3) for k in single if k.endswith("tok_per_s")}
         print(json.dumps({"bench": "overhead", "replicas": args.replicas, "plain": single,
                           "ray": ray_path, "ray_over_plain": ratio}))  # fmt: skip
+        return
+    if args.bench == "beside":
+        model = args.model or "smollm2-135m-instruct"
+        plain = start_server({}, log_dir / "plain.log")
+        try:
+            alone = asyncio.run(throughput(plain.base_url, client, model, args))
+            idle = start_replicated({}, log_dir / "replicas.log", args.replicas)
+            try:
+                beside = asyncio.run(throughput(plain.base_url, client, model, args))
+            finally:
+                idle.stop()
+            again = asyncio.run(throughput(plain.base_url, client, model, args))
+        finally:
+            plain.stop()
+        print(json.dumps({"bench": "beside", "replicas": args.replicas, "alone": alone,
+                          "beside_idle_ray": beside, "alone_again": again}))  # fmt: skip
         return
     server = None
     if not args.url:

@@ -134,8 +134,14 @@ class Store:
 
     # ------------------------------------------------------------------ directories
     def publish_dir(self, rel: str, source: Path) -> str:
-        """Put `source`'s files at `rel`, then its manifest; returns the content digest."""
+        """Put `source`'s files at `rel`, then its manifest; returns the content digest.
+        The same content published again leaves the store as it is: other servers hold
+        those very files (a version never changes behind its name), and rewriting them
+        would make their copies look changed on disk."""
         manifest = directory_manifest(source)
+        published = self.manifest(rel)
+        if published is not None and published.get("digest") == manifest["digest"]:
+            return manifest["digest"]
         if not self.remote:
             target = self.local(rel)
             if target.resolve() != source.resolve():

@@ -11,7 +11,7 @@ request is served by the active version, so clients see no failed request.
 Ratings arrive from the feedback route through `observe_rating` (a rating listener on the
 server state), responses from the request middleware through `observe_response`
 (server/attribution.py says which version served).
-State is per process: behind the Ray gateway only the replica that took the admin call
+State is per process: on Ray Serve only the replica that took the admin call
 splits its traffic (not shared through the store yet).
 """
 

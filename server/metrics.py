@@ -4,8 +4,8 @@ Label values come only from bounded sets (routes, loaded model ids, finish reaso
 client-sent model name that is not loaded is counted as "unknown", so hostile input cannot
 grow the series without bound.
 
-A Ray Serve replica renders every sample with a `replica` label; the gateway merges the
-replicas' pages into one (server/deploy/gateway.py).
+A Ray Serve replica renders every sample with a `replica` label; every replica merges the
+replicas' pages into one (server/deploy/front.py).
 """
 
 from __future__ import annotations

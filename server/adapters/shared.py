@@ -11,7 +11,7 @@ with a revision number. A server:
   and reported resident for the affinity router), versions gone are unloaded, the active
   version and history are taken over.
 
-Writers are serialised by the caller (the Ray gateway sends admin calls one at a time); two
+Writers are serialised by the caller (on Ray, the directory's admin lease: one at a time); two
 servers changing the registry at the very same moment could lose one change, never corrupt
 the document (one PUT, or write-then-rename).
 """

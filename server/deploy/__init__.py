@@ -1,11 +1,14 @@
 """`ragtune serve --replicas N`: the same OpenAI API served by N engine replicas on Ray Serve.
 
-gateway.py   the HTTP ingress: parses just enough of a request to route it, retries
-             non-streamed requests once when a replica dies, answers /v1/replicas and /metrics
-router.py    adapter-affinity request routing (Ray Serve's RequestRouter)
-replica.py   one engine replica: the whole single-process app, driven over a handle
-directory.py where replicas report themselves (resident adapters, load, metrics)
-bridge.py    a proxied HTTP request run through an in-process ASGI app
-app.py       the Serve application (also `serve run configs/ray/serve.yaml`)
-launch.py    the `ragtune serve --replicas` process: Ray cluster, Serve, signals
+Clients reach Serve's HAProxy, which asks the route chooser where each POST goes and then
+connects the client straight to that replica's own HTTP server (Serve's direct ingress).
+
+replica.py        one engine replica: the whole single-process app, serving HTTP itself
+front.py          a replica's cluster-wide routes (/ready, /metrics, /v1/replicas) and admin lease
+route_chooser.py  `/internal/route` for HAProxy: which replica takes a request
+router.py         adapter-affinity routing policy (Ray Serve's RequestRouter)
+directory.py      where replicas report themselves (resident adapters, load, metrics); admin lease
+app.py            the Serve application (also `serve run configs/ray/serve.yaml`)
+launch.py         the `ragtune serve --replicas` process: environment, Ray cluster, Serve, signals
+process.py        start that process and wait until every replica is ready (tests, bench)
 """

@@ -1,4 +1,5 @@
-"""The Ray Serve application: a gateway in front of N engine replicas and a directory.
+"""The Ray Serve application: N engine replicas, each the ingress with its own HTTP server
+behind Serve's HAProxy, the route chooser HAProxy asks where each POST goes, and a directory.
 
 `build(settings, replicas)` is what `ragtune serve --replicas N` deploys; `build_app(args)` is
 the import path for `serve run configs/ray/serve.yaml` (args: `config`, `replicas`).
@@ -8,6 +9,7 @@ Replicas scale between `serve.min_replicas` and `serve.max_replicas` when both a
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from ray.serve import Application
@@ -16,8 +18,8 @@ from ray.serve.config import AutoscalingConfig, RequestRouterConfig
 from ragtune.config import Settings, load_settings
 from server.auth import KeyStore
 from server.deploy.directory import Directory
-from server.deploy.gateway import Gateway
 from server.deploy.replica import EngineReplica
+from server.deploy.route_chooser import RouteChooser
 from server.deploy.router import STATS_PERIOD_S, AffinityRouter
 
 
@@ -34,6 +36,12 @@ def shared_settings(settings: Settings) -> tuple[dict[str, Any], KeyStore]:
 
 
 def build(settings: Settings, replicas: int | None = None) -> Application:
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
+        raise ValueError(
+            "ragtune on Ray Serve needs Serve's HAProxy ingress: start Ray (and `serve run`) "
+            "with RAY_SERVE_ENABLE_HA_PROXY=1 and RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY=1 "
+            "in the environment (docs/deploy.md); `ragtune serve --replicas` sets them itself"
+        )
     data, keys = shared_settings(settings)
     serve_config = settings.serve
     count = replicas or serve_config.replicas or 1
@@ -66,7 +74,9 @@ def build(settings: Settings, replicas: int | None = None) -> Application:
         options["num_replicas"] = count
     directory = Directory.bind()
     engines = EngineReplica.options(**options).bind(data, keys, directory)
-    return Gateway.bind(data, keys, engines, directory)
+    # Serve's (internal, unstable) hook for this layout, the one Ray Serve LLM's direct
+    # streaming uses: ray.llm._internal.serve.core.ingress.builder
+    return engines._with_ingress_request_router(RouteChooser.bind(data, engines))
 
 
 def build_app(args: dict[str, Any]) -> Application:

@@ -1,22 +1,31 @@
 """Where replicas report themselves each second: id, host, pid, resident adapters, running
-and waiting requests, readiness and their metrics page. The gateway reads it for
-`GET /v1/replicas`, `/ready` and `/metrics`; a replica that stops reporting (killed, or
-being restarted by Ray) drops out after `STALE_S`."""
+and waiting requests, readiness and their metrics page. Every replica reads it to answer
+`GET /v1/replicas`, `/ready` and `/metrics` for the whole cluster; a replica that stops
+reporting (killed, or being restarted by Ray) drops out after `STALE_S`.
+
+It also holds the cluster's admin lease: admin changes (adapter loads, activations, index
+builds) run one at a time across replicas, since each one rewrites the shared store's
+registry document (server/adapters/shared.py) and two at once could lose one of them. A lease
+whose holder stopped reporting, or that outlived `ttl_s`, is free again.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
 from ray import serve
 
 STALE_S = 3.0
+LEASE_POLL_S = 0.05
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
 class Directory:
     def __init__(self) -> None:
         self._entries: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._lease: tuple[str, str, float] | None = None  # (replica id, token, expires at)
 
     def report(self, status: dict[str, Any]) -> None:
         self._entries[status["id"]] = (time.monotonic(), status)
@@ -25,10 +34,36 @@ class Directory:
         self._entries.pop(replica_id, None)
 
     def replicas(self, with_metrics: bool = False) -> list[dict[str, Any]]:
-        now = time.monotonic()
-        for key in [k for k, (seen, _) in self._entries.items() if now - seen > STALE_S]:
-            del self._entries[key]
+        self._drop_stale()
         entries = sorted((s for _, s in self._entries.values()), key=lambda s: s["id"])
         if with_metrics:
             return entries
         return [{k: v for k, v in s.items() if k != "metrics"} for s in entries]
+
+    async def acquire_admin(self, replica_id: str, token: str, ttl_s: float, wait_s: float) -> bool:
+        """Take the admin lease for `token` (held by `replica_id`); False after `wait_s`."""
+        deadline = time.monotonic() + wait_s
+        while not self._lease_free():
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(LEASE_POLL_S)
+        self._lease = (replica_id, token, time.monotonic() + ttl_s)
+        return True
+
+    def release_admin(self, token: str) -> None:
+        if self._lease is not None and self._lease[1] == token:
+            self._lease = None
+
+    def _lease_free(self) -> bool:
+        if self._lease is None:
+            return True
+        holder, _, expires = self._lease
+        self._drop_stale()
+        if time.monotonic() > expires or holder not in self._entries:
+            self._lease = None  # its replica died (or never reported) or it overran
+        return self._lease is None
+
+    def _drop_stale(self) -> None:
+        now = time.monotonic()
+        for key in [k for k, (seen, _) in self._entries.items() if now - seen > STALE_S]:
+            del self._entries[key]

@@ -1,6 +1,11 @@
 """`ragtune serve --replicas N [--ray-address ADDR]`: start (or join) a Ray cluster, deploy
 the application on Serve at the configured host and port, and stay up until SIGTERM or
-Ctrl-C, then take the application down (and the local cluster with it)."""
+Ctrl-C, then take the application down (and the local cluster with it).
+
+Serve's HAProxy ingress is switched on through the environment (`SERVE_ENVIRONMENT`), which
+Ray reads when it is imported: this process sets it before importing Ray, and a local
+cluster's processes inherit it. A cluster joined with `--ray-address` must have been started
+with the same variables (docs/deploy.md)."""
 
 from __future__ import annotations
 
@@ -17,8 +22,25 @@ logger = logging.getLogger(__name__)
 
 APP_NAME = "ragtune"
 
+# HAProxy in front of the replicas' own HTTP servers, asking the route chooser where each POST
+# goes (it reads the body's `model`). A replica that refuses the connection, or dies before
+# it sends anything back, costs the request one retry on another replica (a stream whose
+# first bytes went out cannot be retried). A stopping replica stops accepting after 5 s
+# (HAProxy then retries elsewhere) instead of Serve's 30.
+SERVE_ENVIRONMENT = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY": "1",
+    "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
+    "RAY_SERVE_HAPROXY_RETRIES": "1",
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
+    "RAY_worker_niceness": "0",
+    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
+}
+
 
 def run_replicated(settings: Settings, replicas: int, address: str | None) -> int:
+    for name, value in SERVE_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
     try:
         import ray
         from ray import serve

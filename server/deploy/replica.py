@@ -1,28 +1,30 @@
-"""One engine replica on Ray Serve: the whole single-process server (server/app.py), driven
-over a deployment handle instead of a socket.
+"""One engine replica on Ray Serve: the whole single-process server (server/app.py) behind
+the replica's own HTTP server (Serve's direct ingress), which HAProxy sends clients to; the
+front (server/deploy/front.py) adds the cluster-wide routes and the admin lease.
 
 The constructor returns only once the model is loaded, so Serve sends a replica no traffic
 before it can serve; a model that cannot load fails the constructor with the reason, which
 `serve status` and the driver's log show (Serve retries, then marks the deployment failed).
 Torch threads follow the CPUs Ray gave the replica (`model.threads: auto`). Each second the
 replica reports itself to the directory; the router reads `record_routing_stats`.
+(`self.app` is Serve's name for the ingress app, so the ragtune app is `self.ragtune`.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
 
 from ragtune.config import Settings
 from server.auth import KeyStore
-from server.deploy.bridge import ProxiedRequest, run_asgi
+from server.deploy.front import ReplicaFront
 
 logger = logging.getLogger("ragtune.replica")
 
@@ -30,6 +32,7 @@ REPORT_EVERY_S = 1.0
 
 
 @serve.deployment(health_check_period_s=2, health_check_timeout_s=30)
+@serve.ingress()
 class EngineReplica:
     async def __init__(self, settings: dict[str, Any], keys: KeyStore, directory: Any) -> None:
         from server.app import create_app
@@ -40,12 +43,21 @@ class EngineReplica:
         configure_logging(parsed.server.log_level, parsed.server.log_format)
         limit_arenas()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-        self.app = create_app(parsed, replica_id=self.replica_id)
-        self.state = self.app.state.ragtune
+        self.ragtune = create_app(parsed, replica_id=self.replica_id)
+        self.state = self.ragtune.state.ragtune
         self.state.keys = keys  # digests only: plaintext keys never travel through Ray
         self.directory = directory
         self.host = _host()
-        self._lifespan = self.app.router.lifespan_context(self.app)
+        self._reports = itertools.count()  # numbers routing stats: the router's books
+        self.front = ReplicaFront(
+            self.ragtune,
+            keys,
+            directory,
+            self.replica_id,
+            parsed.model.served_model_name,
+            admin_ttl_s=parsed.limits.request_timeout_s,
+        )
+        self._lifespan = self.ragtune.router.lifespan_context(self.ragtune)
         await self._lifespan.__aenter__()  # starts the model load on its own thread
         await asyncio.to_thread(self.state.loaded.wait)
         if self.state.serving is None:
@@ -56,10 +68,8 @@ class EngineReplica:
         self._reporter = asyncio.create_task(self._report_forever())
         logger.info("replica %s ready on %s (pid %d)", self.replica_id, self.host, os.getpid())
 
-    async def handle(self, request: ProxiedRequest) -> AsyncIterator[Any]:
-        """The response to one HTTP request: its head, then body bytes."""
-        async for item in run_asgi(self.app, request):
-            yield item
+    def __serve_build_asgi_app__(self) -> ReplicaFront:
+        return self.front
 
     def record_routing_stats(self) -> dict[str, Any]:
         """What the affinity router needs (server/deploy/router.py)."""
@@ -68,6 +78,7 @@ class EngineReplica:
             "resident": serving.registry.resident_ids(),
             "running": serving.engine.num_running,
             "waiting": serving.engine.num_waiting,
+            "seq": next(self._reports),
         }
 
     def check_health(self) -> None:

@@ -5,13 +5,18 @@ loaded replica. Overloaded: `affinity_max_ongoing` requests in flight, or more t
 `affinity_imbalance` above the least loaded replica (else a replica that holds every adapter
 would keep all traffic while a new or restarted one stays idle).
 
+The route chooser (server/deploy/route_chooser.py) asks this router for one replica per
+request and HAProxy sends the request there directly, so Serve never sees the request itself:
+the router keeps its own books. Each replica reports its engine's running and waiting
+requests and its resident adapters in `record_routing_stats` (every `STATS_PERIOD_S`, with a
+sequence number); a replica's load is its last report plus the requests this router sent it
+since that report, and an adapter just sent to a replica counts as resident there at once
+(the replica is loading it), so a burst for a cold adapter does not load it everywhere before
+the next report.
+
 Why not Serve's own multiplexing (`@serve.multiplexed`): its list of a replica's models is
 its own LRU of loader calls, which knows nothing of adapters unloaded through the admin API
-or evicted by the registry. Here each replica reports the registry's resident ids in
-`record_routing_stats` (every `STATS_PERIOD_S`); a request this router just sent to a replica
-counts as resident there at once (the replica is loading it), so a burst for a cold adapter
-does not load it everywhere before the next report. Serve itself then picks, within the
-first rank that has room, the replica with the fewest requests in flight.
+or evicted by the registry.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ class AffinityRouter(RequestRouter):
         self.affinity_max_ongoing = affinity_max_ongoing
         self.affinity_imbalance = affinity_imbalance
         self._assumed: dict[ReplicaID, dict[str, float]] = {}
+        self._sent: dict[ReplicaID, tuple[Any, int]] = {}  # (report seq, requests sent since)
 
     async def choose_replicas(
         self,
@@ -43,7 +49,8 @@ class AffinityRouter(RequestRouter):
             return []
         model = pending_request.metadata.multiplexed_model_id if pending_request else ""
         if not model:  # ties at random: idle replicas share the work
-            return [sorted(candidate_replicas, key=lambda r: (self.load(r), random.random()))]
+            ranked = sorted(candidate_replicas, key=lambda r: (self.load(r), random.random()))
+            return self._picked([ranked])
         # a cold adapter goes where the fewest adapters are resident (ties at random)
         by_load = sorted(
             candidate_replicas,
@@ -51,24 +58,27 @@ class AffinityRouter(RequestRouter):
         )
         limit = min(self.affinity_max_ongoing, self.load(by_load[0]) + self.affinity_imbalance + 1)
         holders = [r for r in by_load if model in self.resident(r) and self.load(r) < limit]
-        return [holders, by_load] if holders else [by_load]
-
-    def on_request_routed(
-        self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any
-    ) -> None:
-        model = pending_request.metadata.multiplexed_model_id
-        if model:
-            self._assumed.setdefault(replica_id, {})[model] = time.monotonic()
+        picked = self._picked([holders, by_load] if holders else [by_load])
+        self._assumed.setdefault(picked[0][0].replica_id, {})[model] = time.monotonic()
+        return picked
 
     # ------------------------------------------------------------------------- helpers
+    def _picked(self, ranks: list[list[RunningReplica]]) -> list[list[RunningReplica]]:
+        """The route chooser takes the first replica of the first rank: count it sent."""
+        replica_id = ranks[0][0].replica_id
+        seq, sent = self._sent.get(replica_id, (None, 0))
+        self._sent[replica_id] = (seq, sent + 1)
+        return ranks
+
     def load(self, replica: RunningReplica) -> int:
-        """Requests in flight at the replica: Serve's own count when fresh, else the last
-        report of the replica's engine (running + waiting)."""
-        cached = self.replica_queue_len_cache.get(replica.replica_id)
-        if cached is not None:
-            return cached
+        """Requests at the replica: its engine's last report (running + waiting) plus the
+        requests sent to it since that report."""
         stats = replica.routing_stats or {}
-        return int(stats.get("running", 0)) + int(stats.get("waiting", 0))
+        seq, sent = self._sent.get(replica.replica_id, (None, 0))
+        if stats.get("seq") != seq:  # a new report counts what was sent before it
+            seq, sent = stats.get("seq"), 0
+            self._sent[replica.replica_id] = (seq, sent)
+        return int(stats.get("running", 0)) + int(stats.get("waiting", 0)) + sent
 
     def resident(self, replica: RunningReplica) -> set[str]:
         reported = set((replica.routing_stats or {}).get("resident", ()))

@@ -1,7 +1,9 @@
 """The affinity router's choice on fake replicas: an adapter goes where it is resident
 unless that replica is overloaded (absolute cap, or too far above the least loaded); a cold
 adapter goes to the least loaded replica with the fewest adapters; base requests to the
-least loaded; a routed request counts as resident at once."""
+least loaded; a routed request counts as resident, and as load, at once (the requests go
+out through HAProxy, never through Serve: the router keeps its own books until the next
+report)."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ class FakeReplica:
     name: str
     resident: list[str] = field(default_factory=list)
     running: int = 0
+    seq: int = 0  # the replica's report number
     replica_id: ReplicaKey = field(init=False)
 
     def __post_init__(self) -> None:
@@ -32,12 +35,11 @@ class FakeReplica:
 
     @property
     def routing_stats(self) -> dict:
-        return {"resident": self.resident, "running": self.running, "waiting": 0}
+        return {"resident": self.resident, "running": self.running, "waiting": 0, "seq": self.seq}
 
 
 def router(max_ongoing: int = 16, imbalance: int = 4) -> AffinityRouter:
     r = AffinityRouter.__new__(AffinityRouter)  # no Serve machinery: only the policy
-    r._replica_queue_len_cache = SimpleNamespace(get=lambda replica_id: None)
     r.initialize_state(affinity_max_ongoing=max_ongoing, affinity_imbalance=imbalance)
     return r
 
@@ -66,11 +68,19 @@ def test_cold_adapter_goes_to_fewest_resident_and_sticks() -> None:
     b = FakeReplica("b", ["z"])
     r = router()
     assert choose(r, [a, b], "w") == [["b", "a"]]
-    r.on_request_routed(request("w"), b.replica_id, None)  # b is loading w now
-    assert choose(r, [a, b], "w")[0] == ["b"]
+    assert choose(r, [a, b], "w")[0] == ["b"]  # b is loading w now
 
 
 def test_base_requests_go_to_the_least_loaded() -> None:
     a = FakeReplica("a", [], running=2)
     b = FakeReplica("b", ["x", "y", "z"], running=1)
     assert choose(router(), [a, b], "") == [["b", "a"]]
+
+
+def test_requests_sent_since_the_last_report_count_as_load() -> None:
+    a, b = FakeReplica("a"), FakeReplica("b")
+    r = router()
+    firsts = [choose(r, [a, b], "")[0][0] for _ in range(4)]
+    assert sorted(firsts) == ["a", "a", "b", "b"]  # reports are stale: the books balance
+    a.seq, a.running = 1, 0  # a's next report: what it was sent has finished
+    assert choose(r, [a, b], "")[0][0] == "a"

@@ -102,15 +102,16 @@ def test_a_replaced_version_is_reloaded_elsewhere(tiny, stores) -> None:
 
 
 def test_a_version_replaced_by_equal_files_still_loads_elsewhere(tiny, stores) -> None:
-    """A replace with the same content keeps the digest but not the files (a local store's
-    directory is swapped under the other server): that server re-registers them instead of
-    refusing the version later as changed on disk (seen in bench/replicas.py on a reused home)."""
+    """A replace with the same content leaves the store's files as they are, so the other
+    server, even before its next poll, reloads the version from disk instead of refusing it
+    as changed (seen in bench/replicas.py on a reused home: 503 `adapter_unavailable`)."""
     spec, source = tiny
     a = _server(spec, stores(0), source)
     b = _server(spec, stores(1))
     a.load("z", str(source / "a2"), "v1")
-    b.before_change()
+    b.before_change()  # registered on b, weights left on disk
     a.load("z", str(source / "a2"), "v1", replace=True)
+    assert torch.equal(_first_tensor(b.resolve("z")), _first_tensor(a.resolve("z")))
     b.before_change()
     assert torch.equal(_first_tensor(b.resolve("z")), _first_tensor(a.resolve("z")))
 
@@ -121,7 +122,7 @@ def test_changes_made_on_the_second_server_come_back(tiny, stores) -> None:
     b = _server(spec, stores(1))
     a.load("z", str(source / "a1"), "v1")
     b.before_change()
-    b.unload("z")  # an admin call that the gateway happened to send to b
+    b.unload("z")  # an admin call that HAProxy happened to send to b
     a.before_change()
     assert a.model_ids() == []
 

@@ -33,6 +33,13 @@ def test_local_store_publishes_in_place_and_by_copy(tmp_path: Path) -> None:
     assert store.manifest("adapters/x/v1")["digest"] == digest
     assert store.list_dir("adapters/x") == ["v1"]
 
+    before = {p.name: p.stat().st_ino for p in copied.iterdir()}
+    assert store.publish_dir("adapters/x/v1", source) == digest  # the same content again:
+    assert {p.name: p.stat().st_ino for p in copied.iterdir()} == before  # the files stay
+    _tree(source, {"a.txt": "changed"})
+    assert store.publish_dir("adapters/x/v1", source) != digest
+    assert (copied / "a.txt").read_text() == "changed"
+
     in_place = _tree(tmp_path / "home/adapters/y/v1", {"w": "3"})  # already in the store
     store.publish_dir("adapters/y/v1", in_place)
     assert sorted(p.name for p in in_place.iterdir()) == [COMPLETE, "w"]

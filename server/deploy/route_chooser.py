@@ -1,0 +1,68 @@
+"""Which replica serves a request: HAProxy (Serve's ingress with `RAY_SERVE_ENABLE_HA_PROXY`)
+posts each POST's body to `/internal/route` here, this deployment asks the affinity router
+(server/deploy/router.py) for a replica and answers its host and port; HAProxy then sends the
+request, and streams the response back, straight between the client and that replica's own
+HTTP server. No Python process relays a byte of a response (the Ray Serve LLM "direct
+streaming" layout). GET requests need no choice: HAProxy sends them to the least busy replica.
+
+Only the body's `model` matters here: the replica itself validates everything else and
+answers errors in OpenAI's format.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from ray import serve
+from ray.serve.exceptions import DeploymentUnavailableError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from ragtune.config import Settings
+
+logger = logging.getLogger("ragtune.route_chooser")
+
+
+def adapter_of(body: bytes, base_ids: set[str]) -> str:
+    """The adapter a request body names ('' for the base model, an embedder, or a body that
+    is not a JSON object: the replica answers that one 400)."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return ""
+    if not isinstance(parsed, dict):
+        return ""
+    model = parsed.get("model")
+    return model[:200] if isinstance(model, str) and model not in base_ids else ""
+
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+@serve.ingress()
+class RouteChooser:
+    def __init__(self, settings: dict[str, Any], replicas: Any) -> None:
+        parsed = Settings.model_validate(settings)
+        self.base_ids = {parsed.model.served_model_name, parsed.retrieval.embedder_name}
+        self.replicas = replicas
+
+    def __serve_build_asgi_app__(self) -> Starlette:
+        return Starlette(routes=[Route("/internal/route", self.route, methods=["POST"])])
+
+    async def route(self, request: Request) -> JSONResponse:
+        adapter = adapter_of(await request.body(), self.base_ids)
+        handle = self.replicas.options(multiplexed_model_id=adapter) if adapter else self.replicas
+        try:
+            async with handle.choose_replica(_reserve=False) as selection:
+                replica = selection._replica  # Serve's own ingress router reads it the same way
+                endpoint = replica.backend_http_endpoint
+                replica_id = replica.replica_id.to_full_id_str()
+        except (DeploymentUnavailableError, RuntimeError) as exc:  # HAProxy answers 503
+            logger.warning("no replica to route to: %s", exc)
+            return JSONResponse({"detail": str(exc)}, status_code=503)
+        if endpoint is None:
+            return JSONResponse({"detail": f"{replica_id} has no HTTP port"}, status_code=503)
+        host, port = endpoint
+        return JSONResponse({"host": host, "port": port, "replica_id": replica_id})

@@ -1,0 +1,62 @@
+"""The directory's admin lease, without Ray: one holder at a time across replicas; a lease is
+free again when its holder releases it, stops reporting, or outlives its ttl. And the Serve
+application refuses to build without Serve's HAProxy ingress, saying what to set."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+pytest.importorskip("ray.serve")
+
+from ragtune.config import Settings
+from server.deploy import directory as directory_module
+from server.deploy.app import build
+
+DirectoryClass = directory_module.Directory.func_or_class
+
+
+def reported(*replica_ids: str):
+    d = DirectoryClass()
+    for replica_id in replica_ids:
+        d.report({"id": replica_id, "ready": True})
+    return d
+
+
+def test_one_admin_change_at_a_time() -> None:
+    async def scenario() -> None:
+        d = reported("a", "b")
+        assert await d.acquire_admin("a", "t1", ttl_s=60, wait_s=1)
+        assert not await d.acquire_admin("b", "t2", ttl_s=60, wait_s=0.2)  # a holds it
+        waiting = asyncio.create_task(d.acquire_admin("b", "t2", ttl_s=60, wait_s=5))
+        await asyncio.sleep(0.1)
+        d.release_admin("t-other")  # only its holder's token frees it
+        await asyncio.sleep(0.1)
+        assert not waiting.done()
+        d.release_admin("t1")
+        assert await waiting
+
+    asyncio.run(scenario())
+
+
+def test_lease_of_a_dead_or_slow_holder_frees_itself(monkeypatch) -> None:
+    async def scenario() -> None:
+        d = reported("a", "b")
+        assert await d.acquire_admin("a", "t1", ttl_s=0.2, wait_s=1)
+        assert await d.acquire_admin("b", "t2", ttl_s=60, wait_s=2)  # t1 outlived its ttl
+        monkeypatch.setattr(directory_module, "STALE_S", 0.1)
+        await asyncio.sleep(0.2)
+        d.report({"id": "a", "ready": True})  # b stopped reporting: killed
+        assert await d.acquire_admin("a", "t3", ttl_s=60, wait_s=1)
+
+    started = time.monotonic()
+    asyncio.run(scenario())
+    assert time.monotonic() - started < 5
+
+
+def test_the_application_needs_serves_haproxy_ingress(monkeypatch) -> None:
+    monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY", raising=False)
+    with pytest.raises(ValueError, match="RAY_SERVE_ENABLE_HA_PROXY=1"):
+        build(Settings(), replicas=1)
