@@ -10,14 +10,14 @@ independent of batch neighbours.
 
 A family module (llama.py, qwen2.py, gemma3.py, ...) says how its checkpoint maps onto
 `LayerWeights` and what differs in the arithmetic (norm weights, embedding scale, activation,
-attention scale, rotary tables, sliding windows); the passes below are the same for all.
+attention scale, rotary tables, sliding windows); the passes (passes.py) are the same for all.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from ragtune.models.checkpoint import open_checkpoint
-from server.engine.kv_cache import KVCache
 from server.engine.linear import (
     Linear,
     W8A8Linear,
@@ -33,20 +32,17 @@ from server.engine.linear import (
     is_bnb,
     linear_for,
 )
-from server.engine.lora import LLAMA_GROUPS, LayerAdapters, LoraBatch, LoraSlots, add_adapters
-from server.engine.models.attention import decode_attention, plan_decode, prompt_attention
+from server.engine.lora import LLAMA_GROUPS, LayerAdapters, add_adapters
 from server.engine.models.exactness import (
     PaddedExtents,
     describe_sharing,
     gemm_rows_independent,
     padded_extents_exact,
 )
+from server.engine.models.passes import ForwardPasses, PromptChunk, RowScores
 
 logger = logging.getLogger(__name__)
 
-# Prompt rows whose full-vocabulary logprobs exist at once (Gemma's 262k vocabulary: 64 rows
-# are 67 MB of float32)
-SCORE_ROWS = 64
 # Hugging Face activation names -> the function (ACT2FN's arithmetic)
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
@@ -80,63 +76,11 @@ class LayerWeights:
     mlp_out_norm: torch.Tensor | None = None  # on the MLP output (Gemma 3)
 
 
-@dataclass
-class PromptChunk:
-    """Positions start..start+len(tokens) of one sequence's prompt."""
-
-    tokens: list[int]
-    start: int
-    slot: int  # KV cache slot
-    lora_slot: int  # -1: the base model
-    # The prompt's kernel class: more than WIDE_ROWS tokens in the whole prompt (not this
-    # chunk), so every chunk of a prompt, cached or computed, runs the same GEMMs. A chunk
-    # is never one row unless the prompt is (the one-row GEMM path is not row-independent
-    # on every input; see DecoderModel.decode).
-    wide: bool
-    # Prompt logprobs: the tokens each row predicts (the prompt's next tokens; one fewer
-    # than the rows where the chunk ends the prompt) and how many top alternatives; None:
-    # not asked. `prefill` puts the result in `scores`.
-    targets: list[int] | None = None
-    top: int = 0
-    ranks: bool = False  # each target's rank too (chat `prompt_logprobs`; echo has none)
-    scores: RowScores | None = None
-
-
-@dataclass
-class RowScores:
-    """Log-probabilities of prompt tokens under the model's raw distribution: per scored row
-    the target token's logprob and the `top` most likely (ids, logprobs), most likely first."""
-
-    logprobs: list[float]
-    top_ids: list[list[int]]
-    top_logprobs: list[list[float]]
-    ranks: list[int] = field(default_factory=list)  # the target's rank, 1 = most likely
-
-    def extend(
-        self, logits: torch.Tensor, targets: list[int], top: int, ranks: bool = False
-    ) -> None:
-        """Score rows of float32 logits [rows, vocab] predicting `targets` (`ranks`: and
-        each target's rank, a pass over the vocabulary that echo requests skip)."""
-        logprobs = torch.log_softmax(logits, dim=-1)
-        ids = torch.tensor(targets, device=logits.device)[:, None]
-        chosen = logprobs.gather(1, ids)
-        self.logprobs += chosen[:, 0].tolist()
-        if ranks:  # int32 sums: twice as fast as int64 over a [rows, vocab] comparison
-            self.ranks += ((logprobs > chosen).sum(dim=-1, dtype=torch.int32) + 1).tolist()
-        if top:
-            values, indices = logprobs.topk(top, dim=-1)
-            self.top_ids += indices.tolist()
-            self.top_logprobs += values.tolist()
-        else:
-            self.top_ids += [[] for _ in targets]
-            self.top_logprobs += [[] for _ in targets]
-
-
 # One layer's view of a projection: linear(name -> fused weight)
 LinearFactory = Callable[..., Linear]
 
 
-class DecoderModel:
+class DecoderModel(ForwardPasses):
     """Weights plus the two forward passes the scheduler needs. Subclasses are the model
     families: they name their `model_type`s, their LoRA projection groups, and override the
     hooks below where their checkpoint or arithmetic differs from Llama's."""
@@ -392,146 +336,6 @@ class DecoderModel:
         if self.logit_softcap:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits
-
-    def mask(self, queries: torch.Tensor, length: int, window: int | None) -> torch.Tensor:
-        """[rows, length] additive bias: 0 where the query at position queries[i] may look
-        (causal, and within its sliding window), -inf elsewhere (weighs exactly zero)."""
-        keys = torch.arange(length, device=self.device)[None, :]
-        hidden = keys > queries[:, None]
-        if window is not None:  # Hugging Face's sliding_window_overlay: k > q - window
-            hidden |= keys <= queries[:, None] - window
-        bias = torch.zeros(hidden.shape, dtype=self.dtype, device=self.device)
-        return bias.masked_fill(hidden, float("-inf"))
-
-    # ------------------------------------------------------------------------------ passes
-    @torch.inference_mode()
-    def prefill(
-        self, chunks: list[PromptChunk], cache: KVCache, lora_slots: LoraSlots | None
-    ) -> torch.Tensor:
-        """Run one chunk of each of several prompts in one forward: their rows share every
-        GEMM (one read of the weights for all of them), attention runs per prompt. The chunks
-        must be of one kernel class (see `prefill_groups`).
-
-        Every row's result depends on its own prompt only, not on how the prompt is cut into
-        chunks nor on the other prompts of the forward (where `rows_independent`): the GEMMs
-        give a row the same bits in any batch, and the attention below is exact under any
-        query subset and masked key extent.
-
-        Returns [len(chunks), vocab] float32 logits of each chunk's last token.
-        """
-        wide = chunks[0].wide
-        if any(c.wide != wide for c in chunks):
-            raise ValueError("prompt chunks of both kernel classes in one forward")
-        device = self.device
-        ids = torch.tensor([t for c in chunks for t in c.tokens], device=device)
-        positions = torch.cat([torch.arange(c.start, c.start + len(c.tokens)) for c in chunks])
-        positions = positions.to(device)
-        x = self.embed[ids]
-        rotary = self._rotary(positions)
-        bounds, masks, offset = [], [], 0
-        for c in chunks:
-            count = len(c.tokens)
-            bounds.append((offset, offset + count))
-            rows = positions[offset : offset + count]
-            # window -> [count, end]: token i sees cache positions <= start + i (in its window)
-            masks.append({w: self.mask(rows, c.start + count, w) for w in self.windows})
-            offset += count
-        lora = None
-        if lora_slots is not None and any(c.lora_slot >= 0 for c in chunks):
-            row_slots = [c.lora_slot for c in chunks for _ in c.tokens]
-            lora = lora_slots.batch(torch.tensor(row_slots, device=device))
-        for index, w in enumerate(self.layers):
-            layer_lora = lora.layer(index) if lora is not None else None
-            q, k, v = self._attention_input(w, x, rotary, layer_lora, wide)
-            parts = []
-            for c, (lo, hi), mask in zip(chunks, bounds, masks, strict=True):
-                cache.write_prompt(index, c.slot, c.start, k[lo:hi], v[lo:hi])
-                keys_t, values = cache.prompt_view(index, c.slot, c.start + hi - lo)
-                parts.append(prompt_attention(self, q[lo:hi], keys_t, values, mask[w.window]))
-            attn = parts[0] if len(parts) == 1 else torch.cat(parts)
-            x = self._attention_output(w, x, attn, layer_lora, wide)
-        for c, (lo, _) in zip(chunks, bounds, strict=True):
-            if c.targets is not None:
-                c.scores = self._score(x[lo : lo + len(c.targets)], c.targets, c.top, c.ranks)
-        last = torch.tensor([hi - 1 for _, hi in bounds], device=device)
-        return self._logits(x[last])
-
-    def _score(self, x: torch.Tensor, targets: list[int], top: int, ranks: bool) -> RowScores:
-        """Prompt logprobs of the rows `x` predicting `targets`, SCORE_ROWS rows at a time,
-        so a long prompt never holds its whole [rows, vocab] log-softmax."""
-        scores = RowScores([], [], [])
-        for lo in range(0, x.shape[0], SCORE_ROWS):
-            logits = self._logits(x[lo : lo + SCORE_ROWS])
-            scores.extend(logits, targets[lo : lo + SCORE_ROWS], top, ranks)
-        return scores
-
-    def prefill_groups(self, chunks: list[PromptChunk]) -> list[list[int]]:
-        """Which chunks may share a forward: those of one kernel class, and only where every
-        GEMM gives a row the same bits in any batch (`rows_independent`); else one each."""
-        if not self.rows_independent:
-            return [[i] for i in range(len(chunks))]
-        narrow = [i for i, c in enumerate(chunks) if not c.wide]
-        wide = [i for i, c in enumerate(chunks) if c.wide]
-        return [group for group in (narrow, wide) if group]
-
-    @torch.inference_mode()
-    def decode(
-        self,
-        tokens: torch.Tensor,  # [batch] last token of each running sequence (rows = slots)
-        positions: torch.Tensor,  # [batch] position of that token
-        write_positions: torch.Tensor,  # [batch] where its K/V go (= positions for real rows)
-        cache: KVCache,
-        lora: LoraBatch | None,
-    ) -> torch.Tensor:
-        """One decode step for the sequences in slots 0..batch-1; returns [batch, vocab].
-
-        A lone row that goes through oneDNN GEMMs (dense weights, or LoRA) is computed as two
-        identical rows: on some CPUs oneDNN's one-row (GEMV) kernel sums in another order than
-        its kernels for two or more rows, which would make a request's tokens depend on
-        whether it had batch neighbours. (Here the load-time GEMM check passes even at one row
-        on random data, yet a lone LoRA row computed alone got other K/V bits at step 12 on the
-        real model: the one-row path is data-dependent, so it is never used for a row that has
-        neighbours elsewhere; see also PromptChunk.) The packed int4/int8 kernels give a row
-        the same bits at one row as at two (checked in tests/engine), so a lone base-model
-        row with them runs alone.
-
-        Where GEMMs depend on the row count at any size (`fixed_decode_rows`: AMX, MKL), the
-        two-row trick is not enough: LoRA GEMMs (every GEMM under dense weights) run on
-        `fixed_decode_rows` rows, the extra ones zero, and attention extents follow each row's
-        own length (attention.plan_decode). LoRA rows on the rowwise route (packed weights:
-        engine/lora_rowwise.py) need neither.
-        """
-        real = tokens.shape[0]
-        fixed = self.fixed_decode_rows
-        float_lora = lora is not None and not lora.rowwise_only  # rowwise: rows on their own
-        if fixed and self.weights == "dense" and real < fixed:  # every GEMM sees `fixed` rows
-            pad = tokens.new_zeros(fixed - real)
-            tokens, positions = torch.cat((tokens, pad)), torch.cat((positions, pad))
-            lora = lora.pad_rows(fixed) if lora is not None else None
-        elif fixed and float_lora:  # packed base GEMMs are row-independent; float LoRA's not
-            lora = lora.pad_rows(fixed)
-        elif real == 1 and (self.weights == "dense" or float_lora):
-            tokens, positions = tokens.repeat(2), positions.repeat(2)
-            lora = lora.repeat_rows(2) if lora is not None else None
-        batch = tokens.shape[0]
-        x = self.embed[tokens]
-        rotary = self._rotary(positions)
-        rows = torch.arange(real, device=self.device)
-        extents = {w: plan_decode(self, positions[:real], cache, w) for w in self.windows}
-
-        for index, w in enumerate(self.layers):
-            layer_lora = lora.layer(index) if lora is not None else None
-            q, k, v = self._attention_input(w, x, rotary, layer_lora)
-            cache.write_decode(index, rows, write_positions, k[:real], v[:real])
-            attn = decode_attention(self, index, q[:real], cache, extents[w.window])
-            if batch > real:  # copies of a lone row, or padding: attention is per row
-                attn = (
-                    attn.expand(batch, -1)
-                    if real == 1 and not fixed
-                    else torch.cat((attn, attn.new_zeros(batch - real, self.q_size)))
-                )
-            x = self._attention_output(w, x, attn, layer_lora)
-        return self._logits(x)[:real]
 
 
 def module_shapes(model: DecoderModel) -> dict[str, tuple[int, int]]:
