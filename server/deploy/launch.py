@@ -17,6 +17,7 @@ import time
 
 from ragtune.config import Settings
 from ragtune.cpu_share import cpu_share
+from ragtune.launcher import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,10 @@ SERVE_ENVIRONMENT = {
 def run_replicated(settings: Settings, replicas: int, address: str | None) -> int:
     for name, value in SERVE_ENVIRONMENT.items():
         os.environ.setdefault(name, value)
+    if address is None:  # HAProxy's stats page and exporter have fixed ports (8404, 9101) on
+        # every interface: a second local cluster on the machine would collide there
+        for name in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
+            os.environ.setdefault(name, str(free_port()))
     try:
         import ray
         from ray import serve
