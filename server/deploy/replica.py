@@ -25,6 +25,7 @@ from ray import serve
 from ragtune.config import Settings
 from server.auth import KeyStore
 from server.deploy.front import ReplicaFront
+from server.deploy.router import STATS_PERIOD_S
 
 logger = logging.getLogger("ragtune.replica")
 
@@ -49,6 +50,7 @@ class EngineReplica:
         self.directory = directory
         self.host = _host()
         self._reports = itertools.count()  # numbers routing stats: the router's books
+        self._latency_seen, self._latency_s = (0.0, 0.0), STATS_PERIOD_S
         self.front = ReplicaFront(
             self.ragtune,
             keys,
@@ -79,7 +81,24 @@ class EngineReplica:
             "running": serving.engine.num_running,
             "waiting": serving.engine.num_waiting,
             "seq": next(self._reports),
+            "latency_s": self._recent_latency(),
         }
+
+    def _recent_latency(self) -> float:
+        """Mean latency of the generations finished since the last call (the last such mean
+        when none finished): how long the router counts a request it sent as running."""
+        total = count = 0.0
+        for family in self.state.metrics.latency.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_sum"):
+                    total += sample.value
+                elif sample.name.endswith("_count"):
+                    count += sample.value
+        seen_total, seen_count = self._latency_seen
+        if count > seen_count:
+            self._latency_s = (total - seen_total) / (count - seen_count)
+        self._latency_seen = (total, count)
+        return self._latency_s
 
     def check_health(self) -> None:
         if self.state.serving is None:

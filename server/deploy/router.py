@@ -9,8 +9,10 @@ The route chooser (server/deploy/route_chooser.py) asks this router for one repl
 request and HAProxy sends the request there directly, so Serve never sees the request itself:
 the router keeps its own books. Each replica reports its engine's running and waiting
 requests and its resident adapters in `record_routing_stats` (every `STATS_PERIOD_S`, with a
-sequence number); a replica's load is its last report plus the requests this router sent it
-since that report, and an adapter just sent to a replica counts as resident there at once
+sequence number and the mean latency of its recent requests); a replica's load is its last
+report plus the requests this router sent it since that report and less than that latency
+ago (the others have finished: a fast model takes many requests between two reports), and an
+adapter just sent to a replica counts as resident there at once
 (the replica is loading it), so a burst for a cold adapter does not load it everywhere before
 the next report.
 
@@ -38,7 +40,7 @@ class AffinityRouter(RequestRouter):
         self.affinity_max_ongoing = affinity_max_ongoing
         self.affinity_imbalance = affinity_imbalance
         self._assumed: dict[ReplicaID, dict[str, float]] = {}
-        self._sent: dict[ReplicaID, tuple[Any, int]] = {}  # (report seq, requests sent since)
+        self._sent: dict[ReplicaID, tuple[Any, list[float]]] = {}  # report seq, send times
 
     async def choose_replicas(
         self,
@@ -66,19 +68,22 @@ class AffinityRouter(RequestRouter):
     def _picked(self, ranks: list[list[RunningReplica]]) -> list[list[RunningReplica]]:
         """The route chooser takes the first replica of the first rank: count it sent."""
         replica_id = ranks[0][0].replica_id
-        seq, sent = self._sent.get(replica_id, (None, 0))
-        self._sent[replica_id] = (seq, sent + 1)
+        seq, sent = self._sent.get(replica_id, (None, []))
+        sent.append(time.monotonic())
+        self._sent[replica_id] = (seq, sent)
         return ranks
 
     def load(self, replica: RunningReplica) -> int:
         """Requests at the replica: its engine's last report (running + waiting) plus the
-        requests sent to it since that report."""
+        requests sent to it since that report that are likely still running."""
         stats = replica.routing_stats or {}
-        seq, sent = self._sent.get(replica.replica_id, (None, 0))
+        seq, sent = self._sent.get(replica.replica_id, (None, []))
         if stats.get("seq") != seq:  # a new report counts what was sent before it
-            seq, sent = stats.get("seq"), 0
+            seq, sent = stats.get("seq"), []
             self._sent[replica.replica_id] = (seq, sent)
-        return int(stats.get("running", 0)) + int(stats.get("waiting", 0)) + sent
+        horizon = time.monotonic() - float(stats.get("latency_s", STATS_PERIOD_S))
+        sent[:] = [t for t in sent if t > horizon]
+        return int(stats.get("running", 0)) + int(stats.get("waiting", 0)) + len(sent)
 
     def resident(self, replica: RunningReplica) -> set[str]:
         reported = set((replica.routing_stats or {}).get("resident", ()))

@@ -8,6 +8,7 @@ report)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import namedtuple
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -27,6 +28,7 @@ class FakeReplica:
     resident: list[str] = field(default_factory=list)
     running: int = 0
     seq: int = 0  # the replica's report number
+    latency_s: float = 1.0  # the mean latency of its recent requests
     replica_id: ReplicaKey = field(init=False)
 
     def __post_init__(self) -> None:
@@ -35,7 +37,13 @@ class FakeReplica:
 
     @property
     def routing_stats(self) -> dict:
-        return {"resident": self.resident, "running": self.running, "waiting": 0, "seq": self.seq}
+        return {
+            "resident": self.resident,
+            "running": self.running,
+            "waiting": 0,
+            "seq": self.seq,
+            "latency_s": self.latency_s,
+        }
 
 
 def router(max_ongoing: int = 16, imbalance: int = 4) -> AffinityRouter:
@@ -84,3 +92,13 @@ def test_requests_sent_since_the_last_report_count_as_load() -> None:
     assert sorted(firsts) == ["a", "a", "b", "b"]  # reports are stale: the books balance
     a.seq, a.running = 1, 0  # a's next report: what it was sent has finished
     assert choose(r, [a, b], "")[0][0] == "a"
+
+
+def test_requests_sent_longer_ago_than_a_request_takes_count_no_more() -> None:
+    a, b = FakeReplica("a", ["x"], latency_s=0.05), FakeReplica("b")
+    r = router(imbalance=2)
+    for _ in range(3):  # x sticks to a while its requests pile up ...
+        assert choose(r, [a, b], "x")[0] == ["a"]
+    assert choose(r, [a, b], "x")[0][0] == "b"  # ... up to the imbalance
+    time.sleep(0.1)  # a's requests have finished (a fast model, no report yet)
+    assert choose(r, [a, b], "x")[0][0] == "a"  # b, loading x, still has its one
