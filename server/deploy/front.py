@@ -87,9 +87,14 @@ class ReplicaFront:
 
     async def one_admin_change(self, scope: Scope, receive: Receive, send: Send) -> None:
         token = uuid.uuid4().hex
-        acquired = await self.directory.acquire_admin.remote(
-            self.replica_id, token, self.admin_ttl_s, self.admin_ttl_s
-        )
+        try:
+            acquired = await self.directory.acquire_admin.remote(
+                self.replica_id, token, self.admin_ttl_s, self.admin_ttl_s
+            )
+        except Exception as exc:  # the directory restarting: nothing was changed
+            raise ServiceUnavailableError(
+                f"the replica directory is unavailable: {exc}", code="admin_busy"
+            ) from exc
         if not acquired:
             raise ServiceUnavailableError(
                 "another admin change is still running; retry", code="admin_busy"

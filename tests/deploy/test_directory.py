@@ -60,3 +60,40 @@ def test_the_application_needs_serves_haproxy_ingress(monkeypatch) -> None:
     monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY", raising=False)
     with pytest.raises(ValueError, match="RAY_SERVE_ENABLE_HA_PROXY=1"):
         build(Settings(), replicas=1)
+
+
+class _Call:
+    def __init__(self, result) -> None:
+        self.result = result
+
+    async def remote(self, *args, **kwargs):
+        if isinstance(self.result, Exception):
+            raise self.result
+        return self.result
+
+
+def test_an_admin_change_without_the_lease_is_a_503_in_openai_shape() -> None:
+    import httpx
+
+    from server.auth import KeyStore
+    from server.deploy.front import ReplicaFront
+
+    reached = []
+
+    async def app(scope, receive, send) -> None:  # the replica's app: must not run
+        reached.append(scope["path"])
+
+    async def post(acquire) -> httpx.Response:
+        directory = type("D", (), {})()
+        directory.acquire_admin = _Call(acquire)
+        directory.release_admin = _Call(None)
+        front = ReplicaFront(app, KeyStore([], [], None), directory, "r1", "m", 60)
+        transport = httpx.ASGITransport(app=front)
+        async with httpx.AsyncClient(transport=transport, base_url="http://r") as http:
+            return await http.post("/v1/load_lora_adapter", json={"lora_name": "x"})
+
+    for acquire in (False, RuntimeError("directory restarting")):
+        response = asyncio.run(post(acquire))
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "admin_busy"
+    assert reached == []
