@@ -188,12 +188,22 @@ def test_adapters_reach_every_replica_and_requests_follow_them(
 
 
 async def _round_robin(cluster: ReplicatedServer, requests: int, concurrency: int):
-    """Requests landing where their adapter was already resident: in the last report
-    before they were sent, or because that replica served the adapter before."""
+    """Requests landing where their adapter was already resident: in the last
+    `/v1/replicas` report before they were sent (polled every 0.2 s, as
+    bench/replicas.py does), or because that replica served the adapter before."""
     resident = {e["id"]: set(e["resident_adapters"]) for e in replicas(cluster)}
     jobs = list(itertools.islice(itertools.cycle(ADAPTERS), requests))
     hits = total = 0
     async with httpx.AsyncClient(timeout=120) as http:
+
+        async def poll() -> None:
+            while True:
+                response = await http.get(f"{cluster.v1}/replicas", headers=ADMIN)
+                for entry in response.json()["data"]:
+                    resident.setdefault(entry["id"], set()).update(entry["resident_adapters"])
+                await asyncio.sleep(0.2)
+
+        poller = asyncio.create_task(poll())
 
         async def worker() -> None:
             nonlocal hits, total
@@ -210,6 +220,7 @@ async def _round_robin(cluster: ReplicatedServer, requests: int, concurrency: in
                 resident.setdefault(replica, set()).add(model)
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
+        poller.cancel()
     return hits, total
 
 
