@@ -29,14 +29,17 @@ logger = logging.getLogger("ragtune.route_chooser")
 
 def adapter_of(body: bytes, base_ids: set[str]) -> str:
     """The adapter a request body names ('' for the base model, an embedder, or a body that
-    is not a JSON object: the replica answers that one 400)."""
+    is not a JSON object: the replica answers that one 400). An admin body's `lora_name`
+    (`/v1/load_lora_adapter`) counts as its model: the replica that loads an adapter is where
+    the router then sends its requests, so loads spread over the replicas as cold adapters do
+    (HAProxy forwards the body, not the path)."""
     try:
         parsed = json.loads(body)
     except ValueError:
         return ""
     if not isinstance(parsed, dict):
         return ""
-    model = parsed.get("model")
+    model = parsed.get("model", parsed.get("lora_name"))
     return model[:200] if isinstance(model, str) and model not in base_ids else ""
 
 

@@ -10,8 +10,12 @@ request and HAProxy sends the request there directly, so Serve never sees the re
 the router keeps its own books. Each replica reports its engine's running and waiting
 requests and its resident adapters in `record_routing_stats` (every `STATS_PERIOD_S`, with a
 sequence number and the mean latency of its recent requests); a replica's load is its last
-report plus the requests this router sent it since that report and less than that latency
-ago (the others have finished: a fast model takes many requests between two reports), and an
+report, whose running requests are counted as finishing evenly over that latency (a report
+one latency old counts none of them still running), plus the requests this router sent it
+since that report and less than that latency ago (the others have finished: a fast model
+takes many requests between two reports). Counting the report whole until the next one
+overestimated a busy holder by every request it started since, so a steady 3-to-1 split of
+adapters spilled onto the other replica (and missed). An
 adapter just sent to a replica counts as resident there at once
 (the replica is loading it), so a burst for a cold adapter does not load it everywhere before
 the next report.
@@ -40,7 +44,8 @@ class AffinityRouter(RequestRouter):
         self.affinity_max_ongoing = affinity_max_ongoing
         self.affinity_imbalance = affinity_imbalance
         self._assumed: dict[ReplicaID, dict[str, float]] = {}
-        self._sent: dict[ReplicaID, tuple[Any, list[float]]] = {}  # report seq, send times
+        # per replica: the report's seq, when this router first saw it, send times since
+        self._sent: dict[ReplicaID, tuple[Any, float, list[float]]] = {}
 
     async def choose_replicas(
         self,
@@ -67,23 +72,28 @@ class AffinityRouter(RequestRouter):
     # ------------------------------------------------------------------------- helpers
     def _picked(self, ranks: list[list[RunningReplica]]) -> list[list[RunningReplica]]:
         """The route chooser takes the first replica of the first rank: count it sent."""
-        replica_id = ranks[0][0].replica_id
-        seq, sent = self._sent.get(replica_id, (None, []))
-        sent.append(time.monotonic())
-        self._sent[replica_id] = (seq, sent)
+        self.load(ranks[0][0])  # starts the books on this replica's current report
+        self._sent[ranks[0][0].replica_id][2].append(time.monotonic())
         return ranks
 
     def load(self, replica: RunningReplica) -> int:
-        """Requests at the replica: its engine's last report (running + waiting) plus the
-        requests sent to it since that report that are likely still running."""
+        """Requests at the replica: its engine's last report (waiting, plus the running
+        ones not yet likely finished) plus the requests sent to it since that report that
+        are likely still running."""
         stats = replica.routing_stats or {}
-        seq, sent = self._sent.get(replica.replica_id, (None, []))
-        if stats.get("seq") != seq:  # a new report counts what was sent before it
-            seq, sent = stats.get("seq"), []
-            self._sent[replica.replica_id] = (seq, sent)
-        horizon = time.monotonic() - float(stats.get("latency_s", STATS_PERIOD_S))
-        sent[:] = [t for t in sent if t > horizon]
-        return int(stats.get("running", 0)) + int(stats.get("waiting", 0)) + len(sent)
+        now = time.monotonic()
+        seq, seen, sent = self._sent.get(replica.replica_id, (None, now, []))
+        if stats.get("seq") != seq or replica.replica_id not in self._sent:
+            seq, seen, sent = stats.get("seq"), now, []  # a new report counts what came before
+            self._sent[replica.replica_id] = (seq, seen, sent)
+        running, waiting = int(stats.get("running", 0)), int(stats.get("waiting", 0))
+        latency = float(stats.get("latency_s", STATS_PERIOD_S))
+        if latency <= 0:  # no request finished there yet: how long one takes is unknown
+            sent.clear()
+            return running + waiting
+        sent[:] = [t for t in sent if t > now - latency]
+        still_running = max(0.0, 1.0 - (now - seen) / latency)
+        return round(running * still_running) + waiting + len(sent)
 
     def resident(self, replica: RunningReplica) -> set[str]:
         reported = set((replica.routing_stats or {}).get("resident", ()))

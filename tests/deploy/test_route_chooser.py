@@ -29,6 +29,8 @@ def test_adapter_from_the_body() -> None:
     assert adapter_of(body(model=7), BASE) == ""
     assert adapter_of(b"", BASE) == ""
     assert adapter_of(body(model="x" * 500), BASE) == "x" * 200
+    # an admin load goes where the adapter's requests will: the router places it
+    assert adapter_of(body(lora_name="legal", lora_path="/a/legal"), BASE) == "legal"
 
 
 @pytest.mark.parametrize(

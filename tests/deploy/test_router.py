@@ -102,3 +102,23 @@ def test_requests_sent_longer_ago_than_a_request_takes_count_no_more() -> None:
     assert choose(r, [a, b], "x")[0][0] == "b"  # ... up to the imbalance
     time.sleep(0.1)  # a's requests have finished (a fast model, no report yet)
     assert choose(r, [a, b], "x")[0][0] == "a"  # b, loading x, still has its one
+
+
+def test_a_reports_running_requests_fade_over_their_latency() -> None:
+    """A busy holder's report would otherwise count whole until the next one, while the
+    requests in it finish and the router sends it new ones: a steady split spilled."""
+    a, b = FakeReplica("a", ["x"], running=6, latency_s=0.1), FakeReplica("b")
+    r = router(imbalance=4)
+    assert choose(r, [a, b], "x")[0][0] == "b"  # 6 running: more than 4 above b
+    time.sleep(0.1)  # a latency later, with no new report, those six have finished
+    assert choose(r, [a, b], "x")[0][0] == "a"
+
+
+def test_before_any_request_finished_only_the_report_counts() -> None:
+    """How long a request takes is unknown until one finishes: a burst then sticks to the
+    holders (counting sends for a guessed latency spilled them at c=8)."""
+    a, b = FakeReplica("a", ["x"], latency_s=0.0), FakeReplica("b", latency_s=0.0)
+    r = router(imbalance=2)
+    assert {choose(r, [a, b], "x")[0][0] for _ in range(8)} == {"a"}
+    a.seq, a.running = 1, 8  # the first report of the burst: now it counts
+    assert choose(r, [a, b], "x")[0][0] == "b"
