@@ -97,6 +97,7 @@ def _score_likelihood(
     labels = label_set(items)
     if not any(answer_choices(item, labels) or item.answers for item in items):
         return None
+    retrieval = load_settings(options.config).retrieval
     if root is None and not options.url:  # a started server reads the configured root
         root = index_root(options.config, None)
     scoring = LikelihoodSettings(
@@ -105,7 +106,8 @@ def _score_likelihood(
         labels=labels,
         index=options.index,
         index_root=root,
-        max_source_chars=load_settings(options.config).retrieval.max_source_chars,
+        max_source_chars=retrieval.max_source_chars,
+        source_labels=retrieval.source_labels,
         concurrency=settings.concurrency,
     )
     client = ScoringClient(target.v1, target.api_key)

@@ -50,6 +50,7 @@ class LikelihoodSettings:
     index: str | None = None
     index_root: Path | None = None
     max_source_chars: int | None = None
+    source_labels: bool = False  # retrieval.source_labels: the server's prompt, rebuilt
     concurrency: int = 8
     headings: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
@@ -90,7 +91,13 @@ def _score_one(
     user = item.question
     if arm.rag:
         sources = (generated or {}).get("sources") or []
-        user = rag_user_turn(item.question, sources, settings.headings, settings.max_source_chars)
+        user = rag_user_turn(
+            item.question,
+            sources,
+            settings.headings,
+            settings.max_source_chars,
+            settings.source_labels,
+        )
     expected = (generated or {}).get("prompt_tokens")
     try:
         ids, context = contexts.get(chat_messages(settings.system_prompt, user))

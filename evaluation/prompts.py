@@ -36,6 +36,7 @@ def rag_user_turn(
     sources: list[dict[str, Any]],
     headings: dict[str, tuple[str, ...]],
     max_source_chars: int | None,
+    labels: bool = False,
 ) -> str:
     """The user turn the server built for a RAG request that returned `sources`."""
     hits = [
@@ -46,7 +47,7 @@ def rag_user_turn(
         )
         for source in sources
     ]
-    return format_rag_prompt(question, hits, max_source_chars=max_source_chars)
+    return format_rag_prompt(question, hits, max_source_chars=max_source_chars, labels=labels)
 
 
 def load_headings(index_root: Path | None, index: str | None) -> dict[str, tuple[str, ...]]:

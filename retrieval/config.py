@@ -63,6 +63,12 @@ class RetrievalConfig(BaseModel):
         description="Each retrieved chunk is cut to this many characters in the "
         "prompt, to bound its length.",
     )
+    source_labels: bool = Field(
+        False,
+        description="Put each source's `title > heading` line above its text in the RAG "
+        "prompt. Off: the bundled 135M model lists those lines back instead of answering "
+        "(docs/retrieval.md); larger models may use them.",
+    )
 
     source_roots: list[Path] = Field(
         default_factory=list,

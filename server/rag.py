@@ -53,7 +53,12 @@ class RetrievalService:
             if type(exc).__name__ == "InvalidIndexNameError":
                 raise BadRequestError(str(exc), "rag.index") from None
             raise BadRequestError(f"retrieval: {exc}", "rag") from None
-        prompt = format_rag_prompt(question, hits, max_source_chars=self.config.max_source_chars)
+        prompt = format_rag_prompt(
+            question,
+            hits,
+            max_source_chars=self.config.max_source_chars,
+            labels=self.config.source_labels,
+        )
         sources = [
             Source(
                 index=hit.index,

@@ -92,10 +92,16 @@ def test_rag_prompt_numbers_sources_in_hit_order() -> None:
     ]
     prompt = format_rag_prompt("  How do I fix ERR-4471? ", hits)
     assert prompt == RAG_PROMPT_TEMPLATE.format(
-        sources="[1] IT handbook > VPN\nRenew the certificate.\n\n[2]\nLunch is at noon.",
+        sources="[1] Renew the certificate.\n\n[2] Lunch is at noon.",
         question="How do I fix ERR-4471?",
     )
     assert prompt.index("[1]") < prompt.index("[2]") < prompt.index("Question:")
+    # retrieval.source_labels: each source's title > heading line above its text
+    labelled = format_rag_prompt("  How do I fix ERR-4471? ", hits, labels=True)
+    assert labelled == RAG_PROMPT_TEMPLATE.format(
+        sources="[1] IT handbook > VPN\nRenew the certificate.\n\n[2] Lunch is at noon.",
+        question="How do I fix ERR-4471?",
+    )
 
 
 def test_rag_prompt_truncates_and_handles_no_hits() -> None:

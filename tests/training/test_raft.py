@@ -14,7 +14,7 @@ from training.prepare import PrepareOptions, prepare
 from training.recipes.claims import LABEL_INSTRUCTION, claim_text, falsify, label_claim
 from training.recipes.raft import cite, excerpt
 
-_SOURCE = re.compile(r"^\[(\d+)\][^\n]*\n(.+?)(?=\n\n\[\d+\]|\n\nQuestion: )", re.S | re.M)
+_SOURCE = re.compile(r"^\[(\d+)\] (.+?)(?=\n\n\[\d+\]|\n\nQuestion: )", re.S | re.M)
 
 
 def run(recipe: str, docs: Path, out: Path) -> list[dict]:

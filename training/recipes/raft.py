@@ -72,7 +72,8 @@ def source_of(unit: Unit, quote: str = "") -> Source:
 
 
 def rag_prompt(question: str, sources: list[Source]) -> str:
-    """The user turn the server builds for a RAG request (one template for both)."""
+    """The user turn the server builds for a RAG request (one template for both; sources
+    without label lines, as `retrieval.source_labels` is off by default)."""
     from retrieval.prompt import format_rag_prompt
 
     return format_rag_prompt(question, sources)
