@@ -14,7 +14,7 @@ from ragtune.config import EngineConfig
 from ragtune.hardware import detect
 from ragtune.models import LoadedModel
 from server.engine.kv_cache import KVCache
-from server.engine.linear import packed_weights_supported
+from server.engine.linear import W8A8Linear, packed_weights_supported
 from server.engine.lora import AdapterWeights, LoraSlots
 from server.engine.lora_rowwise import rowwise_supported
 from server.engine.models import (
@@ -390,11 +390,13 @@ def decode_weights(config: EngineConfig, loaded: LoadedModel) -> str:
     """engine.weights resolved for this model: 'auto' is int4 where the packed kernels run
     (a CPU, bf16 or fp32 compute), else dense."""
     supported = packed_weights_supported(loaded.dtype, loaded.device)
-    if config.weights in ("int8", "int4") and not supported:
+    if config.weights in ("int8", "int4", "w8a8") and not supported:
         raise ValueError(
             f"engine.weights={config.weights} needs bf16 or fp32 compute on a CPU "
             f"(not {loaded.dtype} on {loaded.device})"
         )
+    if config.weights == "w8a8" and not W8A8Linear.supported():
+        raise ValueError("engine.weights=w8a8 needs oneDNN's int8 linear, which this torch lacks")
     if config.weights == "auto":
         return "int4" if supported else "dense"
     return config.weights

@@ -194,7 +194,7 @@ def tiny_bf16(tiny: LoadedModel) -> LoadedModel:
     return LoadedModel(model, None, None, "f" * 64, "cpu", torch.bfloat16, "none")
 
 
-@pytest.mark.parametrize("weights", ["dense", "int8", "int4"])
+@pytest.mark.parametrize("weights", ["dense", "int8", "int4", "w8a8"])
 def test_bf16_rows_are_bitwise_the_same_alone_and_batched(tiny_bf16, weights):
     """The serving dtype: a row's greedy tokens and logits do not depend on its neighbours
     (one-row GEMV kernels, packed int8/int4 GEMMs and the decode attention over a longer
@@ -226,7 +226,7 @@ def test_prompts_share_prefill_forwards_by_kernel_class(tiny_bf16):
     assert model.prefill_groups(chunks) == [[0, 2, 4], [1, 3]]
 
 
-@pytest.mark.parametrize(("weights", "tolerance"), [("int8", 0.05), ("int4", 0.2)])
+@pytest.mark.parametrize(("weights", "tolerance"), [("int8", 0.05), ("int4", 0.2), ("w8a8", 0.05)])
 def test_packed_weights_stay_close_to_dense(tiny_bf16, weights, tolerance):
     """Weight-only int8/int4 change logits by rounding error, not behaviour; prompt chunks
     (dequantized grid) and decode rows (packed kernel) see the same weights."""
@@ -268,7 +268,7 @@ def test_auto_weights_are_int4_on_cpu_in_either_compute_dtype(fixture, request):
     assert runner_for(request.getfixturevalue(fixture), weights="auto").model.weights == "int4"
 
 
-@pytest.mark.parametrize(("weights", "tolerance"), [("int8", 0.05), ("int4", 0.2)])
+@pytest.mark.parametrize(("weights", "tolerance"), [("int8", 0.05), ("int4", 0.2), ("w8a8", 0.05)])
 def test_packed_weights_serve_fp32_compute(tiny, weights, tolerance):
     """Under fp32 compute (CPUs without native bf16) the packed kernels take bf16 rows and
     give fp32 back; prompt chunks use the fp32 dequantized grid. Logits stay close to the

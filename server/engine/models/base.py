@@ -156,7 +156,7 @@ class DecoderModel(ForwardPasses):
         head = dense_weight(hf_model.lm_head, dtype)
         # Under fp32 compute the weight-only kernels would also round the logits to bf16
         # (ties between the top tokens: seen on the emulated AVX2 kind), so int8 takes it too.
-        w8a8 = weights == "int4" or (weights == "int8" and dtype == torch.float32)
+        w8a8 = weights in ("int4", "w8a8") or (weights == "int8" and dtype == torch.float32)
         if w8a8 and W8A8Linear.supported():
             self.lm_head: Linear = W8A8Linear(head)
         else:
