@@ -92,7 +92,8 @@ def train_with_search(
     callbacks: list[Any] | None = None,
     resume: str | None = None,
 ) -> TrainResult:
-    from training.trainer import TrainResult, resolve_adapter_dir, train
+    from training.trainer import TrainResult, train
+    from training.versions import resolve_adapter_dir
 
     if resume is not None:
         raise ValueError("--resume does not apply to --rank auto / --density auto")

@@ -176,7 +176,7 @@ def _next_version(ctx: Context) -> str:
 def step_train(ctx: Context) -> dict[str, Any]:
     from ragtune.manifest import MANIFEST_NAME
     from training.config import load_train_config
-    from training.trainer import checkpoint_dir_for
+    from training.versions import checkpoint_dir_for
 
     if ctx.run.outputs("prepare").get("unchanged_data"):
         return {"skipped": "the merged data equals the last run's"}

@@ -6,15 +6,14 @@ PEFT directory the server loads as is (`adapter_config.json`, `adapter_model.saf
 plus `ragtune_adapter.json`, written to a scratch directory and renamed into place.
 
 Checkpoints go to a hidden sibling `.VERSION.checkpoints/` so an interrupted run can
-`--resume`; under `torchrun` every rank trains and rank 0 alone writes.
+`--resume` (training/versions.py); under `torchrun` every rank trains and rank 0 alone
+writes. The adapter's PEFT config and the model prepared for it: training/peft_model.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import re
 import resource
 import shutil
 import sys
@@ -24,14 +23,18 @@ from pathlib import Path
 from typing import Any
 
 from ragtune.config import ModelConfig, default_home
-from ragtune.fileio import atomic_directory
 from ragtune.manifest import AdapterManifest
 from training.config import TrainConfig
 from training.dataset import dataset_hash, read_split
+from training.versions import (
+    checkpoint_dir_for,
+    has_checkpoint,
+    resolve_adapter_dir,
+    resume_checkpoint,
+    write_adapter_version,
+)
 
 logger = logging.getLogger(__name__)
-
-_VERSION = re.compile(r"^v(\d+)$")
 
 
 @dataclass
@@ -59,163 +62,6 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS: bytes
 
 
-def checkpoint_dir_for(adapter_dir: Path) -> Path:
-    """Hidden sibling: servers skip dot-directories, like atomic_directory's scratch."""
-    return adapter_dir.parent / f".{adapter_dir.name}.checkpoints"
-
-
-def _has_checkpoint(path: Path) -> bool:
-    return path.is_dir() and any(path.glob("checkpoint-*"))
-
-
-def resolve_adapter_dir(config: TrainConfig, home: Path, resume: str | None) -> Path:
-    """Explicit --output, else ADAPTERS/NAME/VERSION with the next free vN (or, for
-    `--resume` without a version, the newest unfinished run)."""
-    if config.output is not None:
-        return config.output
-    root = home / "adapters" / config.name
-    if config.version:
-        return root / config.version
-    numbers: dict[int, Path] = {}
-    if root.is_dir():
-        for child in root.iterdir():
-            name = child.name.removeprefix(".").removesuffix(".checkpoints")
-            match = _VERSION.match(name)
-            if match:
-                numbers[int(match.group(1))] = root / name
-    if resume == "latest":
-        unfinished = [
-            n
-            for n, path in numbers.items()
-            if not path.exists() and _has_checkpoint(checkpoint_dir_for(path))
-        ]
-        if not unfinished:
-            raise ValueError(f"--resume: no interrupted run of {config.name!r} under {root}")
-        return numbers[max(unfinished)]
-    return root / f"v{max(numbers, default=0) + 1}"
-
-
-def _resume_checkpoint(resume: str | None, checkpoint_dir: Path) -> str | None:
-    if resume is None:
-        return None
-    if resume != "latest":
-        if not Path(resume).is_dir():
-            raise FileNotFoundError(f"--resume checkpoint not found: {resume}")
-        return resume
-    from transformers.trainer_utils import get_last_checkpoint
-
-    last = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
-    if last is None:
-        raise ValueError(f"--resume: no checkpoint in {checkpoint_dir}")
-    return last
-
-
-def peft_config(config: TrainConfig, mask_fn: Any = None) -> Any:
-    """LoRA for lora/qlora; SHiRA (sparse high-rank adapter) for sparse: PEFT's seeded random
-    mask, or `mask_fn` (training/sparse_selection.py), recorded as `mask_type` =
-    adapter.selection with no seed (PEFT saves the chosen entries; none can be redrawn)."""
-    settings = config.adapter
-    if config.method == "sparse":
-        import warnings
-
-        from peft import ShiraConfig
-
-        chosen = mask_fn is not None
-        with warnings.catch_warnings():  # PEFT warns that a custom mask_type needs a mask_fn
-            warnings.simplefilter("ignore", UserWarning)
-            shira = ShiraConfig(
-                r=settings.r,
-                target_modules=list(settings.target_modules),
-                mask_type=settings.selection if chosen else "random",
-                random_seed=None if chosen else config.seed,
-                task_type="CAUSAL_LM",
-            )
-        if chosen:
-            shira.mask_fn = mask_fn
-        return shira
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=settings.r,
-        lora_alpha=settings.alpha,
-        lora_dropout=settings.dropout,
-        target_modules=list(settings.target_modules),
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-
-
-def adapter_weights_digest(model: Any) -> str:
-    """sha256 over the adapter's tensors: equal digests = identical adapters (DDP check)."""
-    from peft import get_peft_model_state_dict
-
-    return state_digest(get_peft_model_state_dict(model))
-
-
-def state_digest(state: dict[str, Any]) -> str:
-    """sha256 over named tensors in key order (the keys PEFT writes to the safetensors)."""
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        tensor = state[key].detach().to("cpu").contiguous()
-        digest.update(key.encode())
-        digest.update(tensor.float().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _callbacks(config: TrainConfig, has_val: bool, timer: Any) -> list[Any]:
-    from transformers import EarlyStoppingCallback
-
-    callbacks = [timer]
-    if has_val and config.early_stopping_patience:
-        callbacks.append(
-            EarlyStoppingCallback(
-                early_stopping_patience=config.early_stopping_patience,
-                early_stopping_threshold=config.early_stopping_threshold,
-            )
-        )
-    return callbacks
-
-
-def mixed_precision(config: TrainConfig) -> bool:
-    """Whether to train with bf16 autocast over fp32 weights: dtype bf16 on a GPU, or auto
-    on a device with native bf16 (on an AMX Xeon a SmolLM2 LoRA step of 4 x 448 tokens
-    runs several times faster; on AVX2-only CPUs bf16 GEMMs crawl, so auto stays fp32)."""
-    import torch
-
-    from ragtune.hardware import compute_dtype_name
-
-    cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-    if config.dtype == "bf16":
-        return cuda
-    return (
-        config.dtype == "auto" and compute_dtype_name("auto", "cuda" if cuda else "cpu") == "bf16"
-    )
-
-
-def _step_timer() -> Any:
-    from transformers import TrainerCallback
-
-    class StepTimer(TrainerCallback):
-        """Wall time per optimizer step, the first (warm-up) step excluded."""
-
-        def __init__(self) -> None:
-            self.durations: list[float] = []
-            self._started = 0.0
-
-        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self._started = time.perf_counter()
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self.durations.append(time.perf_counter() - self._started)
-
-        @property
-        def mean(self) -> float | None:
-            steady = self.durations[1:] or self.durations
-            return round(sum(steady) / len(steady), 4) if steady else None
-
-    return StepTimer()
-
-
 def train(
     config: TrainConfig,
     resume: str | None = None,
@@ -229,12 +75,11 @@ def train(
 
         return train_with_search(config, home or default_home(), callbacks, resume)
     import torch
-    from peft import get_peft_model, prepare_model_for_kbit_training
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import Trainer, set_seed
 
     from ragtune.models import load_base_model
     from training.encoding import PadCollator, encode_rows
-    from training.targets import resolve_target_modules
+    from training.peft_model import adapter_model, adapter_weights_digest
 
     started = time.monotonic()
     home = home or default_home()
@@ -245,10 +90,10 @@ def train(
     val_rows = read_split(config.data, "val")
     adapter_dir = resolve_adapter_dir(config, home, resume)
     checkpoint_dir = checkpoint_dir_for(adapter_dir)
-    resume_from = _resume_checkpoint(resume, checkpoint_dir)
+    resume_from = resume_checkpoint(resume, checkpoint_dir)
     if adapter_dir.exists():
         raise ValueError(f"{adapter_dir} already exists; adapter versions are immutable")
-    if resume_from is None and _has_checkpoint(checkpoint_dir):
+    if resume_from is None and has_checkpoint(checkpoint_dir):
         raise ValueError(
             f"{checkpoint_dir} holds checkpoints of an interrupted run; "
             "pass --resume to continue it or delete it"
@@ -267,39 +112,11 @@ def train(
         ),
         home,
     )
-    model = loaded.model
-    model.config.use_cache = False
-    config.adapter.target_modules = resolve_target_modules(model, config.adapter.target_modules)
-    if config.method == "qlora":
-        _disable_cpu_weight_packing(model)
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=config.gradient_checkpointing
-        )
-    elif config.gradient_checkpointing:
-        model.enable_input_require_grads()
     tokenizer = loaded.tokenizer
     train_set = encode_rows(tokenizer, train_rows, config.max_seq_len)
     val_set = encode_rows(tokenizer, val_rows, config.max_seq_len)
     collator = PadCollator(tokenizer.pad_token_id)
-    selection = None
-    if config.method == "sparse":
-        from training.sparse_selection import calibration_batches, select
-
-        selection = select(
-            model,
-            config.adapter,
-            lambda: calibration_batches(
-                train_set,
-                collator,
-                config.batch_size,
-                config.adapter.calibration_batches,
-                config.seed,
-            ),
-        )
-        config.adapter.r = selection.r
-    model = get_peft_model(model, peft_config(config, selection and selection.mask_fn))
-    if selection is not None:  # the masks are built: free the scores the function holds
-        model.peft_config["default"].mask_fn = None
+    model, selection = adapter_model(loaded.model, config, train_set, collator)
     trainable, total = model.get_nb_trainable_parameters()
     logger.info(
         "%s adapter: %d trainable of %d parameters (%.2f%%)",
@@ -314,41 +131,7 @@ def train(
         logger.warning("no validation examples: no eval loss, no early stopping")
 
     on_cpu = loaded.device == "cpu"
-    args = TrainingArguments(
-        output_dir=str(checkpoint_dir),
-        max_steps=config.max_steps,
-        num_train_epochs=config.epochs,
-        per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation,
-        learning_rate=config.learning_rate,
-        lr_scheduler_type=config.lr_scheduler,
-        warmup_steps=config.warmup_steps,
-        weight_decay=config.weight_decay,
-        logging_steps=config.logging_steps,
-        eval_strategy="steps" if has_val else "no",
-        eval_steps=config.eval_steps,
-        save_strategy="steps",
-        save_steps=config.checkpoint_every,
-        save_total_limit=config.save_total_limit,
-        load_best_model_at_end=has_val,
-        metric_for_best_model="eval_loss",
-        greater_is_better=False,
-        seed=config.seed,
-        data_seed=config.seed,
-        report_to="none",
-        use_cpu=on_cpu,
-        bf16=mixed,  # autocast: fp32 weights, bf16 matmuls (on CPUs too, with use_cpu)
-        activation_checkpointing=config.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False},
-        ddp_backend="gloo" if on_cpu and world_size > 1 else None,
-        ddp_find_unused_parameters=False,
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-        label_names=["labels"],
-        prediction_loss_only=True,  # eval needs the loss only; keeping logits costs GBs
-        disable_tqdm=not config.progress,
-    )
+    args = _training_arguments(config, checkpoint_dir, has_val, on_cpu, world_size, mixed)
     timer = _step_timer()
     trainer = Trainer(
         model=model,
@@ -429,25 +212,105 @@ def train(
     )
 
 
-def write_adapter_version(adapter_dir: Path, peft_model: Any, manifest: AdapterManifest) -> None:
-    """Write a finished adapter version: PEFT's files and the manifest go to a scratch
-    directory that is renamed into place only once complete, so a crash (or kill -9) never
-    leaves a half-written version under its name."""
-    with atomic_directory(adapter_dir) as scratch:
-        peft_model.save_pretrained(str(scratch), safe_serialization=True)
-        if not (scratch / "adapter_model.safetensors").is_file() or any(scratch.glob("*.bin")):
-            raise RuntimeError("PEFT did not write adapter_model.safetensors")
-        manifest.write(scratch)
+def _training_arguments(
+    config: TrainConfig,
+    checkpoint_dir: Path,
+    has_val: bool,
+    on_cpu: bool,
+    world_size: int,
+    mixed: bool,
+) -> Any:
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(checkpoint_dir),
+        max_steps=config.max_steps,
+        num_train_epochs=config.epochs,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_steps,
+        weight_decay=config.weight_decay,
+        logging_steps=config.logging_steps,
+        eval_strategy="steps" if has_val else "no",
+        eval_steps=config.eval_steps,
+        save_strategy="steps",
+        save_steps=config.checkpoint_every,
+        save_total_limit=config.save_total_limit,
+        load_best_model_at_end=has_val,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        seed=config.seed,
+        data_seed=config.seed,
+        report_to="none",
+        use_cpu=on_cpu,
+        bf16=mixed,  # autocast: fp32 weights, bf16 matmuls (on CPUs too, with use_cpu)
+        activation_checkpointing=config.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        ddp_backend="gloo" if on_cpu and world_size > 1 else None,
+        ddp_find_unused_parameters=False,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        prediction_loss_only=True,  # eval needs the loss only; keeping logits costs GBs
+        disable_tqdm=not config.progress,
+    )
 
 
-def _disable_cpu_weight_packing(model: Any) -> None:
-    """bitsandbytes repacks NF4 weights for its fast CPU inference kernel the first time a
-    Linear4bit runs without grad (our evaluation); training through a repacked weight then
-    yields zero gradients and garbage losses (bitsandbytes 0.50, AVX512-BF16 CPUs). Keep the
-    trainable layout: the repacking only speeds up inference, which the server does."""
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+def _callbacks(config: TrainConfig, has_val: bool, timer: Any) -> list[Any]:
+    from transformers import EarlyStoppingCallback
+
+    callbacks = [timer]
+    if has_val and config.early_stopping_patience:
+        callbacks.append(
+            EarlyStoppingCallback(
+                early_stopping_patience=config.early_stopping_patience,
+                early_stopping_threshold=config.early_stopping_threshold,
+            )
+        )
+    return callbacks
+
+
+def mixed_precision(config: TrainConfig) -> bool:
+    """Whether to train with bf16 autocast over fp32 weights: dtype bf16 on a GPU, or auto
+    on a device with native bf16 (on an AMX Xeon a SmolLM2 LoRA step of 4 x 448 tokens
+    runs several times faster; on AVX2-only CPUs bf16 GEMMs crawl, so auto stays fp32)."""
+    import torch
+
+    from ragtune.hardware import compute_dtype_name
+
+    cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    if config.dtype == "bf16":
+        return cuda
+    return (
+        config.dtype == "auto" and compute_dtype_name("auto", "cuda" if cuda else "cpu") == "bf16"
+    )
+
+
+def _step_timer() -> Any:
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        """Wall time per optimizer step, the first (warm-up) step excluded."""
+
+        def __init__(self) -> None:
+            self.durations: list[float] = []
+            self._started = 0.0
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self._started = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.durations.append(time.perf_counter() - self._started)
+
+        @property
+        def mean(self) -> float | None:
+            steady = self.durations[1:] or self.durations
+            return round(sum(steady) / len(steady), 4) if steady else None
+
+    return StepTimer()
 
 
 def _estimate_for(config: TrainConfig, model_dir: Path, device: str) -> int | None:

@@ -17,7 +17,7 @@ from ragtune.manifest import AdapterManifest
 from ragtune.models import resolve_model_dir
 from ragtune.models.loader import model_fingerprint
 from ragtune.random_adapter import ATTENTION, random_peft_model
-from training.trainer import write_adapter_version
+from training.versions import write_adapter_version
 
 RANK = 8
 

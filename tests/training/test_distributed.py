@@ -11,7 +11,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from ragtune.manifest import AdapterManifest
-from training.trainer import state_digest
+from training.peft_model import state_digest
 
 ROWS = [
     ("How many vacation days do Orvane employees get?", "27 vacation days per year."),

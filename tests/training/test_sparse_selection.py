@@ -65,7 +65,7 @@ def _chosen_entries(peft_model: Any) -> dict[str, set[int]]:
 def _with_adapter(model: Any, config: TrainConfig, batches: list) -> tuple[Any, Any]:
     from peft import get_peft_model
 
-    from training.trainer import peft_config
+    from training.peft_model import peft_config
 
     selection = select(model, config.adapter, lambda: batches)
     config.adapter.r = selection.r

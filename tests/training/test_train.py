@@ -130,7 +130,7 @@ def test_lora_default_versioned_output(base_dir: Path, data_dir: Path, tmp_path:
     assert adapter_config["peft_type"] == "LORA" and adapter_config["r"] == 4
     _reload_and_check(result.adapter_dir, base_dir)
     # the next run gets the next version; existing versions are never overwritten
-    from training.trainer import resolve_adapter_dir
+    from training.versions import resolve_adapter_dir
 
     assert resolve_adapter_dir(config, tmp_path / "home", None).name == "v2"
     with pytest.raises(ValueError, match="immutable"):
@@ -214,7 +214,8 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(
 ) -> None:
     from transformers import TrainerCallback
 
-    from training.trainer import checkpoint_dir_for, train
+    from training.trainer import train
+    from training.versions import checkpoint_dir_for
 
     class Interrupt(TrainerCallback):
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
