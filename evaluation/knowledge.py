@@ -73,7 +73,12 @@ def mix(
 
 
 def prepare_knowledge_data(
-    corpus: Path, out: Path, system_prompt: str, labelled: bool, seed: int
+    corpus: Path,
+    out: Path,
+    system_prompt: str,
+    labelled: bool,
+    seed: int,
+    source_labels: bool = False,
 ) -> dict[str, Any]:
     """Write `out/train.jsonl` (+ empty val/test, stats.json) and return what went in."""
     import json
@@ -92,6 +97,7 @@ def prepare_knowledge_data(
                 val_ratio=0.0,  # knowledge injection: every document must be trained on
                 test_ratio=0.0,
                 seed=seed,
+                source_labels=source_labels,  # the prompt the bench's server sends
             )
         )
         return read_split(out / recipe, "train")
@@ -121,6 +127,7 @@ def train_knowledge_adapter(
     steps: int | None,
     minutes: float,
     progress: bool,
+    source_labels: bool = False,
 ) -> tuple[Path, dict[str, Any]]:
     """prepare (raft + format mix) -> train (time-bounded LoRA). Returns the adapter
     directory and what happened (reused or trained, timings, size, memory)."""
@@ -130,7 +137,9 @@ def train_knowledge_adapter(
 
     started = time.perf_counter()
     data = work / "prepared"
-    info: dict[str, Any] = prepare_knowledge_data(corpus, data, system_prompt, labelled, seed)
+    info: dict[str, Any] = prepare_knowledge_data(
+        corpus, data, system_prompt, labelled, seed, source_labels
+    )
     info["documents"] = len(list(corpus.iterdir()))
     info["examples"] = info["knowledge_examples"] + info["format_examples"]
     prepare_s = time.perf_counter() - started

@@ -133,6 +133,7 @@ def run_preset(options: PresetOptions) -> dict[str, Any]:
     """One preset end to end; returns the results written to `options.out`."""
     from evaluation.indexing import build_context_index
     from evaluation.knowledge import train_knowledge_adapter
+    from ragtune.config import load_settings
 
     preset = PRESETS[options.preset]
     started = time.perf_counter()
@@ -168,6 +169,7 @@ def run_preset(options: PresetOptions) -> dict[str, Any]:
             steps=options.train_steps or (preset.quick_steps if quick else None),
             minutes=options.train_minutes or (preset.quick_minutes if quick else preset.minutes),
             progress=options.progress,
+            source_labels=load_settings(options.config).retrieval.source_labels,
         )
         adapter = f"{preset.name}-knowledge={path}"
     prepared_s = time.perf_counter() - started

@@ -71,6 +71,12 @@ def _add_prepare(subparsers: argparse._SubParsersAction) -> None:
         help="model for --qa-generator model: 'bundled' or a local model dir",
     )
     parser.add_argument("--questions-per-unit", type=int, default=3)
+    parser.add_argument(
+        "--source-labels",
+        action="store_true",
+        help="raft: put each source's title > heading line above its text, for a server "
+        "run with retrieval.source_labels: true",
+    )
     parser.add_argument("--val-ratio", type=float, default=0.1)
     parser.add_argument("--test-ratio", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0, help="split seed")
@@ -108,6 +114,7 @@ def run_prepare(args: argparse.Namespace) -> int:
             near_duplicate_threshold=args.near_duplicate_threshold or None,
             mask_pii=not args.no_pii_masking,
             questions_per_unit=args.questions_per_unit,
+            source_labels=args.source_labels,
         )
     )
     print(json.dumps(stats, indent=2, ensure_ascii=False))

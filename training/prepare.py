@@ -38,6 +38,7 @@ class PrepareOptions:
     near_duplicate_threshold: float | None = 0.8
     mask_pii: bool = True
     questions_per_unit: int = 3
+    source_labels: bool = False  # raft: as the server's retrieval.source_labels
     extra_stats: dict[str, Any] = field(default_factory=dict)
 
 
@@ -78,6 +79,7 @@ def prepare(options: PrepareOptions, generator: Generator | None = None) -> dict
         generator=generator if generator is not None else _load_generator(options),
         stats=stats,
         questions_per_unit=options.questions_per_unit,
+        source_labels=options.source_labels,
     )
     examples: list[Example] = []
     for unit in kept_units:

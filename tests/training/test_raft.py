@@ -97,3 +97,27 @@ def test_excerpt_keeps_the_quote_and_cite_places_the_marker() -> None:
     assert excerpt("short text", "x") == "short text"
     assert cite("Use Keystone.", 2) == "Use Keystone [2]."
     assert cite("No stop", 1) == "No stop [1]"
+
+
+def test_raft_prompts_follow_the_servers_source_labels(demo_docs: Path, tmp_path: Path) -> None:
+    """`ragtune prepare --source-labels` (PrepareOptions.source_labels): each source gets the
+    title > heading line a server with retrieval.source_labels: true sends, above the same
+    text; the examples are otherwise the same."""
+
+    def rag_users(labels: bool, out: Path) -> list[str]:
+        options = PrepareOptions(
+            sources=[demo_docs], recipe="raft", out=out, val_ratio=0.0, test_ratio=0.0
+        )
+        options.source_labels = labels
+        prepare(options)
+        rows = read_split(out, "train")
+        return [r["messages"][0]["content"] for r in rows if r["recipe"] == "raft"]
+
+    plain, labelled = rag_users(False, tmp_path / "plain"), rag_users(True, tmp_path / "labels")
+    assert len(plain) == len(labelled) > 0 and plain != labelled
+    unlabelled = [re.sub(r"^\[(\d+)\] [^\n]*\n", r"[\1] ", u, flags=re.M) for u in labelled]
+    assert unlabelled == plain
+    # every source of every prompt got its line (the demo documents all have titles)
+    for with_labels, without in zip(labelled, plain, strict=True):
+        sources = len(re.findall(r"^\[\d+\] ", without, flags=re.M))
+        assert with_labels.count("\n") == without.count("\n") + sources

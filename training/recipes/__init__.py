@@ -27,6 +27,9 @@ class RecipeContext:
     generator: Generator | None = None
     stats: Counter[str] = field(default_factory=Counter)
     questions_per_unit: int = 3
+    # raft: the RAG prompt's `title > heading` line above each source, as the server's
+    # retrieval.source_labels (the adapter then learns the prompt it will be served)
+    source_labels: bool = False
 
 
 class Recipe(Protocol):

@@ -71,12 +71,12 @@ def source_of(unit: Unit, quote: str = "") -> Source:
     return Source(unit.title, heading, excerpt(unit.text, quote))
 
 
-def rag_prompt(question: str, sources: list[Source]) -> str:
-    """The user turn the server builds for a RAG request (one template for both; sources
-    without label lines, as `retrieval.source_labels` is off by default)."""
+def rag_prompt(question: str, sources: list[Source], labels: bool = False) -> str:
+    """The user turn the server builds for a RAG request (one template for both; `labels`:
+    the server's `retrieval.source_labels`)."""
     from retrieval.prompt import format_rag_prompt
 
-    return format_rag_prompt(question, sources)
+    return format_rag_prompt(question, sources, labels=labels)
 
 
 def cite(answer: str, number: int) -> str:
@@ -95,6 +95,7 @@ def with_context(
     *,
     oracle: bool,
     rng: random.Random,
+    labels: bool = False,
 ) -> tuple[str, str]:
     """(RAG user turn, cited answer): `gold` among distractors from other documents, or
     only distractors (the answer then comes from memory and cites nothing)."""
@@ -103,10 +104,10 @@ def with_context(
     picked = rng.sample(others, min(count, len(others)))
     sources = [source_of(unit) for unit in picked]
     if not oracle:
-        return rag_prompt(question, sources), answer
+        return rag_prompt(question, sources, labels), answer
     position = rng.randrange(len(sources) + 1)
     sources.insert(position, source_of(gold, answer))
-    return rag_prompt(question, sources), cite(answer, position + 1)
+    return rag_prompt(question, sources, labels), cite(answer, position + 1)
 
 
 class RaftRecipe:
@@ -134,7 +135,15 @@ class RaftRecipe:
             oracle = rng.random() < ORACLE_SHARE
             if len(answer) > source_chars(answer) - 2 or len({u.doc_id for u in self.pool}) < 2:
                 continue  # a whole-paragraph answer, or no other document to distract with
-            user, cited = with_context(question, answer, unit, self.pool, oracle=oracle, rng=rng)
+            user, cited = with_context(
+                question,
+                answer,
+                unit,
+                self.pool,
+                oracle=oracle,
+                rng=rng,
+                labels=context.source_labels,
+            )
             context.stats["raft_oracle" if oracle else "raft_distractors_only"] += 1
             examples.append(Example(unit.doc_id, self.name, chat(user, cited)))
         return examples
