@@ -157,6 +157,8 @@ def bench_ragtune(scratch: Path, args: argparse.Namespace) -> list[dict]:
     }
     if args.quantization:
         env["RAGTUNE_MODEL__QUANTIZATION"] = args.quantization
+    if args.weights:
+        env["RAGTUNE_ENGINE__WEIGHTS"] = args.weights
     flags = [arg for name in names for arg in ("--adapter", f"{name}={adapters / name}")]
     server = start_server(env, scratch / "ragtune.log", flags)
     results = []
@@ -369,6 +371,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument(
         "--quantization", default=None, help="model.quantization (default: the server's)"
+    )
+    parser.add_argument(
+        "--weights", default=None, help="ragtune's engine.weights (default: the server's auto)"
     )
     parser.add_argument(
         "--llama-cpp-python",

@@ -147,9 +147,11 @@ class W8A8Linear:
     (cold weights, bench numbers in docs/performance.md). Not for the layers: quantizing
     four inputs per layer costs more than it saves at one row. Returns float32."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, keep_dense: bool = False):
         codes, self.scales = per_channel_int8(weight)
         self.packed = torch.ops.onednn.qlinear_prepack(codes, None)
+        # W8A8Layer: the same grid dequantized, for prompt chunks' dense GEMM
+        self.dense = (codes.float() * self.scales[:, None]).to(weight.dtype) if keep_dense else None
         self.zero_points = torch.zeros(weight.shape[0], dtype=torch.long)
         self.split_signs = self.mode() == "split"
 
@@ -240,9 +242,7 @@ class W8A8Layer(W8A8Linear):
     dequantized (the dense GEMM, as Int4Linear's)."""
 
     def __init__(self, weight: torch.Tensor):
-        super().__init__(weight)
-        codes, scales = per_channel_int8(weight)
-        self.dense = (codes.float() * scales[:, None]).to(weight.dtype)
+        super().__init__(weight, keep_dense=True)
 
     def __call__(self, x: torch.Tensor, wide: bool = False) -> torch.Tensor:
         if wide:
