@@ -105,11 +105,16 @@ def test_raft_prompts_follow_the_servers_source_labels(demo_docs: Path, tmp_path
     text; the examples are otherwise the same."""
 
     def rag_users(labels: bool, out: Path) -> list[str]:
-        options = PrepareOptions(
-            sources=[demo_docs], recipe="raft", out=out, val_ratio=0.0, test_ratio=0.0
+        prepare(
+            PrepareOptions(
+                sources=[demo_docs],
+                recipe="raft",
+                out=out,
+                val_ratio=0.0,
+                test_ratio=0.0,
+                source_labels=labels,
+            )
         )
-        options.source_labels = labels
-        prepare(options)
         rows = read_split(out, "train")
         return [r["messages"][0]["content"] for r in rows if r["recipe"] == "raft"]
 
