@@ -149,6 +149,10 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
         index_info = build_context_index(
             load_dataset(options.dataset), options.index, root, options.config, options.progress
         )
+    # labelled questions: each request also returns what scoring their choices needs
+    choice_rows = options.likelihood and any(
+        answer_choices(item, label_set(items)) for item in items
+    )
     settings = GenerationSettings(
         max_tokens=options.max_tokens,
         seed=options.seed,
@@ -157,10 +161,8 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
         top_k=options.top_k,
         mode=options.mode,
         concurrency=options.concurrency,
-        # labelled questions: each request also returns what scoring their choices needs
-        score_from_generation=options.likelihood
-        and options.likelihood_from == "generation"
-        and any(answer_choices(item, label_set(items)) for item in items),
+        score_from_generation=choice_rows and options.likelihood_from == "generation",
+        first_token_alternatives=choice_rows,  # which choice to echo (likelihood.least_likely)
     )
     options.out.mkdir(parents=True, exist_ok=True)
     with open_target(

@@ -14,7 +14,10 @@ One prefill serves every choice that differs from the first only in its last tok
 no / maybe after the same context): that token's logprob is read from the `top_logprobs`
 of the first choice's last position, the same row of the same forward pass. A choice not
 among those top entries is scored by a request of its own, so the numbers are always the
-ones a request per choice would give.
+ones a request per choice would give. Which choice is echoed matters: the others must be
+among its last position's top entries, so the bench echoes the one its generation request's
+first-token alternatives rank lowest (`least_likely`), and "maybe" ranked 30th costs no
+second prefill.
 
 The bench's own generation request can make even that prefill unneeded
 (`score_from_generation`): it sent the same prompt, and asked for its prompt tokens'
@@ -33,7 +36,7 @@ from typing import Any
 
 from evaluation.server_api import EchoChoice, ScoringClient
 
-TOP_LOGPROBS = 5  # alternatives per position: enough for a label set, small responses
+TOP_LOGPROBS = 20  # alternatives per position (the most the API gives): a label set's other choices
 
 
 @dataclass(frozen=True)
@@ -100,7 +103,7 @@ def scores_from_generation(
     None where they are not all there: a choice differing from the others before its last
     token, a context that is not the prompt minus the shared prefix, a prompt whose last
     tokens are not the ones sent, or a last token outside the alternatives kept."""
-    if not generation:
+    if not generation or not generation.get("prompt_tail"):
         return None
     tail, top = generation["prompt_tail"], generation["first_top"]
     context, shared = pairs[0][0], pairs[0][1][:-1]
@@ -144,6 +147,16 @@ def settle_bounds(
     return settled
 
 
+def least_likely(last_texts: list[str], first_top: dict[str, float] | None) -> int:
+    """The choice to echo: the one whose last token the generation request's first-token
+    alternatives rank lowest (absent: lowest of all). The others, being more likely, are then
+    among the echoed position's top alternatives and need no prefill of their own."""
+    if not first_top:
+        return 0
+    floor = float("-inf")
+    return min(range(len(last_texts)), key=lambda j: (first_top.get(last_texts[j], floor), j))
+
+
 def score_choices(
     client: ScoringClient,
     model: str,
@@ -151,34 +164,38 @@ def score_choices(
     choices: tuple[str, ...],
     tokenize_model: str | None = None,
     pairs: list[Pair] | None = None,
+    first: int = 0,
 ) -> list[ChoiceScore]:
-    """Log-likelihood of each choice after `context` (a rendered prompt), under `model`."""
+    """Log-likelihood of each choice after `context` (a rendered prompt), under `model`.
+    Choice `first` is echoed; the choices that differ from it only in their last token are
+    read from that position's top alternatives where they are among them."""
     tokenize_as = tokenize_model or model
     pairs = pairs or choice_pairs(client, tokenize_as, context, choices)
-    first_ctx, first_cont = pairs[0]
-    first = client.echo(model, [first_ctx + first_cont], TOP_LOGPROBS)[0]
-    scores: list[ChoiceScore | None] = [_continuation(first, len(first_ctx), len(first_cont))]
+    first_ctx, first_cont = pairs[first]
+    echoed_first = client.echo(model, [first_ctx + first_cont], TOP_LOGPROBS)[0]
+    scores: list[ChoiceScore | None] = [None] * len(pairs)
+    scores[first] = _continuation(echoed_first, len(first_ctx), len(first_cont))
     last = len(first_ctx) + len(first_cont) - 1
-    top = first.top_logprobs[last] or {}
-    prefix = first.token_logprobs[len(first_ctx) : last]
-    prefix_greedy = _continuation(first, len(first_ctx), len(first_cont) - 1).greedy
+    top = echoed_first.top_logprobs[last] or {}
+    prefix = echoed_first.token_logprobs[len(first_ctx) : last]
+    prefix_greedy = _continuation(echoed_first, len(first_ctx), len(first_cont) - 1).greedy
     shared = [
         j
-        for j, (ctx, cont) in enumerate(pairs[1:], start=1)
-        if ctx == first_ctx and len(cont) == len(first_cont) and cont[:-1] == first_cont[:-1]
+        for j, (ctx, cont) in enumerate(pairs)
+        if j != first
+        and ctx == first_ctx
+        and len(cont) == len(first_cont)
+        and cont[:-1] == first_cont[:-1]
     ]
     texts = client.token_texts(tokenize_as, [pairs[j][1][-1] for j in shared]) if shared else []
-    own_text = first.tokens[last] if last < len(first.tokens) else None
-    by_choice = dict(zip(shared, texts, strict=True))
-    for j in range(1, len(pairs)):
-        text = by_choice.get(j)
-        if text is None or text == own_text or text not in top:
-            scores.append(None)
+    own_text = echoed_first.tokens[last] if last < len(echoed_first.tokens) else None
+    for j, text in zip(shared, texts, strict=True):
+        if text == own_text or text not in top:
             continue
         value = top[text]
         total = float(sum(prefix)) + value  # type: ignore[arg-type]
         greedy = prefix_greedy and value >= max(top.values())
-        scores.append(ChoiceScore(total, greedy, len(first_cont)))
+        scores[j] = ChoiceScore(total, greedy, len(first_cont))
     missing = [j for j, score in enumerate(scores) if score is None]
     if missing:
         echoed = client.echo(model, [pairs[j][0] + pairs[j][1] for j in missing], TOP_LOGPROBS)

@@ -27,6 +27,7 @@ from evaluation.likelihood import (
     choice_metrics,
     choice_pairs,
     decided,
+    least_likely,
     score_choices,
     scores_from_generation,
     settle_bounds,
@@ -103,10 +104,11 @@ def _score_one(
         ids, context = contexts.get(chat_messages(settings.system_prompt, user))
         count = len(ids)
         pairs = choice_pairs(client, settings.base_model, context, choices)
-        scores, source = None, "echo"
+        scores, source, first = None, "echo", 0
         kept = (generated or {}).get(GENERATION_SCORES_KEY)
         if kept and not reference and count == expected:
             texts = client.token_texts(settings.base_model, [cont[-1] for _, cont in pairs])
+            first = least_likely(texts, kept.get("first_top"))
             scores = scores_from_generation(pairs, ids, kept, texts)
             source = "generation" if scores is not None else source
             if scores is not None and not decided(scores, choices):
@@ -114,7 +116,7 @@ def _score_one(
                 scores, source = settle_bounds(client, arm.model, pairs, scores), "generation+echo"
         if scores is None:
             scores = score_choices(
-                client, arm.model, context, choices, settings.base_model, pairs=pairs
+                client, arm.model, context, choices, settings.base_model, pairs=pairs, first=first
             )
     except (ScoringError, ValueError) as exc:
         # a failed question counts as wrong, never dropped (as a failed generation does)
@@ -158,7 +160,7 @@ def score_arms(
     facts: dict[str, dict[str, Any]] = {}
     for arm in arms:
         rows = {row["id"]: row for row in rows_by_arm[arm.name]}
-        started = time.perf_counter()
+        started, prompts_before = time.perf_counter(), client.scored_prompts
         bar = tqdm(total=len(scorable), desc=f"{arm.name:>7} ll", unit="q", disable=not progress)
         with ThreadPoolExecutor(max_workers=max(1, settings.concurrency)) as pool:
             futures = {
@@ -182,6 +184,7 @@ def score_arms(
             "settled_by_echo": sum(
                 row.get("likelihood_source") == "generation+echo" for row in scored
             ),
+            "echoed_prompts": client.scored_prompts - prompts_before,
             "seconds": round(time.perf_counter() - started, 1),
         }
         if facts[arm.name]["errors"]:

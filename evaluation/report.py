@@ -221,6 +221,12 @@ def likelihood_line(facts: dict[str, Any]) -> str:
             "them with a choice outside its top alternatives echoed to settle the pick), "
             f"{scored - reused} echoed."
         )
+    echoed = [a["echoed_prompts"] for a in arms.values() if a.get("echoed_prompts") is not None]
+    if echoed:
+        line += (
+            f" The server prefilled {sum(echoed)} prompts for it (one per question where the "
+            "other choices were among the echoed choice's top alternatives)."
+        )
     return line
 
 

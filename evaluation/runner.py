@@ -19,9 +19,11 @@ from evaluation.dataset import QAItem
 from training.recipes.claims import LABEL_INSTRUCTION
 
 # A row's scores from its own generation request (not kept in results.json): the first
-# answer token's top alternatives {text: logprob} and the last prompt tokens' vLLM
-# `prompt_logprobs` entries. Likelihood scoring (likelihood.py) reads the answer choices'
-# log-likelihoods from them where it can, instead of scoring the prompt a second time.
+# answer token's top alternatives {text: logprob} and, with `score_from_generation`, the last
+# prompt tokens' vLLM `prompt_logprobs` entries. Likelihood scoring (likelihood.py) reads the
+# answer choices' log-likelihoods from them where it can, instead of scoring the prompt a
+# second time; where it echoes, the alternatives say which choice to echo (the least likely,
+# so the others are read from its top alternatives instead of prefilled again).
 GENERATION_SCORES_KEY = "generation_scores"
 FIRST_TOKEN_ALTERNATIVES = 20  # OpenAI's most
 PROMPT_TAIL = 8  # prompt tokens kept: the continuation's shared prefix is one or two
@@ -57,6 +59,11 @@ class GenerationSettings:
     concurrency: int = 8
     # ask each request for the scores likelihood scoring can reuse (GENERATION_SCORES_KEY)
     score_from_generation: bool = False
+    # ask only for the first answer token's alternatives: the echo order's hint
+    first_token_alternatives: bool = False
+
+    def keeps_scores(self) -> bool:
+        return self.score_from_generation or self.first_token_alternatives
 
     def rag_body(self) -> dict[str, Any]:
         options: dict[str, Any] = {"top_k": self.top_k}
@@ -141,7 +148,7 @@ def ask(client: Any, arm: Arm, item: QAItem, settings: GenerationSettings) -> di
             for source in sources
         ],
     )
-    if settings.score_from_generation:
+    if settings.keeps_scores():
         row[GENERATION_SCORES_KEY] = _generation_scores(choice, response.model_extra or {})
     return row
 
@@ -154,19 +161,19 @@ def _extra_body(arm: Arm, settings: GenerationSettings) -> dict[str, Any] | None
 
 
 def _logprob_options(settings: GenerationSettings) -> dict[str, Any]:
-    if not settings.score_from_generation:
+    if not settings.keeps_scores():
         return {}
     return {"logprobs": True, "top_logprobs": FIRST_TOKEN_ALTERNATIVES}
 
 
 def _generation_scores(choice: Any, extra: dict[str, Any]) -> dict[str, Any] | None:
     content = choice.logprobs.content if choice.logprobs else None
-    prompt = extra.get("prompt_logprobs")
-    if not content or not prompt:
+    if not content:
         return None
+    prompt = extra.get("prompt_logprobs")
     return {
         "first_top": {alt.token: alt.logprob for alt in content[0].top_logprobs},
-        "prompt_tail": prompt[-PROMPT_TAIL:],
+        "prompt_tail": prompt[-PROMPT_TAIL:] if prompt else None,
     }
 
 
@@ -182,8 +189,8 @@ def run_arm(
     from tqdm import tqdm
 
     warm = ask(client, arm, items[0], replace(settings, max_tokens=1))
-    if warm["error"] and settings.score_from_generation:
-        plain = replace(settings, score_from_generation=False)
+    if warm["error"] and settings.keeps_scores():
+        plain = replace(settings, score_from_generation=False, first_token_alternatives=False)
         if not ask(client, arm, items[0], replace(plain, max_tokens=1))["error"]:
             logger.warning(
                 "arm %s: the server refuses prompt_logprobs/top_logprobs (%s); likelihood "

@@ -37,6 +37,9 @@ class ScoringClient:
     _http: httpx.Client | None = field(default=None, repr=False)
     _texts: dict[int, str] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # prompts prefilled to score choices (not the token-text lookups): what a run's
+    # likelihood pass cost the server
+    scored_prompts: int = 0
 
     @property
     def root(self) -> str:
@@ -90,6 +93,9 @@ class ScoringClient:
             "temperature": 0.0,
         }
         data = self._post(f"{self.v1.rstrip('/')}/completions", body)
+        if top:
+            with self._lock:
+                self.scored_prompts += len(prompts)
         choices = sorted(data["choices"], key=lambda choice: choice["index"])
         if len(choices) != len(prompts):
             raise ScoringError(f"asked to score {len(prompts)} prompts, got {len(choices)}")

@@ -220,3 +220,59 @@ def test_choices_read_from_the_generation_request_equal_the_echoed_ones(fp32_ser
                 assert exact <= bound + 1e-4  # the bound holds
             else:
                 assert math.isclose(value, exact, abs_tol=1e-4)
+
+
+def test_least_likely_choice_is_the_one_the_alternatives_rank_lowest() -> None:
+    from evaluation.likelihood import least_likely
+
+    top = {"Yes": -0.2, "No": -1.9, "Maybe": -6.5}
+    assert least_likely(["Yes", "No", "Maybe"], top) == 2
+    assert least_likely(["Yes", "Perhaps", "Maybe"], top) == 1  # absent: below every kept one
+    assert least_likely(["Yes", "No"], None) == 0  # no hint: the first
+
+
+def test_echoing_the_least_likely_choice_reads_the_others_from_its_alternatives(
+    fp32_server,
+) -> None:
+    """The bench echoes the choice its generation request ranked lowest: the same values
+    as echoing the first choice, from no more prefilled prompts (one per question where
+    the others are among that position's top alternatives)."""
+    import openai
+
+    from evaluation.dataset import QAItem
+    from evaluation.likelihood import choice_pairs, least_likely
+    from evaluation.runner import GENERATION_SCORES_KEY, Arm, GenerationSettings, ask
+
+    model = "smollm2-135m-instruct"
+    labels = ("Yes", "No", "Maybe")
+    openai_client = openai.OpenAI(base_url=fp32_server.v1, api_key=API_KEY)
+    settings = GenerationSettings(
+        max_tokens=1, system_prompt=LABEL_PROMPT, first_token_alternatives=True
+    )
+    client = ScoringClient(fp32_server.v1, API_KEY)
+    try:
+        for i, question in enumerate(QUESTIONS):
+            row = ask(openai_client, Arm("base", model, False), QAItem(f"q{i}", question), settings)
+            kept = row[GENERATION_SCORES_KEY]
+            assert kept["prompt_tail"] is None and len(kept["first_top"]) == 20
+            ids = client.tokenize_messages(model, chat_messages(LABEL_PROMPT, question))
+            context = client.detokenize(model, ids)
+            pairs = choice_pairs(client, model, context, labels)
+            texts = client.token_texts(model, [cont[-1] for _, cont in pairs])
+            first = least_likely(texts, kept["first_top"])
+            assert kept["first_top"].get(texts[first], -math.inf) == min(
+                kept["first_top"].get(text, -math.inf) for text in texts
+            )
+            counts, values = [], []
+            for echo_first in (0, first):
+                before = client.scored_prompts
+                scores = score_choices(
+                    client, model, context, labels, pairs=pairs, first=echo_first
+                )
+                counts.append(client.scored_prompts - before)
+                values.append([score.loglikelihood for score in scores])
+            assert counts[1] <= counts[0] and counts[1] >= 1
+            for read, echoed in zip(values[1], values[0], strict=True):
+                assert math.isclose(read, echoed, abs_tol=1e-4)
+    finally:
+        client.close()
