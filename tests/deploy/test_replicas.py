@@ -231,7 +231,7 @@ async def _round_robin(cluster: ReplicatedServer, requests: int, concurrency: in
 
 def test_unload_is_404_on_every_replica_within_5s(cluster: ReplicatedServer) -> None:
     response = httpx.post(
-        f"{cluster.v1}/unload_lora_adapter", json={"lora_name": "ad3"}, headers=ADMIN
+        f"{cluster.v1}/unload_lora_adapter", json={"lora_name": "ad3"}, headers=ADMIN, timeout=60
     )
     assert response.status_code == 200, response.text
     started = time.monotonic()
@@ -265,7 +265,11 @@ def test_index_built_on_one_replica_is_served_through_s3(cluster: ReplicatedServ
     # full run: 10 quick requests all on the other replica), so keep asking for a while
     for _ in range(40):
         body = {**chat_body(BASE), "rag": {"index": "docs", "top_k": 1}}
-        response = httpx.post(f"{cluster.v1}/chat/completions", json=body, headers=CLIENT)
+        # a replica's first RAG request loads the index and the embedder from the store
+        # (5-10 s on a slow machine: httpx's default 5 s timed out once)
+        response = httpx.post(
+            f"{cluster.v1}/chat/completions", json=body, headers=CLIENT, timeout=120
+        )
         assert response.status_code == 200, response.text
         assert "dock 7" in response.json()["sources"][0]["text"]
         served_by.add(response.headers["x-ragtune-replica"])
