@@ -295,7 +295,7 @@ def bench_llama_server(scratch: Path, args: argparse.Namespace) -> list[dict]:
     process = peer(command, url, scratch / "llama_server.log")
     results = []
     try:
-        wait_healthy(f"http://127.0.0.1:{port}")
+        wait_healthy(f"http://127.0.0.1:{port}", process)
         if args.prefill:
             results += run_prefill(url, "llama-server")
         for c in args.concurrency:
@@ -313,12 +313,22 @@ def bench_llama_server(scratch: Path, args: argparse.Namespace) -> list[dict]:
     return results
 
 
-def wait_healthy(base_url: str, timeout: float = 120) -> None:
-    """llama-server answers 503 while it loads the model; /health is 200 once it can serve."""
+def wait_healthy(base_url: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    """llama-server answers 503 while it loads the model; /health is 200 once it can serve.
+    A binary built for instructions the CPU lacks dies here (e.g. a native build's AMX
+    tiles: SIGILL), which is said as such rather than as a refused connection."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
-            return
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"{process.args[0]} exited with {process.returncode} while loading "
+                "(-4: illegal instruction; see bench/README.md for a build without AMX)"
+            )
+        try:
+            if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
         time.sleep(0.5)
     raise RuntimeError(f"{base_url} not healthy after {timeout}s")
 
