@@ -10,14 +10,14 @@ logprobs are summed; `greedy` says whether every one of them was the top token. 
 prediction is the choice with the highest sum (`acc`), the highest sum per character of the
 choice (`acc_norm`, lm-eval's) or per UTF-8 byte (`acc_bytes`).
 
-One prefill serves every choice that differs from the first only in its last token (yes /
-no / maybe after the same context): that token's logprob is read from the `top_logprobs`
-of the first choice's last position, the same row of the same forward pass. A choice not
-among those top entries is scored by a request of its own, so the numbers are always the
-ones a request per choice would give. Which choice is echoed matters: the others must be
-among its last position's top entries, so the bench echoes the one its generation request's
-first-token alternatives rank lowest (`least_likely`), and "maybe" ranked 30th costs no
-second prefill.
+One prefill serves every choice that differs from the echoed one only in its last token
+(yes / no / maybe after the same context): that token's logprob is read from the
+`top_logprobs` of the echoed choice's last position, the same row of the same forward
+pass. A choice not among those top entries is scored by a request of its own, so the
+numbers are always the ones a request per choice would give. Which choice is echoed
+matters: the others must be among its last position's top entries, so the bench echoes the
+one its generation request's first-token alternatives rank lowest (`least_likely`), and
+"maybe" ranked 30th costs no second prefill.
 
 The bench's own generation request can make even that prefill unneeded
 (`score_from_generation`): it sent the same prompt, and asked for its prompt tokens'
