@@ -151,6 +151,11 @@ class EngineConfig(_Section):
         description="Memory for the K/V of recent prompt prefixes (blocks of 16 tokens), "
         "reused exactly by later prompts that start with the same tokens; 0 turns it off.",
     )
+    cuda_graphs: bool = Field(
+        True,
+        description="On a CUDA GPU, replay decode steps from CUDA graphs (captured per row "
+        "count, key length and LoRA on/off on first use); ignored on a CPU.",
+    )
     max_loras: int = Field(4, ge=1, description="Adapters that can be in one batch at once.")
     max_lora_rank: int = Field(16, ge=1, description="Largest LoRA rank accepted.")
 

@@ -15,6 +15,11 @@ positions; changing the capacity copies the cache once, every bucket's worth of 
 The slot axis likewise holds the running sequences (rounded up to a power of two), not
 `num_slots`: re-laying out 16 slots x every layer when one sequence runs cost 6 ms every 16
 steps (5 % of a single stream's time), all of it zeros.
+
+With `fixed_layout` (decode steps replayed from CUDA graphs, engine/cuda_graphs.py) the cache
+is laid out once at its full size, every slot at `max_len`, and never moves: a captured graph
+reads and writes the addresses it was captured with. GPUs' batched GEMMs take a strided view
+as it is, so a step reads the keys it needs in place.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ class KVCache:
         dtype: torch.dtype,
         device: str,
         bucket_size: int = 16,
+        fixed_layout: bool = False,
     ):
         self.num_layers = num_layers
         self.num_slots = num_slots
@@ -47,7 +53,11 @@ class KVCache:
         self.resizes = 0  # how often the position axis was re-laid out (bench/decode_step.py)
         self.keys_t: list[torch.Tensor] = []  # per layer [slots, kv_heads, d, capacity]
         self.values: list[torch.Tensor] = []  # per layer [slots, kv_heads, capacity, d]
-        self._resize(self.bucket(1), rows=0)
+        self.fixed_layout = fixed_layout
+        if fixed_layout:
+            self._resize(max_len, rows=0, slots=num_slots)
+        else:
+            self._resize(self.bucket(1), rows=0)
 
     @property
     def nbytes(self) -> int:
@@ -76,17 +86,17 @@ class KVCache:
         must all fit in `length`): grows as sequences lengthen, shrinks when long ones leave
         (and the slot axis with it, to the running sequences)."""
         capacity = self.bucket(length)
-        if capacity != self.capacity:
+        if capacity != self.capacity and not self.fixed_layout:
             self._resize(capacity, rows)
 
     def reserve(self, length: int, rows: int) -> None:
         """Grow (never shrink) so that `length` positions fit, keeping slots 0..rows-1."""
-        if length > self.capacity:
+        if length > self.capacity and not self.fixed_layout:
             self._resize(self.bucket(length), rows, self.slot_capacity)
 
     def ensure_slots(self, count: int, rows: int) -> None:
         """Make slots 0..count-1 usable, keeping slots 0..rows-1."""
-        if count > self.slot_capacity:
+        if count > self.slot_capacity and not self.fixed_layout:
             self._resize(self.capacity, rows, self.slots_for(count))
 
     def _resize(self, capacity: int, rows: int, slots: int | None = None) -> None:

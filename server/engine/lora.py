@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import torch
 
+from server.engine.lora_graph import EverySlotTerms, add_every_slot
 from server.engine.lora_rowwise import RowwisePair, RowwiseTerms, add_rowwise, pack_pair
 from server.engine.sparse import SparseAdapterWeights, SparseTerms, add_sparse, group_matrices
 
@@ -196,6 +197,8 @@ class LayerAdapters(NamedTuple):
     lora: dict[str, GroupLora]
     sparse: dict[str, SparseTerms]
     rowwise: dict[str, RowwiseTerms]
+    # every slot on every row, masked (captured decode steps: engine/lora_graph.py)
+    every_slot: dict[str, EverySlotTerms] | None = None
 
 
 class LoraBatch:
@@ -289,6 +292,8 @@ def add_adapters(
         out = add_lora(adapters.lora[group], x, out)
     if group in adapters.rowwise:
         out = add_rowwise(adapters.rowwise[group], x, out)
+    if adapters.every_slot is not None and group in adapters.every_slot:
+        out = add_every_slot(adapters.every_slot[group], x, out)
     return out
 
 

@@ -13,6 +13,7 @@ import torch
 from ragtune.config import EngineConfig
 from ragtune.hardware import detect
 from ragtune.models import LoadedModel
+from server.engine.cuda_graphs import GraphedDecode
 from server.engine.kv_cache import KVCache
 from server.engine.linear import W8A8Linear, packed_weights_supported
 from server.engine.lora import AdapterWeights, LoraSlots
@@ -85,6 +86,7 @@ class CompactRunner:
         config: EngineConfig,
         max_seq_len: int,
         family: type[DecoderModel] | None = None,  # default: the one for the model's config
+        static_decode: bool | None = None,  # default: on CUDA with engine.cuda_graphs
     ):
         if family is None:
             family, reason = model_class(loaded.model.config)
@@ -104,6 +106,10 @@ class CompactRunner:
         m = self.model
         if not m.rows_independent:
             m.fixed_decode_rows = config.max_batch_size
+            if not is_cpu(loaded.device):  # padding a prompt forward is cheap beside launches
+                m.fixed_prefill_rows = config.prefill_chunk
+        if static_decode is None:
+            static_decode = config.cuda_graphs and str(loaded.device).startswith("cuda")
         self.cache = KVCache(
             m.num_layers,
             config.max_batch_size,
@@ -112,6 +118,7 @@ class CompactRunner:
             m.head_dim,
             m.dtype,
             loaded.device,
+            fixed_layout=static_decode,
         )
         self.module_shapes = module_shapes(m)
         self.lora = LoraSlots(
@@ -122,9 +129,16 @@ class CompactRunner:
             lora_dtype(m),
             loaded.device,
             groups=m.LORA_GROUPS,
-            rowwise_decode=m.weights != "dense" and rowwise_supported(self.module_shapes),
+            # the int8 pairs run on torch's CPU kernel
+            rowwise_decode=m.weights != "dense"
+            and is_cpu(loaded.device)
+            and rowwise_supported(self.module_shapes),
         )
         self.adapter_slots = AdapterSlotTable(self.lora)
+        self.graphs = None
+        if static_decode:  # captured where the device is CUDA, else run as they would be
+            capture = str(loaded.device).startswith("cuda")
+            self.graphs = GraphedDecode(m, self.cache, self.lora, capture=capture)
         self.slots: list[Sequence] = []  # index = KV slot = decode row
         self.prefix_cache = None
         if config.prefix_cache_mb > 0 and m.rows_independent:  # exact reuse needs both
@@ -152,6 +166,8 @@ class CompactRunner:
             # what decode rows of different extent classes share (models/attention.py)
             "extent_sharing": describe_sharing(m.padded_extents) if m.fixed_decode_rows else "n/a",
             "prefix_cache": "on" if self.prefix_cache is not None else "off",
+            "prefill_rows": str(m.fixed_prefill_rows or "any"),
+            "decode_graphs": self.graphs.describe() if self.graphs is not None else "off",
             # decode's LoRA products (engine/lora_rowwise.py)
             "lora_decode": "int8-rowwise"
             if self.lora.rowwise_decode
@@ -240,26 +256,44 @@ class CompactRunner:
         # sequences still prefilling keep room for their whole prompt (see prefill)
         prompts = [s.prompt_len for s in self.slots if s.cache_len < s.prompt_len]
         longest = max([max(writes) + 1, *prompts])
-        if self.model.fixed_decode_rows:  # rows attend over their own extent class
-            longest = self.cache.extent_class(longest)
-        self.cache.fit(longest, rows)
+        logits = None
+        if self.graphs is not None and self.graphs.covers(lora_rows):
+            # the decoding rows' keys alone: the cache does not move, so rows still
+            # prefilling may write past them, and no row's extent depends on a neighbour's
+            keys = max(positions[s.slot] for s in seqs) + 1
+            logits = self.graphs.step(tokens, positions, writes, lora_rows, keys)
+        if logits is None:
+            logits = self._decode_eager(tokens, positions, writes, lora_rows, longest)
         device = self.device
-        lora = None
-        if any(s >= 0 for s in lora_rows):
-            lora = self.lora.batch(torch.tensor(lora_rows, device=device), decode=True)
-        logits = self.model.decode(
-            torch.tensor(tokens, device=device),
-            torch.tensor(positions, device=device),
-            torch.tensor(writes, device=device),
-            self.cache,
-            lora,
-        )
         for seq in seqs:
             seq.cache_len += 1
         order = [s.slot for s in seqs]
         if order == list(range(len(order))):  # the usual case: no row is still prefilling
             return logits[: len(order)]
         return logits[torch.tensor(order, device=device)]
+
+    def _decode_eager(
+        self,
+        tokens: list[int],
+        positions: list[int],
+        writes: list[int],
+        lora_rows: list[int],
+        longest: int,
+    ) -> torch.Tensor:
+        if self.model.fixed_decode_rows:  # rows attend over their own extent class
+            longest = self.cache.extent_class(longest)
+        self.cache.fit(longest, len(self.slots))
+        device = self.device
+        lora = None
+        if any(s >= 0 for s in lora_rows):
+            lora = self.lora.batch(torch.tensor(lora_rows, device=device), decode=True)
+        return self.model.decode(
+            torch.tensor(tokens, device=device),
+            torch.tensor(positions, device=device),
+            torch.tensor(writes, device=device),
+            self.cache,
+            lora,
+        )
 
     def release(self, seq: Sequence) -> None:
         """Free the sequence's slot and keep rows dense. Where rows attend over extent
@@ -388,18 +422,24 @@ def prefix_namespace(seq: Sequence) -> str:
 
 def decode_weights(config: EngineConfig, loaded: LoadedModel) -> str:
     """engine.weights resolved for this model: 'auto' is int4 where the packed kernels run
-    (a CPU, bf16 or fp32 compute), else dense."""
-    supported = packed_weights_supported(loaded.dtype, loaded.device)
-    if config.weights in ("int8", "int4", "w8a8") and not supported:
+    on a CPU (bf16 or fp32 compute), else dense (GPUs: int4 is an opt-in, measured in
+    docs/performance.md)."""
+    kind, dtype, device = config.weights, loaded.dtype, loaded.device
+    if kind == "auto":
+        cpu_int4 = is_cpu(device) and packed_weights_supported("int4", dtype, device)
+        return "int4" if cpu_int4 else "dense"
+    if kind != "dense" and not packed_weights_supported(kind, dtype, device):
         raise ValueError(
-            f"engine.weights={config.weights} needs bf16 or fp32 compute on a CPU "
-            f"(not {loaded.dtype} on {loaded.device})"
+            f"engine.weights={kind} needs bf16 or fp32 compute on a CPU, or (int4 only) bf16 "
+            f"on a CUDA GPU (not {dtype} on {device})"
         )
-    if config.weights == "w8a8" and not W8A8Linear.supported():
+    if kind == "w8a8" and not W8A8Linear.supported():
         raise ValueError("engine.weights=w8a8 needs oneDNN's int8 linear, which this torch lacks")
-    if config.weights == "auto":
-        return "int4" if supported else "dense"
-    return config.weights
+    return kind
+
+
+def is_cpu(device) -> bool:
+    return str(device).startswith("cpu")
 
 
 def build_runner(loaded: LoadedModel, config: EngineConfig, max_seq_len: int):

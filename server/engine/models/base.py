@@ -25,13 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ragtune.models.checkpoint import open_checkpoint
-from server.engine.linear import (
-    Linear,
-    W8A8Linear,
-    dense_weight,
-    is_bnb,
-    linear_for,
-)
+from server.engine.linear import Linear, dense_weight, head_linear, is_bnb, linear_for
 from server.engine.lora import LLAMA_GROUPS, LayerAdapters, add_adapters
 from server.engine.models.exactness import (
     PaddedExtents,
@@ -141,7 +135,7 @@ class DecoderModel(ForwardPasses):
             key = f"{name}.weight"
             if weights != "dense" and is_bnb(module):
                 if source is not None and key in source:
-                    return source.tensor(key).to(dtype).contiguous()
+                    return source.tensor(key).to(device=device, dtype=dtype).contiguous()
                 logger.warning("%s not in the checkpoint: packing its bitsandbytes weights", key)
             return dense_weight(module, dtype)
 
@@ -149,18 +143,7 @@ class DecoderModel(ForwardPasses):
             fused = torch.cat([weight(name, module) for name, module in parts]).contiguous()
             return linear_for(weights, fused)
 
-        # The vocabulary projection keeps 8 bits under int4, as 4-bit GGUF presets keep
-        # token_embd/output at 6-8 bits (the bundled Q4_1 file: Q8_0); int4 there cost +7 %
-        # perplexity. Its activations go to int8 too (W8A8Linear): perplexity 15.00 against
-        # 14.95 with weight-only int8, 2.8 ms less per 16-row step.
-        head = dense_weight(hf_model.lm_head, dtype)
-        # Under fp32 compute the weight-only kernels would also round the logits to bf16
-        # (ties between the top tokens: seen on the emulated AVX2 kind), so int8 takes it too.
-        w8a8 = weights in ("int4", "w8a8") or (weights == "int8" and dtype == torch.float32)
-        if w8a8 and W8A8Linear.supported():
-            self.lm_head: Linear = W8A8Linear(head)
-        else:
-            self.lm_head = linear_for("int8" if weights == "int4" else weights, head)
+        self.lm_head: Linear = head_linear(weights, dense_weight(hf_model.lm_head, dtype))
         self.layers = [
             self.layer_weights(index, layer, linear, self.layer_prefix(index))
             for index, layer in enumerate(inner.layers)
@@ -182,6 +165,9 @@ class DecoderModel(ForwardPasses):
         # with one row count a row's bits depend neither on its neighbours nor on its position
         # (measured). The runner sets it to the batch capacity.
         self.fixed_decode_rows: int | None = None
+        # ... and (GPUs, where padding is cheap beside launches) prompt forwards run on this
+        # many rows, so that several prompts may share one (the runner sets it)
+        self.fixed_prefill_rows: int | None = None
         # ... and decode rows attend over their own extent class, sharing with other classes
         # the parts of attention this device gives the same bits over a longer extent
         self.padded_extents = PaddedExtents()

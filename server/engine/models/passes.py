@@ -13,7 +13,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from server.engine.models.attention import decode_attention, plan_decode, prompt_attention
+from server.engine.lora import LayerAdapters
+from server.engine.lora_graph import every_slot_terms, slot_mask
+from server.engine.models.attention import (
+    attention,
+    decode_attention,
+    plan_decode,
+    prompt_attention,
+)
 
 if TYPE_CHECKING:
     from server.engine.kv_cache import KVCache
@@ -22,6 +29,10 @@ if TYPE_CHECKING:
 # Prompt rows whose full-vocabulary logprobs exist at once (Gemma's 262k vocabulary: 64 rows
 # are 67 MB of float32)
 SCORE_ROWS = 64
+# Under fixed_prefill_rows, the chunks' last rows go through the vocabulary projection in
+# blocks of this many (padded), so its GEMM shape does not depend on how many prompts shared
+# the forward
+LOGIT_ROWS = 16
 
 
 @dataclass
@@ -103,14 +114,22 @@ class ForwardPasses:
         give a row the same bits in any batch, and the attention below is exact under any
         query subset and masked key extent.
 
+        Where GEMMs depend on the row count (`fixed_prefill_rows`: GPUs) every forward is
+        padded to that many rows: one GEMM shape for every prompt, alone or sharing.
+
         Returns [len(chunks), vocab] float32 logits of each chunk's last token.
         """
         wide = chunks[0].wide
         if any(c.wide != wide for c in chunks):
             raise ValueError("prompt chunks of both kernel classes in one forward")
         device = self.device
-        ids = torch.tensor([t for c in chunks for t in c.tokens], device=device)
-        positions = torch.cat([torch.arange(c.start, c.start + len(c.tokens)) for c in chunks])
+        tokens = [t for c in chunks for t in c.tokens]
+        pad = max(0, (self.fixed_prefill_rows or 0) - len(tokens))
+        ids = torch.tensor(tokens + [0] * pad, device=device)
+        positions = torch.cat(
+            [torch.arange(c.start, c.start + len(c.tokens)) for c in chunks]
+            + [torch.zeros(pad, dtype=torch.long)]
+        )
         positions = positions.to(device)
         x = self.embed[ids]
         rotary = self._rotary(positions)
@@ -122,25 +141,43 @@ class ForwardPasses:
             # window -> [count, end]: token i sees cache positions <= start + i (in its window)
             masks.append({w: self.mask(rows, c.start + count, w) for w in self.windows})
             offset += count
-        lora = None
+        lora, every_slot_mask = None, None
         if lora_slots is not None and any(c.lora_slot >= 0 for c in chunks):
-            row_slots = [c.lora_slot for c in chunks for _ in c.tokens]
-            lora = lora_slots.batch(torch.tensor(row_slots, device=device))
+            row_slots = [c.lora_slot for c in chunks for _ in c.tokens] + [-1] * pad
+            rows_tensor = torch.tensor(row_slots, device=device)
+            if self.fixed_prefill_rows and not set(row_slots) & set(lora_slots.sparse):
+                # shapes set by the slot count alone, not by the neighbours' adapters
+                every_slot_mask = slot_mask(lora_slots, rows_tensor)
+            else:
+                lora = lora_slots.batch(rows_tensor)
         for index, w in enumerate(self.layers):
             layer_lora = lora.layer(index) if lora is not None else None
+            if every_slot_mask is not None:
+                terms = every_slot_terms(lora_slots, every_slot_mask, index)
+                layer_lora = LayerAdapters({}, {}, {}, terms)
             q, k, v = self._attention_input(w, x, rotary, layer_lora, wide)
             parts = []
             for c, (lo, hi), mask in zip(chunks, bounds, masks, strict=True):
                 cache.write_prompt(index, c.slot, c.start, k[lo:hi], v[lo:hi])
                 keys_t, values = cache.prompt_view(index, c.slot, c.start + hi - lo)
                 parts.append(prompt_attention(self, q[lo:hi], keys_t, values, mask[w.window]))
+            if pad:  # padding rows attend to nothing
+                parts.append(q.new_zeros(pad, self.q_size))
             attn = parts[0] if len(parts) == 1 else torch.cat(parts)
             x = self._attention_output(w, x, attn, layer_lora, wide)
         for c, (lo, _) in zip(chunks, bounds, strict=True):
             if c.targets is not None:
                 c.scores = self._score(x[lo : lo + len(c.targets)], c.targets, c.top, c.ranks)
-        last = torch.tensor([hi - 1 for _, hi in bounds], device=device)
-        return self._logits(x[last])
+        last = [hi - 1 for _, hi in bounds]
+        if not self.fixed_prefill_rows:
+            return self._logits(x[torch.tensor(last, device=device)])
+        # the vocabulary projection too on a fixed row count, whatever shares the forward
+        blocks = -(-len(last) // LOGIT_ROWS) * LOGIT_ROWS
+        padded = torch.tensor(last + [last[-1]] * (blocks - len(last)), device=device)
+        logits = [
+            self._logits(x[padded[lo : lo + LOGIT_ROWS]]) for lo in range(0, blocks, LOGIT_ROWS)
+        ]
+        return torch.cat(logits)[: len(last)]
 
     def _score(self, x: torch.Tensor, targets: list[int], top: int, ranks: bool) -> RowScores:
         """Prompt logprobs of the rows `x` predicting `targets`, SCORE_ROWS rows at a time,
@@ -152,12 +189,19 @@ class ForwardPasses:
         return scores
 
     def prefill_groups(self, chunks: list[PromptChunk]) -> list[list[int]]:
-        """Which chunks may share a forward: those of one kernel class, and only where every
-        GEMM gives a row the same bits in any batch (`rows_independent`); else one each."""
-        if not self.rows_independent:
-            return [[i] for i in range(len(chunks))]
+        """Which chunks may share a forward: those of one kernel class, where every GEMM gives
+        a row the same bits in any batch (`rows_independent`), or where every forward runs
+        on `fixed_prefill_rows` rows (as many chunks as fit); else one each."""
         narrow = [i for i, c in enumerate(chunks) if not c.wide]
         wide = [i for i, c in enumerate(chunks) if c.wide]
+        if self.fixed_prefill_rows:
+            return [
+                group
+                for kind in (narrow, wide)
+                for group in _fill(kind, chunks, self.fixed_prefill_rows)
+            ]
+        if not self.rows_independent:
+            return [[i] for i in range(len(chunks))]
         return [group for group in (narrow, wide) if group]
 
     @torch.inference_mode()
@@ -218,3 +262,65 @@ class ForwardPasses:
                 )
             x = self._attention_output(w, x, attn, layer_lora)
         return self._logits(x)[:real]
+
+    @torch.inference_mode()
+    def decode_static(
+        self,
+        inputs: torch.Tensor,  # [4, rows]: token, position, write position, LoRA slot (-1)
+        cache: KVCache,
+        length: int,  # keys every row attends over (its own masked)
+        lora_slots: LoraSlots | None,  # None: no row uses an adapter
+    ) -> torch.Tensor:
+        """One decode step whose shapes depend only on the row count and `length`, with no
+        choice made on the host and no synchronisation with it, so that a CUDA graph can
+        capture it (engine/cuda_graphs.py). Every row attends over `length` keys, masked to
+        its own; with `lora_slots` every slot's factors apply to every row, masked to its own
+        slot (engine/lora_graph.py). A row's bits depend on neither its neighbours nor its
+        place: the shapes are the same every step, and masked keys and other slots add exact
+        zeros. The cache must have a fixed layout (its addresses are captured); rows past
+        the running sequences write position 0 of their free slot. Returns [rows, vocab]."""
+        tokens, positions, writes, row_slots = inputs.unbind(0)
+        rows = tokens.shape[0]
+        kv, d = self.num_kv_heads, self.head_dim
+        group = self.num_heads // kv
+        x = self.embed[tokens]
+        rotary = self._rotary(positions)
+        biases = {  # [rows * kv_heads, heads per kv head, length]
+            w: self.mask(positions, length, w)[:, None, :]
+            .repeat_interleave(kv, 0)
+            .expand(-1, group, -1)
+            .contiguous()
+            for w in self.windows
+        }
+        slots = torch.arange(rows, device=self.device)
+        mask = slot_mask(lora_slots, row_slots) if lora_slots is not None else None
+        for index, w in enumerate(self.layers):
+            layer_lora = None
+            if mask is not None:
+                layer_lora = LayerAdapters({}, {}, {}, every_slot_terms(lora_slots, mask, index))
+            q, k, v = self._attention_input(w, x, rotary, layer_lora)
+            cache.write_decode(index, slots, writes, k, v)
+            keys_t, values = cache.batch_view(index, rows, length)
+            attn = attention(
+                q.reshape(rows * kv, group, d),
+                keys_t.reshape(rows * kv, d, length),
+                values.reshape(rows * kv, length, d),
+                biases[w.window],
+                self.scale,
+            )
+            x = self._attention_output(w, x, attn.reshape(rows, self.q_size), layer_lora)
+        return self._logits(x)
+
+
+def _fill(indices: list[int], chunks: list[PromptChunk], rows: int) -> list[list[int]]:
+    """Consecutive chunks packed into forwards of at most `rows` tokens each."""
+    groups: list[list[int]] = []
+    used = rows
+    for i in indices:
+        count = len(chunks[i].tokens)
+        if used + count > rows:
+            groups.append([])
+            used = 0
+        groups[-1].append(i)
+        used += count
+    return groups
