@@ -67,6 +67,7 @@ class LoraSlots:
         device: str,
         groups: dict[str, tuple[str, ...]] = LLAMA_GROUPS,
         rowwise_decode: bool = False,
+        prompt_dtype: torch.dtype | None = None,  # prompt chunks' GEMMs; default `dtype`
     ):
         self.groups = groups
         self.num_layers = num_layers
@@ -94,6 +95,15 @@ class LoraSlots:
             self.b[group] = torch.zeros(
                 num_layers, num_slots, width, start, dtype=dtype, device=device
             )
+        # Prompt chunks may run their LoRA GEMMs in another dtype than decode: on AMX decode's
+        # are float32 (runner.lora_dtype), where a 530-token prompt's 120 products of fp32
+        # GEMMs, casts and adds cost 177 ms over its 299 ms base prefill; bf16 copies of the
+        # factors let a prompt's rows use the compute dtype's GEMMs, with no casts.
+        self.prompt_dtype = prompt_dtype or dtype
+        self.prompt_a, self.prompt_b = self.a, self.b
+        if self.prompt_dtype != dtype:
+            self.prompt_a = {g: t.to(self.prompt_dtype) for g, t in self.a.items()}
+            self.prompt_b = {g: t.to(self.prompt_dtype) for g, t in self.b.items()}
         self._group_users: dict[str, set[int]] = {group: set() for group in groups}
         # slot -> (layer, group) -> CSR delta, for slots holding a sparse adapter
         self.sparse: dict[int, dict[tuple[int, str], torch.Tensor]] = {}
@@ -102,7 +112,10 @@ class LoraSlots:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.a.values()) + sum(b.nbytes for b in self.b.values())
+        buffers = [self.a, self.b]
+        if self.prompt_a is not self.a:
+            buffers += [self.prompt_a, self.prompt_b]
+        return sum(t.nbytes for buffer in buffers for t in buffer.values())
 
     def load(self, slot: int, adapter: AdapterWeights | SparseAdapterWeights) -> None:
         """Copy an adapter's factors into `slot` (zeroing whatever was there)."""
@@ -123,6 +136,10 @@ class LoraSlots:
             self.a[group][layer, slot, :, cols] = a.t().to(self.dtype)
             self.b[group][layer, slot, cols, start:stop] = b.t().to(self.dtype)
             self._group_users[group].add(slot)
+        if self.prompt_a is not self.a:
+            for group in self.groups:
+                self.prompt_a[group][:, slot] = self.a[group][:, slot]
+                self.prompt_b[group][:, slot] = self.b[group][:, slot]
         if self.rowwise_decode:
             self.rowwise[slot] = self._rowwise_pairs(slot, adapter)
 
@@ -146,11 +163,14 @@ class LoraSlots:
         for group in self.groups:
             self.a[group][:, slot] = 0
             self.b[group][:, slot] = 0
+            self.prompt_a[group][:, slot] = 0
+            self.prompt_b[group][:, slot] = 0
             self._group_users[group].discard(slot)
 
     def batch(self, row_slots: torch.Tensor, decode: bool = False) -> LoraBatch:
         """row_slots: [rows] slot of each row, -1 for the base model. `decode`: a decode
-        step, whose LoRA slots take the rowwise route where it is on."""
+        step, whose LoRA slots take the rowwise route where it is on; else prompt chunks,
+        in `prompt_dtype`."""
         slots = row_slots.tolist()
         in_use = set(slots) - {-1}
         only = len(in_use) == 1 and -1 not in slots  # every row on one slot
@@ -174,8 +194,9 @@ class LoraSlots:
             select = torch.tensor(used, device=self.device)
         if len(used) > 1 or (used and len(in_use) + (-1 in slots) > 1):
             which = torch.tensor(used, device=self.device)
-            mask = (which[:, None] == row_slots[None, :]).to(self.dtype)[:, :, None]
-        return LoraBatch(self, select, mask, len(slots), active, sparse, rowwise)
+            dtype = self.dtype if decode else self.prompt_dtype
+            mask = (which[:, None] == row_slots[None, :]).to(dtype)[:, :, None]
+        return LoraBatch(self, select, mask, len(slots), active, sparse, rowwise, not decode)
 
 
 def _rows_of(slots: list[int], slot: int) -> torch.Tensor:
@@ -214,6 +235,7 @@ class LoraBatch:
         active_groups: set[str],
         sparse: dict[int, torch.Tensor | None],  # sparse slot -> its rows (None: all)
         rowwise: dict[int, torch.Tensor | None] | None = None,  # rowwise slot -> its rows
+        prompt: bool = False,  # prompt chunks: the slots' prompt_dtype factors
     ):
         self.slots = slots
         self.select = select
@@ -222,6 +244,7 @@ class LoraBatch:
         self.active_groups = active_groups
         self.sparse = sparse
         self.rowwise = rowwise or {}
+        self.prompt = prompt
 
     @property
     def rowwise_only(self) -> bool:
@@ -259,10 +282,12 @@ class LoraBatch:
 
     def layer(self, index: int) -> LayerAdapters:
         """The factors one layer needs, as plain tensors."""
+        slots = self.slots
+        a, b = (slots.prompt_a, slots.prompt_b) if self.prompt else (slots.a, slots.b)
         lora = {
             group: GroupLora(
-                self.slots.a[group][index][self.select],
-                self.slots.b[group][index][self.select],
+                a[group][index][self.select],
+                b[group][index][self.select],
                 self.mask,
                 self.rows,
             )

@@ -133,6 +133,7 @@ class CompactRunner:
             rowwise_decode=m.weights != "dense"
             and is_cpu(loaded.device)
             and rowwise_supported(self.module_shapes),
+            prompt_dtype=m.dtype,  # prompt chunks: the compute dtype's GEMMs (see there)
         )
         self.adapter_slots = AdapterSlotTable(self.lora)
         self.graphs = None
@@ -397,9 +398,11 @@ def lora_dtype(model: DecoderModel) -> torch.dtype:
     """The dtype of the LoRA GEMMs. Where decode already runs them on a fixed row count (the
     GEMMs' bits depend on it: AMX, MKL) and the device is a CPU, float32: MKL's small fp32
     GEMMs cost about half of oneDNN's bf16 ones at LoRA sizes (AMX Xeon, one thread: 31 vs
-    52 µs for the qkv group's pair), and a rank-r product is cheap in any dtype. Elsewhere
-    the compute dtype, whose GEMMs were checked row-independent at start-up, so prompt rows
-    stay independent of chunking (the prefix cache relies on it)."""
+    52 µs for the qkv group's pair), and a rank-r product is cheap in any dtype. Prompt
+    chunks there use bf16 copies of the factors (LoraSlots.prompt_dtype): at hundreds of
+    rows the fp32 GEMMs and their casts cost more than the base prefill's own GEMMs.
+    Elsewhere the compute dtype, whose GEMMs were checked row-independent at start-up, so
+    prompt rows stay independent of chunking (the prefix cache relies on it)."""
     if not model.rows_independent and model.device == "cpu":
         return torch.float32
     return model.dtype
