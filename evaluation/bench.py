@@ -57,9 +57,19 @@ class BenchOptions:
     # "echo": every question's prompt scored by a request of its own, as lm-eval sends it
     # (the same numbers lm-eval gets); "generation": read from the generation request's own
     # logprobs where they hold the answer (likelihood.scores_from_generation: no second
-    # prefill; the same numbers only where a prompt's rows do not depend on its length)
-    likelihood_from: str = "echo"
+    # prefill; the same numbers where a prompt's rows do not depend on a token appended
+    # after them, which ragtune's engine keeps on every device); "auto": generation against
+    # the server the bench starts, echo against another (--url)
+    likelihood_from: str = "auto"
     extra_run_info: dict[str, Any] = field(default_factory=dict)
+
+
+def likelihood_route(options: BenchOptions) -> str:
+    """`likelihood_from` resolved: "auto" reads from generation only on a server the bench
+    started (ragtune's own engine)."""
+    if options.likelihood_from == "auto":
+        return "echo" if options.url else "generation"
+    return options.likelihood_from
 
 
 def _adapter_info(path: Path | None) -> dict[str, Any] | None:
@@ -161,7 +171,7 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
         top_k=options.top_k,
         mode=options.mode,
         concurrency=options.concurrency,
-        score_from_generation=choice_rows and options.likelihood_from == "generation",
+        score_from_generation=choice_rows and likelihood_route(options) == "generation",
         first_token_alternatives=choice_rows,  # which choice to echo (likelihood.least_likely)
     )
     options.out.mkdir(parents=True, exist_ok=True)

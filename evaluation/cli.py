@@ -88,12 +88,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     how.add_argument(
         "--likelihood-from",
-        choices=("echo", "generation"),
-        default="echo",
-        help="echo (default): score each prompt with a request of its own, the numbers "
-        "lm-eval's local-completions gets; generation: read the choices from the generation "
-        "request's own prompt and first-token logprobs (no second prefill; equal to echo "
-        "only where the server's prompt rows do not depend on the prompt's length)",
+        choices=("auto", "echo", "generation"),
+        default="auto",
+        help="generation: read the choices from the generation request's own prompt and "
+        "first-token logprobs (no second prefill; on ragtune's server the same numbers as an "
+        "echo, as lm-eval's local-completions gets them); echo: score each prompt with a "
+        "request of its own; auto (default): generation against the server the bench starts, "
+        "echo against --url (another server's prompt rows may depend on the prompt's length)",
     )
     how.add_argument("--no-progress", action="store_true", help="no progress bars")
     preset = parser.add_argument_group("preset training")

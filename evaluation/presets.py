@@ -97,7 +97,7 @@ class PresetOptions:
     mode: str | None = None
     system_prompt: str | None = None
     likelihood: bool = True
-    likelihood_from: str = "echo"
+    likelihood_from: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -168,6 +168,12 @@ class DecoderModel(ForwardPasses):
         # ... and (GPUs, where padding is cheap beside launches) prompt forwards run on this
         # many rows, so that several prompts may share one (the runner sets it)
         self.fixed_prefill_rows: int | None = None
+        # ... or (CPUs) rounded up to this multiple, and prompt attention over key extents
+        # rounded up to `prompt_key_multiple` (masked): a prompt's rows then come out the same
+        # with a token appended after them (an echo of a choice, the next chunk's tokens), as
+        # far as measured on AMX (ForwardPasses.prefill). The runner sets both.
+        self.prefill_row_multiple: int | None = None
+        self.prompt_key_multiple: int | None = None
         # ... and decode rows attend over their own extent class, sharing with other classes
         # the parts of attention this device gives the same bits over a longer extent
         self.padded_extents = PaddedExtents()

@@ -21,6 +21,7 @@ from server.engine.models.attention import (
     plan_decode,
     prompt_attention,
 )
+from server.engine.sampler import token_logprobs
 
 if TYPE_CHECKING:
     from server.engine.kv_cache import KVCache
@@ -71,20 +72,20 @@ class RowScores:
         self, logits: torch.Tensor, targets: list[int], top: int, ranks: bool = False
     ) -> None:
         """Score rows of float32 logits [rows, vocab] predicting `targets` (`ranks`: and
-        each target's rank, a pass over the vocabulary that echo requests skip)."""
-        logprobs = torch.log_softmax(logits, dim=-1)
-        ids = torch.tensor(targets, device=logits.device)[:, None]
-        chosen = logprobs.gather(1, ids)
-        self.logprobs += chosen[:, 0].tolist()
+        each target's rank, a pass over the vocabulary that echo requests skip). Each row is
+        computed as the sampler computes a drawn token's logprobs (sampler.token_logprobs:
+        the logit minus that row's own logsumexp), so a prompt row scored here and the same
+        row's first generated token give the same numbers (the bench's likelihood read from
+        a generation request equals an echo's)."""
+        logits = logits.cpu()
+        for row, target in zip(logits, targets, strict=True):
+            scored = token_logprobs(row, target, top)
+            self.logprobs.append(scored.logprob)
+            self.top_ids.append([token for token, _ in scored.top])
+            self.top_logprobs.append([logprob for _, logprob in scored.top])
         if ranks:  # int32 sums: twice as fast as int64 over a [rows, vocab] comparison
-            self.ranks += ((logprobs > chosen).sum(dim=-1, dtype=torch.int32) + 1).tolist()
-        if top:
-            values, indices = logprobs.topk(top, dim=-1)
-            self.top_ids += indices.tolist()
-            self.top_logprobs += values.tolist()
-        else:
-            self.top_ids += [[] for _ in targets]
-            self.top_logprobs += [[] for _ in targets]
+            chosen = logits.gather(1, torch.tensor(targets)[:, None])
+            self.ranks += ((logits > chosen).sum(dim=-1, dtype=torch.int32) + 1).tolist()
 
 
 class ForwardPasses:
@@ -124,7 +125,7 @@ class ForwardPasses:
             raise ValueError("prompt chunks of both kernel classes in one forward")
         device = self.device
         tokens = [t for c in chunks for t in c.tokens]
-        pad = max(0, (self.fixed_prefill_rows or 0) - len(tokens))
+        pad = self.prefill_rows(len(tokens)) - len(tokens)
         ids = torch.tensor(tokens + [0] * pad, device=device)
         positions = torch.cat(
             [torch.arange(c.start, c.start + len(c.tokens)) for c in chunks]
@@ -139,7 +140,8 @@ class ForwardPasses:
             bounds.append((offset, offset + count))
             rows = positions[offset : offset + count]
             # window -> [count, end]: token i sees cache positions <= start + i (in its window)
-            masks.append({w: self.mask(rows, c.start + count, w) for w in self.windows})
+            keys = self.prompt_keys(c.start + count, cache.max_len)
+            masks.append({w: self.mask(rows, keys, w) for w in self.windows})
             offset += count
         lora, every_slot_mask = None, None
         if lora_slots is not None and any(c.lora_slot >= 0 for c in chunks):
@@ -159,7 +161,8 @@ class ForwardPasses:
             parts = []
             for c, (lo, hi), mask in zip(chunks, bounds, masks, strict=True):
                 cache.write_prompt(index, c.slot, c.start, k[lo:hi], v[lo:hi])
-                keys_t, values = cache.prompt_view(index, c.slot, c.start + hi - lo)
+                keys = self.prompt_keys(c.start + hi - lo, cache.max_len)
+                keys_t, values = cache.prompt_view(index, c.slot, keys)
                 parts.append(prompt_attention(self, q[lo:hi], keys_t, values, mask[w.window]))
             if pad:  # padding rows attend to nothing
                 parts.append(q.new_zeros(pad, self.q_size))
@@ -178,6 +181,22 @@ class ForwardPasses:
             self._logits(x[padded[lo : lo + LOGIT_ROWS]]) for lo in range(0, blocks, LOGIT_ROWS)
         ]
         return torch.cat(logits)[: len(last)]
+
+    def prefill_rows(self, tokens: int) -> int:
+        """The rows a prompt forward of `tokens` tokens runs on (see fixed_prefill_rows and
+        prefill_row_multiple)."""
+        if self.fixed_prefill_rows:
+            return max(tokens, self.fixed_prefill_rows)
+        if self.prefill_row_multiple:
+            return -(-tokens // self.prefill_row_multiple) * self.prefill_row_multiple
+        return tokens
+
+    def prompt_keys(self, end: int, max_len: int) -> int:
+        """The key extent a prompt chunk ending at `end` attends over: `end`, or rounded up to
+        prompt_key_multiple (the keys past `end` masked), at most the cache's length."""
+        if not self.prompt_key_multiple:
+            return end
+        return min(-(-end // self.prompt_key_multiple) * self.prompt_key_multiple, max_len)
 
     def _score(self, x: torch.Tensor, targets: list[int], top: int, ranks: bool) -> RowScores:
         """Prompt logprobs of the rows `x` predicting `targets`, SCORE_ROWS rows at a time,
