@@ -129,6 +129,62 @@ def test_chat_prompt_logprobs_are_the_echoed_prompts(client, server):
     assert plain.choices[0].message.content == chat.choices[0].message.content
 
 
+QUESTIONS = [
+    "Is the sky blue?",
+    "Do tailored interventions increase mammography use among HMO women?",
+    "Is a temperature of 39 degrees Celsius a fever in adults?",
+    "Can regular exercise lower resting blood pressure in people with hypertension?",
+]
+
+
+def test_first_token_logprobs_equal_an_echo_of_the_prompt_and_that_token(client, server):
+    """What the bench's likelihood route reads (`--likelihood-from generation`): a chat
+    request's first generated token's top alternatives, exactly the numbers an echo of the
+    rendered prompt plus that token gives (lm-eval's local-completions route), for prompts of
+    several lengths: a prompt's rows do not change when a token is appended after them."""
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    system = "Answer the question. Begin with yes, no or maybe."
+    for question in QUESTIONS:
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+        chat = client.chat.completions.create(
+            model=BASE_MODEL,
+            messages=messages,
+            max_tokens=1,
+            temperature=0,
+            logprobs=True,
+            top_logprobs=5,
+        )
+        [first] = chat.choices[0].logprobs.content
+        ids = httpx.post(
+            f"{server.base_url}/tokenize",
+            json={"model": BASE_MODEL, "messages": messages},
+            headers=headers,
+            timeout=60,
+        ).json()["tokens"]
+        for alternative in first.top_logprobs[:3]:
+            appended = httpx.post(
+                f"{server.base_url}/tokenize",
+                json={
+                    "model": BASE_MODEL,
+                    "prompt": alternative.token,
+                    "add_special_tokens": False,
+                },
+                headers=headers,
+                timeout=60,
+            ).json()["tokens"]
+            if len(appended) != 1:  # a token text that re-tokenizes otherwise
+                continue
+            echo = client.completions.create(
+                model=BASE_MODEL,
+                prompt=ids + appended,
+                echo=True,
+                logprobs=1,
+                max_tokens=0,
+                temperature=0,
+            )
+            assert echo.choices[0].logprobs.token_logprobs[-1] == alternative.logprob
+
+
 @pytest.mark.parametrize(
     ("extra", "param"),
     [
