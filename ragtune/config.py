@@ -151,6 +151,13 @@ class EngineConfig(_Section):
         description="Memory for the K/V of recent prompt prefixes (blocks of 16 tokens), "
         "reused exactly by later prompts that start with the same tokens; 0 turns it off.",
     )
+    sliding_window_kv: Literal["ring", "full"] = Field(
+        "ring",
+        description="K/V of sliding-window layers (Gemma 3's local layers, Mistral, Qwen2 "
+        "and Phi-3 windows): 'ring' keeps the window plus one prefill chunk per sequence, "
+        "'full' every position like the other layers. Full-length layouts under CUDA graphs "
+        "always.",
+    )
     cuda_graphs: bool = Field(
         True,
         description="On a CUDA GPU, replay decode steps from CUDA graphs (captured per row "

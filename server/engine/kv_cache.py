@@ -20,6 +20,16 @@ With `fixed_layout` (decode steps replayed from CUDA graphs, engine/cuda_graphs.
 is laid out once at its full size, every slot at `max_len`, and never moves: a captured graph
 reads and writes the addresses it was captured with. GPUs' batched GEMMs take a strided view
 as it is, so a step reads the keys it needs in place.
+
+Sliding-window layers (`ring_layers`) keep only a ring of `ring` positions, the window plus
+one prompt chunk: position p lives at index p % ring, so a long sequence's cache in those
+layers stops growing at the ring (Gemma 3 270M: 15 of its 18 layers). Attention reads the
+ring in index order and masks by how far back each index's latest position lies
+(`DecoderModel.mask`); masked keys weigh exactly zero, so what a query sees is its window,
+whatever older or newer positions share the ring. A prompt chunk of at most `ring - window
++ 1` tokens never overwrites a key one of its own queries still needs. Below the ring's
+length nothing wraps and the layout is the plain one. Not with `fixed_layout` (the graphs'
+masks are built for the plain layout).
 """
 
 from __future__ import annotations
@@ -39,6 +49,8 @@ class KVCache:
         device: str,
         bucket_size: int = 16,
         fixed_layout: bool = False,
+        ring_layers: frozenset[int] = frozenset(),
+        ring: int | None = None,
     ):
         self.num_layers = num_layers
         self.num_slots = num_slots
@@ -54,6 +66,10 @@ class KVCache:
         self.keys_t: list[torch.Tensor] = []  # per layer [slots, kv_heads, d, capacity]
         self.values: list[torch.Tensor] = []  # per layer [slots, kv_heads, capacity, d]
         self.fixed_layout = fixed_layout
+        if ring is not None and (fixed_layout or ring >= max_len):
+            ring = None  # a ring as long as the cache saves nothing
+        self.ring = ring
+        self.ring_layers = ring_layers if ring is not None else frozenset()
         if fixed_layout:
             self._resize(max_len, rows=0, slots=num_slots)
         else:
@@ -63,8 +79,21 @@ class KVCache:
     def nbytes(self) -> int:
         """The most the cache can take: every slot at max_len positions."""
         itemsize = torch.empty((), dtype=self.dtype).element_size()
-        per_layer = self.num_slots * self.num_kv_heads * self.head_dim * self.max_len * itemsize
-        return 2 * self.num_layers * per_layer
+        per_position = self.num_slots * self.num_kv_heads * self.head_dim * itemsize
+        ringed = len(self.ring_layers)
+        positions = (self.num_layers - ringed) * self.max_len + ringed * (self.ring or 0)
+        return 2 * per_position * positions
+
+    def ringed(self, layer: int) -> bool:
+        return layer in self.ring_layers
+
+    def keys_in(self, length: int, ringed: bool) -> int:
+        """The keys a layer holds for sequences of up to `length` positions: `length`, or
+        for a ring layer at most the ring (what attention reads there, in index order)."""
+        return min(length, self.ring) if ringed and self.ring is not None else length
+
+    def _index(self, layer: int, positions: torch.Tensor) -> torch.Tensor:
+        return positions % self.ring if layer in self.ring_layers else positions  # type: ignore[operator]
 
     def bucket(self, length: int) -> int:
         """Length rounded up, so shapes repeat across steps (masking hides the rest); small
@@ -104,12 +133,14 @@ class KVCache:
         masked attention still multiplies them by zero), one layer at a time so the
         transient extra memory is one layer's. `slots`: the new slot axis (at least `rows`),
         by default the running sequences' power of two."""
-        keep = min(capacity, self.capacity)
         slots = max(slots or 0, self.slots_for(rows))
         heads, d = self.num_kv_heads, self.head_dim
         for layer in range(self.num_layers):
-            keys_t = torch.zeros((slots, heads, d, capacity), dtype=self.dtype, device=self.device)
-            values = torch.zeros((slots, heads, capacity, d), dtype=self.dtype, device=self.device)
+            ringed = self.ringed(layer)
+            size = self.keys_in(capacity, ringed)  # a ring layer: nothing past the ring
+            keep = min(size, self.keys_in(self.capacity, ringed))
+            keys_t = torch.zeros((slots, heads, d, size), dtype=self.dtype, device=self.device)
+            values = torch.zeros((slots, heads, size, d), dtype=self.dtype, device=self.device)
             if rows and keep:
                 keys_t[:rows, ..., :keep] = self.keys_t[layer][:rows, ..., :keep]
                 values[:rows, :, :keep] = self.values[layer][:rows, :, :keep]
@@ -125,13 +156,21 @@ class KVCache:
     def write_prompt(
         self, layer: int, slot: int, start: int, k: torch.Tensor, v: torch.Tensor
     ) -> None:
-        """k, v: [tokens, kv_heads, d] for positions start..start+tokens (within capacity)."""
+        """k, v: [tokens, kv_heads, d] for positions start..start+tokens (within capacity;
+        a ring layer's at their ring index)."""
         end = start + k.shape[0]
+        if self.ringed(layer) and end > self.ring:  # type: ignore[operator]
+            index = torch.arange(start, end, device=self.device) % self.ring  # type: ignore[operator]
+            self.keys_t[layer][slot, :, :, index] = k.permute(1, 2, 0)
+            self.values[layer][slot, :, index] = v.transpose(0, 1)
+            return
         self.keys_t[layer][slot, :, :, start:end] = k.permute(1, 2, 0)
         self.values[layer][slot, :, start:end] = v.transpose(0, 1)
 
     def prompt_view(self, layer: int, slot: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One slot's keys_t [kv_heads, d, end] and values [kv_heads, end, d]."""
+        """One slot's keys_t [kv_heads, d, keys] and values [kv_heads, keys, d], keys =
+        keys_in(end) (a ring layer: at most its ring)."""
+        end = self.keys_in(end, self.ringed(layer))
         return self.keys_t[layer][slot, :, :, :end], self.values[layer][slot, :, :end]
 
     def write_decode(
@@ -143,37 +182,71 @@ class KVCache:
         v: torch.Tensor,
     ) -> None:
         """k, v: [batch, kv_heads, d]; row i writes slot i at positions[i]."""
+        positions = self._index(layer, positions)
         self.keys_t[layer][rows, :, :, positions] = k
         self.values[layer][rows, :, positions] = v
 
     def batch_view(self, layer: int, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """keys_t [batch, kv_heads, d, length] and values [batch, kv_heads, length, d]:
-        contiguous when `length` is the capacity."""
+        """keys_t [batch, kv_heads, d, keys] and values [batch, kv_heads, keys, d], keys =
+        keys_in(length): contiguous when that is the layer's whole position axis."""
+        length = self.keys_in(length, self.ringed(layer))
         return self.keys_t[layer][:batch, ..., :length], self.values[layer][:batch, :, :length]
 
     def values_view(self, layer: int, rows: torch.Tensor | slice, length: int) -> torch.Tensor:
-        """values [rows, kv_heads, length, d] of some slots: in place for a slice."""
-        return self.values[layer][rows, :, :length]
+        """values [rows, kv_heads, keys, d] of some slots: in place for a slice."""
+        return self.values[layer][rows, :, : self.keys_in(length, self.ringed(layer))]
+
+    def _layers(self, length: int) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        """Every layer's buffers with how much of them `length` positions occupy."""
+        return [
+            (keys_t, values, self.keys_in(length, self.ringed(layer)))
+            for layer, (keys_t, values) in enumerate(zip(self.keys_t, self.values, strict=True))
+        ]
 
     def clear(self, slot: int, length: int) -> None:
         """Zero a slot's first `length` positions: a NaN or Inf left there by a sequence that
         ended abnormally would turn a later occupant's masked attention into NaN."""
-        for keys_t, values in zip(self.keys_t, self.values, strict=True):
-            keys_t[slot, ..., :length] = 0
-            values[slot, :, :length] = 0
+        for keys_t, values, held in self._layers(length):
+            keys_t[slot, ..., :held] = 0
+            values[slot, :, :held] = 0
 
     def shift_down(self, start: int, stop: int, length: int) -> None:
         """Move slots start..stop-1 one slot down (into start-1..stop-2), their first `length`
         positions, all layers: the hole a sequence left is closed and slot order is kept."""
-        for keys_t, values in zip(self.keys_t, self.values, strict=True):
-            keys_t[start - 1 : stop - 1, ..., :length] = keys_t[start:stop, ..., :length].clone()
-            values[start - 1 : stop - 1, :, :length] = values[start:stop, :, :length].clone()
+        for keys_t, values, held in self._layers(length):
+            keys_t[start - 1 : stop - 1, ..., :held] = keys_t[start:stop, ..., :held].clone()
+            values[start - 1 : stop - 1, :, :held] = values[start:stop, :, :held].clone()
 
     def move(self, source: int, target: int, length: int) -> None:
         """Copy a sequence's first `length` positions from one slot to another (all layers)."""
-        for keys_t, values in zip(self.keys_t, self.values, strict=True):
-            keys_t[target, ..., :length] = keys_t[source, ..., :length]
-            values[target, :, :length] = values[source, :, :length]
+        for keys_t, values, held in self._layers(length):
+            keys_t[target, ..., :held] = keys_t[source, ..., :held]
+            values[target, :, :held] = values[source, :, :held]
+
+    def intact_from(self, written: int) -> int:
+        """The first position every layer of a slot that has written positions
+        0..written-1 still holds (a ring keeps its last ring - 1 positions: the next write,
+        of position `written`, may already have taken the oldest one's index)."""
+        return max(0, written - self.ring + 1) if self.ring_layers else 0  # type: ignore[operator]
+
+    def read_positions(self, slot: int, first: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions first..end-1 of a slot, every layer: keys_t [layers, kv_heads, d, n] and
+        values [layers, kv_heads, n, d] (they must be intact: intact_from)."""
+        index = torch.arange(first, end, device=self.device)
+        keys_t = [k[slot][..., self._index(layer, index)] for layer, k in enumerate(self.keys_t)]
+        values = [v[slot][:, self._index(layer, index)] for layer, v in enumerate(self.values)]
+        return torch.stack(keys_t), torch.stack(values)
+
+    def write_positions(
+        self, slot: int, keys_t: torch.Tensor, values: torch.Tensor, length: int
+    ) -> None:
+        """Positions 0..length-1 of a slot from read_positions' layout (a ring layer keeps
+        the last ring of them)."""
+        for layer in range(self.num_layers):
+            first = length - self.keys_in(length, self.ringed(layer))
+            index = self._index(layer, torch.arange(first, length, device=self.device))
+            self.keys_t[layer][slot, ..., index] = keys_t[layer][..., first:length]
+            self.values[layer][slot, :, index] = values[layer][:, first:length]
 
 
 def extent_class(length: int, max_len: int) -> int:

@@ -69,15 +69,15 @@ class PrefixCache:
         self.cache.reserve(length, rows)
         keys_t = torch.cat([k for k, _ in found], dim=-1)
         values = torch.cat([v for _, v in found], dim=-2)
-        for layer in range(self.cache.num_layers):
-            self.cache.keys_t[layer][slot, ..., :length] = keys_t[layer]
-            self.cache.values[layer][slot, :, :length] = values[layer]
+        self.cache.write_positions(slot, keys_t, values, length)
         self.hit_tokens += length
         return length
 
     def store(self, tokens: list[int], namespace: str, slot: int) -> None:
-        """Keep the full blocks of a prompt that is entirely in `slot`, least recently used
-        blocks making room."""
+        """Keep the full blocks of `tokens`, a prompt or the part of it that `slot` has
+        written, least recently used blocks making room. Where sliding-window layers keep a
+        ring (KVCache), the runner stores a long prompt's blocks before its next chunk
+        overwrites them; blocks already gone are not stored, nor anything after them."""
         if self.max_bytes < self.block_bytes:
             return
         count = len(tokens) // self.block_size
@@ -88,8 +88,9 @@ class PrefixCache:
                 self._blocks.move_to_end(key)
             return
         first, end = missing[0] * self.block_size, count * self.block_size
-        keys_t = torch.stack([k[slot, ..., first:end] for k in self.cache.keys_t])
-        values = torch.stack([v[slot, :, first:end] for v in self.cache.values])
+        if first < self.cache.intact_from(len(tokens)):
+            return  # a block the ring has overwritten: no run from the start to add to
+        keys_t, values = self.cache.read_positions(slot, first, end)
         for index, key in enumerate(keys):
             if key in self._blocks:
                 self._blocks.move_to_end(key)

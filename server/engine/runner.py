@@ -14,7 +14,7 @@ from ragtune.config import EngineConfig
 from ragtune.hardware import detect
 from ragtune.models import LoadedModel
 from server.engine.cuda_graphs import GraphedDecode
-from server.engine.kv_cache import KVCache
+from server.engine.kv_cache import KVCache, extent_class
 from server.engine.linear import W8A8Linear, packed_weights_supported
 from server.engine.lora import AdapterWeights, LoraSlots
 from server.engine.lora_rowwise import rowwise_supported
@@ -131,6 +131,10 @@ class CompactRunner:
             m.dtype,
             loaded.device,
             fixed_layout=static_decode,
+            ring_layers=frozenset(i for i, w in enumerate(m.layers) if w.window is not None),
+            ring=self._ring(config.prefill_chunk, max_seq_len)
+            if config.sliding_window_kv == "ring"
+            else None,
         )
         self.module_shapes = module_shapes(m)
         self.lora = LoraSlots(
@@ -166,6 +170,18 @@ class CompactRunner:
             self.lora.nbytes / 2**20,
         )
 
+    def _ring(self, prefill_chunk: int, max_len: int) -> int | None:
+        """The KV positions a sliding-window layer keeps (KVCache): its window plus one
+        prompt chunk, rounded up to the extents attention reads (an extent class where rows
+        attend over classes), so no chunk overwrites a key its own queries need."""
+        windows = [w.window for w in self.model.layers if w.window is not None]
+        if not windows:
+            return None
+        need = max(windows) + prefill_chunk
+        if self.model.fixed_decode_rows:
+            return extent_class(need, max_len)
+        return min(-(-need // 16) * 16, max_len)
+
     def kernels(self) -> dict[str, str]:
         """What this runner computes with, for the start-up log and the engine info metric."""
         m = self.model
@@ -180,6 +196,8 @@ class CompactRunner:
             "extent_sharing": describe_sharing(m.padded_extents) if m.fixed_decode_rows else "n/a",
             "prefix_cache": "on" if self.prefix_cache is not None else "off",
             "prefill_rows": str(m.fixed_prefill_rows or "any"),
+            # sliding-window layers' KV: a ring of this many positions, or the whole length
+            "window_kv": f"ring {self.cache.ring}" if self.cache.ring else "full",
             "decode_graphs": self.graphs.describe() if self.graphs is not None else "off",
             # decode's LoRA products (engine/lora_rowwise.py)
             "lora_decode": "int8-rowwise"
@@ -217,6 +235,12 @@ class CompactRunner:
         longest = max(seq.prompt_len for seq in seqs)
         self.cache.reserve(self.model.prompt_keys(longest, self.max_seq_len), len(self.slots))
         logits: list[torch.Tensor | None] = [None] * len(seqs)
+        ring = self.cache.ring
+        if self.prefix_cache is not None and ring is not None:
+            for seq, chunk in zip(seqs, chunks, strict=True):
+                if seq.prompt_len >= ring and chunk.start:  # blocks the ring will lose later
+                    prompt = seq.request.prompt_ids[: chunk.start]
+                    self.prefix_cache.store(prompt, prefix_namespace(seq), seq.slot)
         for group in self.model.prefill_groups(chunks):
             rows = self.model.prefill([chunks[i] for i in group], self.cache, self.lora)
             for row, i in enumerate(group):

@@ -91,13 +91,22 @@ class RowScores:
 class ForwardPasses:
     """`prefill` and `decode` over a `DecoderModel`'s weights (mixed into it)."""
 
-    def mask(self, queries: torch.Tensor, length: int, window: int | None) -> torch.Tensor:
+    def mask(
+        self, queries: torch.Tensor, length: int, window: int | None, ring: int | None = None
+    ) -> torch.Tensor:
         """[rows, length] additive bias: 0 where the query at position queries[i] may look
-        (causal, and within its sliding window), -inf elsewhere (weighs exactly zero)."""
+        (causal, and within its sliding window), -inf elsewhere (weighs exactly zero). With
+        `ring` (a sliding-window layer's ring of KV positions, KVCache) key index j holds the
+        latest position p - ((p - j) mod ring) a query at p may see: visible when that is at
+        most window - 1 back and not before the sequence's start."""
         keys = torch.arange(length, device=self.device)[None, :]
-        hidden = keys > queries[:, None]
-        if window is not None:  # Hugging Face's sliding_window_overlay: k > q - window
-            hidden |= keys <= queries[:, None] - window
+        if ring is not None and window is not None:
+            back = (queries[:, None] - keys) % ring
+            hidden = (back >= window) | (back > queries[:, None])
+        else:
+            hidden = keys > queries[:, None]
+            if window is not None:  # Hugging Face's sliding_window_overlay: k > q - window
+                hidden |= keys <= queries[:, None] - window
         bias = torch.zeros(hidden.shape, dtype=self.dtype, device=self.device)
         return bias.masked_fill(hidden, float("-inf"))
 
@@ -139,9 +148,10 @@ class ForwardPasses:
             count = len(c.tokens)
             bounds.append((offset, offset + count))
             rows = positions[offset : offset + count]
-            # window -> [count, end]: token i sees cache positions <= start + i (in its window)
+            # window -> [count, keys]: token i sees cache positions <= start + i (in its
+            # window; a ring layer's keys are its ring's indices)
             keys = self.prompt_keys(c.start + count, cache.max_len)
-            masks.append({w: self.mask(rows, keys, w) for w in self.windows})
+            masks.append({w: self.ring_mask(rows, keys, w, cache) for w in self.windows})
             offset += count
         lora, every_slot_mask = None, None
         if lora_slots is not None and any(c.lora_slot >= 0 for c in chunks):
@@ -181,6 +191,15 @@ class ForwardPasses:
             self._logits(x[padded[lo : lo + LOGIT_ROWS]]) for lo in range(0, blocks, LOGIT_ROWS)
         ]
         return torch.cat(logits)[: len(last)]
+
+    def ring_mask(
+        self, queries: torch.Tensor, length: int, window: int | None, cache: KVCache
+    ) -> torch.Tensor:
+        """`mask` over the keys a layer with this window holds for `length` positions (all
+        of them, or a sliding-window layer's ring: KVCache.keys_in)."""
+        ringed = window is not None and bool(cache.ring_layers)
+        keys = cache.keys_in(length, ringed)
+        return self.mask(queries, keys, window, cache.ring if ringed else None)
 
     def prefill_rows(self, tokens: int) -> int:
         """The rows a prompt forward of `tokens` tokens runs on (see fixed_prefill_rows and
