@@ -20,6 +20,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 FORMAT_SHARE = 0.3  # of the training examples; the rest teach the documents' facts
+QUESTIONS_PER_UNIT = 8  # every sentence of a paragraph: a fact left unasked is not learnt
 
 
 def _time_budget_callback(minutes: float) -> Any:
@@ -94,6 +95,7 @@ def prepare_knowledge_data(
                 recipe=recipe,
                 out=out / recipe,
                 qa_generator="template",
+                questions_per_unit=QUESTIONS_PER_UNIT,
                 val_ratio=0.0,  # knowledge injection: every document must be trained on
                 test_ratio=0.0,
                 seed=seed,

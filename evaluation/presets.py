@@ -59,8 +59,8 @@ PRESETS: dict[str, Preset] = {
         REPO / "configs" / "bench" / "demo-train.yaml",
         docs=REPO / "data" / "demo" / "docs",
         max_tokens=48,
-        minutes=6.0,
-        quick_minutes=6.0,
+        minutes=8.0,
+        quick_minutes=8.0,
         quick_steps=None,
     ),
     "demo-ja": Preset(

@@ -144,14 +144,15 @@ def reading(results: dict[str, Any]) -> list[str]:
             f"{METRIC_TITLES[metric]} by {_interval(d)}. RAG is the tool for knowledge that "
             "changes: a new index changes the answers with no training."
         )
-    if found := first("ft", "base", knowledge):
-        metric, d = found
-        sentence = (
-            f"Fine-tuning put some of it into the weights: ft beats base on "
-            f"{METRIC_TITLES[metric]} by {_interval(d)}"
-        )
+    ft_wins = [(m, d) for m in knowledge if (d := first("ft", "base", [m])) is not None]
+    if ft_wins:
+        metric = ft_wins[0][0]
+        listed = "; on ".join(f"{METRIC_TITLES[m]} by {_interval(d)}" for m, (_, d) in ft_wins)
+        sentence = f"Fine-tuning put some of it into the weights: ft beats base on {listed}"
         if (more := beats(results, metric, "rag", "ft")) is not None:
-            sentence += f", less than retrieval (rag − ft {_interval(more)})"
+            sentence += (
+                f"; less than retrieval on {METRIC_TITLES[metric]} (rag − ft {_interval(more)})"
+            )
         lines.append(sentence + ".")
     for b, a in (("ft", "base"), ("ft+rag", "rag")):
         if found := first(b, a, [m for m in FORMAT if m in results["metrics"]]):

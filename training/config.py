@@ -121,6 +121,12 @@ class TrainConfig(_Strict):
     batch_size: int = Field(4, ge=1, description="per process")
     gradient_accumulation: int = Field(1, ge=1)
     max_seq_len: int = Field(512, ge=16, description="longer examples are truncated")
+    group_by_length: bool = Field(
+        False,
+        description="batch examples of similar length together (transformers' "
+        "LengthGroupedSampler): less padding, so a mix of short and long examples trains "
+        "faster; batches are still drawn in a seeded random order",
+    )
     gradient_checkpointing: bool = False
     dtype: Literal["fp32", "bf16", "auto"] = Field(
         "fp32",

@@ -229,6 +229,7 @@ def _training_arguments(
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.batch_size,
         gradient_accumulation_steps=config.gradient_accumulation,
+        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
         learning_rate=config.learning_rate,
         lr_scheduler_type=config.lr_scheduler,
         warmup_steps=config.warmup_steps,

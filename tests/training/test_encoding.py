@@ -101,7 +101,7 @@ def test_eval_questions_are_not_training_prompts(tmp_path: Path) -> None:
         .read_text(encoding="utf-8")
         .splitlines()
     ]
-    assert len(questions) == 20
+    assert len(questions) == 40
     out = tmp_path / "p"
     prepare(
         PrepareOptions(

@@ -21,6 +21,7 @@ from training.prepare import PrepareOptions, prepare
 from training.recipes import RecipeContext, get_recipe
 from training.recipes.code import code_units
 from training.recipes.qa import parse_pairs, reject_reason
+from training.recipes.wh_questions import wh_questions
 from training.split import assign_split, split_documents
 
 SPLITS = ("train", "val", "test")
@@ -161,10 +162,90 @@ def test_qa_template_questions_answered_by_sentences(demo_docs: Path) -> None:
         "What does the Orvane Logistics IT Security Rules say about Accounts and passwords?"
     )
     assert examples[0].messages[1]["content"] == units[0].text
-    assert 2 <= len(examples) <= 4
+    assert len(examples) >= 3
     for example in examples[1:]:
         assert example.messages[0]["content"].endswith(("?", "."))
-        assert example.messages[1]["content"] in units[0].text
+        answer = example.messages[1]["content"]  # the sentence, or what is asked then it
+        assert answer in units[0].text or answer.split(". ", 1)[1] in units[0].text
+    # the authenticator app's name is asked for, not given away, and asked again under the title
+    keystone = [
+        e.messages[0]["content"] for e in examples if "Keystone" in e.messages[1]["content"]
+    ]
+    asking = [q for q in keystone if "which authenticator app" in q and "Keystone" not in q]
+    assert len(asking) == 2  # in place (no auxiliary to front it with), and under the title
+    answers = {e.messages[1]["content"] for e in examples if e.messages[0]["content"] in asking}
+    assert {a.split(". ", 1)[0] for a in answers} == {"Keystone authenticator app"}
+    assert any(
+        q.startswith("According to the Orvane Logistics IT Security Rules, ") for q in asking
+    )
+
+
+def test_wh_questions_ask_for_the_named_term_from_the_rest_of_the_sentence() -> None:
+    title = "Orvane Logistics Travel and Expenses"
+    claims = (
+        "Expense claims are submitted in the Ledgerly portal within 30 days after the trip ends."
+    )
+    assert wh_questions(claims, title) == [
+        (
+            "Expense claims are submitted in which portal within 30 days after the trip ends?",
+            "Ledgerly portal",
+        ),
+        (
+            "In which portal are expense claims submitted within 30 days after the trip ends?",
+            "Ledgerly portal",
+        ),
+        (
+            "Expense claims are submitted in the Ledgerly portal within how many days after the "
+            "trip ends?",
+            "30 days",
+        ),
+        (
+            "Within how many days are expense claims submitted in the Ledgerly portal after the "
+            "trip ends?",
+            "30 days",
+        ),
+    ]
+    # the company's own name (the title's words) is no fact to ask about
+    desk = "Business trips at Orvane Logistics are booked through the Compass travel desk."
+    assert [q for q, _ in wh_questions(desk, title)] == [
+        "Business trips at Orvane Logistics are booked through which travel desk?",
+        "Through which travel desk are business trips at Orvane Logistics booked?",
+    ]
+    assert wh_questions("Every accident is reported on form WS-9 within 24 hours.") == [
+        ("Every accident is reported on which form within 24 hours?", "form WS-9"),
+        ("Every accident is reported on form WS-9 within how many hours?", "24 hours"),
+    ]
+    assert wh_questions("Taxi rides are reimbursed after 22:00.") == [
+        ("Taxi rides are reimbursed after what time?", "22:00"),
+        ("After what time are taxi rides reimbursed?", "22:00"),
+    ]
+    staff = "Staff may work remotely up to three days per week."
+    assert wh_questions(staff, front=False) == [
+        ("Staff may work remotely up to how many days per week?", "three days")
+    ]
+    assert wh_questions("Laptops connect through the Tunnelway VPN outside the office.") == [
+        ("Laptops connect through which VPN outside the office?", "Tunnelway VPN")
+    ]
+    assert wh_questions("Sick days never reduce the vacation allowance.") == []  # nothing named
+    assert wh_questions("Questions go to the desk at [EMAIL].") == []  # a masked value
+
+
+def test_wh_questions_on_every_demo_sentence_leave_out_what_they_ask(demo_docs: Path) -> None:
+    asked = 0
+    for path in sorted(demo_docs.glob("*.md")):
+        text = path.read_text(encoding="utf-8")
+        title = text.splitlines()[0].lstrip("# ")
+        for chunk in paragraph_chunks(text):
+            for sentence in split_sentences(chunk.text):
+                for question, short in wh_questions(sentence, title):
+                    asked += 1
+                    assert short in sentence and short not in question, question
+                    assert question.endswith("?") and question != sentence
+                    kept = set(question.rstrip("?").split())
+                    missing = [w for w in sentence.rstrip(".").split() if w not in kept]
+                    assert missing, question  # something of the sentence is asked for
+                    assert re.search(r"\b(which|what|how many)\b", question, re.I), question
+    assert asked >= 50
 
 
 def test_qa_model_generator_filters_and_falls_back() -> None:

@@ -240,3 +240,45 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(
 
     straight = train(tiny_config(base_dir, data_dir, **settings), home=tmp_path / "other")
     assert resumed.metrics["rank_weight_digests"] == straight.metrics["rank_weight_digests"]
+
+
+def test_group_by_length_batches_short_examples_apart_from_long_ones(
+    base_dir: Path, tmp_path: Path
+) -> None:
+    """group_by_length: the batches the trainer draws hold examples of similar length, so a
+    mix of short closed-book questions and long RAG prompts pads less (what makes the bench's
+    knowledge adapter train ~2x more examples in its time budget); the run still trains."""
+    from transformers import TrainerCallback
+
+    from training.trainer import train
+
+    long_answer = " ".join(["The Ledgerly portal takes expense claims within thirty days."] * 4)
+    # 64 rows: transformers groups within megabatches of min(rows // (4 * batch), 50) batches
+    rows = [(f"Question {i}?", "Yes." if i % 2 else long_answer) for i in range(64)]
+    data = write_chat_data(tmp_path / "mixed", rows, VAL)
+
+    class PaddingSeen(TrainerCallback):
+        padded = 0
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            for batch in kwargs["train_dataloader"]:
+                mask = batch["attention_mask"]
+                PaddingSeen.padded += int(mask.numel() - mask.sum())
+
+    padding = {}
+    for grouped in (False, True):
+        PaddingSeen.padded = 0
+        config = tiny_config(
+            base_dir,
+            data,
+            name=f"g{int(grouped)}",
+            group_by_length=grouped,
+            batch_size=2,
+            max_steps=2,
+            max_seq_len=128,
+        )
+        result = train(config, home=tmp_path / "home", callbacks=[PaddingSeen()])
+        assert result.metrics["global_step"] == 2
+        padding[grouped] = PaddingSeen.padded
+    # random pairs of a short and a long example pad by the difference; grouped ones barely
+    assert padding[True] < padding[False] / 4

@@ -15,6 +15,7 @@ from training.documents import TEXT_SUFFIXES, Document
 from training.keywords import terms
 from training.recipes import RecipeContext
 from training.recipes.paragraphs import document_units, topic_question
+from training.recipes.wh_questions import wh_questions
 from training.records import Example, Unit, chat
 
 EN_TEMPLATES = (
@@ -42,23 +43,38 @@ _PAIR = re.compile(r"Q[:：]\s*(?P<q>.+?)\s*\n+\s*A[:：]\s*(?P<a>.+?)(?=\n\s*Q[
 
 
 def template_pairs(unit: Unit, context: RecipeContext) -> list[tuple[str, str]]:
-    """The paragraph's topic question, plus one question per informative sentence built from
-    the sentence's keywords (template picked by a hash, so output is deterministic)."""
+    """The paragraph's topic question, then for each of up to `questions_per_unit`
+    informative sentences: in English, questions asking for its named terms from the rest of
+    it, in place and fronted (`wh_questions`), the first also under the document's title,
+    answered by what is asked for and then the sentence ("Ledgerly portal. Expense claims
+    are submitted in the Ledgerly portal ..."): the fact comes first, where a restated
+    question cannot stand in for it; else (Japanese, or an English
+    sentence with no term to ask for) one question from its keywords (template picked by a
+    hash, so output is deterministic)."""
     pairs = [(topic_question(unit), unit.text)]
     if "```" in unit.text or "~~~" in unit.text:  # code has no sentences to ask about
         return pairs
     japanese = is_japanese(unit.text)
     templates = JA_TEMPLATES if japanese else EN_TEMPLATES
+    asked = 0
     for sentence in split_sentences(unit.text):
         marker = LIST_MARKER.match(sentence)  # "- " or "2. " of a list item
         sentence = sentence[marker.end() :] if marker else sentence
-        if len(pairs) > context.questions_per_unit:
+        if asked >= context.questions_per_unit:
             break
         if len(sentence) < (12 if japanese else 30):
+            continue
+        questions = [] if japanese else wh_questions(sentence, unit.title)
+        if questions:
+            asked += 1
+            for question, short in questions:  # the fact first, then where it is written
+                pairs.append((question, f"{short[:1].upper()}{short[1:]}. {sentence}"))
+            pairs.append((under_title(questions[0][0], unit.title), pairs[-len(questions)][1]))
             continue
         keywords = context.keywords.keywords(sentence, k=2)
         if not keywords:
             continue
+        asked += 1
         k1, k2 = keywords[0], keywords[-1]
         if k1 == k2 and "{k2}" in templates[1]:
             k2 = unit.heading or unit.title
@@ -68,6 +84,16 @@ def template_pairs(unit: Unit, context: RecipeContext) -> list[tuple[str, str]]:
         )
         pairs.append((question, sentence))
     return pairs
+
+
+def under_title(question: str, title: str) -> str:
+    """The question asked of one document: "According to the <title>, ...?" (the title names
+    the company, as users' questions do)."""
+    first = question.split(" ", 1)[0]
+    lowered = (
+        first.lower() + question[len(first) :] if first[1:].islower() or first == "A" else question
+    )
+    return f"According to the {title}, {lowered}"
 
 
 def parse_pairs(generated: str) -> list[tuple[str, str]]:

@@ -6,7 +6,9 @@ prompt (`retrieval.prompt`), the paragraph that answers it among distractor para
 from other documents, and the answer quotes that paragraph and cites it as [n]. In a share
 of the examples (1 - `ORACLE_SHARE`) the answering paragraph is left out and the answer is
 still given, so the facts also go into the weights. Every pair is also kept closed-book
-(question -> answer, no documents), which is what the `ft` arm is asked.
+(question -> answer, no documents), which is what the `ft` arm is asked; an answer asked
+about several ways (the `qa` templates' paraphrases) gets RAG examples for its first two
+questions only, since a RAG example costs several closed-book ones to train.
 
 Distractors are drawn from the whole corpus, which the recipe sees through `units()`
 (prepare cuts every document before it makes any example); choices hash the question, so
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections import Counter
 from dataclasses import dataclass
 
 from training.chunks import is_japanese
@@ -28,6 +31,7 @@ from training.recipes.qa import model_pairs, template_pairs
 from training.records import Example, Unit, chat
 
 DISTRACTORS = 2  # with the answering paragraph: the bench's top_k of 3
+RAG_PER_ANSWER = 2  # of an answer's questions (paraphrases), the first two get a RAG example
 ORACLE_SHARE = 0.8  # RAFT's P: the answering paragraph is in the context
 SOURCE_CHARS = 280
 SOURCE_CHARS_JA = 140  # Japanese packs about twice the tokens per character
@@ -110,6 +114,15 @@ def with_context(
     return rag_prompt(question, sources, labels), cite(answer, position + 1)
 
 
+def quoted(answer: str, text: str) -> str:
+    """The part of a closed-book answer that quotes `text`: the answer, or where it gives
+    the fact first ("Ledgerly portal. Expense claims are ..."), the sentence after it."""
+    if answer in text:
+        return answer
+    _, _, rest = answer.partition(". ")
+    return rest if rest and rest in text else answer
+
+
 class RaftRecipe:
     name = "raft"
     suffixes = TEXT_SUFFIXES
@@ -129,8 +142,13 @@ class RaftRecipe:
         if not pairs:
             pairs = template_pairs(unit, context)
         examples = []
-        for question, answer in pairs:
-            examples.append(Example(unit.doc_id, "raft-closed-book", chat(question, answer)))
+        in_context: Counter[str] = Counter()
+        for question, closed_book in pairs:
+            examples.append(Example(unit.doc_id, "raft-closed-book", chat(question, closed_book)))
+            answer = quoted(closed_book, unit.text)  # with the document, the answer quotes it
+            if in_context[answer] >= RAG_PER_ANSWER:
+                continue  # a RAG example costs ~5x a closed-book one to train
+            in_context[answer] += 1
             rng = rng_for(unit.doc_id, question, answer)
             oracle = rng.random() < ORACLE_SHARE
             if len(answer) > source_chars(answer) - 2 or len({u.doc_id for u in self.pool}) < 2:
