@@ -77,7 +77,8 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        """The most the cache can take: every slot at max_len positions."""
+        """The most the cache can take: every slot at max_len positions (a ring layer at
+        its ring)."""
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         per_position = self.num_slots * self.num_kv_heads * self.head_dim * itemsize
         ringed = len(self.ring_layers)
