@@ -88,6 +88,11 @@ class KVCache:
     def ringed(self, layer: int) -> bool:
         return layer in self.ring_layers
 
+    def ring_for(self, window: int | None) -> int | None:
+        """The ring a layer with this sliding window keeps, or None (every position): the
+        one place attention's masks and extents learn whether to read a ring."""
+        return self.ring if window is not None and self.ring_layers else None
+
     def keys_in(self, length: int, ringed: bool) -> int:
         """The keys a layer holds for sequences of up to `length` positions: `length`, or
         for a ring layer at most the ring (what attention reads there, in index order)."""

@@ -46,11 +46,9 @@ def template_pairs(unit: Unit, context: RecipeContext) -> list[tuple[str, str]]:
     """The paragraph's topic question, then for each of up to `questions_per_unit`
     informative sentences: in English, questions asking for its named terms from the rest of
     it, in place and fronted (`wh_questions`), the first also under the document's title,
-    answered by what is asked for and then the sentence ("Ledgerly portal. Expense claims
-    are submitted in the Ledgerly portal ..."): the fact comes first, where a restated
-    question cannot stand in for it; else (Japanese, or an English
-    sentence with no term to ask for) one question from its keywords (template picked by a
-    hash, so output is deterministic)."""
+    answered fact first (`fact_first`); else (Japanese, or an English sentence with no term
+    to ask for) one question from its keywords (template picked by a hash, so output is
+    deterministic)."""
     pairs = [(topic_question(unit), unit.text)]
     if "```" in unit.text or "~~~" in unit.text:  # code has no sentences to ask about
         return pairs
@@ -67,9 +65,9 @@ def template_pairs(unit: Unit, context: RecipeContext) -> list[tuple[str, str]]:
         questions = [] if japanese else wh_questions(sentence, unit.title)
         if questions:
             asked += 1
-            for question, short in questions:  # the fact first, then where it is written
-                pairs.append((question, f"{short[:1].upper()}{short[1:]}. {sentence}"))
-            pairs.append((under_title(questions[0][0], unit.title), pairs[-len(questions)][1]))
+            pairs += [(question, fact_first(short, sentence)) for question, short in questions]
+            question, short = questions[0]
+            pairs.append((under_title(question, unit.title), fact_first(short, sentence)))
             continue
         keywords = context.keywords.keywords(sentence, k=2)
         if not keywords:
@@ -84,6 +82,22 @@ def template_pairs(unit: Unit, context: RecipeContext) -> list[tuple[str, str]]:
         )
         pairs.append((question, sentence))
     return pairs
+
+
+def fact_first(short: str, sentence: str) -> str:
+    """What a question asks for, then the sentence that says it ("Ledgerly portal. Expense
+    claims are submitted in the Ledgerly portal ..."): an answer that restates the question
+    cannot leave the fact out."""
+    return f"{short[:1].upper()}{short[1:]}. {sentence}"
+
+
+def quoted(answer: str, text: str) -> str:
+    """The part of an answer that quotes `text`: the answer itself, or after `fact_first`'s
+    fact, the sentence."""
+    if answer in text:
+        return answer
+    _, _, rest = answer.partition(". ")
+    return rest if rest and rest in text else answer
 
 
 def under_title(question: str, title: str) -> str:

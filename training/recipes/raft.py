@@ -27,7 +27,7 @@ from training.chunks import is_japanese
 from training.documents import TEXT_SUFFIXES, Document
 from training.recipes import RecipeContext
 from training.recipes.paragraphs import document_units
-from training.recipes.qa import model_pairs, template_pairs
+from training.recipes.qa import model_pairs, quoted, template_pairs
 from training.records import Example, Unit, chat
 
 DISTRACTORS = 2  # with the answering paragraph: the bench's top_k of 3
@@ -112,15 +112,6 @@ def with_context(
     position = rng.randrange(len(sources) + 1)
     sources.insert(position, source_of(gold, answer))
     return rag_prompt(question, sources, labels), cite(answer, position + 1)
-
-
-def quoted(answer: str, text: str) -> str:
-    """The part of a closed-book answer that quotes `text`: the answer, or where it gives
-    the fact first ("Ledgerly portal. Expense claims are ..."), the sentence after it."""
-    if answer in text:
-        return answer
-    _, _, rest = answer.partition(". ")
-    return rest if rest and rest in text else answer
 
 
 class RaftRecipe:

@@ -102,14 +102,14 @@ def plan_decode(
         classes = [cache.extent_class(p + 1) for p in positions.tolist()]
     else:
         classes = [cache.bucket(int(positions.max()) + 1)] * positions.shape[0]
-    ringed = window is not None and bool(cache.ring_layers)
-    if ringed:  # a sliding-window layer's ring holds at most `ring` keys, read in index order
-        classes = [cache.keys_in(c, True) for c in classes]
+    ring = cache.ring_for(window)
+    if ring is not None:  # a sliding-window layer's ring holds at most `ring` keys, in index order
+        classes = [min(c, ring) for c in classes]
     lengths = sorted(set(classes))
 
     def bias_for(own: torch.Tensor, length: int) -> torch.Tensor:
         # [rows * kv_heads, heads per kv head, length]: 0 where a row may look, -inf not
-        bias = model.mask(own, length, window, cache.ring if ringed else None)[:, None, :]
+        bias = model.mask(own, length, window, ring)[:, None, :]
         return bias.repeat_interleave(model.num_kv_heads, 0).expand(-1, group, -1).contiguous()
 
     shared = model.padded_extents.shared(lengths[-1])

@@ -197,9 +197,9 @@ class ForwardPasses:
     ) -> torch.Tensor:
         """`mask` over the keys a layer with this window holds for `length` positions (all
         of them, or a sliding-window layer's ring: KVCache.keys_in)."""
-        ringed = window is not None and bool(cache.ring_layers)
-        keys = cache.keys_in(length, ringed)
-        return self.mask(queries, keys, window, cache.ring if ringed else None)
+        ring = cache.ring_for(window)
+        keys = length if ring is None else min(length, ring)
+        return self.mask(queries, keys, window, ring)
 
     def prefill_rows(self, tokens: int) -> int:
         """The rows a prompt forward of `tokens` tokens runs on (see fixed_prefill_rows and
