@@ -89,6 +89,7 @@ def step_ms(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="bundled", help="model.source (bundled:gemma-3-270m)")
     parser.add_argument("--quantization", default="int8")
     parser.add_argument("--weights", default="int4,int8,dense")
     parser.add_argument("--rows", default="1,4,16")
@@ -98,7 +99,8 @@ def main() -> None:
     parser.add_argument("--sparse", action="store_true", help="SHiRA adapters, LoRA's size")
     parser.add_argument("--profile", action="store_true", help="torch profiler table, last kind")
     args = parser.parse_args()
-    loaded = load_base_model(ModelConfig(quantization=args.quantization), default_home())
+    model = ModelConfig(source=args.model, quantization=args.quantization)
+    loaded = load_base_model(model, default_home())
     rows = [int(r) for r in args.rows.split(",")]
     for weights in args.weights.split(","):
         config = EngineConfig(max_batch_size=max(rows), weights=weights)
@@ -116,6 +118,7 @@ def main() -> None:
         print(
             json.dumps(
                 {
+                    "model": args.model,
                     "quantization": args.quantization,
                     "weights": weights,
                     "adapters": args.adapters,

@@ -45,17 +45,20 @@ def perplexity(runner: CompactRunner, tokenizer, tokens: list[int]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="bundled", help="model.source (bundled:gemma-3-270m)")
     parser.add_argument("--quantization", default="nf4,int8,none")
     parser.add_argument("--weights", default="int4,int8,dense")
     parser.add_argument("--tokens", type=int, default=1000)
     args = parser.parse_args()
     for quantization in args.quantization.split(","):
-        loaded = load_base_model(ModelConfig(quantization=quantization), default_home())
+        model = ModelConfig(source=args.model, quantization=quantization)
+        loaded = load_base_model(model, default_home())
         tokens = doc_tokens(loaded.tokenizer, args.tokens)
         for weights in args.weights.split(","):
             runner = CompactRunner(loaded, EngineConfig(max_batch_size=1, weights=weights), 2048)
             value = perplexity(runner, loaded.tokenizer, tokens)
-            row = {"quantization": quantization, "weights": weights, "tokens": len(tokens)}
+            row = {"model": args.model, "quantization": quantization, "weights": weights}
+            row["tokens"] = len(tokens)
             print(json.dumps({**row, "perplexity": round(value, 2)}), flush=True)
 
 

@@ -136,12 +136,15 @@ class EngineConfig(_Section):
         description="KV cache length per sequence; default "
         "limits.max_prompt_tokens + limits.max_new_tokens, capped at the model's context.",
     )
-    weights: Literal["auto", "dense", "int8", "int4", "w8a8"] = Field(
+    weights: Literal["auto", "dense", "int8", "int4", "w8a8", "w4a8"] = Field(
         "auto",
         description="Base weights in the compact forward's decode GEMMs: 'int4' (weight-only, "
         "groups of 32 with scale and offset; the fastest single stream), 'w8a8' (int8 "
         "weights per channel times int8 activations per row on oneDNN: faster from a few "
-        "rows per step up), 'int8' (weight-only, per channel), 'dense' (the compute dtype), "
+        "rows per step up), 'w4a8' (int4's grid times int8 activations in blocks of 32, "
+        "ragtune's own kernel built once with the system C++ compiler: reads the weights "
+        "once per step for every row), 'int8' (weight-only, per channel), 'dense' (the "
+        "compute dtype), "
         "or 'auto' (int4 on a CPU, dense on CUDA). Packed kinds are quantized from the "
         "checkpoint.",
     )

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from server.engine.linear_gpu import Int4GpuLinear
 from server.engine.quantize import int4_dequantized, int4_grid, per_channel_int8
+from server.engine.w4a8 import W4A8Linear
 
 
 def is_bnb(linear: torch.nn.Module) -> bool:
@@ -236,22 +237,24 @@ class W8A8Layer(W8A8Linear):
         return super().__call__(x).to(x.dtype)
 
 
-Linear = DenseLinear | Int8Linear | Int4Linear | W8A8Linear | Int4GpuLinear
-DECODE_WEIGHTS = ("dense", "int8", "int4", "w8a8")
+Linear = DenseLinear | Int8Linear | Int4Linear | W8A8Linear | W4A8Linear | Int4GpuLinear
+DECODE_WEIGHTS = ("dense", "int8", "int4", "w8a8", "w4a8")
 
 
 def linear_for(weights: str, weight: torch.Tensor) -> Linear:
-    """The decode form of one weight. int4 falls back to int8 for a shape it cannot pack on
-    a CPU, to dense on a GPU (which has no int8 kind here)."""
+    """The decode form of one weight. int4 and w4a8 fall back to int8 for a shape they cannot
+    pack on a CPU, int4 to dense on a GPU (which has no int8 kind here)."""
     if weight.is_cuda:
         if weights == "int4" and Int4GpuLinear.fits(weight):
             return Int4GpuLinear(weight)
         return DenseLinear(weight)
     if weights == "w8a8":
         return W8A8Layer(weight)
+    if weights == "w4a8" and W4A8Linear.fits(weight):
+        return W4A8Linear(weight)
     if weights == "int4" and Int4Linear.fits(weight):
         return Int4Linear(weight)
-    if weights in ("int4", "int8"):
+    if weights in ("int4", "int8", "w4a8"):
         return Int8Linear(weight)
     return DenseLinear(weight)
 
@@ -266,14 +269,16 @@ def head_linear(weights: str, weight: torch.Tensor) -> Linear:
     (see engine/linear_gpu.py)."""
     if weight.is_cuda:
         return linear_for(weights, weight)
-    w8a8 = weights in ("int4", "w8a8") or (weights == "int8" and weight.dtype == torch.float32)
+    w8a8 = weights in ("int4", "w4a8", "w8a8") or (
+        weights == "int8" and weight.dtype == torch.float32
+    )
     if w8a8 and W8A8Linear.supported():
         return W8A8Linear(weight)
-    return linear_for("int8" if weights == "int4" else weights, weight)
+    return linear_for("int8" if weights in ("int4", "w4a8") else weights, weight)
 
 
 def packed_weights_supported(weights: str, dtype: torch.dtype, device: str) -> bool:
-    """Where each packed kind runs: int8, int4 and w8a8 serve bf16 and fp32 compute on CPUs
+    """Where each packed kind runs: int8, int4, w8a8 and w4a8 serve bf16 and fp32 compute on CPUs
     (fp32 through KERNEL_DTYPE); on CUDA only int4, under bf16 compute."""
     if str(device).startswith("cpu"):
         return dtype in (torch.bfloat16, torch.float32)

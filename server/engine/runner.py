@@ -13,6 +13,7 @@ import torch
 from ragtune.config import EngineConfig
 from ragtune.hardware import detect
 from ragtune.models import LoadedModel
+from server.engine import w4a8
 from server.engine.cuda_graphs import GraphedDecode
 from server.engine.kv_cache import KVCache, extent_class
 from server.engine.linear import W8A8Linear, packed_weights_supported
@@ -189,7 +190,7 @@ class CompactRunner:
             "runner": "compact",
             "family": type(m).__name__.removesuffix("Model").lower(),
             "dtype": dtype_name(m.dtype),
-            "weights": m.weights,
+            "weights": m.weights if m.weights != "w4a8" else f"w4a8 ({w4a8.isa()})",
             "head": type(m.lm_head).__name__,
             "rows_independent": str(m.rows_independent).lower(),
             # what decode rows of different extent classes share (models/attention.py)
@@ -465,13 +466,18 @@ def prefix_namespace(seq: Sequence) -> str:
 
 
 def decode_weights(config: EngineConfig, loaded: LoadedModel) -> str:
-    """engine.weights resolved for this model: 'auto' is int4 where the packed kernels run
-    on a CPU (bf16 or fp32 compute), else dense (GPUs: int4 is an opt-in, measured in
+    """engine.weights resolved for this model: 'auto' is w4a8 where the packed kernels run
+    on a CPU (bf16 or fp32 compute) and ragtune's kernel builds (int4 on torch's kernel where
+    it cannot, with the reason in the log), else dense (GPUs: int4 is an opt-in, measured in
     docs/performance.md)."""
     kind, dtype, device = config.weights, loaded.dtype, loaded.device
     if kind == "auto":
-        cpu_int4 = is_cpu(device) and packed_weights_supported("int4", dtype, device)
-        return "int4" if cpu_int4 else "dense"
+        if not (is_cpu(device) and packed_weights_supported("int4", dtype, device)):
+            return "dense"
+        if (reason := w4a8.unavailable_reason()) is None:
+            return "w4a8"
+        logger.warning("engine.weights auto: int4, as the w4a8 kernel cannot run: %s", reason)
+        return "int4"
     if kind != "dense" and not packed_weights_supported(kind, dtype, device):
         raise ValueError(
             f"engine.weights={kind} needs bf16 or fp32 compute on a CPU, or (int4 only) bf16 "
@@ -479,6 +485,8 @@ def decode_weights(config: EngineConfig, loaded: LoadedModel) -> str:
         )
     if kind == "w8a8" and not W8A8Linear.supported():
         raise ValueError("engine.weights=w8a8 needs oneDNN's int8 linear, which this torch lacks")
+    if kind == "w4a8" and (reason := w4a8.unavailable_reason()) is not None:
+        raise ValueError(f"engine.weights=w4a8 cannot run here: {reason}")
     return kind
 
 

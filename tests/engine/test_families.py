@@ -109,7 +109,7 @@ def test_a_lora_of_another_layout_is_refused(family, tmp_path):
         read_adapter(tmp_path / "x", "x", None, spec, 0)
 
 
-@pytest.mark.parametrize("weights", ["dense", "int4", "w8a8"])
+@pytest.mark.parametrize("weights", ["dense", "int4", "w8a8", "w4a8"])
 def test_bf16_rows_keep_their_tokens_in_a_mixed_batch(family, weights, tmp_path):
     """The serving dtype and kernels: base and adapter rows of different lengths, alone and
     together, give the same greedy tokens (the packed int4 weights and the fixed-row path

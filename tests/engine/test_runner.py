@@ -11,7 +11,7 @@ from ragtune.models.loader import LoadedModel
 from server.adapters.loader import BaseSpec, read_adapter
 from server.engine.models.attention import plan_decode
 from server.engine.models.exactness import PaddedExtents, padded_extents_exact
-from server.engine.runner import CompactRunner
+from server.engine.runner import CompactRunner, decode_weights
 from server.engine.sequence import Sequence
 from server.engine.types import GenerationRequest, SamplingParams
 
@@ -194,7 +194,7 @@ def tiny_bf16(tiny: LoadedModel) -> LoadedModel:
     return LoadedModel(model, None, None, "f" * 64, "cpu", torch.bfloat16, "none")
 
 
-@pytest.mark.parametrize("weights", ["dense", "int8", "int4", "w8a8"])
+@pytest.mark.parametrize("weights", ["dense", "int8", "int4", "w8a8", "w4a8"])
 def test_bf16_rows_are_bitwise_the_same_alone_and_batched(tiny_bf16, weights):
     """The serving dtype: a row's greedy tokens and logits do not depend on its neighbours
     (one-row GEMV kernels, packed int8/int4 GEMMs and the decode attention over a longer
@@ -226,7 +226,9 @@ def test_prompts_share_prefill_forwards_by_kernel_class(tiny_bf16):
     assert model.prefill_groups(chunks) == [[0, 2, 4], [1, 3]]
 
 
-@pytest.mark.parametrize(("weights", "tolerance"), [("int8", 0.05), ("int4", 0.2), ("w8a8", 0.05)])
+@pytest.mark.parametrize(
+    ("weights", "tolerance"), [("int8", 0.05), ("int4", 0.2), ("w8a8", 0.05), ("w4a8", 0.2)]
+)
 def test_packed_weights_stay_close_to_dense(tiny_bf16, weights, tolerance):
     """Weight-only int8/int4 change logits by rounding error, not behaviour; prompt chunks
     (dequantized grid) and decode rows (packed kernel) see the same weights."""
@@ -264,11 +266,29 @@ def test_int4_packs_the_bundled_layout_exactly():
 
 
 @pytest.mark.parametrize("fixture", ["tiny", "tiny_bf16"])
-def test_auto_weights_are_int4_on_cpu_in_either_compute_dtype(fixture, request):
-    assert runner_for(request.getfixturevalue(fixture), weights="auto").model.weights == "int4"
+def test_auto_weights_are_w4a8_on_cpu_in_either_compute_dtype(fixture, request):
+    """auto: ragtune's w4a8 kernel where it builds, torch's int4 kernel where it cannot
+    (no compiler): the same 4-bit grid either way."""
+    from server.engine import w4a8
+
+    expected = "w4a8" if w4a8.unavailable_reason() is None else "int4"
+    assert runner_for(request.getfixturevalue(fixture), weights="auto").model.weights == expected
 
 
-@pytest.mark.parametrize(("weights", "tolerance"), [("int8", 0.05), ("int4", 0.2), ("w8a8", 0.05)])
+def test_auto_weights_fall_back_to_int4_and_say_why(tiny, monkeypatch, caplog):
+    from server.engine import w4a8
+
+    monkeypatch.setattr(w4a8, "unavailable_reason", lambda: "no C++ compiler (g++ or $CXX)")
+    with caplog.at_level("WARNING"):
+        assert decode_weights(EngineConfig(weights="auto"), tiny) == "int4"
+    assert "no C++ compiler" in caplog.text
+    with pytest.raises(ValueError, match="w4a8 cannot run here: no C\\+\\+ compiler"):
+        decode_weights(EngineConfig(weights="w4a8"), tiny)
+
+
+@pytest.mark.parametrize(
+    ("weights", "tolerance"), [("int8", 0.05), ("int4", 0.2), ("w8a8", 0.05), ("w4a8", 0.2)]
+)
 def test_packed_weights_serve_fp32_compute(tiny, weights, tolerance):
     """Under fp32 compute (CPUs without native bf16) the packed kernels take bf16 rows and
     give fp32 back; prompt chunks use the fp32 dequantized grid. Logits stay close to the
@@ -288,7 +308,7 @@ def test_packed_weights_serve_fp32_compute(tiny, weights, tolerance):
         assert generate(runner_for(tiny, weights=weights), [sequence(prompt)], 12) == [tokens]
 
 
-@pytest.mark.parametrize("weights", ["int8", "int4"])
+@pytest.mark.parametrize("weights", ["int8", "int4", "w4a8"])
 def test_packed_kernels_give_one_row_the_bits_it_gets_among_two(weights):
     """Why a lone base-model row may skip the two-row trick with packed weights."""
     from server.engine.linear import linear_for

@@ -135,6 +135,6 @@ def test_int4_is_the_only_packed_kind_on_a_gpu(request):
     on_gpu = replace(request.getfixturevalue("tiny_bf16"), device="cuda")
     assert decode_weights(EngineConfig(weights="auto"), on_gpu) == "dense"
     assert decode_weights(EngineConfig(weights="int4"), on_gpu) == "int4"
-    for kind in ("int8", "w8a8"):
+    for kind in ("int8", "w8a8", "w4a8"):
         with pytest.raises(ValueError, match="int4 only"):
             decode_weights(EngineConfig(weights=kind), on_gpu)

@@ -1,0 +1,247 @@
+// int4 weights x int8 activations for decode rows on x86 CPUs (engine.weights: w4a8).
+//
+// Why: torch's int4 CPU kernel makes one pass over the weights per row, so a 16-row decode
+// step reads them 16 times; here each weight block is read once and multiplied with every
+// row while it sits in registers. The activations are quantized to int8 in blocks of 32
+// (one scale per block, as llama.cpp's Q8_1 for its Q4_1 dot products), so each group's
+// dot product is an exact integer sum (AVX-512 VNNI `vpdpbusd`; AVX2 `vpmaddubsw` pairs,
+// which cannot saturate with 4-bit codes); the group scales then apply in float32 with one
+// fixed order of operations per row. A row's result therefore depends on that row alone,
+// whatever the row count, thread count or instruction set (both paths give the same bits).
+//
+// Layout (packed by server/engine/w4a8.py): the output channels in blocks of 16; for block
+// b and group g, 256 bytes: 4 vectors of 64 bytes, lane l (bytes 4l..4l+3) holding channel
+// 16b+l's codes for inputs 32g+8v+p (low nibble) and 32g+8v+4+p (high nibble), p = 0..3.
+// params[b][g] = 16 float32 scales, then 16 float32 offsets: w = code * scale + offset.
+
+#include <immintrin.h>
+#include <omp.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kGroup = 32;
+constexpr int64_t kLanes = 16;
+
+// Rows' activations as int8 codes in blocks of 32, each block's scale and scale * sum of codes.
+struct QuantizedRows {
+  std::vector<int8_t> codes;
+  std::vector<float> scales;
+  std::vector<float> scaled_sums;
+};
+
+__attribute__((target("avx2,fma"))) inline __m256 load8(const void* x, bool bf16, int64_t i) {
+  if (!bf16) return _mm256_loadu_ps(static_cast<const float*>(x) + i);
+  const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(
+      static_cast<const uint16_t*>(x) + i));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
+
+__attribute__((target("avx2,fma"))) void quantize_rows(const void* x, bool bf16, int64_t rows,
+                                                       int64_t inputs, QuantizedRows& out) {
+  const int64_t groups = inputs / kGroup;
+  out.codes.resize(rows * inputs);
+  out.scales.resize(rows * groups);
+  out.scaled_sums.resize(rows * groups);
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t at = r * inputs + g * kGroup;
+      __m256 v[4];
+      __m256 top = _mm256_setzero_ps();
+      for (int j = 0; j < 4; ++j) {
+        v[j] = load8(x, bf16, at + 8 * j);
+        top = _mm256_max_ps(top, _mm256_and_ps(v[j], magnitude));
+      }
+      __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+      m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+      m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+      const float amax = _mm_cvtss_f32(m4);
+      const float scale = amax / 127.0f;
+      const __m256 inverse = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+      __m256i q[4];
+      __m256i total = _mm256_setzero_si256();
+      for (int j = 0; j < 4; ++j) {
+        const __m256 scaled = _mm256_mul_ps(v[j], inverse);
+        q[j] = _mm256_cvtps_epi32(
+            _mm256_round_ps(scaled, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        total = _mm256_add_epi32(total, q[j]);
+      }
+      const __m256i packed = _mm256_permutevar8x32_epi32(
+          _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3])),
+          order);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.codes.data() + at), packed);
+      __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(total),
+                                 _mm256_extracti128_si256(total, 1));
+      s4 = _mm_hadd_epi32(s4, s4);
+      s4 = _mm_hadd_epi32(s4, s4);
+      out.scales[r * groups + g] = scale;
+      out.scaled_sums[r * groups + g] = scale * static_cast<float>(_mm_cvtsi128_si32(s4));
+    }
+  }
+}
+
+// float32 -> bfloat16, round to nearest even (torch's conversion for finite values)
+__attribute__((target("avx2,fma"))) inline void store_bf16(uint16_t* out, __m256 v) {
+  __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  bits = _mm256_srli_epi32(
+      _mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+  const __m256i words = _mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), 0xd8);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_castsi256_si128(words));
+}
+
+__attribute__((target("avx2,fma"))) inline void store8(void* out, bool bf16, int64_t i,
+                                                       __m256 v) {
+  if (bf16) {
+    store_bf16(static_cast<uint16_t*>(out) + i, v);
+  } else {
+    _mm256_storeu_ps(static_cast<float*>(out) + i, v);
+  }
+}
+
+// AVX2: a block's 16 lanes as two halves of 8; pairs of u8 x s8 products summed in int16
+// (8 quads of 4-bit codes times int8: at most 8 * 2 * 15 * 127 = 30,480, no saturation).
+template <int Rows>
+__attribute__((target("avx2,fma"))) void tile_avx2(const QuantizedRows& a, int64_t row0,
+                                                   int64_t inputs, const uint8_t* block,
+                                                   const float* params, int64_t outputs,
+                                                   int64_t column, void* out, bool bf16) {
+  const int64_t groups = inputs / kGroup;
+  const __m256i nibble = _mm256_set1_epi8(0x0f);
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int half = 0; half < 2; ++half) {
+    __m256 acc[Rows];
+    for (int r = 0; r < Rows; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      const uint8_t* codes = block + g * 256 + half * 32;
+      __m256i w[8];
+      for (int v = 0; v < 4; ++v) {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 64 * v));
+        w[2 * v] = _mm256_and_si256(raw, nibble);
+        w[2 * v + 1] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nibble);
+      }
+      const __m256 scale = _mm256_loadu_ps(params + g * 32 + half * 8);
+      const __m256 offset = _mm256_loadu_ps(params + g * 32 + 16 + half * 8);
+      for (int r = 0; r < Rows; ++r) {
+        const int64_t row = row0 + r;
+        const int32_t* quads =
+            reinterpret_cast<const int32_t*>(a.codes.data() + row * inputs + g * kGroup);
+        __m256i pairs = _mm256_maddubs_epi16(w[0], _mm256_set1_epi32(quads[0]));
+        for (int q = 1; q < 8; ++q) {
+          pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(w[q], _mm256_set1_epi32(quads[q])));
+        }
+        const __m256 sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+        const __m256 row_scale = _mm256_mul_ps(scale, _mm256_set1_ps(a.scales[row * groups + g]));
+        acc[r] = _mm256_fmadd_ps(sums, row_scale, acc[r]);
+        acc[r] = _mm256_fmadd_ps(offset, _mm256_set1_ps(a.scaled_sums[row * groups + g]), acc[r]);
+      }
+    }
+    for (int r = 0; r < Rows; ++r) {
+      store8(out, bf16, (row0 + r) * outputs + column + half * 8, acc[r]);
+    }
+  }
+}
+
+// AVX-512 VNNI: a block's 16 lanes in one register, vpdpbusd sums 4 products per lane exactly.
+template <int Rows>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) void tile_vnni(
+    const QuantizedRows& a, int64_t row0, int64_t inputs, const uint8_t* block,
+    const float* params, int64_t outputs, int64_t column, void* out, bool bf16) {
+  const int64_t groups = inputs / kGroup;
+  const __m512i nibble = _mm512_set1_epi8(0x0f);
+  __m512 acc[Rows];
+  for (int r = 0; r < Rows; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* codes = block + g * 256;
+    __m512i w[8];
+    for (int v = 0; v < 4; ++v) {
+      const __m512i raw = _mm512_loadu_si512(codes + 64 * v);
+      w[2 * v] = _mm512_and_si512(raw, nibble);
+      w[2 * v + 1] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nibble);
+    }
+    const __m512 scale = _mm512_loadu_ps(params + g * 32);
+    const __m512 offset = _mm512_loadu_ps(params + g * 32 + 16);
+    for (int r = 0; r < Rows; ++r) {
+      const int64_t row = row0 + r;
+      const int32_t* quads =
+          reinterpret_cast<const int32_t*>(a.codes.data() + row * inputs + g * kGroup);
+      __m512i even = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_set1_epi32(quads[0]));
+      __m512i odd = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[1], _mm512_set1_epi32(quads[1]));
+      for (int q = 2; q < 8; q += 2) {
+        even = _mm512_dpbusd_epi32(even, w[q], _mm512_set1_epi32(quads[q]));
+        odd = _mm512_dpbusd_epi32(odd, w[q + 1], _mm512_set1_epi32(quads[q + 1]));
+      }
+      const __m512 sums = _mm512_cvtepi32_ps(_mm512_add_epi32(even, odd));
+      const __m512 row_scale = _mm512_mul_ps(scale, _mm512_set1_ps(a.scales[row * groups + g]));
+      acc[r] = _mm512_fmadd_ps(sums, row_scale, acc[r]);
+      acc[r] = _mm512_fmadd_ps(offset, _mm512_set1_ps(a.scaled_sums[row * groups + g]), acc[r]);
+    }
+  }
+  for (int r = 0; r < Rows; ++r) {
+    const int64_t at = (row0 + r) * outputs + column;
+    store8(out, bf16, at, _mm512_castps512_ps256(acc[r]));
+    store8(out, bf16, at + 8,
+           _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r]), 1)));
+  }
+}
+
+using Tile = void (*)(const QuantizedRows&, int64_t, int64_t, const uint8_t*, const float*,
+                      int64_t, int64_t, void*, bool);
+
+constexpr int kMaxTile = 8;
+
+Tile avx2_tiles[kMaxTile + 1] = {nullptr,      tile_avx2<1>, tile_avx2<2>, tile_avx2<3>,
+                                 tile_avx2<4>, tile_avx2<5>, tile_avx2<6>, tile_avx2<7>,
+                                 tile_avx2<8>};
+Tile vnni_tiles[kMaxTile + 1] = {nullptr,      tile_vnni<1>, tile_vnni<2>, tile_vnni<3>,
+                                 tile_vnni<4>, tile_vnni<5>, tile_vnni<6>, tile_vnni<7>,
+                                 tile_vnni<8>};
+
+bool has_vnni() {
+  static const bool vnni = __builtin_cpu_supports("avx512f") &&
+                           __builtin_cpu_supports("avx512bw") &&
+                           __builtin_cpu_supports("avx512vl") &&
+                           __builtin_cpu_supports("avx512vnni");
+  return vnni;
+}
+
+}  // namespace
+
+extern "C" {
+
+// 2: AVX-512 VNNI, 1: AVX2, 0: neither (the caller must not use this kernel)
+int w4a8_isa() {
+  if (has_vnni()) return 2;
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
+}
+
+// out[rows, outputs] = x[rows, inputs] @ W^T; x and out bf16 (1) or float32 (0);
+// isa: 0 the best this CPU has, else as w4a8_isa numbers it.
+void w4a8_linear(const void* x, int x_bf16, int64_t rows, int64_t inputs, const uint8_t* packed,
+                 const float* params, int64_t outputs, void* out, int out_bf16, int threads,
+                 int isa) {
+  thread_local QuantizedRows quantized;  // reused across calls; shared by the team below
+  QuantizedRows& a = quantized;
+  quantize_rows(x, x_bf16 != 0, rows, inputs, a);
+  const Tile* tiles = (isa == 0 ? w4a8_isa() : isa) == 2 ? vnni_tiles : avx2_tiles;
+  const int64_t blocks = outputs / kLanes;
+  const int64_t groups = inputs / kGroup;
+  const bool bf16 = out_bf16 != 0;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* block = packed + b * groups * 256;
+    const float* block_params = params + b * groups * 2 * kLanes;
+    for (int64_t row0 = 0; row0 < rows; row0 += kMaxTile) {
+      const int64_t count = rows - row0 < kMaxTile ? rows - row0 : kMaxTile;
+      tiles[count](a, row0, inputs, block, block_params, outputs, b * kLanes, out, bf16);
+    }
+  }
+}
+
+}  // extern "C"
