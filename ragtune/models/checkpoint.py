@@ -25,6 +25,9 @@ class Checkpoint:
     def __contains__(self, key: str) -> bool:
         return key in self._file_of
 
+    def __iter__(self):
+        return iter(self._file_of)
+
     def tensor(self, key: str) -> torch.Tensor:
         with safe_open(str(self._file_of[key]), framework="pt") as handle:
             return handle.get_tensor(key)

@@ -12,9 +12,10 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from server.engine import a8
+from server.engine.a8 import A8Linear
 from server.engine.linear_gpu import Int4GpuLinear
 from server.engine.quantize import int4_dequantized, int4_grid, per_channel_int8
-from server.engine.w4a8 import W4A8Linear
 
 
 def is_bnb(linear: torch.nn.Module) -> bool:
@@ -220,7 +221,9 @@ def _int8_linear(
 
 
 class W8A8Layer(W8A8Linear):
-    """W8A8Linear for a layer's projections (`engine.weights: w8a8`), in the compute dtype.
+    """W8A8Linear for a layer's projections (`engine.weights: w8a8` where ragtune's a8 kernel
+    cannot run or the shape does not fit it; engine/a8.py is the default), in the compute
+    dtype.
     torch's int4 kernel computes each row on its own pass over the weights (16 rows cost 16
     times one: Gemma 3's gate/up, 538 against 72 µs), while oneDNN's int8 GEMM reads them once
     per batch (146 µs): the faster layer from about 4 rows up, slower at one row (quantizing
@@ -237,7 +240,7 @@ class W8A8Layer(W8A8Linear):
         return super().__call__(x).to(x.dtype)
 
 
-Linear = DenseLinear | Int8Linear | Int4Linear | W8A8Linear | W4A8Linear | Int4GpuLinear
+Linear = DenseLinear | Int8Linear | Int4Linear | W8A8Linear | A8Linear | Int4GpuLinear
 DECODE_WEIGHTS = ("dense", "int8", "int4", "w8a8", "w4a8")
 
 
@@ -248,10 +251,12 @@ def linear_for(weights: str, weight: torch.Tensor) -> Linear:
         if weights == "int4" and Int4GpuLinear.fits(weight):
             return Int4GpuLinear(weight)
         return DenseLinear(weight)
-    if weights == "w8a8":
+    if weights == "w8a8":  # ragtune's kernel (groups of 32), else oneDNN's (per channel)
+        if A8Linear.fits(weight) and a8.unavailable_reason() is None:
+            return A8Linear(weight, 8)
         return W8A8Layer(weight)
-    if weights == "w4a8" and W4A8Linear.fits(weight):
-        return W4A8Linear(weight)
+    if weights == "w4a8" and A8Linear.fits(weight):
+        return A8Linear(weight, 4)
     if weights == "int4" and Int4Linear.fits(weight):
         return Int4Linear(weight)
     if weights in ("int4", "int8", "w4a8"):

@@ -30,6 +30,21 @@ def int4_grid(
     return codes, scales_zeros.transpose(0, 1).contiguous()
 
 
+def group_grid(
+    weight: torch.Tensor, group: int, bits: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric `bits`-bit codes of a weight [out, in] in groups of `group` input channels:
+    int32 codes 0..2^bits-1 [out, in], and float32 scales and offsets [out, in // group], w =
+    code * scale + offset (each group's minimum). At 4 bits the codes are int4_grid's."""
+    out_features, in_features = weight.shape
+    levels = 2**bits - 1
+    groups = weight.float().view(out_features, in_features // group, group)
+    low, high = groups.amin(-1), groups.amax(-1)
+    scale = ((high - low) / levels).clamp(min=1e-8)
+    codes = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, levels)
+    return codes.to(torch.int32).view(out_features, in_features), scale, low
+
+
 def int4_dequantized(codes: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
     """The float32 weight [out, in] that int4_grid's codes and scales stand for."""
     out_features, in_features = codes.shape

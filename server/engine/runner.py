@@ -13,10 +13,11 @@ import torch
 from ragtune.config import EngineConfig
 from ragtune.hardware import detect
 from ragtune.models import LoadedModel
-from server.engine import w4a8
+from ragtune.models.checkpoint import open_checkpoint
+from server.engine import a8
 from server.engine.cuda_graphs import GraphedDecode
 from server.engine.kv_cache import KVCache, extent_class
-from server.engine.linear import W8A8Linear, packed_weights_supported
+from server.engine.linear import W8A8Linear, is_bnb, packed_weights_supported
 from server.engine.lora import AdapterWeights, LoraSlots
 from server.engine.lora_rowwise import rowwise_supported
 from server.engine.models import (
@@ -190,7 +191,7 @@ class CompactRunner:
             "runner": "compact",
             "family": type(m).__name__.removesuffix("Model").lower(),
             "dtype": dtype_name(m.dtype),
-            "weights": m.weights if m.weights != "w4a8" else f"w4a8 ({w4a8.isa()})",
+            "weights": weights_label(m.weights),
             "head": type(m.lm_head).__name__,
             "rows_independent": str(m.rows_independent).lower(),
             # what decode rows of different extent classes share (models/attention.py)
@@ -466,18 +467,19 @@ def prefix_namespace(seq: Sequence) -> str:
 
 
 def decode_weights(config: EngineConfig, loaded: LoadedModel) -> str:
-    """engine.weights resolved for this model: 'auto' is w4a8 where the packed kernels run
-    on a CPU (bf16 or fp32 compute) and ragtune's kernel builds (int4 on torch's kernel where
-    it cannot, with the reason in the log), else dense (GPUs: int4 is an opt-in, measured in
-    docs/performance.md)."""
+    """engine.weights resolved for this model. 'auto', on a CPU (bf16 or fp32 compute) where
+    ragtune's a8 kernel builds: w4a8 where the checkpoint's layers already lie on a 4-bit
+    grid (a Q4_0/Q4_1 GGUF: nothing lost), else w8a8 (5- to 16-bit checkpoints keep 8 bits);
+    int4 on torch's kernel where the a8 kernel cannot run (the reason in the log); dense on
+    GPUs (int4 is an opt-in there, measured in docs/performance.md)."""
     kind, dtype, device = config.weights, loaded.dtype, loaded.device
     if kind == "auto":
         if not (is_cpu(device) and packed_weights_supported("int4", dtype, device)):
             return "dense"
-        if (reason := w4a8.unavailable_reason()) is None:
-            return "w4a8"
-        logger.warning("engine.weights auto: int4, as the w4a8 kernel cannot run: %s", reason)
-        return "int4"
+        if (reason := a8.unavailable_reason()) is not None:
+            logger.warning("engine.weights auto: int4, as the a8 kernel cannot run: %s", reason)
+            return "int4"
+        return "w4a8" if checkpoint_on_4bit_grid(loaded) else "w8a8"
     if kind != "dense" and not packed_weights_supported(kind, dtype, device):
         raise ValueError(
             f"engine.weights={kind} needs bf16 or fp32 compute on a CPU, or (int4 only) bf16 "
@@ -485,9 +487,34 @@ def decode_weights(config: EngineConfig, loaded: LoadedModel) -> str:
         )
     if kind == "w8a8" and not W8A8Linear.supported():
         raise ValueError("engine.weights=w8a8 needs oneDNN's int8 linear, which this torch lacks")
-    if kind == "w4a8" and (reason := w4a8.unavailable_reason()) is not None:
+    if kind == "w4a8" and (reason := a8.unavailable_reason()) is not None:
         raise ValueError(f"engine.weights=w4a8 cannot run here: {reason}")
     return kind
+
+
+def weights_label(kind: str) -> str:
+    """The decode weights and the kernel that multiplies them, for logs and metrics."""
+    if kind == "w4a8" or (kind == "w8a8" and a8.unavailable_reason() is None):
+        return f"{kind} ({a8.isa()})"
+    return "w8a8 (onednn)" if kind == "w8a8" else kind
+
+
+def checkpoint_on_4bit_grid(loaded: LoadedModel) -> bool:
+    """Whether the first layer's projections, as the packed kinds read them (the checkpoint
+    file, else the loaded weights), all lie on the 4-bit grid (a8.lies_on_4bit_grid)."""
+    source = open_checkpoint(loaded.model_dir)
+    if source is not None:
+        names = [k for k in source if ".layers.0." in k and k.endswith("proj.weight")]
+        weights = [source.tensor(name) for name in names]
+    else:
+        weights = [
+            module.weight.detach()
+            for name, module in loaded.model.named_modules()
+            if ".layers.0." in f".{name}." and isinstance(module, torch.nn.Linear)
+            and not is_bnb(module)
+        ]  # fmt: skip
+    fits = [w for w in weights if w.dim() == 2 and w.shape[1] % a8.GROUP == 0]
+    return bool(fits) and all(a8.lies_on_4bit_grid(w) for w in fits)
 
 
 def is_cpu(device) -> bool:

@@ -266,19 +266,34 @@ def test_int4_packs_the_bundled_layout_exactly():
 
 
 @pytest.mark.parametrize("fixture", ["tiny", "tiny_bf16"])
-def test_auto_weights_are_w4a8_on_cpu_in_either_compute_dtype(fixture, request):
-    """auto: ragtune's w4a8 kernel where it builds, torch's int4 kernel where it cannot
-    (no compiler): the same 4-bit grid either way."""
-    from server.engine import w4a8
+def test_auto_weights_keep_the_checkpoints_precision_in_either_compute_dtype(fixture, request):
+    """auto, where ragtune's a8 kernel builds: w4a8 for layers already on a 4-bit grid (a
+    Q4_0/Q4_1 GGUF, as the bundled SmolLM2), w8a8 for any other checkpoint (random float
+    weights here); torch's int4 kernel where the a8 kernel cannot run (no compiler)."""
+    import copy
 
-    expected = "w4a8" if w4a8.unavailable_reason() is None else "int4"
-    assert runner_for(request.getfixturevalue(fixture), weights="auto").model.weights == expected
+    from server.engine import a8
+    from server.engine.quantize import group_grid
+
+    loaded = request.getfixturevalue(fixture)
+    if a8.unavailable_reason() is not None:
+        assert runner_for(loaded, weights="auto").model.weights == "int4"
+        return
+    assert runner_for(loaded, weights="auto").model.weights == "w8a8"
+    snapped = copy.deepcopy(loaded.model)
+    for module in snapped.model.layers.modules():
+        if isinstance(module, torch.nn.Linear):
+            codes, scale, offset = group_grid(module.weight.detach(), 32, 4)
+            grouped = codes.float().view(*scale.shape, 32) * scale[..., None] + offset[..., None]
+            module.weight.data = grouped.view_as(module.weight).to(module.weight.dtype)
+    on_grid = LoadedModel(snapped, None, None, "f" * 64, "cpu", loaded.dtype, "none")
+    assert runner_for(on_grid, weights="auto").model.weights == "w4a8"
 
 
 def test_auto_weights_fall_back_to_int4_and_say_why(tiny, monkeypatch, caplog):
-    from server.engine import w4a8
+    from server.engine import a8
 
-    monkeypatch.setattr(w4a8, "unavailable_reason", lambda: "no C++ compiler (g++ or $CXX)")
+    monkeypatch.setattr(a8, "unavailable_reason", lambda: "no C++ compiler (g++ or $CXX)")
     with caplog.at_level("WARNING"):
         assert decode_weights(EngineConfig(weights="auto"), tiny) == "int4"
     assert "no C++ compiler" in caplog.text

@@ -1,4 +1,5 @@
-// int4 weights x int8 activations for decode rows on x86 CPUs (engine.weights: w4a8).
+// int4 (or int8) weights x int8 activations for decode rows on x86 CPUs (engine.weights:
+// w4a8, w8a8g).
 //
 // Why: torch's int4 CPU kernel makes one pass over the weights per row, so a 16-row decode
 // step reads them 16 times; here each weight block is read once and multiplied with every
@@ -12,7 +13,9 @@
 // Layout (packed by server/engine/w4a8.py): the output channels in blocks of 16; for block
 // b and group g, 256 bytes: 4 vectors of 64 bytes, lane l (bytes 4l..4l+3) holding channel
 // 16b+l's codes for inputs 32g+8v+p (low nibble) and 32g+8v+4+p (high nibble), p = 0..3.
-// params[b][g] = 16 float32 scales, then 16 float32 offsets: w = code * scale + offset.
+// 8-bit codes: 512 bytes, 8 vectors of 64 bytes, vector q's lane l holding channel 16b+l's
+// codes for inputs 32g+4q+p. params[b][g] = 16 float32 scales, then 16 float32 offsets:
+// w = code * scale + offset.
 
 #include <immintrin.h>
 #include <omp.h>
@@ -105,38 +108,69 @@ __attribute__((target("avx2,fma"))) inline void store8(void* out, bool bf16, int
   }
 }
 
+// The group's codes as 8 vectors of quads (quad q: inputs 4q..4q+3 of the group, lane l
+// holding channel l's four codes): 4-bit codes unpack from 4 vectors of nibbles, 8-bit
+// codes are 8 vectors as stored. `Half` picks the 32-byte half of each vector (AVX2).
+template <int Bits>
+constexpr int64_t kGroupBytes = Bits == 4 ? 256 : 512;
+
 // AVX2: a block's 16 lanes as two halves of 8; pairs of u8 x s8 products summed in int16
 // (8 quads of 4-bit codes times int8: at most 8 * 2 * 15 * 127 = 30,480, no saturation).
-template <int Rows>
+// 8-bit codes go through the same path as their two nibbles: sum = 16 * high + low.
+template <int Bits>
+__attribute__((target("avx2,fma"))) inline __m256i group_sums_avx2(const uint8_t* codes,
+                                                                   int half,
+                                                                   const int32_t* quads) {
+  const __m256i nibble = _mm256_set1_epi8(0x0f);
+  const __m256i ones = _mm256_set1_epi16(1);
+  if constexpr (Bits == 4) {
+    __m256i pairs = _mm256_setzero_si256();
+    for (int v = 0; v < 4; ++v) {
+      const __m256i raw =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 64 * v + 32 * half));
+      const __m256i low = _mm256_and_si256(raw, nibble);
+      const __m256i high = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nibble);
+      pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(low, _mm256_set1_epi32(quads[2 * v])));
+      pairs = _mm256_add_epi16(pairs,
+                               _mm256_maddubs_epi16(high, _mm256_set1_epi32(quads[2 * v + 1])));
+    }
+    return _mm256_madd_epi16(pairs, ones);
+  } else {
+    __m256i low_pairs = _mm256_setzero_si256();
+    __m256i high_pairs = _mm256_setzero_si256();
+    for (int q = 0; q < 8; ++q) {
+      const __m256i raw =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 64 * q + 32 * half));
+      const __m256i quad = _mm256_set1_epi32(quads[q]);
+      low_pairs = _mm256_add_epi16(low_pairs,
+                                   _mm256_maddubs_epi16(_mm256_and_si256(raw, nibble), quad));
+      high_pairs = _mm256_add_epi16(
+          high_pairs,
+          _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(raw, 4), nibble), quad));
+    }
+    return _mm256_add_epi32(_mm256_slli_epi32(_mm256_madd_epi16(high_pairs, ones), 4),
+                            _mm256_madd_epi16(low_pairs, ones));
+  }
+}
+
+template <int Bits, int Rows>
 __attribute__((target("avx2,fma"))) void tile_avx2(const QuantizedRows& a, int64_t row0,
                                                    int64_t inputs, const uint8_t* block,
                                                    const float* params, int64_t outputs,
                                                    int64_t column, void* out, bool bf16) {
   const int64_t groups = inputs / kGroup;
-  const __m256i nibble = _mm256_set1_epi8(0x0f);
-  const __m256i ones = _mm256_set1_epi16(1);
   for (int half = 0; half < 2; ++half) {
     __m256 acc[Rows];
     for (int r = 0; r < Rows; ++r) acc[r] = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
-      const uint8_t* codes = block + g * 256 + half * 32;
-      __m256i w[8];
-      for (int v = 0; v < 4; ++v) {
-        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 64 * v));
-        w[2 * v] = _mm256_and_si256(raw, nibble);
-        w[2 * v + 1] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nibble);
-      }
+      const uint8_t* codes = block + g * kGroupBytes<Bits>;
       const __m256 scale = _mm256_loadu_ps(params + g * 32 + half * 8);
       const __m256 offset = _mm256_loadu_ps(params + g * 32 + 16 + half * 8);
       for (int r = 0; r < Rows; ++r) {
         const int64_t row = row0 + r;
         const int32_t* quads =
             reinterpret_cast<const int32_t*>(a.codes.data() + row * inputs + g * kGroup);
-        __m256i pairs = _mm256_maddubs_epi16(w[0], _mm256_set1_epi32(quads[0]));
-        for (int q = 1; q < 8; ++q) {
-          pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(w[q], _mm256_set1_epi32(quads[q])));
-        }
-        const __m256 sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+        const __m256 sums = _mm256_cvtepi32_ps(group_sums_avx2<Bits>(codes, half, quads));
         const __m256 row_scale = _mm256_mul_ps(scale, _mm256_set1_ps(a.scales[row * groups + g]));
         acc[r] = _mm256_fmadd_ps(sums, row_scale, acc[r]);
         acc[r] = _mm256_fmadd_ps(offset, _mm256_set1_ps(a.scaled_sums[row * groups + g]), acc[r]);
@@ -148,8 +182,9 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const QuantizedRows& a, int64
   }
 }
 
-// AVX-512 VNNI: a block's 16 lanes in one register, vpdpbusd sums 4 products per lane exactly.
-template <int Rows>
+// AVX-512 VNNI: a block's 16 lanes in one register, vpdpbusd sums 4 products per lane exactly
+// (in int32, without saturation, for 8-bit codes too).
+template <int Bits, int Rows>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) void tile_vnni(
     const QuantizedRows& a, int64_t row0, int64_t inputs, const uint8_t* block,
     const float* params, int64_t outputs, int64_t column, void* out, bool bf16) {
@@ -158,12 +193,16 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) void ti
   __m512 acc[Rows];
   for (int r = 0; r < Rows; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    const uint8_t* codes = block + g * 256;
+    const uint8_t* codes = block + g * kGroupBytes<Bits>;
     __m512i w[8];
-    for (int v = 0; v < 4; ++v) {
-      const __m512i raw = _mm512_loadu_si512(codes + 64 * v);
-      w[2 * v] = _mm512_and_si512(raw, nibble);
-      w[2 * v + 1] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nibble);
+    if constexpr (Bits == 4) {
+      for (int v = 0; v < 4; ++v) {
+        const __m512i raw = _mm512_loadu_si512(codes + 64 * v);
+        w[2 * v] = _mm512_and_si512(raw, nibble);
+        w[2 * v + 1] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nibble);
+      }
+    } else {
+      for (int q = 0; q < 8; ++q) w[q] = _mm512_loadu_si512(codes + 64 * q);
     }
     const __m512 scale = _mm512_loadu_ps(params + g * 32);
     const __m512 offset = _mm512_loadu_ps(params + g * 32 + 16);
@@ -196,12 +235,17 @@ using Tile = void (*)(const QuantizedRows&, int64_t, int64_t, const uint8_t*, co
 
 constexpr int kMaxTile = 8;
 
-Tile avx2_tiles[kMaxTile + 1] = {nullptr,      tile_avx2<1>, tile_avx2<2>, tile_avx2<3>,
-                                 tile_avx2<4>, tile_avx2<5>, tile_avx2<6>, tile_avx2<7>,
-                                 tile_avx2<8>};
-Tile vnni_tiles[kMaxTile + 1] = {nullptr,      tile_vnni<1>, tile_vnni<2>, tile_vnni<3>,
-                                 tile_vnni<4>, tile_vnni<5>, tile_vnni<6>, tile_vnni<7>,
-                                 tile_vnni<8>};
+// tiles[isa is VNNI][bits is 8][rows]
+template <int Bits>
+constexpr Tile kAvx2Tiles[kMaxTile + 1] = {
+    nullptr,           tile_avx2<Bits, 1>, tile_avx2<Bits, 2>, tile_avx2<Bits, 3>,
+    tile_avx2<Bits, 4>, tile_avx2<Bits, 5>, tile_avx2<Bits, 6>, tile_avx2<Bits, 7>,
+    tile_avx2<Bits, 8>};
+template <int Bits>
+constexpr Tile kVnniTiles[kMaxTile + 1] = {
+    nullptr,           tile_vnni<Bits, 1>, tile_vnni<Bits, 2>, tile_vnni<Bits, 3>,
+    tile_vnni<Bits, 4>, tile_vnni<Bits, 5>, tile_vnni<Bits, 6>, tile_vnni<Bits, 7>,
+    tile_vnni<Bits, 8>};
 
 bool has_vnni() {
   static const bool vnni = __builtin_cpu_supports("avx512f") &&
@@ -216,26 +260,29 @@ bool has_vnni() {
 extern "C" {
 
 // 2: AVX-512 VNNI, 1: AVX2, 0: neither (the caller must not use this kernel)
-int w4a8_isa() {
+int a8_isa() {
   if (has_vnni()) return 2;
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
 }
 
-// out[rows, outputs] = x[rows, inputs] @ W^T; x and out bf16 (1) or float32 (0);
-// isa: 0 the best this CPU has, else as w4a8_isa numbers it.
-void w4a8_linear(const void* x, int x_bf16, int64_t rows, int64_t inputs, const uint8_t* packed,
+// out[rows, outputs] = x[rows, inputs] @ W^T; x and out bf16 (1) or float32 (0); bits: 4
+// (nibbles) or 8 (bytes); isa: 0 the best this CPU has, else as a8_isa numbers it.
+void a8_linear(const void* x, int x_bf16, int64_t rows, int64_t inputs, const uint8_t* packed,
                  const float* params, int64_t outputs, void* out, int out_bf16, int threads,
-                 int isa) {
+                 int isa, int bits) {
   thread_local QuantizedRows quantized;  // reused across calls; shared by the team below
   QuantizedRows& a = quantized;
   quantize_rows(x, x_bf16 != 0, rows, inputs, a);
-  const Tile* tiles = (isa == 0 ? w4a8_isa() : isa) == 2 ? vnni_tiles : avx2_tiles;
+  const bool vnni = (isa == 0 ? a8_isa() : isa) == 2;
+  const Tile* tiles = bits == 8 ? (vnni ? kVnniTiles<8> : kAvx2Tiles<8>)
+                                : (vnni ? kVnniTiles<4> : kAvx2Tiles<4>);
+  const int64_t group_bytes = bits == 8 ? kGroupBytes<8> : kGroupBytes<4>;
   const int64_t blocks = outputs / kLanes;
   const int64_t groups = inputs / kGroup;
   const bool bf16 = out_bf16 != 0;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t b = 0; b < blocks; ++b) {
-    const uint8_t* block = packed + b * groups * 256;
+    const uint8_t* block = packed + b * groups * group_bytes;
     const float* block_params = params + b * groups * 2 * kLanes;
     for (int64_t row0 = 0; row0 < rows; row0 += kMaxTile) {
       const int64_t count = rows - row0 < kMaxTile ? rows - row0 : kMaxTile;

@@ -1,18 +1,18 @@
-"""The w4a8 kernel (server/engine/csrc/w4a8.cpp): int4 weights times int8 activations, built
-with the system compiler. What the engine relies on: the int4 grid's products to float32
-rounding, and a row's bits independent of the other rows, the thread count and the
-instruction set."""
+"""The a8 kernel (server/engine/csrc/a8_linear.cpp): 4- or 8-bit weights times int8
+activations, built with the system compiler. What the engine relies on: the weight grid's
+products to float32 rounding, and a row's bits independent of the other rows, the thread
+count and the instruction set."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from server.engine import w4a8
-from server.engine.w4a8 import W4A8Linear
+from server.engine import a8
+from server.engine.a8 import A8Linear, lies_on_4bit_grid
 
 pytestmark = pytest.mark.skipif(
-    w4a8.unavailable_reason() is not None, reason=f"w4a8 kernel: {w4a8.unavailable_reason()}"
+    a8.unavailable_reason() is not None, reason=f"a8 kernel: {a8.unavailable_reason()}"
 )
 
 SHAPES = [(64, 96), (160, 576), (48, 2048)]
@@ -27,12 +27,13 @@ def quantized_rows(x: torch.Tensor) -> torch.Tensor:
     return (codes.double() * (amax.double() / 127)).view_as(x)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(("out_features", "in_features"), SHAPES)
-def test_products_are_the_int4_grid_times_int8_rows(dtype, out_features, in_features):
+def test_products_are_the_weight_grid_times_int8_rows(bits, dtype, out_features, in_features):
     torch.manual_seed(0)
     weight = (torch.randn(out_features, in_features) * 0.05).to(dtype)
-    linear = W4A8Linear(weight)
+    linear = A8Linear(weight, bits)
     x = torch.randn(13, in_features).to(dtype)
     out = linear(x)
     assert out.dtype == dtype and out.shape == (13, out_features)
@@ -45,17 +46,19 @@ def test_products_are_the_int4_grid_times_int8_rows(dtype, out_features, in_feat
     assert (out.double() - unquantized).abs().max().item() <= 0.02 * scale
 
 
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_a_row_has_the_same_bits_alone_in_any_batch_thread_count_and_instruction_set(dtype):
+def test_a_row_has_the_same_bits_alone_in_any_batch_thread_count_and_instruction_set(bits, dtype):
     torch.manual_seed(1)
     weight = (torch.randn(160, 576) * 0.05).to(dtype)
-    isas = [1, 2] if w4a8.library().w4a8_isa() == 2 else [1]
+    weight[:, :32] *= 40  # 8-bit codes near 0 and 255 in some groups: no int16 saturation
+    isas = [1, 2] if a8.library().a8_isa() == 2 else [1]
     batch = torch.randn(19, 576).to(dtype)  # two full tiles of 8 rows and a remainder
-    reference = W4A8Linear(weight, isa=isas[0])(batch)
+    reference = A8Linear(weight, bits, isa=isas[0])(batch)
     threads = torch.get_num_threads()
     try:
         for isa in isas:
-            linear = W4A8Linear(weight, isa=isa)
+            linear = A8Linear(weight, bits, isa=isa)
             for count in (1, 2):
                 torch.set_num_threads(count)
                 assert torch.equal(linear(batch), reference)
@@ -76,27 +79,32 @@ def test_the_bundled_q4_1_layout_packs_exactly():
     scale = torch.rand(64, 3, 1) * 0.01 + 0.001
     low = torch.randn(64, 3, 1) * 0.01
     weight = (codes.view(64, 3, 32) * scale + low).view(64, 96)
-    linear = W4A8Linear(weight)
+    linear = A8Linear(weight, 4)
     torch.testing.assert_close(linear.dense, weight, rtol=1e-5, atol=1e-6)
     x = torch.randn(4, 96)
     torch.testing.assert_close(linear(x), (quantized_rows(x) @ weight.double().t()).float())
+    # which is how `engine.weights: auto` tells a 4-bit checkpoint (w4a8) from others (w8a8)
+    assert lies_on_4bit_grid(weight) and lies_on_4bit_grid(weight.bfloat16())
+    five_bit = (torch.randint(0, 32, (64, 96)).float().view(64, 3, 32) * scale + low).view(64, 96)
+    assert not lies_on_4bit_grid(five_bit)
+    assert not lies_on_4bit_grid(torch.randn(64, 96))
 
 
 def test_wide_prompt_chunks_use_the_same_grid_dequantized():
     torch.manual_seed(0)
     weight = torch.randn(64, 96) * 0.05
-    linear = W4A8Linear(weight)
+    linear = A8Linear(weight, 8)
     x = torch.randn(40, 96)
     torch.testing.assert_close(linear(x, wide=True), x @ linear.dense.t())
 
 
 def test_other_dtypes_are_refused_with_a_reason():
-    linear = W4A8Linear(torch.randn(32, 64) * 0.05)
+    linear = A8Linear(torch.randn(32, 64) * 0.05, 4)
     with pytest.raises(TypeError, match="bf16 or fp32"):
         linear(torch.randn(2, 64, dtype=torch.float16))
 
 
 def test_a_missing_compiler_is_named(monkeypatch):
     monkeypatch.setenv("CXX", "/nonexistent/g++")
-    with pytest.raises(w4a8.KernelUnavailable, match="C\\+\\+ compiler"):
-        w4a8._compiler()
+    with pytest.raises(a8.KernelUnavailable, match="C\\+\\+ compiler"):
+        a8._compiler()

@@ -1,0 +1,189 @@
+"""4- or 8-bit weights x int8 activations for decode rows (`engine.weights: w4a8`, `w8a8`): the
+C++ kernel in csrc/a8_linear.cpp, built once per machine with the system C++ compiler and
+loaded with ctypes.
+
+Why a kernel of our own: torch's int4 CPU kernel makes one pass over the weights per row
+(16 rows cost 16 times one), oneDNN's int8 GEMM reads them once per batch but has a fixed
+cost per call that loses at one row. This one reads the weights once per call for every row,
+with exact integer dot products (AVX-512 VNNI, else AVX2), so a row's result depends on that
+row alone. llama.cpp multiplies its quantized formats the same way (activations in int8
+blocks of 32). No torch headers: a plain shared library builds in about 2 s and shares
+torch's OpenMP runtime (same soname, already loaded), so its threads are torch's."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from server.engine.quantize import group_grid
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "a8_linear.cpp"
+FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
+ISA_NAMES = {1: "avx2", 2: "avx512-vnni"}
+GROUP = 32  # input channels per weight scale and per activation scale
+LANES = 16  # output channels per packed block
+
+
+class KernelUnavailable(RuntimeError):
+    """The kernel cannot run here (no C++ compiler, or a CPU without AVX2)."""
+
+
+def cache_dir() -> Path:
+    """Built kernels live per machine, outside any RAGTUNE_HOME (tests use many homes)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ragtune" / "kernels"
+
+
+def _compiler() -> str:
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        raise KernelUnavailable("no C++ compiler (g++ or $CXX) to build the a8 kernel")
+    return compiler
+
+
+def _build(compiler: str) -> Path:
+    """The shared library for this source, compiler and flags: built once, atomically (a
+    temporary file renamed into place), so concurrent servers never load half a file."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + " ".join(FLAGS).encode())
+    target = cache_dir() / f"a8_linear-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(handle)
+    try:
+        done = subprocess.run(
+            [compiler, *FLAGS, str(SOURCE), "-o", partial], capture_output=True, text=True
+        )
+        if done.returncode != 0:
+            raise KernelUnavailable(f"building the a8 kernel failed: {done.stderr[-2000:]}")
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    logger.info("built the a8 kernel: %s", target)
+    return target
+
+
+@functools.cache
+def library() -> ctypes.CDLL:
+    """The loaded kernel library (raises KernelUnavailable with the reason)."""
+    lib = ctypes.CDLL(str(_build(_compiler())))
+    lib.a8_isa.restype = ctypes.c_int
+    lib.a8_linear.restype = None
+    lib.a8_linear.argtypes = [
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+        ctypes.c_int, ctypes.c_int,
+    ]  # fmt: skip
+    if lib.a8_isa() == 0:
+        raise KernelUnavailable("the a8 kernel needs AVX2 and FMA, which this CPU lacks")
+    return lib
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernel cannot run on this machine, or None where it can."""
+    try:
+        library()
+    except (KernelUnavailable, OSError) as error:
+        return str(error)
+    return None
+
+
+@functools.cache
+def chosen_isa() -> int:
+    """AVX-512 VNNI (2) where the CPU has it and ragtune's detection allows it (capped like
+    torch's kernels by ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA: how tests emulate the AVX2
+    kind), else AVX2 (1). Both give the same bits; only the speed differs."""
+    from ragtune.hardware import detect
+
+    vnni = library().a8_isa() == 2 and "avx512_vnni" in detect().features
+    return 2 if vnni else 1
+
+
+def isa() -> str:
+    """The instruction set the kernel uses here (for logs and the engine info metric)."""
+    return ISA_NAMES[chosen_isa()]
+
+
+def pack(
+    codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """group_grid's codes [out, in] and per-group scale/offset [out, groups] in the kernel's
+    layout (csrc/a8_linear.cpp): codes [out/16, groups, 8 quads, 16 lanes, 4] as bytes (bits
+    8) or nibbles two quads to a byte (bits 4), and float32 params [out/16, groups, 2, 16]."""
+    out_features, in_features = codes.shape
+    blocks, groups = out_features // LANES, in_features // GROUP
+    # channel = 16 * block + lane; input = 32 * group + 4 * quad + byte
+    quads = codes.to(torch.uint8).view(blocks, LANES, groups, 8, 4).permute(0, 2, 3, 1, 4)
+    if bits == 4:  # quads 2v and 2v+1 share vector v: low and high nibble
+        pairs = quads.reshape(blocks, groups, 4, 2, LANES, 4)
+        packed = pairs[:, :, :, 0] | (pairs[:, :, :, 1] << 4)
+    else:
+        packed = quads
+    params = torch.stack([scale.float(), offset.float()])  # [2, out, groups]
+    params = params.view(2, blocks, LANES, groups).permute(1, 3, 0, 2)
+    return packed.contiguous(), params.contiguous()
+
+
+class A8Linear:
+    """Weights on a grid of `bits` (4 or 8) bits in groups of 32 input channels (a scale and
+    an offset each: GGUF Q4_1's layout at 4 bits), packed for the kernel; activations
+    quantized to int8 per block of 32 inside it. Prompt chunks of many rows use the same grid
+    dequantized (the dense GEMM, as Int4Linear's)."""
+
+    GROUP = GROUP
+
+    def __init__(self, weight: torch.Tensor, bits: int, isa: int | None = None):
+        self.lib = library()
+        self.bits = bits
+        self.isa = isa or chosen_isa()  # 1: AVX2, 2: AVX-512 VNNI (tests force either)
+        codes, scale, offset = group_grid(weight, GROUP, bits)
+        self.out_features, self.in_features = weight.shape
+        self.codes, self.params = pack(codes, scale, offset, bits)
+        grouped = codes.float().view(self.out_features, -1, GROUP)
+        dense = grouped * scale[..., None] + offset[..., None]
+        self.dense = dense.view_as(weight).to(weight.dtype)
+
+    @classmethod
+    def fits(cls, weight: torch.Tensor) -> bool:
+        return weight.shape[1] % GROUP == 0 and weight.shape[0] % LANES == 0
+
+    def __call__(self, x: torch.Tensor, wide: bool = False) -> torch.Tensor:
+        if wide:
+            return F.linear(x, self.dense)
+        if x.dtype not in (torch.bfloat16, torch.float32):
+            raise TypeError(f"the a8 kernel takes bf16 or fp32 rows, not {x.dtype}")
+        rows = x.reshape(-1, self.in_features).contiguous()
+        out = torch.empty(rows.shape[0], self.out_features, dtype=x.dtype)
+        bf16 = int(x.dtype == torch.bfloat16)
+        self.lib.a8_linear(
+            rows.data_ptr(), bf16, rows.shape[0], self.in_features, self.codes.data_ptr(),
+            self.params.data_ptr(), self.out_features, out.data_ptr(), bf16,
+            torch.get_num_threads(), self.isa, self.bits,
+        )  # fmt: skip
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+def lies_on_4bit_grid(weight: torch.Tensor) -> bool:
+    """Whether the 4-bit grid (groups of 32, a scale and a minimum each) reproduces `weight`
+    up to its own rounding: true of a checkpoint converted from a Q4_0/Q4_1 GGUF (every group
+    already spans 16 levels), false of 5- to 16-bit weights, whose re-rounding to 4 bits costs
+    quality (Gemma 3 270M's Q5_0/Q6_K/Q8_0 layers: perplexity +34 %, docs/performance.md)."""
+    codes, scale, offset = group_grid(weight, GROUP, 4)
+    grouped = weight.float().view(weight.shape[0], -1, GROUP)
+    error = grouped - (codes.float().view_as(grouped) * scale[..., None] + offset[..., None])
+    return bool(error.abs().mean() <= 0.05 * scale.mean())
