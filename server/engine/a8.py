@@ -29,7 +29,8 @@ from server.engine.quantize import group_grid
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "a8_linear.cpp"
+# one shared library: the a8 GEMM and the decode LoRA rows (engine/lora_rowwise.py)
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("a8_linear.cpp", "lora_rows.cpp")]
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
 ISA_NAMES = {1: "avx2", 2: "avx512-vnni"}
 GROUP = 32  # input channels per weight scale and per activation scale
@@ -57,8 +58,9 @@ def _build(compiler: str) -> Path:
     """The shared library for this source, compiler and flags: built once, atomically (a
     temporary file renamed into place), so concurrent servers never load half a file."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + " ".join(FLAGS).encode())
-    target = cache_dir() / f"a8_linear-{key.hexdigest()[:16]}.so"
+    text = b"".join(source.read_bytes() for source in SOURCES)
+    key = hashlib.sha256(text + version.encode() + " ".join(FLAGS).encode())
+    target = cache_dir() / f"ragtune_kernels-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -66,7 +68,7 @@ def _build(compiler: str) -> Path:
     os.close(handle)
     try:
         done = subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", partial], capture_output=True, text=True
+            [compiler, *FLAGS, *map(str, SOURCES), "-o", partial], capture_output=True, text=True
         )
         if done.returncode != 0:
             raise KernelUnavailable(f"building the a8 kernel failed: {done.stderr[-2000:]}")
@@ -88,6 +90,12 @@ def library() -> ctypes.CDLL:
         ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
         ctypes.c_int, ctypes.c_int,
+    ]  # fmt: skip
+    lib.lora_rows.restype = None
+    lib.lora_rows.argtypes = [
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
     ]  # fmt: skip
     if lib.a8_isa() == 0:
         raise KernelUnavailable("the a8 kernel needs AVX2 and FMA, which this CPU lacks")

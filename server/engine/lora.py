@@ -19,7 +19,15 @@ from typing import NamedTuple
 import torch
 
 from server.engine.lora_graph import EverySlotTerms, add_every_slot
-from server.engine.lora_rowwise import RowwisePair, RowwiseTerms, add_rowwise, pack_pair
+from server.engine.lora_rowwise import (
+    KernelRows,
+    RowwisePair,
+    RowwiseTerms,
+    SlotTable,
+    add_rowwise,
+    kernel_supported,
+    pack_pair,
+)
 from server.engine.sparse import SparseAdapterWeights, SparseTerms, add_sparse, group_matrices
 
 # Fused projection groups of the forward and the PEFT module names inside each, in the order
@@ -109,6 +117,11 @@ class LoraSlots:
         self.sparse: dict[int, dict[tuple[int, str], torch.Tensor]] = {}
         # slot -> per layer: group -> int8 pair, for LoRA slots when rowwise_decode
         self.rowwise: dict[int, list[dict[str, RowwisePair]]] = {}
+        # ... and as per layer, group: pointers by slot, where csrc/lora_rows.cpp runs
+        self.tables: list[dict[str, SlotTable]] | None = None
+        widths = [len(modules) * max_rank for modules in groups.values()]
+        if rowwise_decode and kernel_supported(module_shapes, widths):
+            self.tables = [{g: SlotTable(num_slots) for g in groups} for _ in range(num_layers)]
 
     @property
     def nbytes(self) -> int:
@@ -142,6 +155,10 @@ class LoraSlots:
                 self.prompt_b[group][:, slot] = self.b[group][:, slot]
         if self.rowwise_decode:
             self.rowwise[slot] = self._rowwise_pairs(slot, adapter)
+            if self.tables is not None:
+                for layer, tables in enumerate(self.tables):
+                    for group, table in tables.items():
+                        table.set(slot, self.rowwise[slot][layer].get(group))
 
     def _rowwise_pairs(self, slot: int, adapter: AdapterWeights) -> list[dict[str, RowwisePair]]:
         """The slot's factors as int8 pairs, per layer and group, over the columns it fills."""
@@ -159,6 +176,10 @@ class LoraSlots:
 
     def clear(self, slot: int) -> None:
         self.sparse.pop(slot, None)
+        if self.tables is not None and slot in self.rowwise:
+            for tables in self.tables:
+                for table in tables.values():
+                    table.set(slot, None)
         self.rowwise.pop(slot, None)
         for group in self.groups:
             self.a[group][:, slot] = 0
@@ -196,7 +217,12 @@ class LoraSlots:
             which = torch.tensor(used, device=self.device)
             dtype = self.dtype if decode else self.prompt_dtype
             mask = (which[:, None] == row_slots[None, :]).to(dtype)[:, :, None]
-        return LoraBatch(self, select, mask, len(slots), active, sparse, rowwise, not decode)
+        row_slot = None
+        if rowwise and self.tables is not None:  # csrc/lora_rows.cpp: each row's slot
+            row_slot = torch.tensor([s if s in rowwise else -1 for s in slots], dtype=torch.int32)
+        return LoraBatch(
+            self, select, mask, len(slots), active, sparse, rowwise, not decode, row_slot
+        )
 
 
 def _rows_of(slots: list[int], slot: int) -> torch.Tensor:
@@ -217,7 +243,7 @@ class LayerAdapters(NamedTuple):
 
     lora: dict[str, GroupLora]
     sparse: dict[str, SparseTerms]
-    rowwise: dict[str, RowwiseTerms]
+    rowwise: dict[str, RowwiseTerms | KernelRows]
     # every slot on every row, masked (captured decode steps: engine/lora_graph.py)
     every_slot: dict[str, EverySlotTerms] | None = None
 
@@ -236,6 +262,7 @@ class LoraBatch:
         sparse: dict[int, torch.Tensor | None],  # sparse slot -> its rows (None: all)
         rowwise: dict[int, torch.Tensor | None] | None = None,  # rowwise slot -> its rows
         prompt: bool = False,  # prompt chunks: the slots' prompt_dtype factors
+        row_slot: torch.Tensor | None = None,  # rowwise rows' slots for csrc/lora_rows.cpp
     ):
         self.slots = slots
         self.select = select
@@ -245,6 +272,7 @@ class LoraBatch:
         self.sparse = sparse
         self.rowwise = rowwise or {}
         self.prompt = prompt
+        self.row_slot = row_slot
 
     @property
     def rowwise_only(self) -> bool:
@@ -256,6 +284,7 @@ class LoraBatch:
         """The same view for `times` copies of a one-row batch."""
         mask = None if self.mask is None else self.mask.repeat(1, times, 1)
         # a lone row uses its sparse adapter (rows None) or has none: nothing to repeat
+        row_slot = None if self.row_slot is None else self.row_slot.repeat(times)
         return LoraBatch(
             self.slots,
             self.select,
@@ -264,6 +293,7 @@ class LoraBatch:
             self.active_groups,
             self.sparse,
             self.rowwise,
+            row_slot=row_slot,
         )
 
     def pad_rows(self, rows: int) -> LoraBatch:
@@ -276,8 +306,18 @@ class LoraBatch:
         mask = self.mask
         if mask is not None:
             mask = torch.cat((mask, mask.new_zeros(mask.shape[0], extra, 1)), dim=1)
+        row_slot = self.row_slot
+        if row_slot is not None:
+            row_slot = torch.cat((row_slot, row_slot.new_full((extra,), -1)))
         return LoraBatch(
-            self.slots, self.select, mask, rows, self.active_groups, self.sparse, self.rowwise
+            self.slots,
+            self.select,
+            mask,
+            rows,
+            self.active_groups,
+            self.sparse,
+            self.rowwise,
+            row_slot=row_slot,
         )
 
     def layer(self, index: int) -> LayerAdapters:
@@ -298,10 +338,15 @@ class LoraBatch:
             for (layer, group), matrix in self.slots.sparse[slot].items():
                 if layer == index:
                     sparse.setdefault(group, []).append((rows, matrix))
-        rowwise: dict[str, RowwiseTerms] = {}
-        for slot, rows in self.rowwise.items():
-            for group, pair in self.slots.rowwise[slot][index].items():
-                rowwise.setdefault(group, []).append((rows, pair))
+        rowwise: dict[str, RowwiseTerms | KernelRows] = {}
+        if self.row_slot is not None and slots.tables is not None:
+            for group, table in slots.tables[index].items():
+                if table.holds_any(self.rowwise):
+                    rowwise[group] = KernelRows(self.row_slot, table)
+        else:
+            for slot, rows in self.rowwise.items():
+                for group, pair in self.slots.rowwise[slot][index].items():
+                    rowwise.setdefault(group, []).append((rows, pair))
         return LayerAdapters(lora, sparse, rowwise)
 
 

@@ -7,7 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.engine.lora_rowwise import INNER_MULTIPLE, add_rowwise, pack_pair
+from server.engine import a8
+from server.engine.lora_rowwise import (
+    INNER_MULTIPLE,
+    KernelRows,
+    SlotTable,
+    add_rowwise,
+    pack_pair,
+)
 from tests.engine.test_runner import (  # noqa: F401  (tiny, tiny_bf16: fixtures)
     PROMPTS,
     generate,
@@ -41,6 +48,44 @@ def test_the_kernel_computes_each_row_on_its_own():
     # and it is the float product to int8 rounding
     exact = (x.float() @ a) @ b
     assert (some[rows].float() - exact[rows]).abs().max() < 0.02 * exact.abs().max()
+
+
+@pytest.mark.skipif(a8.unavailable_reason() is not None, reason="ragtune's kernels do not build")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_lora_rows_kernel_adds_each_rows_own_slot_in_one_call(dtype):
+    """csrc/lora_rows.cpp: rows of two slots (different widths) and base rows in one call;
+    a row's bits are those it gets alone and with any thread count, base rows get nothing,
+    and each slot's rows get what torch's int8 route gives them, to rounding."""
+    torch.manual_seed(0)
+    pairs = {
+        0: pack_pair(torch.randn(64, 24) * 0.1, torch.randn(24, 96) * 0.1, list(range(24))),
+        2: pack_pair(torch.randn(64, 40) * 0.1, torch.randn(40, 96) * 0.1, list(range(40))),
+    }
+    table = SlotTable(3)
+    for slot, pair in pairs.items():
+        table.set(slot, pair)
+    slots = [0, -1, 2, 0, 2, 2, -1, 0, 1, 0]  # slot 1 holds nothing: its row gets nothing
+    row_slot = torch.tensor(slots, dtype=torch.int32)
+    x = torch.randn(len(slots), 64).to(dtype)
+    base = torch.randn(len(slots), 96).to(dtype)
+    every = add_rowwise(KernelRows(row_slot, table), x, base.clone())
+    assert torch.equal(every[[1, 6, 8]], base[[1, 6, 8]])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(add_rowwise(KernelRows(row_slot, table), x, base.clone()), every)
+    finally:
+        torch.set_num_threads(threads)
+    for row in range(len(slots)):
+        alone = add_rowwise(KernelRows(row_slot[row : row + 1], table), x[row : row + 1],
+                            base[row : row + 1].clone())  # fmt: skip
+        assert torch.equal(alone, every[row : row + 1])
+    terms = [
+        (torch.tensor([r for r, s in enumerate(slots) if s == k]), p) for k, p in pairs.items()
+    ]
+    torch_route = add_rowwise(terms, x, base.clone()).float()
+    delta = (torch_route - base.float()).abs().max()
+    assert (every.float() - torch_route).abs().max() < 0.02 * delta
 
 
 @pytest.mark.parametrize("fixture", ["tiny", "tiny_bf16"])

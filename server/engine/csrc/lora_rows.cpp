@@ -1,0 +1,102 @@
+// Decode-time LoRA for every adapter row of a step in one call (server/engine/lora_rowwise.py).
+//
+// Why: a step that mixes adapters ran, per layer and projection group, a gather, two int8
+// GEMMs and a scatter for each adapter slot (4 adapters at c=16: ~1,000 small torch calls a
+// step for SmolLM2). Here each row reads its own slot's int8 factors through a table of
+// pointers indexed by slot, and adds its delta in place: one call per group and layer,
+// whatever the adapter mix. Each row is computed by one thread in one fixed order (float32
+// sums over 8 lanes, reduced the same way every time), so a row's delta depends on the row
+// and its adapter alone, not on its neighbours, the row count or the thread count.
+//
+// Factors per slot (as lora_rowwise.pack_pair rounds them): A [width, inputs] int8 with one
+// float32 scale per row of A, and B transposed, [width, outputs] int8, with one float32 scale
+// per output: t = (A x) * a_scale, delta = (Bᵀ t) * b_scale.
+
+#include <immintrin.h>
+#include <omp.h>
+
+#include <cstdint>
+
+namespace {
+
+__attribute__((target("avx2,fma"))) inline __m256 load8(const void* x, bool bf16, int64_t i) {
+  if (!bf16) return _mm256_loadu_ps(static_cast<const float*>(x) + i);
+  const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(
+      static_cast<const uint16_t*>(x) + i));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
+
+__attribute__((target("avx2,fma"))) inline __m256 int8x8(const int8_t* codes) {
+  const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes));
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+}
+
+__attribute__((target("avx2,fma"))) inline float sum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+__attribute__((target("avx2,fma"))) inline void store_bf16(uint16_t* out, __m256 v) {
+  __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  bits = _mm256_srli_epi32(
+      _mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+  const __m256i words = _mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), 0xd8);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_castsi256_si128(words));
+}
+
+__attribute__((target("avx2,fma"))) void lora_row(const void* x, bool bf16, int64_t row,
+                                                  int64_t inputs, int64_t outputs, void* out,
+                                                  const int8_t* a, const float* a_scales,
+                                                  const int8_t* bt, const float* b_scales,
+                                                  int64_t width) {
+  float t[256];
+  const int64_t at = row * inputs;
+  for (int64_t j = 0; j < width; ++j) {
+    const int8_t* a_row = a + j * inputs;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t k = 0; k < inputs; k += 8) {
+      acc = _mm256_fmadd_ps(int8x8(a_row + k), load8(x, bf16, at + k), acc);
+    }
+    t[j] = sum8(acc) * a_scales[j];
+  }
+  const int64_t base = row * outputs;
+  for (int64_t n = 0; n < outputs; n += 8) {
+    __m256 delta = _mm256_setzero_ps();
+    for (int64_t j = 0; j < width; ++j) {
+      delta = _mm256_fmadd_ps(int8x8(bt + j * outputs + n), _mm256_set1_ps(t[j]), delta);
+    }
+    const __m256 sum = _mm256_fmadd_ps(delta, _mm256_loadu_ps(b_scales + n),
+                                       load8(out, bf16, base + n));
+    if (bf16) {
+      store_bf16(static_cast<uint16_t*>(out) + base + n, sum);
+    } else {
+      _mm256_storeu_ps(static_cast<float*>(out) + base + n, sum);
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// out[rows, outputs] += each row's LoRA delta, x and out both bf16 (1) or float32 (0).
+// row_slot[rows]: the row's slot, -1 for none; the tables, indexed by slot, hold each slot's
+// factors for this layer and group (a null `a` where the slot has none). inputs and outputs
+// are multiples of 8, widths at most 256.
+void lora_rows(const void* x, int bf16, int64_t rows, int64_t inputs, int64_t outputs,
+               void* out, const int32_t* row_slot, const int8_t* const* a,
+               const float* const* a_scales, const int8_t* const* bt,
+               const float* const* b_scales, const int32_t* widths, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t row = 0; row < rows; ++row) {
+    const int32_t slot = row_slot[row];
+    if (slot < 0 || a[slot] == nullptr) continue;
+    lora_row(x, bf16 != 0, row, inputs, outputs, out, a[slot], a_scales[slot], bt[slot],
+             b_scales[slot], widths[slot]);
+  }
+}
+
+}  // extern "C"
