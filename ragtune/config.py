@@ -138,15 +138,14 @@ class EngineConfig(_Section):
     )
     weights: Literal["auto", "dense", "int8", "int4", "w8a8", "w4a8"] = Field(
         "auto",
-        description="Base weights in the compact forward's decode GEMMs: 'int4' (weight-only, "
-        "groups of 32 with scale and offset; the fastest single stream), 'w8a8' (int8 "
-        "weights per channel times int8 activations per row on oneDNN: faster from a few "
-        "rows per step up), 'w4a8' (int4's grid times int8 activations in blocks of 32, "
-        "ragtune's own kernel built once with the system C++ compiler: reads the weights "
-        "once per step for every row), 'int8' (weight-only, per channel), 'dense' (the "
-        "compute dtype), "
-        "or 'auto' (int4 on a CPU, dense on CUDA). Packed kinds are quantized from the "
-        "checkpoint.",
+        description="Base weights in the compact forward's decode GEMMs: 'w4a8' (4-bit "
+        "weights in groups of 32 times int8 activations on ragtune's own kernel, built once "
+        "with the system C++ compiler), 'w8a8' (the same kernel with 8-bit codes; oneDNN's "
+        "per-channel int8 GEMM where it cannot run), 'int4' (torch's int4 kernel, bf16 "
+        "activations), 'int8' (weight-only, per channel), 'dense' (the compute dtype), or "
+        "'auto' (on a CPU: w4a8 where the checkpoint's layers already lie on a 4-bit grid, "
+        "else w8a8, int4 where the kernel cannot be built; dense on CUDA). Packed kinds are "
+        "quantized from the checkpoint.",
     )
     prefix_cache_mb: int = Field(
         256,
