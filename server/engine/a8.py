@@ -30,7 +30,9 @@ from server.engine.quantize import group_grid
 logger = logging.getLogger(__name__)
 
 # one shared library: the a8 GEMM and the decode LoRA rows (engine/lora_rowwise.py)
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("a8_linear.cpp", "lora_rows.cpp")]
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = [CSRC / "a8_linear.cpp", CSRC / "lora_rows.cpp"]
+HEADERS = [CSRC / "vec8.h"]
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
 ISA_NAMES = {1: "avx2", 2: "avx512-vnni"}
 GROUP = 32  # input channels per weight scale and per activation scale
@@ -58,7 +60,7 @@ def _build(compiler: str) -> Path:
     """The shared library for this source, compiler and flags: built once, atomically (a
     temporary file renamed into place), so concurrent servers never load half a file."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    text = b"".join(source.read_bytes() for source in SOURCES)
+    text = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
     key = hashlib.sha256(text + version.encode() + " ".join(FLAGS).encode())
     target = cache_dir() / f"ragtune_kernels-{key.hexdigest()[:16]}.so"
     if target.exists():
@@ -102,8 +104,10 @@ def library() -> ctypes.CDLL:
     return lib
 
 
+@functools.cache
 def unavailable_reason() -> str | None:
-    """Why the kernel cannot run on this machine, or None where it can."""
+    """Why the kernel cannot run on this machine, or None where it can (asked once: a failed
+    build is not retried for every weight)."""
     try:
         library()
     except (KernelUnavailable, OSError) as error:

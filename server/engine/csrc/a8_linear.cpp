@@ -25,7 +25,12 @@
 #include <cstring>
 #include <vector>
 
+#include "vec8.h"
+
 namespace {
+
+using ragtune::load8;
+using ragtune::store8;
 
 constexpr int64_t kGroup = 32;
 constexpr int64_t kLanes = 16;
@@ -37,12 +42,6 @@ struct QuantizedRows {
   std::vector<float> scaled_sums;
 };
 
-__attribute__((target("avx2,fma"))) inline __m256 load8(const void* x, bool bf16, int64_t i) {
-  if (!bf16) return _mm256_loadu_ps(static_cast<const float*>(x) + i);
-  const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(
-      static_cast<const uint16_t*>(x) + i));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
-}
 
 __attribute__((target("avx2,fma"))) void quantize_rows(const void* x, bool bf16, int64_t rows,
                                                        int64_t inputs, QuantizedRows& out) {
@@ -86,25 +85,6 @@ __attribute__((target("avx2,fma"))) void quantize_rows(const void* x, bool bf16,
       out.scales[r * groups + g] = scale;
       out.scaled_sums[r * groups + g] = scale * static_cast<float>(_mm_cvtsi128_si32(s4));
     }
-  }
-}
-
-// float32 -> bfloat16, round to nearest even (torch's conversion for finite values)
-__attribute__((target("avx2,fma"))) inline void store_bf16(uint16_t* out, __m256 v) {
-  __m256i bits = _mm256_castps_si256(v);
-  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  bits = _mm256_srli_epi32(
-      _mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
-  const __m256i words = _mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), 0xd8);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_castsi256_si128(words));
-}
-
-__attribute__((target("avx2,fma"))) inline void store8(void* out, bool bf16, int64_t i,
-                                                       __m256 v) {
-  if (bf16) {
-    store_bf16(static_cast<uint16_t*>(out) + i, v);
-  } else {
-    _mm256_storeu_ps(static_cast<float*>(out) + i, v);
   }
 }
 

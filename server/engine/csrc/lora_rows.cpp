@@ -17,14 +17,13 @@
 
 #include <cstdint>
 
+#include "vec8.h"
+
 namespace {
 
-__attribute__((target("avx2,fma"))) inline __m256 load8(const void* x, bool bf16, int64_t i) {
-  if (!bf16) return _mm256_loadu_ps(static_cast<const float*>(x) + i);
-  const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(
-      static_cast<const uint16_t*>(x) + i));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
-}
+using ragtune::load8;
+using ragtune::store8;
+
 
 __attribute__((target("avx2,fma"))) inline __m256 int8x8(const int8_t* codes) {
   const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes));
@@ -38,14 +37,6 @@ __attribute__((target("avx2,fma"))) inline float sum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-__attribute__((target("avx2,fma"))) inline void store_bf16(uint16_t* out, __m256 v) {
-  __m256i bits = _mm256_castps_si256(v);
-  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  bits = _mm256_srli_epi32(
-      _mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
-  const __m256i words = _mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), 0xd8);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_castsi256_si128(words));
-}
 
 __attribute__((target("avx2,fma"))) void lora_row(const void* x, bool bf16, int64_t row,
                                                   int64_t inputs, int64_t outputs, void* out,
@@ -68,13 +59,8 @@ __attribute__((target("avx2,fma"))) void lora_row(const void* x, bool bf16, int6
     for (int64_t j = 0; j < width; ++j) {
       delta = _mm256_fmadd_ps(int8x8(bt + j * outputs + n), _mm256_set1_ps(t[j]), delta);
     }
-    const __m256 sum = _mm256_fmadd_ps(delta, _mm256_loadu_ps(b_scales + n),
-                                       load8(out, bf16, base + n));
-    if (bf16) {
-      store_bf16(static_cast<uint16_t*>(out) + base + n, sum);
-    } else {
-      _mm256_storeu_ps(static_cast<float*>(out) + base + n, sum);
-    }
+    store8(out, bf16, base + n,
+           _mm256_fmadd_ps(delta, _mm256_loadu_ps(b_scales + n), load8(out, bf16, base + n)));
   }
 }
 
