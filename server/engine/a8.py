@@ -97,7 +97,7 @@ def library() -> ctypes.CDLL:
     lib.lora_rows.argtypes = [
         ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
     ]  # fmt: skip
     if lib.a8_isa() == 0:
         raise KernelUnavailable("the a8 kernel needs AVX2 and FMA, which this CPU lacks")

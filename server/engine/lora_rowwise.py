@@ -121,7 +121,7 @@ def add_kernel_rows(rows: KernelRows, x: torch.Tensor, out: torch.Tensor) -> tor
     a8.library().lora_rows(
         x.data_ptr(), int(x.dtype == torch.bfloat16), x.shape[0], x.shape[1], out.shape[1],
         out.data_ptr(), rows.row_slot.data_ptr(), table.a, table.a_scales, table.bt,
-        table.b_scales, table.widths, torch.get_num_threads(),
+        table.b_scales, table.widths, torch.get_num_threads(), a8.chosen_isa(),
     )  # fmt: skip
     return out
 

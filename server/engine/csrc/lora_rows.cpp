@@ -64,6 +64,61 @@ __attribute__((target("avx2,fma"))) void lora_row(const void* x, bool bf16, int6
   }
 }
 
+// The same on AVX-512 (16 lanes: other sums than the 8-lane path, so one process uses one
+// path for a shape), for lengths in vectors of 16.
+__attribute__((target("avx512f,avx512bw,avx2,fma"))) inline __m512 load16(const void* x,
+                                                                          bool bf16,
+                                                                          int64_t i) {
+  if (!bf16) return _mm512_loadu_ps(static_cast<const float*>(x) + i);
+  const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+      static_cast<const uint16_t*>(x) + i));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+
+__attribute__((target("avx512f,avx512bw,avx2,fma"))) inline __m512 int8x16(const int8_t* codes) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes));
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
+}
+
+__attribute__((target("avx512f,avx512bw,avx2,fma"))) inline void store16(void* out, bool bf16,
+                                                                         int64_t i, __m512 v) {
+  if (!bf16) {
+    _mm512_storeu_ps(static_cast<float*>(out) + i, v);
+    return;
+  }
+  __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  bits = _mm512_srli_epi32(
+      _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + i),
+                      _mm512_cvtepi32_epi16(bits));
+}
+
+__attribute__((target("avx512f,avx512bw,avx2,fma"))) void lora_row16(
+    const void* x, bool bf16, int64_t row, int64_t inputs, int64_t outputs, void* out,
+    const int8_t* a, const float* a_scales, const int8_t* bt, const float* b_scales,
+    int64_t width) {
+  float t[256];
+  const int64_t at = row * inputs;
+  for (int64_t j = 0; j < width; ++j) {
+    const int8_t* a_row = a + j * inputs;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t k = 0; k < inputs; k += 16) {
+      acc = _mm512_fmadd_ps(int8x16(a_row + k), load16(x, bf16, at + k), acc);
+    }
+    t[j] = _mm512_reduce_add_ps(acc) * a_scales[j];
+  }
+  const int64_t base = row * outputs;
+  for (int64_t n = 0; n < outputs; n += 16) {
+    __m512 delta = _mm512_setzero_ps();
+    for (int64_t j = 0; j < width; ++j) {
+      delta = _mm512_fmadd_ps(int8x16(bt + j * outputs + n), _mm512_set1_ps(t[j]), delta);
+    }
+    store16(out, bf16, base + n,
+            _mm512_fmadd_ps(delta, _mm512_loadu_ps(b_scales + n), load16(out, bf16, base + n)));
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -71,17 +126,19 @@ extern "C" {
 // out[rows, outputs] += each row's LoRA delta, x and out both bf16 (1) or float32 (0).
 // row_slot[rows]: the row's slot, -1 for none; the tables, indexed by slot, hold each slot's
 // factors for this layer and group (a null `a` where the slot has none). inputs and outputs
-// are multiples of 8, widths at most 256.
+// are multiples of 8, widths at most 256. isa 2 (AVX-512, as a8_isa numbers it) takes the
+// 16-lane path where both lengths are multiples of 16, else the 8-lane one.
 void lora_rows(const void* x, int bf16, int64_t rows, int64_t inputs, int64_t outputs,
                void* out, const int32_t* row_slot, const int8_t* const* a,
                const float* const* a_scales, const int8_t* const* bt,
-               const float* const* b_scales, const int32_t* widths, int threads) {
+               const float* const* b_scales, const int32_t* widths, int threads, int isa) {
+  const bool wide = isa == 2 && inputs % 16 == 0 && outputs % 16 == 0;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t row = 0; row < rows; ++row) {
     const int32_t slot = row_slot[row];
     if (slot < 0 || a[slot] == nullptr) continue;
-    lora_row(x, bf16 != 0, row, inputs, outputs, out, a[slot], a_scales[slot], bt[slot],
-             b_scales[slot], widths[slot]);
+    (wide ? lora_row16 : lora_row)(x, bf16 != 0, row, inputs, outputs, out, a[slot],
+                                   a_scales[slot], bt[slot], b_scales[slot], widths[slot]);
   }
 }
 
