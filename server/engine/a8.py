@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from server.engine.quantize import group_grid
+from server.engine.quantize import group_dequantized, group_grid
 
 logger = logging.getLogger(__name__)
 
@@ -166,9 +166,7 @@ class A8Linear:
         codes, scale, offset = group_grid(weight, GROUP, bits)
         self.out_features, self.in_features = weight.shape
         self.codes, self.params = pack(codes, scale, offset, bits)
-        grouped = codes.float().view(self.out_features, -1, GROUP)
-        dense = grouped * scale[..., None] + offset[..., None]
-        self.dense = dense.view_as(weight).to(weight.dtype)
+        self.dense = group_dequantized(codes, scale, offset).to(weight.dtype)
 
     @classmethod
     def fits(cls, weight: torch.Tensor) -> bool:
@@ -196,6 +194,5 @@ def lies_on_4bit_grid(weight: torch.Tensor) -> bool:
     already spans 16 levels), false of 5- to 16-bit weights, whose re-rounding to 4 bits costs
     quality (Gemma 3 270M's Q5_0/Q6_K/Q8_0 layers: perplexity +34 %, docs/performance.md)."""
     codes, scale, offset = group_grid(weight, GROUP, 4)
-    grouped = weight.float().view(weight.shape[0], -1, GROUP)
-    error = grouped - (codes.float().view_as(grouped) * scale[..., None] + offset[..., None])
+    error = weight.float() - group_dequantized(codes, scale, offset)
     return bool(error.abs().mean() <= 0.05 * scale.mean())

@@ -13,23 +13,6 @@ def per_channel_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(weight.float() / scales[:, None]).to(torch.int8).contiguous(), scales
 
 
-def int4_grid(
-    weight: torch.Tensor, group: int, dtype: torch.dtype = torch.bfloat16
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric 4-bit codes of a weight [out, in] in groups of `group` input channels (a
-    scale and an offset per group, GGUF Q4_1's layout): int32 codes 0..15 [out, in] and the
-    scales and zeros [in // group, out, 2] in `dtype`, in torch's int4 kernels' convention
-    w = (code - 8) * scale + zero (CPU and CUDA alike)."""
-    out_features, in_features = weight.shape
-    groups = weight.float().view(out_features, in_features // group, group)
-    low, high = groups.amin(-1), groups.amax(-1)
-    scale = ((high - low) / 15).clamp(min=1e-8)
-    codes = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15)
-    scales_zeros = torch.stack([scale, low + 8 * scale], -1).to(dtype)
-    codes = codes.to(torch.int32).view(out_features, in_features)
-    return codes, scales_zeros.transpose(0, 1).contiguous()
-
-
 def group_grid(
     weight: torch.Tensor, group: int, bits: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -43,6 +26,26 @@ def group_grid(
     scale = ((high - low) / levels).clamp(min=1e-8)
     codes = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, levels)
     return codes.to(torch.int32).view(out_features, in_features), scale, low
+
+
+def group_dequantized(
+    codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor
+) -> torch.Tensor:
+    """The float32 weight [out, in] that group_grid's codes, scales and offsets stand for."""
+    grouped = codes.float().view(*scale.shape, -1)
+    return (grouped * scale[..., None] + offset[..., None]).view(codes.shape)
+
+
+def int4_grid(
+    weight: torch.Tensor, group: int, dtype: torch.dtype = torch.bfloat16
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit codes of a weight [out, in] in groups of `group` input channels (a
+    scale and an offset per group, GGUF Q4_1's layout): int32 codes 0..15 [out, in] and the
+    scales and zeros [in // group, out, 2] in `dtype`, in torch's int4 kernels' convention
+    w = (code - 8) * scale + zero (CPU and CUDA alike): group_grid's 4-bit grid."""
+    codes, scale, low = group_grid(weight, group, 4)
+    scales_zeros = torch.stack([scale, low + 8 * scale], -1).to(dtype)
+    return codes, scales_zeros.transpose(0, 1).contiguous()
 
 
 def int4_dequantized(codes: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:

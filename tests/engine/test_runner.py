@@ -273,7 +273,7 @@ def test_auto_weights_keep_the_checkpoints_precision_in_either_compute_dtype(fix
     import copy
 
     from server.engine import a8
-    from server.engine.quantize import group_grid
+    from server.engine.quantize import group_dequantized, group_grid
 
     loaded = request.getfixturevalue(fixture)
     if a8.unavailable_reason() is not None:
@@ -284,8 +284,8 @@ def test_auto_weights_keep_the_checkpoints_precision_in_either_compute_dtype(fix
     for module in snapped.model.layers.modules():
         if isinstance(module, torch.nn.Linear):
             codes, scale, offset = group_grid(module.weight.detach(), 32, 4)
-            grouped = codes.float().view(*scale.shape, 32) * scale[..., None] + offset[..., None]
-            module.weight.data = grouped.view_as(module.weight).to(module.weight.dtype)
+            snapped_weight = group_dequantized(codes, scale, offset)
+            module.weight.data = snapped_weight.to(module.weight.dtype)
     on_grid = LoadedModel(snapped, None, None, "f" * 64, "cpu", loaded.dtype, "none")
     assert runner_for(on_grid, weights="auto").model.weights == "w4a8"
 
