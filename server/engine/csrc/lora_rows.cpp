@@ -65,7 +65,9 @@ __attribute__((target("avx2,fma"))) void lora_row(const void* x, bool bf16, int6
 }
 
 // The same on AVX-512 (16 lanes: other sums than the 8-lane path, so one process uses one
-// path for a shape), for lengths in vectors of 16.
+// path for a shape), for lengths in vectors of 16. A second body, not one template over
+// both widths: GCC refuses to inline AVX-512 intrinsics into a template instantiated without
+// that target (tried), and a target on the template would let AVX2 machines meet AVX-512.
 __attribute__((target("avx512f,avx512bw,avx2,fma"))) inline __m512 load16(const void* x,
                                                                           bool bf16,
                                                                           int64_t i) {
