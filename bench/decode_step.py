@@ -4,6 +4,7 @@ sizes, for each `engine.weights` kind. Prints one JSON line per kind.
     python bench/decode_step.py --weights int4,int8,dense --rows 1,4,16
     python bench/decode_step.py --weights int4 --rows 1,16 --adapters 1   # rows on LoRA slots
     python bench/decode_step.py --weights int4 --rows 1,16 --adapters 1 --sparse  # SHiRA
+    python bench/decode_step.py --weights w4a8 --attention kernel,torch --prompt-tokens 500
 """
 
 from __future__ import annotations
@@ -57,19 +58,22 @@ def step_ms(
     rows: int,
     steps: int,
     adapters: list[AdapterWeights | SparseAdapterWeights],
+    prompt_tokens: int = 30,
 ) -> float:
-    """Mean decode step over `steps` steps after `rows` prompts of 30-45 tokens (round-robin
-    over `adapters` when there are any)."""
+    """Mean decode step over `steps` steps after `rows` prompts of prompt_tokens + 0..rows-1
+    tokens (round-robin over `adapters` when there are any)."""
     seqs = []
     for i in range(rows):
-        prompt = list(range(100, 130 + i))
+        prompt = [100 + t % 1000 for t in range(prompt_tokens + i)]
         adapter = adapters[i % len(adapters)] if adapters else None
         request = GenerationRequest(f"r{i}", prompt, SamplingParams(steps + 8, 0.0), adapter)
         seq = Sequence(request, tokenizer, set(), lambda _: None)
         runner.add(seq)
         seqs.append(seq)
     for seq in seqs:
-        seq.output_ids.append(int(runner.prefill([seq])[0].argmax()))
+        while (logits := runner.prefill([seq])[0]) is None:  # a prompt longer than a chunk
+            pass
+        seq.output_ids.append(int(logits.argmax()))
 
     def advance() -> None:
         tokens = runner.decode(seqs).argmax(-1).tolist()
@@ -97,18 +101,24 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=0, help="rows round-robin over N LoRAs")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--sparse", action="store_true", help="SHiRA adapters, LoRA's size")
+    parser.add_argument("--attention", default="auto", help="engine.decode_attention kinds")
+    parser.add_argument("--prompt-tokens", type=int, default=30)
     parser.add_argument("--profile", action="store_true", help="torch profiler table, last kind")
     args = parser.parse_args()
     model = ModelConfig(source=args.model, quantization=args.quantization)
     loaded = load_base_model(model, default_home())
     rows = [int(r) for r in args.rows.split(",")]
-    for weights in args.weights.split(","):
-        config = EngineConfig(max_batch_size=max(rows), weights=weights)
+    kinds = [(w, a) for w in args.weights.split(",") for a in args.attention.split(",")]
+    for weights, attention in kinds:
+        config = EngineConfig(max_batch_size=max(rows), weights=weights, decode_attention=attention)
         runner = CompactRunner(loaded, config, max_seq_len=2048)
         adapters = random_adapters(runner, args.adapters, args.rank, args.sparse)
         with torch.inference_mode():
             times = {
-                r: round(step_ms(runner, loaded.tokenizer, r, args.steps, adapters), 2)
+                r: round(
+                    step_ms(runner, loaded.tokenizer, r, args.steps, adapters, args.prompt_tokens),
+                    2,
+                )
                 for r in rows
             }
             if args.profile:
@@ -121,6 +131,8 @@ def main() -> None:
                     "model": args.model,
                     "quantization": args.quantization,
                     "weights": weights,
+                    "attention": attention,
+                    "prompt_tokens": args.prompt_tokens,
                     "adapters": args.adapters,
                     "kind": "sparse" if args.sparse else "lora",
                     "adapter_mib": round(sum(a.nbytes for a in adapters) / 2**20, 1),

@@ -160,6 +160,14 @@ class EngineConfig(_Section):
         "'full' every position like the other layers. Full-length layouts under CUDA graphs "
         "always.",
     )
+    decode_attention: Literal["auto", "kernel", "torch"] = Field(
+        "auto",
+        description="Decode steps' attention on a CPU: 'kernel' (ragtune's C++ kernel: one "
+        "call a layer writes the new keys and values and attends every row over its own "
+        "keys), 'torch' (batched GEMMs and a softmax, rows of other lengths in extent "
+        "classes where GEMMs need them), 'auto' (the kernel where it builds; torch's on "
+        "CUDA).",
+    )
     cuda_graphs: bool = Field(
         True,
         description="On a CUDA GPU, replay decode steps from CUDA graphs (captured per row "

@@ -1,134 +1,23 @@
 """4- or 8-bit weights x int8 activations for decode rows (`engine.weights: w4a8`, `w8a8`): the
-C++ kernel in csrc/a8_linear.cpp, built once per machine with the system C++ compiler and
-loaded with ctypes.
+C++ kernel in csrc/a8_linear.cpp (built and loaded by engine/native.py).
 
 Why a kernel of our own: torch's int4 CPU kernel makes one pass over the weights per row
 (16 rows cost 16 times one), oneDNN's int8 GEMM reads them once per batch but has a fixed
 cost per call that loses at one row. This one reads the weights once per call for every row,
 with exact integer dot products (AVX-512 VNNI, else AVX2), so a row's result depends on that
 row alone. llama.cpp multiplies its quantized formats the same way (activations in int8
-blocks of 32). No torch headers: a plain shared library builds in about 2 s and shares
-torch's OpenMP runtime (same soname, already loaded), so its threads are torch's."""
+blocks of 32)."""
 
 from __future__ import annotations
-
-import ctypes
-import functools
-import hashlib
-import logging
-import os
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from server.engine import native
 from server.engine.quantize import group_dequantized, group_grid
 
-logger = logging.getLogger(__name__)
-
-# one shared library: the a8 GEMM and the decode LoRA rows (engine/lora_rowwise.py)
-CSRC = Path(__file__).with_name("csrc")
-SOURCES = [CSRC / "a8_linear.cpp", CSRC / "lora_rows.cpp"]
-HEADERS = [CSRC / "vec8.h"]
-FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
-ISA_NAMES = {1: "avx2", 2: "avx512-vnni"}
 GROUP = 32  # input channels per weight scale and per activation scale
 LANES = 16  # output channels per packed block
-
-
-class KernelUnavailable(RuntimeError):
-    """The kernel cannot run here (no C++ compiler, or a CPU without AVX2)."""
-
-
-def cache_dir() -> Path:
-    """Built kernels live per machine, outside any RAGTUNE_HOME (tests use many homes)."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "ragtune" / "kernels"
-
-
-def _compiler() -> str:
-    compiler = shutil.which(os.environ.get("CXX", "g++"))
-    if compiler is None:
-        raise KernelUnavailable("no C++ compiler (g++ or $CXX) to build the a8 kernel")
-    return compiler
-
-
-def _build(compiler: str) -> Path:
-    """The shared library for this source, compiler and flags: built once, atomically (a
-    temporary file renamed into place), so concurrent servers never load half a file."""
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    text = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
-    key = hashlib.sha256(text + version.encode() + " ".join(FLAGS).encode())
-    target = cache_dir() / f"ragtune_kernels-{key.hexdigest()[:16]}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(handle)
-    try:
-        done = subprocess.run(
-            [compiler, *FLAGS, *map(str, SOURCES), "-o", partial], capture_output=True, text=True
-        )
-        if done.returncode != 0:
-            raise KernelUnavailable(f"building the a8 kernel failed: {done.stderr[-2000:]}")
-        os.replace(partial, target)
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
-    logger.info("built the a8 kernel: %s", target)
-    return target
-
-
-@functools.cache
-def library() -> ctypes.CDLL:
-    """The loaded kernel library (raises KernelUnavailable with the reason)."""
-    lib = ctypes.CDLL(str(_build(_compiler())))
-    lib.a8_isa.restype = ctypes.c_int
-    lib.a8_linear.restype = None
-    lib.a8_linear.argtypes = [
-        ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-        ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-        ctypes.c_int, ctypes.c_int,
-    ]  # fmt: skip
-    lib.lora_rows.restype = None
-    lib.lora_rows.argtypes = [
-        ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-    ]  # fmt: skip
-    if lib.a8_isa() == 0:
-        raise KernelUnavailable("the a8 kernel needs AVX2 and FMA, which this CPU lacks")
-    return lib
-
-
-@functools.cache
-def unavailable_reason() -> str | None:
-    """Why the kernel cannot run on this machine, or None where it can (asked once: a failed
-    build is not retried for every weight)."""
-    try:
-        library()
-    except (KernelUnavailable, OSError) as error:
-        return str(error)
-    return None
-
-
-@functools.cache
-def chosen_isa() -> int:
-    """AVX-512 VNNI (2) where the CPU has it and ragtune's detection allows it (capped like
-    torch's kernels by ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA: how tests emulate the AVX2
-    kind), else AVX2 (1). Both give the same bits; only the speed differs."""
-    from ragtune.hardware import detect
-
-    vnni = library().a8_isa() == 2 and "avx512_vnni" in detect().features
-    return 2 if vnni else 1
-
-
-def isa() -> str:
-    """The instruction set the kernel uses here (for logs and the engine info metric)."""
-    return ISA_NAMES[chosen_isa()]
 
 
 def pack(
@@ -160,9 +49,9 @@ class A8Linear:
     GROUP = GROUP
 
     def __init__(self, weight: torch.Tensor, bits: int, isa: int | None = None):
-        self.lib = library()
+        self.lib = native.library()
         self.bits = bits
-        self.isa = isa or chosen_isa()  # 1: AVX2, 2: AVX-512 VNNI (tests force either)
+        self.isa = isa or native.chosen_isa()  # 1: AVX2, 2: AVX-512 VNNI (tests force either)
         codes, scale, offset = group_grid(weight, GROUP, bits)
         self.out_features, self.in_features = weight.shape
         self.codes, self.params = pack(codes, scale, offset, bits)

@@ -12,7 +12,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from server.engine import a8
+from server.engine import native
 from server.engine.a8 import A8Linear
 from server.engine.linear_gpu import Int4GpuLinear
 from server.engine.quantize import int4_dequantized, int4_grid, per_channel_int8
@@ -252,7 +252,7 @@ def linear_for(weights: str, weight: torch.Tensor) -> Linear:
             return Int4GpuLinear(weight)
         return DenseLinear(weight)
     if weights == "w8a8":  # ragtune's kernel (groups of 32), else oneDNN's (per channel)
-        if A8Linear.fits(weight) and a8.unavailable_reason() is None:
+        if A8Linear.fits(weight) and native.unavailable_reason() is None:
             return A8Linear(weight, 8)
         return W8A8Layer(weight)
     if weights == "w4a8" and A8Linear.fits(weight):

@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import torch
 
-from server.engine import a8
+from server.engine import native
 from server.engine.linear import KERNEL_DTYPE, Int8Linear, per_channel_int8
 
 INNER_MULTIPLE = Int8Linear.INNER_MULTIPLE  # the packed kernel's input-length multiple
@@ -80,7 +80,7 @@ def kernel_supported(module_shapes: dict[str, tuple[int, int]], widths: list[int
     KERNEL_MAX_WIDTH) and builds on this machine."""
     shapes_fit = all(n % 8 == 0 for shape in module_shapes.values() for n in shape)
     widths_fit = all(width <= KERNEL_MAX_WIDTH for width in widths)
-    return shapes_fit and widths_fit and a8.unavailable_reason() is None
+    return shapes_fit and widths_fit and native.unavailable_reason() is None
 
 
 class SlotTable:
@@ -118,10 +118,10 @@ def add_kernel_rows(rows: KernelRows, x: torch.Tensor, out: torch.Tensor) -> tor
         return out.copy_(add_kernel_rows(rows, x, out.contiguous()))
     x = x.to(out.dtype).contiguous()
     table = rows.table
-    a8.library().lora_rows(
+    native.library().lora_rows(
         x.data_ptr(), int(x.dtype == torch.bfloat16), x.shape[0], x.shape[1], out.shape[1],
         out.data_ptr(), rows.row_slot.data_ptr(), table.a, table.a_scales, table.bt,
-        table.b_scales, table.widths, torch.get_num_threads(), a8.chosen_isa(),
+        table.b_scales, table.widths, torch.get_num_threads(), native.chosen_isa(),
     )  # fmt: skip
     return out
 

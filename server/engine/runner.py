@@ -14,7 +14,7 @@ from ragtune.config import EngineConfig
 from ragtune.hardware import detect
 from ragtune.models import LoadedModel
 from ragtune.models.checkpoint import open_checkpoint
-from server.engine import a8
+from server.engine import a8, attention_rows, native
 from server.engine.cuda_graphs import GraphedDecode
 from server.engine.kv_cache import KVCache, extent_class
 from server.engine.linear import W8A8Linear, is_bnb, packed_weights_supported
@@ -124,6 +124,10 @@ class CompactRunner:
                     m.prompt_key_multiple = PROMPT_KEY_MULTIPLE
         if static_decode is None:
             static_decode = config.cuda_graphs and str(loaded.device).startswith("cuda")
+        m.attention_kernel = attention_kernel(config, m, loaded.device, static_decode)
+        # decode rows attend over extent classes (models/attention.py): torch's attention
+        # on GEMMs whose summation order follows the extent
+        self.extent_classes = bool(m.fixed_decode_rows) and not m.attention_kernel
         self.cache = KVCache(
             m.num_layers,
             config.max_batch_size,
@@ -180,7 +184,7 @@ class CompactRunner:
         if not windows:
             return None
         need = max(windows) + prefill_chunk
-        if self.model.fixed_decode_rows:
+        if self.extent_classes:
             return extent_class(need, max_len)
         return min(-(-need // 16) * 16, max_len)
 
@@ -195,7 +199,8 @@ class CompactRunner:
             "head": type(m.lm_head).__name__,
             "rows_independent": str(m.rows_independent).lower(),
             # what decode rows of different extent classes share (models/attention.py)
-            "extent_sharing": describe_sharing(m.padded_extents) if m.fixed_decode_rows else "n/a",
+            "decode_attention": "kernel" if m.attention_kernel else "torch",
+            "extent_sharing": describe_sharing(m.padded_extents) if self.extent_classes else "n/a",
             "prefix_cache": "on" if self.prefix_cache is not None else "off",
             "prefill_rows": str(m.fixed_prefill_rows or "any"),
             # sliding-window layers' KV: a ring of this many positions, or the whole length
@@ -324,7 +329,7 @@ class CompactRunner:
         lora_rows: list[int],
         longest: int,
     ) -> torch.Tensor:
-        if self.model.fixed_decode_rows:  # rows attend over their own extent class
+        if self.extent_classes:  # rows attend over their own extent class
             longest = self.cache.extent_class(longest)
         self.cache.fit(longest, len(self.slots))
         device = self.device
@@ -355,7 +360,7 @@ class CompactRunner:
             return
         if seq.finish_reason in ("error", "abort"):  # + 1: a decode that failed mid-way
             self.cache.clear(slot, seq.cache_len + 1)
-        if self.model.fixed_decode_rows:
+        if self.extent_classes:
             after = self.slots[slot + 1 :]
             if after:
                 length = max(1, *(s.cache_len for s in after))
@@ -476,7 +481,7 @@ def decode_weights(config: EngineConfig, loaded: LoadedModel) -> str:
     if kind == "auto":
         if not (is_cpu(device) and packed_weights_supported("int4", dtype, device)):
             return "dense"
-        if (reason := a8.unavailable_reason()) is not None:
+        if (reason := native.unavailable_reason()) is not None:
             logger.warning("engine.weights auto: int4, as the a8 kernel cannot run: %s", reason)
             return "int4"
         return "w4a8" if checkpoint_on_4bit_grid(loaded) else "w8a8"
@@ -487,15 +492,31 @@ def decode_weights(config: EngineConfig, loaded: LoadedModel) -> str:
         )
     if kind == "w8a8" and not W8A8Linear.supported():
         raise ValueError("engine.weights=w8a8 needs oneDNN's int8 linear, which this torch lacks")
-    if kind == "w4a8" and (reason := a8.unavailable_reason()) is not None:
+    if kind == "w4a8" and (reason := native.unavailable_reason()) is not None:
         raise ValueError(f"engine.weights=w4a8 cannot run here: {reason}")
     return kind
 
 
+def attention_kernel(
+    config: EngineConfig, model: DecoderModel, device: str, fixed_layout: bool
+) -> bool:
+    """engine.decode_attention resolved: whether decode steps attend on ragtune's kernel
+    (engine/attention_rows.py). 'auto' takes it wherever it runs, saying why not on a CPU
+    where it cannot; 'kernel' where it cannot is an error."""
+    if config.decode_attention == "torch":
+        return False
+    reason = attention_rows.unsupported_reason(model, device, fixed_layout)
+    if reason is not None and config.decode_attention == "kernel":
+        raise ValueError(f"engine.decode_attention=kernel cannot run here: {reason}")
+    if reason is not None and is_cpu(device):
+        logger.warning("decode attention on torch's GEMMs: %s", reason)
+    return reason is None
+
+
 def weights_label(kind: str) -> str:
     """The decode weights and the kernel that multiplies them, for logs and metrics."""
-    if kind == "w4a8" or (kind == "w8a8" and a8.unavailable_reason() is None):
-        return f"{kind} ({a8.isa()})"
+    if kind == "w4a8" or (kind == "w8a8" and native.unavailable_reason() is None):
+        return f"{kind} ({native.isa()})"
     return "w8a8 (onednn)" if kind == "w8a8" else kind
 
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.engine import a8
+from server.engine import native
 from server.engine.a8 import A8Linear, lies_on_4bit_grid
 
 pytestmark = pytest.mark.skipif(
-    a8.unavailable_reason() is not None, reason=f"a8 kernel: {a8.unavailable_reason()}"
+    native.unavailable_reason() is not None, reason=f"a8 kernel: {native.unavailable_reason()}"
 )
 
 SHAPES = [(64, 96), (160, 576), (48, 2048)]
@@ -52,7 +52,7 @@ def test_a_row_has_the_same_bits_alone_in_any_batch_thread_count_and_instruction
     torch.manual_seed(1)
     weight = (torch.randn(160, 576) * 0.05).to(dtype)
     weight[:, :32] *= 40  # 8-bit codes near 0 and 255 in some groups: no int16 saturation
-    isas = [1, 2] if a8.library().a8_isa() == 2 else [1]
+    isas = [1, 2] if native.library().a8_isa() == 2 else [1]
     batch = torch.randn(19, 576).to(dtype)  # two full tiles of 8 rows and a remainder
     reference = A8Linear(weight, bits, isa=isas[0])(batch)
     threads = torch.get_num_threads()
@@ -106,5 +106,5 @@ def test_other_dtypes_are_refused_with_a_reason():
 
 def test_a_missing_compiler_is_named(monkeypatch):
     monkeypatch.setenv("CXX", "/nonexistent/g++")
-    with pytest.raises(a8.KernelUnavailable, match="C\\+\\+ compiler"):
-        a8._compiler()
+    with pytest.raises(native.KernelUnavailable, match="C\\+\\+ compiler"):
+        native._compiler()

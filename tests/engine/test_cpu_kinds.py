@@ -45,10 +45,10 @@ def test_metrics_name_the_cpu_kind_and_the_kernels(avx2_server):
         f"{avx2_server.base_url}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}
     ).text
     [line] = [ln for ln in text.splitlines() if ln.startswith("ragtune_engine_info{")]
-    from server.engine import a8
+    from server.engine import native
 
     # the a8 kernel on its AVX2 path (the emulated kind caps it), torch's int4 without it
-    weights = "w4a8 (avx2)" if a8.unavailable_reason() is None else "int4"
+    weights = "w4a8 (avx2)" if native.unavailable_reason() is None else "int4"
     assert 'dtype="fp32"' in line and f'weights="{weights}"' in line and 'runner="compact"' in line
     assert 'torch_capability="AVX2"' in line and "avx512" not in line
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.engine import a8
+from server.engine import native
 from server.engine.lora_rowwise import (
     INNER_MULTIPLE,
     KernelRows,
@@ -50,7 +50,7 @@ def test_the_kernel_computes_each_row_on_its_own():
     assert (some[rows].float() - exact[rows]).abs().max() < 0.02 * exact.abs().max()
 
 
-@pytest.mark.skipif(a8.unavailable_reason() is not None, reason="ragtune's kernels do not build")
+@pytest.mark.skipif(native.unavailable_reason() is not None, reason="the kernels do not build")
 @pytest.mark.parametrize("isa", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_the_lora_rows_kernel_adds_each_rows_own_slot_in_one_call(dtype, isa, monkeypatch):
@@ -58,9 +58,9 @@ def test_the_lora_rows_kernel_adds_each_rows_own_slot_in_one_call(dtype, isa, mo
     and base rows in one call; a row's bits are those it gets alone and with any thread
     count, base rows get nothing, and each slot's rows get what torch's int8 route gives
     them, to rounding."""
-    if isa == 2 and a8.library().a8_isa() != 2:
+    if isa == 2 and native.library().a8_isa() != 2:
         pytest.skip("no AVX-512 VNNI here")
-    monkeypatch.setattr(a8, "chosen_isa", lambda: isa)
+    monkeypatch.setattr(native, "chosen_isa", lambda: isa)
     torch.manual_seed(0)
     pairs = {
         0: pack_pair(torch.randn(64, 24) * 0.1, torch.randn(24, 96) * 0.1, list(range(24))),

@@ -9,6 +9,7 @@ import torch
 from ragtune.config import EngineConfig
 from ragtune.models.loader import LoadedModel
 from server.adapters.loader import BaseSpec, read_adapter
+from server.engine import native
 from server.engine.models.attention import plan_decode
 from server.engine.models.exactness import PaddedExtents, padded_extents_exact
 from server.engine.runner import CompactRunner, decode_weights
@@ -272,11 +273,11 @@ def test_auto_weights_keep_the_checkpoints_precision_in_either_compute_dtype(fix
     weights here); torch's int4 kernel where the a8 kernel cannot run (no compiler)."""
     import copy
 
-    from server.engine import a8
+    from server.engine import native
     from server.engine.quantize import group_dequantized, group_grid
 
     loaded = request.getfixturevalue(fixture)
-    if a8.unavailable_reason() is not None:
+    if native.unavailable_reason() is not None:
         assert runner_for(loaded, weights="auto").model.weights == "int4"
         return
     assert runner_for(loaded, weights="auto").model.weights == "w8a8"
@@ -291,9 +292,7 @@ def test_auto_weights_keep_the_checkpoints_precision_in_either_compute_dtype(fix
 
 
 def test_auto_weights_fall_back_to_int4_and_say_why(tiny, monkeypatch, caplog):
-    from server.engine import a8
-
-    monkeypatch.setattr(a8, "unavailable_reason", lambda: "no C++ compiler (g++ or $CXX)")
+    monkeypatch.setattr(native, "unavailable_reason", lambda: "no C++ compiler (g++ or $CXX)")
     with caplog.at_level("WARNING"):
         assert decode_weights(EngineConfig(weights="auto"), tiny) == "int4"
     assert "no C++ compiler" in caplog.text
@@ -569,29 +568,37 @@ def tiny_adapter(tiny: LoadedModel, runner: CompactRunner, path, rank: int, seed
 
 
 def share_extents(runner: CompactRunner, sharing: str) -> None:
-    """Force how decode rows of different extent classes share attention calls: one call
-    per class, or what this device's start-up check allows (computed here even where the
-    GEMMs are row-independent and the model skipped it)."""
+    """Force torch's decode attention over extent classes and how rows of different classes
+    share its calls: one call per class, or what this device's start-up check allows
+    (computed here even where the GEMMs are row-independent and the model skipped it)."""
     model = runner.model
+    model.attention_kernel, runner.extent_classes = False, True
     model.padded_extents = (
         PaddedExtents() if sharing == "per_class" else padded_extents_exact(model, 128)
     )
 
 
-@pytest.mark.parametrize("sharing", ["per_class", "checked"])
+@pytest.mark.parametrize("sharing", ["per_class", "checked", "kernel"])
 @pytest.mark.parametrize("fixture", ["tiny", "tiny_bf16"])
 def test_fixed_row_decode_keeps_rows_independent_of_neighbours(fixture, sharing, request, tmp_path):
     """The path for devices whose GEMMs depend on the row count (AMX, MKL): LoRA GEMMs on a
     fixed row count and each row's attention over its own extent class, classes sharing the
-    calls this device's check allows. Forced here so it is checked on every CPU: a row's
-    greedy tokens alone == in a mixed-adapter batch of different lengths, and the logits stay
-    those of the usual path."""
+    calls this device's check allows, or on ragtune's attention kernel (each row over its
+    own keys). Forced here so it is checked on every CPU: a row's greedy tokens alone == in
+    a mixed-adapter batch of different lengths, and the logits stay those of the usual
+    path."""
     loaded = request.getfixturevalue(fixture)
+    attention = "kernel" if sharing == "kernel" else "torch"
+    if attention == "kernel" and (reason := native.unavailable_reason()) is not None:
+        pytest.skip(reason)
 
     def fixed_runner() -> CompactRunner:
-        runner = runner_for(loaded, weights="int4", max_loras=2, max_lora_rank=8)
+        runner = runner_for(
+            loaded, weights="int4", max_loras=2, max_lora_rank=8, decode_attention=attention
+        )
         runner.model.fixed_decode_rows = 4
-        share_extents(runner, sharing)
+        if sharing != "kernel":
+            share_extents(runner, sharing)
         return runner
 
     probe = fixed_runner()

@@ -177,6 +177,9 @@ class DecoderModel(ForwardPasses):
         # ... and decode rows attend over their own extent class, sharing with other classes
         # the parts of attention this device gives the same bits over a longer extent
         self.padded_extents = PaddedExtents()
+        # decode attention on ragtune's kernel (engine/attention_rows.py: rows on their own,
+        # no extent classes needed), set by the runner
+        self.attention_kernel = False
         if not self.rows_independent:
             self.padded_extents = padded_extents_exact(self, length)
             logger.info(

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from server.engine import attention_rows
 from server.engine.lora import LayerAdapters
 from server.engine.lora_graph import every_slot_terms, slot_mask
 from server.engine.models.attention import (
@@ -285,13 +286,25 @@ class ForwardPasses:
         x = self.embed[tokens]
         rotary = self._rotary(positions)
         rows = torch.arange(real, device=self.device)
-        extents = {w: plan_decode(self, positions[:real], cache, w) for w in self.windows}
+        kernel = self.attention_kernel  # one call a layer, rows on their own
+        if kernel:
+            steps = {
+                w: attention_rows.plan(self, positions[:real], write_positions, cache, w)
+                for w in self.windows
+            }
+        else:
+            extents = {w: plan_decode(self, positions[:real], cache, w) for w in self.windows}
 
         for index, w in enumerate(self.layers):
             layer_lora = lora.layer(index) if lora is not None else None
             q, k, v = self._attention_input(w, x, rotary, layer_lora)
-            cache.write_decode(index, rows, write_positions, k[:real], v[:real])
-            attn = decode_attention(self, index, q[:real], cache, extents[w.window])
+            if kernel:
+                attn = attention_rows.attend(
+                    self, index, q[:real], k[:real], v[:real], cache, steps[w.window]
+                )
+            else:
+                cache.write_decode(index, rows, write_positions, k[:real], v[:real])
+                attn = decode_attention(self, index, q[:real], cache, extents[w.window])
             if batch > real:  # copies of a lone row, or padding: attention is per row
                 attn = (
                     attn.expand(batch, -1)

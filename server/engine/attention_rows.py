@@ -1,0 +1,97 @@
+"""Decode attention for every row of a step in one call per layer, which also writes the
+step's new keys and values: the C++ kernel in csrc/attention_rows.cpp (why, and its
+arithmetic: Hugging Face's eager attention, each row summed in an order set by its own keys).
+
+A row's result depends on its own keys alone, not on the step's longest extent, so rows of
+any length share one call on every CPU: the extent classes of attention.plan_decode (for
+GEMMs whose summation order follows the extent) are not needed on this route."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from server.engine import native
+from server.engine.kv_cache import KVCache
+
+if TYPE_CHECKING:
+    from server.engine.models.base import DecoderModel
+
+
+@dataclass
+class RowsPlan:
+    """One decode step's attention in layers of one sliding window (or none)."""
+
+    length: int  # keys every row's call reads (the longest row's, a ring's at most)
+    bias: torch.Tensor  # [rows, length] float32: 0 where a row may look, -inf not
+    writes: torch.Tensor  # [rows] int64: the index each row's new key and value go to
+
+
+def unsupported_reason(model: DecoderModel, device: str, fixed_layout: bool) -> str | None:
+    """Why this model's decode steps cannot take the kernel here, or None where they can:
+    a CPU, a cache in bf16 or float32 whose layout moves (CUDA graphs keep theirs), head_dim
+    a multiple of 16, the kernels built."""
+    if not str(device).startswith("cpu"):
+        return f"the kernel runs on a CPU, not {device}"
+    if fixed_layout:
+        return "CUDA graphs' fixed cache layout"
+    if model.dtype not in (torch.bfloat16, torch.float32):
+        return f"the kernel takes bf16 or float32, not {model.dtype}"
+    if model.head_dim % 16:
+        return f"head_dim {model.head_dim} is not a multiple of 16"
+    return native.unavailable_reason()
+
+
+def plan(
+    model: DecoderModel,
+    positions: torch.Tensor,  # [rows] each row's position
+    writes: torch.Tensor,  # [rows] where each row's new key and value go (its position)
+    cache: KVCache,
+    window: int | None,
+) -> RowsPlan:
+    """The keys to read and each row's mask in layers of this window: a ring layer's keys
+    in index order, masked by how far back each lies (DecoderModel.mask)."""
+    ring = cache.ring_for(window)
+    length = cache.keys_in(int(positions.max()) + 1, ring is not None)
+    bias = model.mask(positions, length, window, ring).float().contiguous()
+    index = writes % ring if ring is not None else writes
+    return RowsPlan(length, bias, index.to(torch.int64).contiguous())
+
+
+def attend(
+    model: DecoderModel,
+    layer: int,
+    q: torch.Tensor,  # [rows, heads, d]
+    k: torch.Tensor,  # [rows, kv_heads, d] the step's new keys, rotated
+    v: torch.Tensor,  # [rows, kv_heads, d]
+    cache: KVCache,
+    step: RowsPlan,
+) -> torch.Tensor:
+    """Write row i's key and value into slot i at its index, then its attention: [rows,
+    q_size] in the cache's dtype."""
+    d = model.head_dim
+    q, k, v = (_rows_of_heads(x, d) for x in (q, k, v))
+    keys_t, values = cache.keys_t[layer], cache.values[layer]
+    rows = q.shape[0]
+    out = torch.empty(rows, model.q_size, dtype=cache.dtype)
+    native.library().attention_rows(
+        q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
+        step.writes.data_ptr(), keys_t.data_ptr(), values.data_ptr(), keys_t.shape[-1],
+        step.bias.data_ptr(), step.length, rows, model.num_heads, model.num_kv_heads, d,
+        model.scale, out.data_ptr(), int(cache.dtype == torch.bfloat16),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def _rows_of_heads(x: torch.Tensor, d: int) -> torch.Tensor:
+    """x [rows, heads, d] with heads d apart and features adjacent (the kernel's layout; any
+    row stride), copied only where it is not."""
+    if x.stride(-1) == 1 and x.stride(-2) == d:
+        return x
+    return x.contiguous()
+
+
+__all__ = ["RowsPlan", "attend", "plan", "unsupported_reason"]

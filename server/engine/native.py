@@ -1,0 +1,124 @@
+"""ragtune's C++ kernels (csrc/): one shared library, built once per machine with the system
+C++ compiler and loaded with ctypes. No torch headers: a plain library builds in a few seconds
+and shares torch's OpenMP runtime (same soname, already loaded), so its threads are torch's.
+The kernels: the a8 GEMM (engine/a8.py), the decode LoRA rows (engine/lora_rowwise.py) and
+decode attention (engine/attention_rows.py)."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = [CSRC / "a8_linear.cpp", CSRC / "lora_rows.cpp", CSRC / "attention_rows.cpp"]
+HEADERS = [CSRC / "vec8.h"]
+FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
+ISA_NAMES = {1: "avx2", 2: "avx512-vnni"}
+
+
+class KernelUnavailable(RuntimeError):
+    """The kernels cannot run here (no C++ compiler, or a CPU without AVX2)."""
+
+
+def cache_dir() -> Path:
+    """Built kernels live per machine, outside any RAGTUNE_HOME (tests use many homes)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ragtune" / "kernels"
+
+
+def _compiler() -> str:
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        raise KernelUnavailable("no C++ compiler (g++ or $CXX) to build ragtune's kernels")
+    return compiler
+
+
+def _build(compiler: str) -> Path:
+    """The shared library for this source, compiler and flags: built once, atomically (a
+    temporary file renamed into place), so concurrent servers never load half a file."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    text = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
+    key = hashlib.sha256(text + version.encode() + " ".join(FLAGS).encode())
+    target = cache_dir() / f"ragtune_kernels-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(handle)
+    try:
+        done = subprocess.run(
+            [compiler, *FLAGS, *map(str, SOURCES), "-o", partial], capture_output=True, text=True
+        )
+        if done.returncode != 0:
+            raise KernelUnavailable(f"building ragtune's kernels failed: {done.stderr[-2000:]}")
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    logger.info("built ragtune's kernels: %s", target)
+    return target
+
+
+@functools.cache
+def library() -> ctypes.CDLL:
+    """The loaded library (raises KernelUnavailable with the reason)."""
+    lib = ctypes.CDLL(str(_build(_compiler())))
+    lib.a8_isa.restype = ctypes.c_int
+    lib.a8_linear.restype = None
+    lib.a8_linear.argtypes = [
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+        ctypes.c_int, ctypes.c_int,
+    ]  # fmt: skip
+    lib.lora_rows.restype = None
+    lib.lora_rows.argtypes = [
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+    ]  # fmt: skip
+    lib.attention_rows.restype = None
+    lib.attention_rows.argtypes = [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+        ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+        ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+    ]  # fmt: skip
+    if lib.a8_isa() == 0:
+        raise KernelUnavailable("ragtune's kernels need AVX2 and FMA, which this CPU lacks")
+    return lib
+
+
+@functools.cache
+def unavailable_reason() -> str | None:
+    """Why the kernels cannot run on this machine, or None where it can (asked once: a failed
+    build is not retried for every weight)."""
+    try:
+        library()
+    except (KernelUnavailable, OSError) as error:
+        return str(error)
+    return None
+
+
+@functools.cache
+def chosen_isa() -> int:
+    """AVX-512 VNNI (2) where the CPU has it and ragtune's detection allows it (capped like
+    torch's kernels by ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA: how tests emulate the AVX2
+    kind), else AVX2 (1). Both give the same bits; only the speed differs."""
+    from ragtune.hardware import detect
+
+    vnni = library().a8_isa() == 2 and "avx512_vnni" in detect().features
+    return 2 if vnni else 1
+
+
+def isa() -> str:
+    """The instruction set the kernel uses here (for logs and the engine info metric)."""
+    return ISA_NAMES[chosen_isa()]
