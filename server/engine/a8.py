@@ -10,11 +10,16 @@ blocks of 32)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
 from server.engine import native
 from server.engine.quantize import group_dequantized, group_grid
+
+if TYPE_CHECKING:
+    from server.engine.lora_rowwise import KernelRows
 
 GROUP = 32  # input channels per weight scale and per activation scale
 LANES = 16  # output channels per packed block
@@ -61,18 +66,26 @@ class A8Linear:
     def fits(cls, weight: torch.Tensor) -> bool:
         return weight.shape[1] % GROUP == 0 and weight.shape[0] % LANES == 0
 
-    def __call__(self, x: torch.Tensor, wide: bool = False) -> torch.Tensor:
+    def __call__(
+        self, x: torch.Tensor, wide: bool = False, lora: KernelRows | None = None
+    ) -> torch.Tensor:
+        """x @ Wᵀ; with `lora`, plus each row's LoRA delta in the same call (as
+        lora_rowwise.add_kernel_rows would add it: the same bits, one call fewer)."""
         if wide:
             return F.linear(x, self.dense)
         if x.dtype not in (torch.bfloat16, torch.float32):
             raise TypeError(f"the a8 kernel takes bf16 or fp32 rows, not {x.dtype}")
-        rows = x.reshape(-1, self.in_features).contiguous()
+        rows = x.reshape(-1, self.in_features)
+        if rows.stride(1) != 1:  # the kernel takes rows any distance apart (a norm's slice)
+            rows = rows.contiguous()
         out = torch.empty(rows.shape[0], self.out_features, dtype=x.dtype)
         bf16 = int(x.dtype == torch.bfloat16)
         self.lib.a8_linear(
-            rows.data_ptr(), bf16, rows.shape[0], self.in_features, self.codes.data_ptr(),
+            rows.data_ptr(), bf16, rows.shape[0], rows.stride(0), self.in_features,
+            self.codes.data_ptr(),
             self.params.data_ptr(), self.out_features, out.data_ptr(), bf16,
             torch.get_num_threads(), self.isa, self.bits,
+            *(lora.pointers() if lora is not None else (None,) * 6),
         )  # fmt: skip
         return out.view(*x.shape[:-1], self.out_features)
 

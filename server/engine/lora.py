@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import torch
 
+from server.engine.a8 import A8Linear
 from server.engine.lora_graph import EverySlotTerms, add_every_slot
 from server.engine.lora_rowwise import (
     KernelRows,
@@ -348,6 +349,21 @@ class LoraBatch:
                 for group, pair in self.slots.rowwise[slot][index].items():
                     rowwise.setdefault(group, []).append((rows, pair))
         return LayerAdapters(lora, sparse, rowwise)
+
+
+def project(
+    adapters: LayerAdapters | None, group: str, linear, x: torch.Tensor, wide: bool = False
+) -> torch.Tensor:
+    """linear(x) plus each row's adapter delta for one fused projection group: in the
+    same kernel call where the projection is ragtune's a8 GEMM and the group's adapters all
+    run on the LoRA rows kernel (a decode step: one call a group instead of two), else
+    through add_adapters."""
+    if adapters is not None and not wide and isinstance(linear, A8Linear):
+        rows = adapters.rowwise.get(group)
+        others = group in adapters.lora or group in adapters.sparse
+        if isinstance(rows, KernelRows) and not others and not adapters.every_slot:
+            return linear(x, lora=rows)
+    return add_adapters(adapters, group, x, linear(x, wide))
 
 
 def add_adapters(

@@ -111,17 +111,23 @@ class KernelRows(NamedTuple):
     row_slot: torch.Tensor  # [rows] int32
     table: SlotTable
 
+    def pointers(self) -> tuple:
+        """The kernel's LoRA arguments: row_slot, a, a_scales, bt, b_scales, widths."""
+        t = self.table
+        return self.row_slot.data_ptr(), t.a, t.a_scales, t.bt, t.b_scales, t.widths
+
 
 def add_kernel_rows(rows: KernelRows, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out (a fresh projection output) + each row's delta, in place, in one call."""
     if not out.is_contiguous():
         return out.copy_(add_kernel_rows(rows, x, out.contiguous()))
-    x = x.to(out.dtype).contiguous()
-    table = rows.table
+    x = x.to(out.dtype)
+    if x.stride(1) != 1:  # rows may lie any distance apart (a norm's slice), features not
+        x = x.contiguous()
     native.library().lora_rows(
-        x.data_ptr(), int(x.dtype == torch.bfloat16), x.shape[0], x.shape[1], out.shape[1],
-        out.data_ptr(), rows.row_slot.data_ptr(), table.a, table.a_scales, table.bt,
-        table.b_scales, table.widths, torch.get_num_threads(), native.chosen_isa(),
+        x.data_ptr(), int(x.dtype == torch.bfloat16), x.shape[0], x.stride(0), x.shape[1],
+        out.shape[1], out.data_ptr(), *rows.pointers(), torch.get_num_threads(),
+        native.chosen_isa(),
     )  # fmt: skip
     return out
 

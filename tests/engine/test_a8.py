@@ -69,6 +69,14 @@ def test_a_row_has_the_same_bits_alone_in_any_batch_thread_count_and_instruction
         torch.set_num_threads(threads)
 
 
+def test_rows_any_distance_apart_are_read_in_place():
+    """A norm's output slice (rows 2 x features apart) gives the bits of its contiguous copy."""
+    torch.manual_seed(0)
+    linear = A8Linear(torch.randn(64, 96), 4)
+    wide = torch.randn(5, 192, dtype=torch.bfloat16)
+    assert torch.equal(linear(wide[:, :96]), linear(wide[:, :96].contiguous()))
+
+
 def test_the_bundled_q4_1_layout_packs_exactly():
     """Weights already on a 4-bit grid of 32-wide groups (the bundled GGUF's Q4_1) keep
     their values: the kernel multiplies the checkpoint's own grid."""

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from server.engine import native
+from server.engine.a8 import A8Linear
 from server.engine.lora_rowwise import (
     INNER_MULTIPLE,
     KernelRows,
@@ -91,6 +92,24 @@ def test_the_lora_rows_kernel_adds_each_rows_own_slot_in_one_call(dtype, isa, mo
     torch_route = add_rowwise(terms, x, base.clone()).float()
     delta = (torch_route - base.float()).abs().max()
     assert (every.float() - torch_route).abs().max() < 0.02 * delta
+
+
+@pytest.mark.skipif(native.unavailable_reason() is not None, reason="the kernels do not build")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_a8_gemm_adds_the_lora_rows_in_the_same_call_with_the_same_bits(dtype):
+    """A8Linear(x, lora=rows) == A8Linear(x) + add_rowwise(rows): one call, the same bits,
+    rows read in place from a norm's strided output (lora.project takes this route)."""
+    torch.manual_seed(0)
+    linear = A8Linear(torch.randn(96, 64).to(dtype), 4)
+    pair = pack_pair(torch.randn(64, 24) * 0.1, torch.randn(24, 96) * 0.1, list(range(24)))
+    table = SlotTable(2)  # holds pointers: `pair` stays referenced
+    table.set(1, pair)
+    rows = KernelRows(torch.tensor([1, -1, 1, 0], dtype=torch.int32), table)
+    wide = torch.randn(4, 128).to(dtype)
+    x = wide[:, :64]  # rows 128 apart, as _rms_norm's slice
+    fused = linear(x, lora=rows)
+    assert torch.equal(fused, add_rowwise(rows, x, linear(x.contiguous())))
+    assert torch.equal(fused[1], linear(x)[1]) and not torch.equal(fused[0], linear(x)[0])
 
 
 @pytest.mark.parametrize("fixture", ["tiny", "tiny_bf16"])

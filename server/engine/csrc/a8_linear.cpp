@@ -25,6 +25,7 @@
 #include <cstring>
 #include <vector>
 
+#include "lora_rows.h"
 #include "vec8.h"
 
 namespace {
@@ -44,7 +45,8 @@ struct QuantizedRows {
 
 
 __attribute__((target("avx2,fma"))) void quantize_rows(const void* x, bool bf16, int64_t rows,
-                                                       int64_t inputs, QuantizedRows& out) {
+                                                       int64_t stride, int64_t inputs,
+                                                       QuantizedRows& out) {
   const int64_t groups = inputs / kGroup;
   out.codes.resize(rows * inputs);
   out.scales.resize(rows * groups);
@@ -53,7 +55,7 @@ __attribute__((target("avx2,fma"))) void quantize_rows(const void* x, bool bf16,
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t g = 0; g < groups; ++g) {
-      const int64_t at = r * inputs + g * kGroup;
+      const int64_t at = r * stride + g * kGroup;
       __m256 v[4];
       __m256 top = _mm256_setzero_ps();
       for (int j = 0; j < 4; ++j) {
@@ -77,7 +79,8 @@ __attribute__((target("avx2,fma"))) void quantize_rows(const void* x, bool bf16,
       const __m256i packed = _mm256_permutevar8x32_epi32(
           _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3])),
           order);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.codes.data() + at), packed);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.codes.data() + r * inputs + g * kGroup),
+                          packed);
       __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(total),
                                  _mm256_extracti128_si256(total, 1));
       s4 = _mm_hadd_epi32(s4, s4);
@@ -245,14 +248,18 @@ int a8_isa() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
 }
 
-// out[rows, outputs] = x[rows, inputs] @ W^T; x and out bf16 (1) or float32 (0); bits: 4
-// (nibbles) or 8 (bytes); isa: 0 the best this CPU has, else as a8_isa numbers it.
-void a8_linear(const void* x, int x_bf16, int64_t rows, int64_t inputs, const uint8_t* packed,
-                 const float* params, int64_t outputs, void* out, int out_bf16, int threads,
-                 int isa, int bits) {
+// out[rows, outputs] = x[rows, inputs] @ W^T; x (rows x_stride elements apart) and out
+// bf16 (1) or float32 (0); bits: 4 (nibbles) or 8 (bytes); isa: 0 the best this CPU has,
+// else as a8_isa numbers it. With a row_slot (else null), each row's LoRA delta is added
+// after, as lora_rows would (x and out of one dtype).
+void a8_linear(const void* x, int x_bf16, int64_t rows, int64_t x_stride, int64_t inputs,
+               const uint8_t* packed, const float* params, int64_t outputs, void* out,
+               int out_bf16, int threads, int isa, int bits, const int32_t* row_slot,
+               const int8_t* const* a_codes, const float* const* a_scales,
+               const int8_t* const* bt, const float* const* b_scales, const int32_t* widths) {
   thread_local QuantizedRows quantized;  // reused across calls; shared by the team below
   QuantizedRows& a = quantized;
-  quantize_rows(x, x_bf16 != 0, rows, inputs, a);
+  quantize_rows(x, x_bf16 != 0, rows, x_stride, inputs, a);
   const bool vnni = (isa == 0 ? a8_isa() : isa) == 2;
   const Tile* tiles = bits == 8 ? (vnni ? kVnniTiles<8> : kAvx2Tiles<8>)
                                 : (vnni ? kVnniTiles<4> : kAvx2Tiles<4>);
@@ -268,6 +275,11 @@ void a8_linear(const void* x, int x_bf16, int64_t rows, int64_t inputs, const ui
       const int64_t count = rows - row0 < kMaxTile ? rows - row0 : kMaxTile;
       tiles[count](a, row0, inputs, block, block_params, outputs, b * kLanes, out, bf16);
     }
+  }
+  if (row_slot != nullptr) {
+    const ragtune::LoraTables tables{row_slot, a_codes, a_scales, bt, b_scales, widths};
+    ragtune::add_lora_rows(x, x_bf16 != 0, rows, x_stride, inputs, outputs, out, tables,
+                           threads, isa == 0 ? a8_isa() : isa);
   }
 }
 

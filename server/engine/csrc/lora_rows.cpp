@@ -17,6 +17,7 @@
 
 #include <cstdint>
 
+#include "lora_rows.h"
 #include "vec8.h"
 
 namespace {
@@ -39,12 +40,13 @@ __attribute__((target("avx2,fma"))) inline float sum8(__m256 v) {
 
 
 __attribute__((target("avx2,fma"))) void lora_row(const void* x, bool bf16, int64_t row,
-                                                  int64_t inputs, int64_t outputs, void* out,
+                                                  int64_t x_stride, int64_t inputs,
+                                                  int64_t outputs, void* out,
                                                   const int8_t* a, const float* a_scales,
                                                   const int8_t* bt, const float* b_scales,
                                                   int64_t width) {
   float t[256];
-  const int64_t at = row * inputs;
+  const int64_t at = row * x_stride;
   for (int64_t j = 0; j < width; ++j) {
     const int8_t* a_row = a + j * inputs;
     __m256 acc = _mm256_setzero_ps();
@@ -97,11 +99,11 @@ __attribute__((target("avx512f,avx512bw,avx2,fma"))) inline void store16(void* o
 }
 
 __attribute__((target("avx512f,avx512bw,avx2,fma"))) void lora_row16(
-    const void* x, bool bf16, int64_t row, int64_t inputs, int64_t outputs, void* out,
-    const int8_t* a, const float* a_scales, const int8_t* bt, const float* b_scales,
+    const void* x, bool bf16, int64_t row, int64_t x_stride, int64_t inputs, int64_t outputs,
+    void* out, const int8_t* a, const float* a_scales, const int8_t* bt, const float* b_scales,
     int64_t width) {
   float t[256];
-  const int64_t at = row * inputs;
+  const int64_t at = row * x_stride;
   for (int64_t j = 0; j < width; ++j) {
     const int8_t* a_row = a + j * inputs;
     __m512 acc = _mm512_setzero_ps();
@@ -123,25 +125,38 @@ __attribute__((target("avx512f,avx512bw,avx2,fma"))) void lora_row16(
 
 }  // namespace
 
-extern "C" {
+namespace ragtune {
 
-// out[rows, outputs] += each row's LoRA delta, x and out both bf16 (1) or float32 (0).
-// row_slot[rows]: the row's slot, -1 for none; the tables, indexed by slot, hold each slot's
-// factors for this layer and group (a null `a` where the slot has none). inputs and outputs
-// are multiples of 8, widths at most 256. isa 2 (AVX-512, as a8_isa numbers it) takes the
-// 16-lane path where both lengths are multiples of 16, else the 8-lane one.
-void lora_rows(const void* x, int bf16, int64_t rows, int64_t inputs, int64_t outputs,
-               void* out, const int32_t* row_slot, const int8_t* const* a,
-               const float* const* a_scales, const int8_t* const* bt,
-               const float* const* b_scales, const int32_t* widths, int threads, int isa) {
+void add_lora_rows(const void* x, bool bf16, int64_t rows, int64_t x_stride, int64_t inputs,
+                   int64_t outputs, void* out, const LoraTables& t, int threads, int isa) {
   const bool wide = isa == 2 && inputs % 16 == 0 && outputs % 16 == 0;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t row = 0; row < rows; ++row) {
-    const int32_t slot = row_slot[row];
-    if (slot < 0 || a[slot] == nullptr) continue;
-    (wide ? lora_row16 : lora_row)(x, bf16 != 0, row, inputs, outputs, out, a[slot],
-                                   a_scales[slot], bt[slot], b_scales[slot], widths[slot]);
+    const int32_t slot = t.row_slot[row];
+    if (slot < 0 || t.a[slot] == nullptr) continue;
+    (wide ? lora_row16 : lora_row)(x, bf16, row, x_stride, inputs, outputs, out, t.a[slot],
+                                   t.a_scales[slot], t.bt[slot], t.b_scales[slot],
+                                   t.widths[slot]);
   }
+}
+
+}  // namespace ragtune
+
+extern "C" {
+
+// out[rows, outputs] += each row's LoRA delta, x and out both bf16 (1) or float32 (0), x's
+// rows x_stride elements apart. row_slot[rows]: the row's slot, -1 for none; the tables,
+// indexed by slot, hold each slot's factors for this layer and group (a null `a` where the
+// slot has none). inputs and outputs are multiples of 8, widths at most 256. isa 2 (AVX-512,
+// as a8_isa numbers it) takes the 16-lane path where both lengths are multiples of 16, else
+// the 8-lane one.
+void lora_rows(const void* x, int bf16, int64_t rows, int64_t x_stride, int64_t inputs,
+               int64_t outputs, void* out, const int32_t* row_slot, const int8_t* const* a,
+               const float* const* a_scales, const int8_t* const* bt,
+               const float* const* b_scales, const int32_t* widths, int threads, int isa) {
+  const ragtune::LoraTables tables{row_slot, a, a_scales, bt, b_scales, widths};
+  ragtune::add_lora_rows(x, bf16 != 0, rows, x_stride, inputs, outputs, out, tables, threads,
+                         isa);
 }
 
 }  // extern "C"

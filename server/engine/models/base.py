@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ragtune.models.checkpoint import open_checkpoint
 from server.engine.linear import Linear, dense_weight, head_linear, is_bnb, linear_for
-from server.engine.lora import LLAMA_GROUPS, LayerAdapters, add_adapters
+from server.engine.lora import LLAMA_GROUPS, LayerAdapters, add_adapters, project
 from server.engine.models.exactness import (
     PaddedExtents,
     describe_sharing,
@@ -290,10 +290,10 @@ class DecoderModel(ForwardPasses):
         """Norm, fused q/k/v projection and rotary embedding: q [tokens, heads, d], k and v
         [tokens, kv_heads, d]."""
         h = self._rms_norm(x, w.input_norm)
-        qkv = w.qkv(h, wide)
-        if w.qkv_bias is not None:
-            qkv = qkv + w.qkv_bias
-        qkv = add_adapters(lora, "qkv", h, qkv)
+        if w.qkv_bias is None:
+            qkv = project(lora, "qkv", w.qkv, h, wide)
+        else:  # the bias before the adapters, as PEFT adds them
+            qkv = add_adapters(lora, "qkv", h, w.qkv(h, wide) + w.qkv_bias)
         tokens = x.shape[0]
         cos, sin = rotary[w.rope]
         # q and k heads side by side, rotated in one go
@@ -314,14 +314,14 @@ class DecoderModel(ForwardPasses):
         wide: bool = False,
     ) -> torch.Tensor:
         """Output projection, residual and MLP: the layer's output [tokens, hidden]."""
-        out = add_adapters(lora, "o", attn, w.o(attn, wide))
+        out = project(lora, "o", w.o, attn, wide)
         if w.attn_out_norm is not None:
             out = self._rms_norm(out, w.attn_out_norm)
         x = x + out
         h = self._rms_norm(x, w.mlp_norm)
-        gate, up = add_adapters(lora, "gate_up", h, w.gate_up(h, wide)).chunk(2, dim=-1)
+        gate, up = project(lora, "gate_up", w.gate_up, h, wide).chunk(2, dim=-1)
         act = self.activation(gate) * up
-        out = add_adapters(lora, "down", act, w.down(act, wide))
+        out = project(lora, "down", w.down, act, wide)
         if w.mlp_out_norm is not None:
             out = self._rms_norm(out, w.mlp_out_norm)
         return x + out
