@@ -81,7 +81,7 @@ def attend(
         step.writes.data_ptr(), keys_t.data_ptr(), values.data_ptr(), keys_t.shape[-1],
         step.bias.data_ptr(), step.length, rows, model.num_heads, model.num_kv_heads, d,
         model.scale, out.data_ptr(), int(cache.dtype == torch.bfloat16),
-        torch.get_num_threads(),
+        torch.get_num_threads(), int(native.attention_pairs()),
     )  # fmt: skip
     return out
 

@@ -95,7 +95,9 @@ def library() -> ctypes.CDLL:
         ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
         ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+        ctypes.c_int,
     ]  # fmt: skip
+    lib.attention_pairs_supported.restype = ctypes.c_int
     if lib.a8_isa() == 0:
         raise KernelUnavailable("ragtune's kernels need AVX2 and FMA, which this CPU lacks")
     return lib
@@ -121,6 +123,15 @@ def chosen_isa() -> int:
 
     vnni = library().a8_isa() == 2 and "avx512_vnni" in detect().features
     return 2 if vnni else 1
+
+
+@functools.cache
+def attention_pairs() -> bool:
+    """Whether decode attention takes its bf16-pair path (AVX-512 BF16, allowed by ragtune's
+    detection as torch's kernels are: the emulated AVX2 kind takes the float path)."""
+    from ragtune.hardware import detect
+
+    return bool(library().attention_pairs_supported()) and "avx512_bf16" in detect().features
 
 
 def isa() -> str:

@@ -21,6 +21,28 @@ pytestmark = pytest.mark.skipif(
     native.unavailable_reason() is not None, reason=f"kernels: {native.unavailable_reason()}"
 )
 MINUS_INF = float("-inf")
+# the float path on every CPU; bf16 pairs where the CPU has AVX-512 BF16
+PATHS = [
+    (torch.float32, False),
+    (torch.bfloat16, False),
+    pytest.param(
+        (torch.bfloat16, True),
+        marks=pytest.mark.skipif(
+            native.unavailable_reason() is not None
+            or not native.library().attention_pairs_supported(),
+            reason="no AVX-512 BF16 here",
+        ),
+        id="bf16-pairs",
+    ),
+]
+
+
+@pytest.fixture
+def path(request, monkeypatch) -> torch.dtype:
+    """(dtype, bf16 pairs): the kernel's path, forced."""
+    dtype, pairs = request.param
+    monkeypatch.setattr(native, "attention_pairs", lambda: pairs)
+    return dtype
 
 
 def model(heads: int, kv_heads: int, d: int) -> SimpleNamespace:
@@ -63,13 +85,14 @@ def step(m, cache, positions, length, bias=None, threads=None):
     return q, k, v, out
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("path", PATHS, indirect=True)
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "d"), [(2, 2, 16), (9, 3, 64), (4, 1, 256), (20, 2, 32)]
 )
-def test_the_kernel_writes_the_new_keys_and_attends_as_torch_does(dtype, heads, kv_heads, d):
+def test_the_kernel_writes_the_new_keys_and_attends_as_torch_does(path, heads, kv_heads, d):
     """Groups of 1, 3, 4 and 10 query heads per KV head (more than the kernel takes at
-    once), head sizes 16 to 256, rows of 1 to 45 keys (not multiples of 8)."""
+    once), head sizes 16 to 256, rows of 1 to 45 keys (not multiples of 8 or 16)."""
+    dtype = path
     m = model(heads, kv_heads, d)
     positions = [44, 0, 7, 20]
     cache = filled_cache(m, 4, 45, dtype)
@@ -90,11 +113,12 @@ def test_the_kernel_writes_the_new_keys_and_attends_as_torch_does(dtype, heads, 
         torch.testing.assert_close(out[row], expected, rtol=tolerance, atol=tolerance)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_rows_bits_depend_on_its_own_keys_alone(dtype):
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_a_rows_bits_depend_on_its_own_keys_alone(path):
     """Alone over its own keys == among rows of other lengths over the longest extent ==
     over a longer, masked extent, with one thread or two; a ring layer's wrapped keys
     likewise (index order, masked by how far back each lies)."""
+    dtype = path
     m = model(9, 3, 64)
     positions = [60, 3, 17, 31]
     batched = step(m, filled_cache(m, 4, 96, dtype), positions, 61)[3]

@@ -10,10 +10,10 @@
 // rounded to the compute dtype; softmax in float32 (max, exp, sum, divide), probabilities
 // rounded to the compute dtype; values summed in float32 and rounded once. Keys whose bias
 // is -inf are skipped: they would add exact zeros. Every sum runs in an order set by the key
-// index alone (lanes by index modulo 8, keys in index order), so a row's result depends on
-// its own keys and not on its neighbours, the step's longest extent, the thread count or the
-// schedule. One body of 8 lanes for every CPU with AVX2: the same bits on AVX2 and AVX-512
-// machines (this kernel is bound by fixed costs and memory, not by vector width).
+// index alone (lanes by index, keys in index order), so a row's result depends on its own
+// keys and not on its neighbours, the step's longest extent, the thread count or the
+// schedule. Two bodies: 8 float lanes on any CPU with AVX2, and bf16 pairs on AVX-512 BF16
+// (below); a process uses one.
 
 #include <immintrin.h>
 #include <omp.h>
@@ -65,6 +65,14 @@ void write_new(const Step& s, int64_t row, int64_t h) {
   std::memcpy(values, v, s.d * size);
 }
 
+// Keys' rows lie `capacity` apart and a value row is one cache line or a few: too short for
+// the hardware prefetchers to ramp up before each ends (a layer's keys and values come from
+// memory: the step's weights evicted them). Each sweep asks for the rows a few ahead.
+inline void prefetch_span(const void* start, int64_t bytes) {
+  const char* p = static_cast<const char*>(start);
+  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(p + i, _MM_HINT_T0);
+}
+
 // e^x for x <= 0: Cephes' single-precision polynomial (about 1 ulp)
 __attribute__((target("avx2,fma"))) inline __m256 exp8(__m256 x) {
   x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
@@ -107,20 +115,49 @@ __attribute__((target("avx2,fma"))) inline float max8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// scores[g][t..t+8) = q_g . key_t for G query heads; keys [d][stride] from `keys`, float32
-// or bf16 (a partial last block comes zero-padded in a float32 copy: the same lane sums)
+// scores[g][0..padded) = q_g . key_t for G query heads, keys [d][capacity] float32 or bf16
+// from `at`: each feature's row of keys read in one sweep (rows lie capacity apart: reading
+// a block of keys across every row at once starved the prefetchers), the sums kept in
+// `scores` (L1), each lane summing over the features in order
 template <int G>
-__attribute__((target("avx2,fma"))) void score_block(const float* query, int64_t d,
-                                                     const void* keys, bool bf16, int64_t at,
-                                                     int64_t stride, float* scores,
-                                                     int64_t scores_stride) {
-  __m256 acc[G];
-  for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
+__attribute__((target("avx2,fma"))) void score_rows(const float* query, int64_t d,
+                                                    const void* keys, bool bf16, int64_t at,
+                                                    int64_t capacity, int64_t length,
+                                                    float* scores, int64_t padded) {
+  for (int64_t i = 0; i < G * padded; ++i) scores[i] = 0.0f;
+  const int64_t whole = length / 8 * 8;
+  alignas(32) float tail[8];
+  const int64_t size = bf16 ? 2 : 4;
   for (int64_t j = 0; j < d; ++j) {
-    const __m256 key = load8(keys, bf16, at + j * stride);
-    for (int g = 0; g < G; ++g) acc[g] = _mm256_fmadd_ps(_mm256_set1_ps(query[g * d + j]), key, acc[g]);
+    const int64_t row = at + j * capacity;
+    if (j + 2 < d) prefetch_span(static_cast<const char*>(keys) + (row + 2 * capacity) * size, length * size);
+    __m256 q[G];
+    for (int g = 0; g < G; ++g) q[g] = _mm256_set1_ps(query[g * d + j]);
+    for (int64_t t = 0; t < padded; t += 8) {
+      __m256 key;
+      if (t < whole) {
+        key = load8(keys, bf16, row + t);
+      } else {  // the last keys, zero-padded to 8
+        for (int64_t i = 0; i < 8; ++i) {
+          float value = 0.0f;
+          if (t + i < length) {
+            if (bf16) {
+              const uint32_t bits = uint32_t(static_cast<const uint16_t*>(keys)[row + t + i]) << 16;
+              std::memcpy(&value, &bits, 4);
+            } else {
+              value = static_cast<const float*>(keys)[row + t + i];
+            }
+          }
+          tail[i] = value;
+        }
+        key = _mm256_load_ps(tail);
+      }
+      for (int g = 0; g < G; ++g) {
+        float* sums = scores + g * padded + t;
+        _mm256_storeu_ps(sums, _mm256_fmadd_ps(q[g], key, _mm256_loadu_ps(sums)));
+      }
+    }
   }
-  for (int g = 0; g < G; ++g) _mm256_storeu_ps(scores + g * scores_stride, acc[g]);
 }
 
 // out_g[c..c+16) = sum over visible t of p[g][t] * value_t[c..c+16), t in index order
@@ -132,7 +169,11 @@ __attribute__((target("avx2,fma"))) void value_chunk(const float* probs, int64_t
                                                      float* sums) {
   __m256 lo[G], hi[G];
   for (int g = 0; g < G; ++g) lo[g] = hi[g] = _mm256_setzero_ps();
+  const int64_t size = bf16 ? 2 : 4;
   for (int64_t t = 0; t < length; ++t) {
+    if (c == 0 && t + 8 < length) {  // the first sweep brings every row in
+      prefetch_span(static_cast<const char*>(values) + (base + (t + 8) * d) * size, d * size);
+    }
     if (bias[t] != 0.0f) continue;  // masked: weighs exactly zero
     const __m256 a = load8(values, bf16, base + t * d + c);
     const __m256 b = load8(values, bf16, base + t * d + c + 8);
@@ -148,46 +189,13 @@ __attribute__((target("avx2,fma"))) void value_chunk(const float* probs, int64_t
   }
 }
 
-template <int G>
-__attribute__((target("avx2,fma"))) void attend_heads(const Step& s, int64_t row, int64_t h,
-                                                      int64_t first, std::vector<float>& work) {
-  const int64_t d = s.d, length = s.length, group = s.heads / s.kv_heads;
-  const int64_t padded = (length + 7) / 8 * 8;
-  work.resize(G * padded + 2 * G * d + d * 8);
-  float* scores = work.data();
-  float* query = scores + G * padded;
-  float* sums = query + G * d;
-  float* tail = sums + G * d;
-  for (int g = 0; g < G; ++g) {
-    const int64_t at = row * s.q_stride + (h * group + first + g) * d;
-    for (int64_t j = 0; j < d; j += 8) _mm256_storeu_ps(query + g * d + j, load8(s.q, s.bf16, at + j));
-  }
-  const int64_t key_base = (row * s.kv_heads + h) * d * s.capacity;
-  const int64_t whole = length / 8 * 8;
-  for (int64_t t = 0; t < whole; t += 8) {
-    score_block<G>(query, d, s.keys_t, s.bf16, key_base + t, s.capacity, scores + t, padded);
-  }
-  if (whole < length) {  // the last keys, zero-padded to 8
-    for (int64_t j = 0; j < d; ++j) {
-      for (int64_t i = 0; i < 8; ++i) {
-        const int64_t at = key_base + j * s.capacity + whole + i;
-        float key = 0.0f;
-        if (whole + i < length) {
-          if (s.bf16) {
-            const uint32_t bits = uint32_t(static_cast<const uint16_t*>(s.keys_t)[at]) << 16;
-            std::memcpy(&key, &bits, 4);
-          } else {
-            key = static_cast<const float*>(s.keys_t)[at];
-          }
-        }
-        tail[j * 8 + i] = key;
-      }
-    }
-    score_block<G>(query, d, tail, false, 0, 8, scores + whole, padded);
-  }
-  const float* bias = s.bias + row * length;
+// scores [G][padded] -> probabilities in place: times the scale, rounded to the compute
+// dtype, plus the bias (keys past `length` masked), then softmax in float32, rounded
+__attribute__((target("avx2,fma"))) void softmax_rows(float* scores, int G, int64_t padded,
+                                                      const float* bias, int64_t length,
+                                                      float scale_by, bool bf16) {
   const float minus_inf = -std::numeric_limits<float>::infinity();
-  const __m256 scale = _mm256_set1_ps(s.scale);
+  const __m256 scale = _mm256_set1_ps(scale_by);
   for (int g = 0; g < G; ++g) {
     float* row_scores = scores + g * padded;
     __m256 top = _mm256_set1_ps(minus_inf);
@@ -200,7 +208,8 @@ __attribute__((target("avx2,fma"))) void attend_heads(const Step& s, int64_t row
         for (int64_t i = 0; i < 8; ++i) part[i] = t + i < length ? bias[t + i] : minus_inf;
         b = _mm256_load_ps(part);
       }
-      const __m256 x = _mm256_add_ps(round8(_mm256_mul_ps(_mm256_loadu_ps(row_scores + t), scale), s.bf16), b);
+      const __m256 raw = _mm256_mul_ps(_mm256_loadu_ps(row_scores + t), scale);
+      const __m256 x = _mm256_add_ps(round8(raw, bf16), b);
       _mm256_storeu_ps(row_scores + t, x);
       top = _mm256_max_ps(top, x);
     }
@@ -215,32 +224,192 @@ __attribute__((target("avx2,fma"))) void attend_heads(const Step& s, int64_t row
     }
     const __m256 sum = _mm256_set1_ps(sum8(total));
     for (int64_t t = 0; t < padded; t += 8) {
-      _mm256_storeu_ps(row_scores + t, round8(_mm256_div_ps(_mm256_loadu_ps(row_scores + t), sum), s.bf16));
+      const __m256 p = _mm256_div_ps(_mm256_loadu_ps(row_scores + t), sum);
+      _mm256_storeu_ps(row_scores + t, round8(p, bf16));
     }
   }
+}
+
+template <int G>
+__attribute__((target("avx2,fma"))) void attend_heads(const Step& s, int64_t row, int64_t h,
+                                                      int64_t first, std::vector<float>& work) {
+  const int64_t d = s.d, length = s.length, group = s.heads / s.kv_heads;
+  const int64_t padded = (length + 7) / 8 * 8;
+  work.resize(G * padded + 2 * G * d);
+  float* scores = work.data();
+  float* query = scores + G * padded;
+  float* sums = query + G * d;
+  for (int g = 0; g < G; ++g) {
+    const int64_t at = row * s.q_stride + (h * group + first + g) * d;
+    for (int64_t j = 0; j < d; j += 8) {
+      _mm256_storeu_ps(query + g * d + j, load8(s.q, s.bf16, at + j));
+    }
+  }
+  const int64_t key_base = (row * s.kv_heads + h) * d * s.capacity;
+  score_rows<G>(query, d, s.keys_t, s.bf16, key_base, s.capacity, length, scores, padded);
+  const float* bias = s.bias + row * length;
+  softmax_rows(scores, G, padded, bias, length, s.scale, s.bf16);
   const int64_t value_base = (row * s.kv_heads + h) * s.capacity * d;
   for (int64_t c = 0; c < d; c += kValueChunk) {
     value_chunk<G>(scores, padded, bias, length, s.values, s.bf16, value_base, d, c, sums);
   }
   for (int g = 0; g < G; ++g) {
     const int64_t at = row * s.heads * d + (h * group + first + g) * d;
-    for (int64_t j = 0; j < d; j += 8) store8(s.out, s.bf16, at + j, _mm256_loadu_ps(sums + g * d + j));
+    for (int64_t j = 0; j < d; j += 8) {
+      store8(s.out, s.bf16, at + j, _mm256_loadu_ps(sums + g * d + j));
+    }
   }
 }
 
-void attend(const Step& s, int64_t row, int64_t h, std::vector<float>& work) {
+// ------------------------------------------------ bf16 pairs on AVX-512 BF16 (vdpbf16ps)
+//
+// Where the compute dtype is bf16 and the CPU has AVX-512 BF16: products of bf16 pairs
+// summed in float32 (as the bf16 GEMMs of torch's route), 16 lanes, two keys or two head
+// features a step: 3-4x fewer instructions than the 8-lane float path. Other sums than that
+// path (one process uses one), the same rules: lanes by index, keys in index order (pairs
+// of neighbours, a key past the row's own keys weighing an exact zero), so a row's bits
+// still depend on its own keys alone.
+
+#define RAGTUNE_BF16_TARGET \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")))
+
+// words 2i and 2i+1 of the result: a[i] and b[i] (i < 16), from a and b's low 16 words
+RAGTUNE_BF16_TARGET inline __m512i interleave_low(__m512i a, __m512i b) {
+  const __m512i index = _mm512_set_epi16(
+      47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+      39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  return _mm512_permutex2var_epi16(a, index, b);
+}
+
+// the same from words 16..31 of a and b
+RAGTUNE_BF16_TARGET inline __m512i interleave_high(__m512i a, __m512i b) {
+  const __m512i index = _mm512_set_epi16(
+      63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24,
+      55, 23, 54, 22, 53, 21, 52, 20, 51, 19, 50, 18, 49, 17, 48, 16);
+  return _mm512_permutex2var_epi16(a, index, b);
+}
+
+RAGTUNE_BF16_TARGET inline __m512 dot_pairs(__m512 acc, __m512i pairs, uint32_t weights) {
+  return _mm512_dpbf16_ps(acc, (__m512bh)pairs, (__m512bh)_mm512_set1_epi32(weights));
+}
+
+inline uint32_t pair_at(const uint16_t* x, int64_t i) {
+  uint32_t pair;
+  std::memcpy(&pair, x + i, 4);
+  return pair;
+}
+
+// scores[g][0..padded) = q_g . key_t, keys [d][capacity] bf16 from `at`: two features' rows
+// of keys a sweep (see score_rows), the last keys zero-padded by a masked load
+template <int G>
+RAGTUNE_BF16_TARGET void score_rows16(const uint16_t* query, int64_t d, const uint16_t* keys,
+                                      int64_t at, int64_t capacity, int64_t length,
+                                      float* scores, int64_t padded) {
+  for (int64_t i = 0; i < G * padded; ++i) scores[i] = 0.0f;
+  for (int64_t j = 0; j < 8 && j < d; ++j) prefetch_span(keys + at + j * capacity, length * 2);
+  for (int64_t j = 0; j < d; j += 2) {
+    const uint16_t* even_row = keys + at + j * capacity;
+    const uint16_t* odd_row = even_row + capacity;
+    if (j + 8 < d) {
+      prefetch_span(even_row + 8 * capacity, length * 2);
+      prefetch_span(odd_row + 8 * capacity, length * 2);
+    }
+    uint32_t q[G];
+    for (int g = 0; g < G; ++g) q[g] = pair_at(query, g * d + j);
+    for (int64_t t = 0; t < padded; t += 16) {
+      const __mmask16 valid = length - t >= 16 ? 0xffff : (1u << (length - t)) - 1;
+      const __m512i even = _mm512_castsi256_si512(_mm256_maskz_loadu_epi16(valid, even_row + t));
+      const __m512i odd = _mm512_castsi256_si512(_mm256_maskz_loadu_epi16(valid, odd_row + t));
+      const __m512i pairs = interleave_low(even, odd);
+      for (int g = 0; g < G; ++g) {
+        float* sums = scores + g * padded + t;
+        _mm512_storeu_ps(sums, dot_pairs(_mm512_loadu_ps(sums), pairs, q[g]));
+      }
+    }
+  }
+}
+
+// sums[g][c..c+32) = sum over key pairs of p[g][t] * value_t[c..c+32)
+template <int G>
+RAGTUNE_BF16_TARGET void value_pairs(const uint16_t* probs, int64_t padded, const float* bias,
+                                     int64_t length, const uint16_t* values, int64_t base,
+                                     int64_t d, int64_t c, float* sums) {
+  __m512 lo[G], hi[G];
+  for (int g = 0; g < G; ++g) lo[g] = hi[g] = _mm512_setzero_ps();
+  if (c == 0) prefetch_span(values + base, (length < 16 ? length : 16) * d * 2);
+  for (int64_t t = 0; t < length; t += 2) {
+    if (c == 0 && t + 17 < length) prefetch_span(values + base + (t + 16) * d, 2 * d * 2);
+    const bool second = t + 1 < length;
+    if (bias[t] != 0.0f && (!second || bias[t + 1] != 0.0f)) continue;  // both masked
+    const __m512i a = _mm512_loadu_si512(values + base + t * d + c);
+    const __m512i b = second ? _mm512_loadu_si512(values + base + (t + 1) * d + c)
+                             : _mm512_setzero_si512();
+    const __m512i low = interleave_low(a, b), high = interleave_high(a, b);
+    for (int g = 0; g < G; ++g) {
+      const uint32_t p = pair_at(probs, g * padded + t);
+      lo[g] = dot_pairs(lo[g], low, p);
+      hi[g] = dot_pairs(hi[g], high, p);
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    _mm512_storeu_ps(sums + g * d + c, lo[g]);
+    _mm512_storeu_ps(sums + g * d + c + 16, hi[g]);
+  }
+}
+
+template <int G>
+RAGTUNE_BF16_TARGET void attend_heads_bf16(const Step& s, int64_t row, int64_t h,
+                                           int64_t first, std::vector<float>& work) {
+  const int64_t d = s.d, length = s.length, group = s.heads / s.kv_heads;
+  const int64_t padded = (length + 15) / 16 * 16;
+  // floats: scores [G][padded], sums [G][d]; then bf16 probabilities [G][padded]
+  work.resize(G * padded + G * d + G * padded / 2);
+  float* scores = work.data();
+  float* sums = scores + G * padded;
+  uint16_t* probs = reinterpret_cast<uint16_t*>(sums + G * d);
+  const uint16_t* keys = static_cast<const uint16_t*>(s.keys_t);
+  const uint16_t* query =
+      static_cast<const uint16_t*>(s.q) + row * s.q_stride + (h * group + first) * d;
+  const int64_t key_base = (row * s.kv_heads + h) * d * s.capacity;
+  score_rows16<G>(query, d, keys, key_base, s.capacity, length, scores, padded);
+  const float* bias = s.bias + row * length;
+  softmax_rows(scores, G, padded, bias, length, s.scale, true);
+  for (int64_t i = 0; i < G * padded; ++i) {  // already bf16 values: the high halves
+    uint32_t bits;
+    std::memcpy(&bits, scores + i, 4);
+    probs[i] = static_cast<uint16_t>(bits >> 16);
+  }
+  const uint16_t* values = static_cast<const uint16_t*>(s.values);
+  const int64_t value_base = (row * s.kv_heads + h) * s.capacity * d;
+  for (int64_t c = 0; c < d; c += 32) {
+    value_pairs<G>(probs, padded, bias, length, values, value_base, d, c, sums);
+  }
+  for (int g = 0; g < G; ++g) {
+    const int64_t at = row * s.heads * d + (h * group + first + g) * d;
+    for (int64_t j = 0; j < d; j += 8) store8(s.out, true, at + j, _mm256_loadu_ps(sums + g * d + j));
+  }
+}
+
+void attend(const Step& s, int64_t row, int64_t h, std::vector<float>& work, bool pairs) {
   const int64_t group = s.heads / s.kv_heads;
   for (int64_t first = 0; first < group; first += kMaxGroup) {
-    switch (group - first < kMaxGroup ? group - first : kMaxGroup) {
-      case 1: attend_heads<1>(s, row, h, first, work); break;
-      case 2: attend_heads<2>(s, row, h, first, work); break;
-      case 3: attend_heads<3>(s, row, h, first, work); break;
-      case 4: attend_heads<4>(s, row, h, first, work); break;
-      case 5: attend_heads<5>(s, row, h, first, work); break;
-      case 6: attend_heads<6>(s, row, h, first, work); break;
-      case 7: attend_heads<7>(s, row, h, first, work); break;
-      default: attend_heads<8>(s, row, h, first, work); break;
+    const int64_t n = group - first < kMaxGroup ? group - first : kMaxGroup;
+#define RAGTUNE_CASE(G)                                                       \
+  case G:                                                                     \
+    (pairs ? attend_heads_bf16<G> : attend_heads<G>)(s, row, h, first, work); \
+    break;
+    switch (n) {
+      RAGTUNE_CASE(1)
+      RAGTUNE_CASE(2)
+      RAGTUNE_CASE(3)
+      RAGTUNE_CASE(4)
+      RAGTUNE_CASE(5)
+      RAGTUNE_CASE(6)
+      RAGTUNE_CASE(7)
+      default:
+        (pairs ? attend_heads_bf16<8> : attend_heads<8>)(s, row, h, first, work);
     }
+#undef RAGTUNE_CASE
   }
 }
 
@@ -248,15 +417,23 @@ void attend(const Step& s, int64_t row, int64_t h, std::vector<float>& work) {
 
 extern "C" {
 
+// 1 where the CPU has AVX-512 BF16 (the bf16 pair path), else 0
+int attention_pairs_supported() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512bf16");
+}
+
 // One decode step's attention in one layer (see the top of this file). head_dim a multiple
-// of 16; a row's bias -inf at its write index is not allowed (its own key is visible).
+// of 16; pairs (bf16 with head_dim a multiple of 32, where attention_pairs_supported): the
+// AVX-512 BF16 path.
 void attention_rows(const void* q, int64_t q_stride, const void* k_new, int64_t k_stride,
-                    const void* v_new, int64_t v_stride, const int64_t* writes, void* keys_t, void* values,
-                    int64_t capacity, const float* bias, int64_t length, int64_t rows,
-                    int64_t heads, int64_t kv_heads, int64_t d, float scale, void* out,
-                    int bf16, int threads) {
+                    const void* v_new, int64_t v_stride, const int64_t* writes, void* keys_t,
+                    void* values, int64_t capacity, const float* bias, int64_t length,
+                    int64_t rows, int64_t heads, int64_t kv_heads, int64_t d, float scale,
+                    void* out, int bf16, int threads, int pairs) {
   const Step s{q, q_stride, k_new, k_stride, v_new, v_stride, writes, keys_t, values, capacity,
                bias, length, heads, kv_heads, d, scale, out, bf16 != 0};
+  const bool use_pairs = pairs != 0 && bf16 != 0 && d % 32 == 0;
 #pragma omp parallel num_threads(threads)
   {
     std::vector<float> work;
@@ -264,7 +441,7 @@ void attention_rows(const void* q, int64_t q_stride, const void* k_new, int64_t 
     for (int64_t task = 0; task < rows * kv_heads; ++task) {
       const int64_t row = task / kv_heads, h = task % kv_heads;
       write_new(s, row, h);
-      attend(s, row, h, work);
+      attend(s, row, h, work, use_pairs);
     }
   }
 }
