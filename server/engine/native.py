@@ -1,8 +1,8 @@
 """ragtune's C++ kernels (csrc/): one shared library, built once per machine with the system
 C++ compiler and loaded with ctypes. No torch headers: a plain library builds in a few seconds
 and shares torch's OpenMP runtime (same soname, already loaded), so its threads are torch's.
-The kernels: the a8 GEMM (engine/a8.py), the decode LoRA rows (engine/lora_rowwise.py) and
-decode attention (engine/attention_rows.py)."""
+The kernels: the a8 GEMM (engine/a8.py), the decode LoRA rows (engine/lora_rowwise.py),
+decode attention (engine/attention_rows.py) and RMSNorm (engine/rms_norm.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,12 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = [CSRC / "a8_linear.cpp", CSRC / "lora_rows.cpp", CSRC / "attention_rows.cpp"]
+SOURCES = [
+    CSRC / "a8_linear.cpp",
+    CSRC / "lora_rows.cpp",
+    CSRC / "attention_rows.cpp",
+    CSRC / "rms_norm.cpp",
+]
 HEADERS = [CSRC / "vec8.h", CSRC / "lora_rows.h"]
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
 ISA_NAMES = {1: "avx2", 2: "avx512-vnni"}
@@ -98,6 +103,12 @@ def library() -> ctypes.CDLL:
         ctypes.c_int,
     ]  # fmt: skip
     lib.attention_pairs_supported.restype = ctypes.c_int
+    lib.rms_norm_rows.restype = None
+    lib.rms_norm_rows.argtypes = [
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p,
+        ctypes.c_int,
+    ]  # fmt: skip
     if lib.a8_isa() == 0:
         raise KernelUnavailable("ragtune's kernels need AVX2 and FMA, which this CPU lacks")
     return lib
