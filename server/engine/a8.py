@@ -30,7 +30,7 @@ def pack(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """group_grid's codes [out, in] and per-group scale/offset [out, groups] in the kernel's
     layout (csrc/a8_linear.cpp): codes [out/16, groups, 8 quads, 16 lanes, 4] as bytes (bits
-    8) or nibbles two quads to a byte (bits 4), and float32 params [out/16, groups, 2, 16]."""
+    8) or nibbles two quads to a byte (bits 4), and float16 params [out/16, groups, 2, 16]."""
     out_features, in_features = codes.shape
     blocks, groups = out_features // LANES, in_features // GROUP
     # channel = 16 * block + lane; input = 32 * group + 4 * quad + byte
@@ -40,7 +40,7 @@ def pack(
         packed = pairs[:, :, :, 0] | (pairs[:, :, :, 1] << 4)
     else:
         packed = quads
-    params = torch.stack([scale.float(), offset.float()])  # [2, out, groups]
+    params = torch.stack([scale.half(), offset.half()])  # [2, out, groups]
     params = params.view(2, blocks, LANES, groups).permute(1, 3, 0, 2)
     return packed.contiguous(), params.contiguous()
 
@@ -58,6 +58,9 @@ class A8Linear:
         self.bits = bits
         self.isa = isa or native.chosen_isa()  # 1: AVX2, 2: AVX-512 VNNI (tests force either)
         codes, scale, offset = group_grid(weight, GROUP, bits)
+        # float16 scales and offsets, as the kernel reads them (and GGUF's Q4_1 stores them:
+        # nothing lost there); the dense copy for wide prompt chunks uses the same ones
+        scale, offset = scale.half().float(), offset.half().float()
         self.out_features, self.in_features = weight.shape
         self.codes, self.params = pack(codes, scale, offset, bits)
         self.dense = group_dequantized(codes, scale, offset).to(weight.dtype)

@@ -84,8 +84,9 @@ def test_the_bundled_q4_1_layout_packs_exactly():
     codes = torch.randint(0, 16, (64, 96)).float()
     codes[:, ::32] = 0
     codes[:, 1::32] = 15
-    scale = torch.rand(64, 3, 1) * 0.01 + 0.001
-    low = torch.randn(64, 3, 1) * 0.01
+    # Q4_1 stores each group's scale and minimum in float16, as the kernel reads them
+    scale = (torch.rand(64, 3, 1) * 0.01 + 0.001).half().float()
+    low = (torch.randn(64, 3, 1) * 0.01).half().float()
     weight = (codes.view(64, 3, 32) * scale + low).view(64, 96)
     linear = A8Linear(weight, 4)
     torch.testing.assert_close(linear.dense, weight, rtol=1e-5, atol=1e-6)

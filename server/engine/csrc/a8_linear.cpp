@@ -14,8 +14,9 @@
 // b and group g, 256 bytes: 4 vectors of 64 bytes, lane l (bytes 4l..4l+3) holding channel
 // 16b+l's codes for inputs 32g+8v+p (low nibble) and 32g+8v+4+p (high nibble), p = 0..3.
 // 8-bit codes: 512 bytes, 8 vectors of 64 bytes, vector q's lane l holding channel 16b+l's
-// codes for inputs 32g+4q+p. params[b][g] = 16 float32 scales, then 16 float32 offsets:
-// w = code * scale + offset.
+// codes for inputs 32g+4q+p. params[b][g] = 16 float16 scales, then 16 float16 offsets (as
+// GGUF's Q4_1 stores them: 64 bytes a group of 16 channels, a sixth of the 4-bit block's
+// bytes where float32 took a third): w = code * scale + offset.
 
 #include <immintrin.h>
 #include <omp.h>
@@ -35,6 +36,11 @@ using ragtune::store8;
 
 constexpr int64_t kGroup = 32;
 constexpr int64_t kLanes = 16;
+
+// 8 float16 values as float32 (F16C, on every AVX2 CPU)
+__attribute__((target("avx2,fma,f16c"))) inline __m256 half8(const uint16_t* x) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
+}
 
 // Rows' activations as int8 codes in blocks of 32, each block's scale and scale * sum of codes.
 struct QuantizedRows {
@@ -137,9 +143,9 @@ __attribute__((target("avx2,fma"))) inline __m256i group_sums_avx2(const uint8_t
 }
 
 template <int Bits, int Rows>
-__attribute__((target("avx2,fma"))) void tile_avx2(const QuantizedRows& a, int64_t row0,
+__attribute__((target("avx2,fma,f16c"))) void tile_avx2(const QuantizedRows& a, int64_t row0,
                                                    int64_t inputs, const uint8_t* block,
-                                                   const float* params, int64_t outputs,
+                                                   const uint16_t* params, int64_t outputs,
                                                    int64_t column, void* out, bool bf16) {
   const int64_t groups = inputs / kGroup;
   for (int half = 0; half < 2; ++half) {
@@ -147,8 +153,8 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const QuantizedRows& a, int64
     for (int r = 0; r < Rows; ++r) acc[r] = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
       const uint8_t* codes = block + g * kGroupBytes<Bits>;
-      const __m256 scale = _mm256_loadu_ps(params + g * 32 + half * 8);
-      const __m256 offset = _mm256_loadu_ps(params + g * 32 + 16 + half * 8);
+      const __m256 scale = half8(params + g * 32 + half * 8);
+      const __m256 offset = half8(params + g * 32 + 16 + half * 8);
       for (int r = 0; r < Rows; ++r) {
         const int64_t row = row0 + r;
         const int32_t* quads =
@@ -170,7 +176,7 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const QuantizedRows& a, int64
 template <int Bits, int Rows>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) void tile_vnni(
     const QuantizedRows& a, int64_t row0, int64_t inputs, const uint8_t* block,
-    const float* params, int64_t outputs, int64_t column, void* out, bool bf16) {
+    const uint16_t* params, int64_t outputs, int64_t column, void* out, bool bf16) {
   const int64_t groups = inputs / kGroup;
   const __m512i nibble = _mm512_set1_epi8(0x0f);
   __m512 acc[Rows];
@@ -187,8 +193,10 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) void ti
     } else {
       for (int q = 0; q < 8; ++q) w[q] = _mm512_loadu_si512(codes + 64 * q);
     }
-    const __m512 scale = _mm512_loadu_ps(params + g * 32);
-    const __m512 offset = _mm512_loadu_ps(params + g * 32 + 16);
+    const __m512 scale = _mm512_cvtph_ps(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(params + g * 32)));
+    const __m512 offset = _mm512_cvtph_ps(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(params + g * 32 + 16)));
     for (int r = 0; r < Rows; ++r) {
       const int64_t row = row0 + r;
       const int32_t* quads =
@@ -213,7 +221,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) void ti
   }
 }
 
-using Tile = void (*)(const QuantizedRows&, int64_t, int64_t, const uint8_t*, const float*,
+using Tile = void (*)(const QuantizedRows&, int64_t, int64_t, const uint8_t*, const uint16_t*,
                       int64_t, int64_t, void*, bool);
 
 constexpr int kMaxTile = 8;
@@ -245,7 +253,10 @@ extern "C" {
 // 2: AVX-512 VNNI, 1: AVX2, 0: neither (the caller must not use this kernel)
 int a8_isa() {
   if (has_vnni()) return 2;
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                 __builtin_cpu_supports("f16c")
+             ? 1
+             : 0;
 }
 
 // out[rows, outputs] = x[rows, inputs] @ W^T; x (rows x_stride elements apart) and out
@@ -253,7 +264,7 @@ int a8_isa() {
 // else as a8_isa numbers it. With a row_slot (else null), each row's LoRA delta is added
 // after, as lora_rows would (x and out of one dtype).
 void a8_linear(const void* x, int x_bf16, int64_t rows, int64_t x_stride, int64_t inputs,
-               const uint8_t* packed, const float* params, int64_t outputs, void* out,
+               const uint8_t* packed, const uint16_t* params, int64_t outputs, void* out,
                int out_bf16, int threads, int isa, int bits, const int32_t* row_slot,
                const int8_t* const* a_codes, const float* const* a_scales,
                const int8_t* const* bt, const float* const* b_scales, const int32_t* widths) {
@@ -270,7 +281,7 @@ void a8_linear(const void* x, int x_bf16, int64_t rows, int64_t x_stride, int64_
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t b = 0; b < blocks; ++b) {
     const uint8_t* block = packed + b * groups * group_bytes;
-    const float* block_params = params + b * groups * 2 * kLanes;
+    const uint16_t* block_params = params + b * groups * 2 * kLanes;
     for (int64_t row0 = 0; row0 < rows; row0 += kMaxTile) {
       const int64_t count = rows - row0 < kMaxTile ? rows - row0 : kMaxTile;
       tiles[count](a, row0, inputs, block, block_params, outputs, b * kLanes, out, bf16);
