@@ -27,7 +27,7 @@ SOURCES = [
 ]
 HEADERS = [CSRC / "vec8.h", CSRC / "lora_rows.h"]
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
-ISA_NAMES = {1: "avx2", 2: "avx512-vnni"}
+ISA_NAMES = {1: "avx2", 2: "avx512-vnni", 3: "amx-int8"}
 
 
 class KernelUnavailable(RuntimeError):
@@ -127,13 +127,16 @@ def unavailable_reason() -> str | None:
 
 @functools.cache
 def chosen_isa() -> int:
-    """AVX-512 VNNI (2) where the CPU has it and ragtune's detection allows it (capped like
-    torch's kernels by ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA: how tests emulate the AVX2
-    kind), else AVX2 (1). Both give the same bits; only the speed differs."""
+    """AMX-INT8 (3: AVX-512 VNNI, with AMX tiles for steps of more than 8 rows) or AVX-512
+    VNNI (2) where the CPU has it and ragtune's detection allows it (capped like torch's
+    kernels by ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA: how tests emulate the AVX2 kind),
+    else AVX2 (1). All give the same bits; only the speed differs."""
     from ragtune.hardware import detect
 
-    vnni = library().a8_isa() == 2 and "avx512_vnni" in detect().features
-    return 2 if vnni else 1
+    features, best = detect().features, library().a8_isa()
+    if best == 3 and "amx_int8" in features:
+        return 3
+    return 2 if best >= 2 and "avx512_vnni" in features else 1
 
 
 @functools.cache

@@ -52,7 +52,7 @@ def test_a_row_has_the_same_bits_alone_in_any_batch_thread_count_and_instruction
     torch.manual_seed(1)
     weight = (torch.randn(160, 576) * 0.05).to(dtype)
     weight[:, :32] *= 40  # 8-bit codes near 0 and 255 in some groups: no int16 saturation
-    isas = [1, 2] if native.library().a8_isa() == 2 else [1]
+    isas = [1, 2, 3][: native.library().a8_isa()]  # AVX2, AVX-512 VNNI, AMX-INT8
     batch = torch.randn(19, 576).to(dtype)  # two full tiles of 8 rows and a remainder
     reference = A8Linear(weight, bits, isa=isas[0])(batch)
     threads = torch.get_num_threads()
@@ -65,6 +65,7 @@ def test_a_row_has_the_same_bits_alone_in_any_batch_thread_count_and_instruction
                 for row in (0, 7, 8, 18):
                     assert torch.equal(linear(batch[row : row + 1]), reference[row : row + 1])
                 assert torch.equal(linear(batch[5:14]), reference[5:14])
+                assert torch.equal(linear(batch[2:16]), reference[2:16])  # AMX from 12 rows
     finally:
         torch.set_num_threads(threads)
 

@@ -59,7 +59,7 @@ def test_the_lora_rows_kernel_adds_each_rows_own_slot_in_one_call(dtype, isa, mo
     and base rows in one call; a row's bits are those it gets alone and with any thread
     count, base rows get nothing, and each slot's rows get what torch's int8 route gives
     them, to rounding."""
-    if isa == 2 and native.library().a8_isa() != 2:
+    if isa == 2 and native.library().a8_isa() < 2:
         pytest.skip("no AVX-512 VNNI here")
     monkeypatch.setattr(native, "chosen_isa", lambda: isa)
     torch.manual_seed(0)

@@ -129,7 +129,7 @@ namespace ragtune {
 
 void add_lora_rows(const void* x, bool bf16, int64_t rows, int64_t x_stride, int64_t inputs,
                    int64_t outputs, void* out, const LoraTables& t, int threads, int isa) {
-  const bool wide = isa == 2 && inputs % 16 == 0 && outputs % 16 == 0;
+  const bool wide = isa >= 2 && inputs % 16 == 0 && outputs % 16 == 0;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t row = 0; row < rows; ++row) {
     const int32_t slot = t.row_slot[row];
@@ -147,9 +147,9 @@ extern "C" {
 // out[rows, outputs] += each row's LoRA delta, x and out both bf16 (1) or float32 (0), x's
 // rows x_stride elements apart. row_slot[rows]: the row's slot, -1 for none; the tables,
 // indexed by slot, hold each slot's factors for this layer and group (a null `a` where the
-// slot has none). inputs and outputs are multiples of 8, widths at most 256. isa 2 (AVX-512,
-// as a8_isa numbers it) takes the 16-lane path where both lengths are multiples of 16, else
-// the 8-lane one.
+// slot has none). inputs and outputs are multiples of 8, widths at most 256. isa 2 or 3
+// (AVX-512, as a8_isa numbers it) takes the 16-lane path where both lengths are multiples of
+// 16, else the 8-lane one.
 void lora_rows(const void* x, int bf16, int64_t rows, int64_t x_stride, int64_t inputs,
                int64_t outputs, void* out, const int32_t* row_slot, const int8_t* const* a,
                const float* const* a_scales, const int8_t* const* bt,
