@@ -1,0 +1,145 @@
+"""ragtune's C++ kernels alone, against torch's route for the same work. Prints one JSON line
+per case (µs a call).
+
+    python bench/kernels.py attention          # decode attention, 16 rows, hot and cold
+    python bench/kernels.py a8                 # the a8 GEMM per instruction set
+    python bench/kernels.py norm               # RMSNorm
+
+Run on a quiet machine (nothing else CPU-heavy): these are the figures of docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+from server.engine import attention_rows, native
+from server.engine.a8 import A8Linear
+from server.engine.attention_rows import RowsPlan
+from server.engine.kv_cache import KVCache
+from server.engine.models.attention import attention
+from server.engine.rms_norm import rms_norm
+
+# (heads, kv_heads, head_dim): Gemma 3 270M, SmolLM2-135M
+ATTENTION_SHAPES = [(4, 1, 256), (9, 3, 64)]
+# (out, in): SmolLM2's gate/up, down, qkv; Gemma 3's gate/up
+GEMM_SHAPES = [(3072, 576), (576, 1536), (960, 576), (8192, 640)]
+
+
+def per_call(fn, calls: int) -> float:
+    for _ in range(max(3, calls // 20)):
+        fn()
+    started = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return round((time.perf_counter() - started) / calls * 1e6, 1)
+
+
+def attention_case(heads: int, kv: int, d: int, keys: int, layers: int, rows: int = 16) -> dict:
+    """µs a layer: torch's three ops (hot), the kernel hot (one layer again and again) and
+    cold (`layers` layers in turn after 64 MB of other traffic, as in a real step)."""
+    model = SimpleNamespace(head_dim=d, num_heads=heads, num_kv_heads=kv, q_size=heads * d,
+                            scale=d**-0.5)  # fmt: skip
+    cache = KVCache(layers, rows, kv, 4096, d, torch.bfloat16, "cpu")
+    cache.reserve(keys, 0)
+    cache.ensure_slots(rows, 0)
+    for layer in range(layers):
+        cache.keys_t[layer].normal_()
+        cache.values[layer].normal_()
+    q = torch.randn(rows, heads, d).bfloat16()
+    k, v = torch.randn(rows, kv, d).bfloat16(), torch.randn(rows, kv, d).bfloat16()
+    positions = torch.arange(rows) + keys - rows
+    hidden = torch.arange(keys)[None] > positions[:, None]
+    bias = torch.zeros(rows, keys).masked_fill(hidden, float("-inf"))
+    plan = RowsPlan(keys, bias, positions.clone())
+    keys_t, values = cache.keys_t[0][:rows, :, :, :keys], cache.values[0][:rows, :, :keys]
+    torch_bias = bias[:, None, :].repeat_interleave(kv, 0).expand(-1, heads // kv, -1)
+    torch_bias = torch_bias.contiguous().bfloat16()
+    grouped = q.reshape(rows * kv, heads // kv, d)
+    result = {"case": "attention", "heads": heads, "kv_heads": kv, "head_dim": d, "keys": keys}
+    result["torch_hot_us"] = per_call(
+        lambda: attention(grouped, keys_t.reshape(rows * kv, d, keys),
+                          values.reshape(rows * kv, keys, d), torch_bias, model.scale),
+        100,
+    )  # fmt: skip
+    result["kernel_hot_us"] = per_call(
+        lambda: attention_rows.attend(model, 0, q, k, v, cache, plan), 100
+    )
+    flush = torch.empty(64 * 2**20, dtype=torch.uint8)
+    total = 0.0
+    for _ in range(8):
+        flush.add_(1)
+        started = time.perf_counter()
+        for layer in range(layers):
+            attention_rows.attend(model, layer, q, k, v, cache, plan)
+        total += time.perf_counter() - started
+    result["kernel_cold_us"] = round(total / 8 / layers * 1e6, 1)
+    result["path"] = "bf16 pairs" if native.attention_pairs() else "float lanes"
+    return result
+
+
+def a8_cases() -> list[dict]:
+    torch.manual_seed(0)
+    isas = {1: "avx2", 2: "avx512-vnni", 3: "amx-int8"}
+    results = []
+    for out_features, in_features in GEMM_SHAPES:
+        weight = (torch.randn(out_features, in_features) * 0.02).bfloat16()
+        for bits in (4, 8):
+            for rows in (1, 9, 16):
+                x = torch.randn(rows, in_features).bfloat16()
+                case = {"case": "a8", "out": out_features, "in": in_features, "bits": bits,
+                        "rows": rows}  # fmt: skip
+                for isa in range(1, native.library().a8_isa() + 1):
+                    linear = A8Linear(weight, bits, isa=isa)
+                    case[f"{isas[isa]}_us"] = per_call(lambda: linear(x), 300)  # noqa: B023
+                linear = A8Linear(weight, bits)
+                case["torch_dense_bf16_us"] = per_call(lambda: F.linear(x, linear.dense), 300)  # noqa: B023
+                results.append(case)
+    return results
+
+
+def norm_cases() -> list[dict]:
+    results = []
+    for rows, features in ((1, 576), (16, 576), (16, 640), (64, 576)):
+        x = torch.randn(rows, features).bfloat16()
+        weight = torch.rand(features)
+        doubled = torch.cat((weight, weight)).bfloat16()
+
+        def layer_norm_route():
+            paired = torch.cat((x, x.neg()), dim=-1)  # noqa: B023
+            return F.layer_norm(paired, (2 * features,), doubled, None, 1e-5)  # noqa: B023
+
+        results.append({
+            "case": "norm", "rows": rows, "features": features,
+            "layer_norm_route_us": per_call(layer_norm_route, 2000),
+            "kernel_us": per_call(lambda: rms_norm(x, weight, 1e-5), 2000),  # noqa: B023
+        })  # fmt: skip
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("which", choices=["attention", "a8", "norm"])
+    parser.add_argument("--keys", default="200,1000")
+    args = parser.parse_args()
+    if args.which == "attention":
+        cases = [
+            attention_case(heads, kv, d, keys, layers=18)
+            for keys in map(int, args.keys.split(","))
+            for heads, kv, d in ATTENTION_SHAPES
+        ]
+    elif args.which == "a8":
+        cases = a8_cases()
+    else:
+        cases = norm_cases()
+    for case in cases:
+        print(json.dumps(case), flush=True)
+
+
+if __name__ == "__main__":
+    main()
