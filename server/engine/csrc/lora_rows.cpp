@@ -50,7 +50,8 @@ __attribute__((target("avx2,fma"))) void lora_rows8(const void* x, bool bf16,
                                                     int64_t inputs, int64_t outputs, void* out,
                                                     const int8_t* a, const float* a_scales,
                                                     const int8_t* bt, const float* b_scales,
-                                                    int64_t width) {
+                                                    int64_t width, int64_t first,
+                                                    int64_t last) {
   float t[R][256];
   for (int64_t j = 0; j < width; ++j) {
     const int8_t* a_row = a + j * inputs;
@@ -64,7 +65,7 @@ __attribute__((target("avx2,fma"))) void lora_rows8(const void* x, bool bf16,
     }
     for (int r = 0; r < R; ++r) t[r][j] = sum8(acc[r]) * a_scales[j];
   }
-  for (int64_t n = 0; n < outputs; n += 8) {
+  for (int64_t n = first; n < last; n += 8) {
     __m256 delta[R];
     for (int r = 0; r < R; ++r) delta[r] = _mm256_setzero_ps();
     for (int64_t j = 0; j < width; ++j) {
@@ -117,7 +118,7 @@ template <int R>
 __attribute__((target("avx512f,avx512bw,avx2,fma"))) void lora_rows16(
     const void* x, bool bf16, const int64_t* rows, int64_t x_stride, int64_t inputs,
     int64_t outputs, void* out, const int8_t* a, const float* a_scales, const int8_t* bt,
-    const float* b_scales, int64_t width) {
+    const float* b_scales, int64_t width, int64_t first, int64_t last) {
   float t[R][256];
   for (int64_t j = 0; j < width; ++j) {
     const int8_t* a_row = a + j * inputs;
@@ -131,7 +132,7 @@ __attribute__((target("avx512f,avx512bw,avx2,fma"))) void lora_rows16(
     }
     for (int r = 0; r < R; ++r) t[r][j] = _mm512_reduce_add_ps(acc[r]) * a_scales[j];
   }
-  for (int64_t n = 0; n < outputs; n += 16) {
+  for (int64_t n = first; n < last; n += 16) {
     __m512 delta[R];
     for (int r = 0; r < R; ++r) delta[r] = _mm512_setzero_ps();
     for (int64_t j = 0; j < width; ++j) {
@@ -160,11 +161,12 @@ struct RowSet {
 
 template <int R>
 void run_set(const RowSet& set, bool wide, const void* x, bool bf16, int64_t x_stride,
-             int64_t inputs, int64_t outputs, void* out, const ragtune::LoraTables& t) {
+             int64_t inputs, int64_t outputs, void* out, const ragtune::LoraTables& t,
+             int64_t first, int64_t last) {
   const int32_t slot = set.slot;
   (wide ? lora_rows16<R> : lora_rows8<R>)(x, bf16, set.rows, x_stride, inputs, outputs, out,
                                           t.a[slot], t.a_scales[slot], t.bt[slot],
-                                          t.b_scales[slot], t.widths[slot]);
+                                          t.b_scales[slot], t.widths[slot], first, last);
 }
 
 }  // namespace
@@ -191,15 +193,23 @@ void add_lora_rows(const void* x, bool bf16, int64_t rows, int64_t x_stride, int
     }
     open->rows[open->count++] = row;
   }
+  // fewer sets than threads (one row at c=1): each set's outputs split between the threads,
+  // each thread forming the set's A products itself; an output's sums are the same either way
   const int64_t count = static_cast<int64_t>(sets.size());
-#pragma omp parallel for schedule(static) num_threads(threads) if (count > 1)
-  for (int64_t i = 0; i < count; ++i) {
-    const RowSet& set = sets[i];
+  const int64_t lanes = wide ? 16 : 8;
+  const int64_t parts = count < threads ? threads : 1;
+  const int64_t part = (outputs / lanes + parts - 1) / parts * lanes;
+#pragma omp parallel for schedule(static) num_threads(threads) if (count * parts > 1)
+  for (int64_t task = 0; task < count * parts; ++task) {
+    const RowSet& set = sets[task / parts];
+    const int64_t first = (task % parts) * part;
+    const int64_t last = first + part < outputs ? first + part : outputs;
+    if (first >= last) continue;
     switch (set.count) {
-      case 1: run_set<1>(set, wide, x, bf16, x_stride, inputs, outputs, out, t); break;
-      case 2: run_set<2>(set, wide, x, bf16, x_stride, inputs, outputs, out, t); break;
-      case 3: run_set<3>(set, wide, x, bf16, x_stride, inputs, outputs, out, t); break;
-      default: run_set<4>(set, wide, x, bf16, x_stride, inputs, outputs, out, t); break;
+      case 1: run_set<1>(set, wide, x, bf16, x_stride, inputs, outputs, out, t, first, last); break;
+      case 2: run_set<2>(set, wide, x, bf16, x_stride, inputs, outputs, out, t, first, last); break;
+      case 3: run_set<3>(set, wide, x, bf16, x_stride, inputs, outputs, out, t, first, last); break;
+      default: run_set<4>(set, wide, x, bf16, x_stride, inputs, outputs, out, t, first, last); break;
     }
   }
 }
