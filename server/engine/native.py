@@ -25,7 +25,7 @@ SOURCES = [
     CSRC / "attention_rows.cpp",
     CSRC / "rms_norm.cpp",
 ]
-HEADERS = [CSRC / "vec8.h", CSRC / "lora_rows.h"]
+HEADERS = [CSRC / "vec8.h", CSRC / "vec16.h", CSRC / "lora_rows.h"]
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
 ISA_NAMES = {1: "avx2", 2: "avx512-vnni", 3: "amx-int8"}
 

@@ -30,12 +30,14 @@
 #include <vector>
 
 #include "lora_rows.h"
+#include "vec16.h"
 #include "vec8.h"
 
 namespace {
 
 using ragtune::load8;
 using ragtune::store8;
+using ragtune::store16;
 
 constexpr int64_t kGroup = 32;
 constexpr int64_t kLanes = 16;
@@ -43,6 +45,19 @@ constexpr int64_t kLanes = 16;
 // 8 float16 values as float32 (F16C, on every AVX2 CPU)
 __attribute__((target("avx2,fma,f16c"))) inline __m256 half8(const uint16_t* x) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
+}
+
+// 16 float16 values as float32 (a group's scales or offsets for a block of 16 channels)
+__attribute__((target("avx512f,avx2,fma,f16c"))) inline __m512 half16(const uint16_t* x) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+}
+
+// acc + a group's exact integer sums scaled: (sums * (scale * row_scale)) + offset *
+// row_scaled_sum, in this order in every 16-lane path (VNNI, AMX), so they give the same bits
+__attribute__((target("avx512f,avx2,fma"))) inline __m512 add_group(
+    __m512 acc, __m512 sums, __m512 scale, __m512 offset, float row_scale, float row_sum) {
+  acc = _mm512_fmadd_ps(sums, _mm512_mul_ps(scale, _mm512_set1_ps(row_scale)), acc);
+  return _mm512_fmadd_ps(offset, _mm512_set1_ps(row_sum), acc);
 }
 
 // Rows' activations as int8 codes in blocks of 32, each block's scale and scale * sum of codes.
@@ -198,10 +213,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) void ti
     } else {
       for (int q = 0; q < 8; ++q) w[q] = _mm512_loadu_si512(codes + 64 * q);
     }
-    const __m512 scale = _mm512_cvtph_ps(
-        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(params + g * 32)));
-    const __m512 offset = _mm512_cvtph_ps(
-        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(params + g * 32 + 16)));
+    const __m512 scale = half16(params + g * 32);
+    const __m512 offset = half16(params + g * 32 + 16);
     for (int r = 0; r < Rows; ++r) {
       const int64_t row = row0 + r;
       const int32_t* quads =
@@ -213,17 +226,11 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) void ti
         odd = _mm512_dpbusd_epi32(odd, w[q + 1], _mm512_set1_epi32(quads[q + 1]));
       }
       const __m512 sums = _mm512_cvtepi32_ps(_mm512_add_epi32(even, odd));
-      const __m512 row_scale = _mm512_mul_ps(scale, _mm512_set1_ps(a.scales[row * groups + g]));
-      acc[r] = _mm512_fmadd_ps(sums, row_scale, acc[r]);
-      acc[r] = _mm512_fmadd_ps(offset, _mm512_set1_ps(a.scaled_sums[row * groups + g]), acc[r]);
+      acc[r] = add_group(acc[r], sums, scale, offset, a.scales[row * groups + g],
+                         a.scaled_sums[row * groups + g]);
     }
   }
-  for (int r = 0; r < Rows; ++r) {
-    const int64_t at = (row0 + r) * outputs + column;
-    store8(out, bf16, at, _mm512_castps512_ps256(acc[r]));
-    store8(out, bf16, at + 8,
-           _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r]), 1)));
-  }
+  for (int r = 0; r < Rows; ++r) store16(out, bf16, (row0 + r) * outputs + column, acc[r]);
 }
 
 using Tile = void (*)(const QuantizedRows&, int64_t, int64_t, const uint8_t*, const uint16_t*,
@@ -315,26 +322,16 @@ RAGTUNE_AMX_TARGET void tile_amx(const QuantizedRows& a, int64_t row0, int64_t c
     }
     if (g == 0) continue;
     const int64_t done = g - 1;  // scale the group before this one, in tile_vnni's order
-    const __m512 scale = _mm512_cvtph_ps(
-        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(params + done * 32)));
-    const __m512 offset = _mm512_cvtph_ps(
-        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(params + done * 32 + 16)));
+    const __m512 scale = half16(params + done * 32);
+    const __m512 offset = half16(params + done * 32 + 16);
     for (int r = 0; r < kAmxRows; ++r) {
       const int64_t row = row0 + r;
       const __m512 total = _mm512_cvtepi32_ps(_mm512_load_si512(sums[done & 1][r]));
-      const __m512 row_scale =
-          _mm512_mul_ps(scale, _mm512_set1_ps(a.scales[row * groups + done]));
-      acc[r] = _mm512_fmadd_ps(total, row_scale, acc[r]);
-      acc[r] =
-          _mm512_fmadd_ps(offset, _mm512_set1_ps(a.scaled_sums[row * groups + done]), acc[r]);
+      acc[r] = add_group(acc[r], total, scale, offset, a.scales[row * groups + done],
+                         a.scaled_sums[row * groups + done]);
     }
   }
-  for (int r = 0; r < count; ++r) {
-    const int64_t at = (row0 + r) * outputs + column;
-    store8(out, bf16, at, _mm512_castps512_ps256(acc[r]));
-    store8(out, bf16, at + 8,
-           _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r]), 1)));
-  }
+  for (int r = 0; r < count; ++r) store16(out, bf16, (row0 + r) * outputs + column, acc[r]);
 }
 
 constexpr TileConfig tile_config() {

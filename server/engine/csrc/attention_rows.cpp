@@ -30,6 +30,7 @@ namespace {
 
 using ragtune::load8;
 using ragtune::store8;
+using ragtune::sum8;
 
 constexpr int kMaxGroup = 8;  // query heads per KV head handled at once
 constexpr int64_t kValueChunk = 16;  // head features summed at once in the value loop
@@ -99,13 +100,6 @@ __attribute__((target("avx2,fma"))) inline __m256 round8(__m256 x, bool bf16) {
   const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
   bits = _mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff)));
   return _mm256_castsi256_ps(_mm256_and_si256(bits, _mm256_set1_epi32(-65536)));
-}
-
-__attribute__((target("avx2,fma"))) inline float sum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
 }
 
 __attribute__((target("avx2,fma"))) inline float max8(__m256 v) {

@@ -21,24 +21,21 @@
 #include <vector>
 
 #include "lora_rows.h"
+#include "vec16.h"
 #include "vec8.h"
 
 namespace {
 
 using ragtune::load8;
 using ragtune::store8;
+using ragtune::sum8;
+using ragtune::load16;
+using ragtune::store16;
 
 
 __attribute__((target("avx2,fma"))) inline __m256 int8x8(const int8_t* codes) {
   const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes));
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
-}
-
-__attribute__((target("avx2,fma"))) inline float sum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
 }
 
 
@@ -86,33 +83,11 @@ __attribute__((target("avx2,fma"))) void lora_rows8(const void* x, bool bf16,
 // path for a shape), for lengths in vectors of 16. A second body, not one template over
 // both widths: GCC refuses to inline AVX-512 intrinsics into a template instantiated without
 // that target (tried), and a target on the template would let AVX2 machines meet AVX-512.
-__attribute__((target("avx512f,avx512bw,avx2,fma"))) inline __m512 load16(const void* x,
-                                                                          bool bf16,
-                                                                          int64_t i) {
-  if (!bf16) return _mm512_loadu_ps(static_cast<const float*>(x) + i);
-  const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
-      static_cast<const uint16_t*>(x) + i));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
-}
-
 __attribute__((target("avx512f,avx512bw,avx2,fma"))) inline __m512 int8x16(const int8_t* codes) {
   const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes));
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
 }
 
-__attribute__((target("avx512f,avx512bw,avx2,fma"))) inline void store16(void* out, bool bf16,
-                                                                         int64_t i, __m512 v) {
-  if (!bf16) {
-    _mm512_storeu_ps(static_cast<float*>(out) + i, v);
-    return;
-  }
-  __m512i bits = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  bits = _mm512_srli_epi32(
-      _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + i),
-                      _mm512_cvtepi32_epi16(bits));
-}
 
 template <int R>
 __attribute__((target("avx512f,avx512bw,avx2,fma"))) void lora_rows16(

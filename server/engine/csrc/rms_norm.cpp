@@ -20,13 +20,7 @@ namespace {
 
 using ragtune::load8;
 using ragtune::store8;
-
-__attribute__((target("avx2,fma"))) float sum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
+using ragtune::sum8;
 
 __attribute__((target("avx2,fma"))) void norm_row(const void* x, bool bf16, int64_t at,
                                                   int64_t features, const float* weight,

@@ -1,4 +1,5 @@
-// Shared by the kernels in this folder: 8 floats in and out of bf16 or float32 rows.
+// Shared by the kernels in this folder: 8 floats in and out of bf16 or float32 rows, and
+// their sum.
 #pragma once
 
 #include <immintrin.h>
@@ -23,6 +24,14 @@ __attribute__((target("avx2,fma"))) inline void store_bf16(uint16_t* out, __m256
       _mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
   const __m256i words = _mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), 0xd8);
   _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_castsi256_si128(words));
+}
+
+// the sum of 8 lanes, in one fixed order
+__attribute__((target("avx2,fma"))) inline float sum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
 }
 
 // 8 float32 values into a bf16 or float32 row at index i

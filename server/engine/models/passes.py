@@ -285,7 +285,6 @@ class ForwardPasses:
         batch = tokens.shape[0]
         x = self.embed[tokens]
         rotary = self._rotary(positions)
-        rows = torch.arange(real, device=self.device)
         kernel = self.attention_kernel  # one call a layer, rows on their own
         if kernel:
             steps = {
@@ -293,6 +292,7 @@ class ForwardPasses:
                 for w in self.windows
             }
         else:
+            rows = torch.arange(real, device=self.device)
             extents = {w: plan_decode(self, positions[:real], cache, w) for w in self.windows}
 
         for index, w in enumerate(self.layers):
