@@ -1,9 +1,9 @@
 """ragtune's C++ kernels alone, against torch's route for the same work. Prints one JSON line
 per case (µs a call).
 
-    python bench/kernels.py attention          # decode attention, 16 rows, hot and cold
-    python bench/kernels.py a8                 # the a8 GEMM per instruction set
-    python bench/kernels.py norm               # RMSNorm
+    python bench/native_kernels.py attention          # decode attention, 16 rows, hot and cold
+    python bench/native_kernels.py a8                 # the a8 GEMM per instruction set
+    python bench/native_kernels.py norm               # RMSNorm
 
 Run on a quiet machine (nothing else CPU-heavy): these are the figures of docs/performance.md.
 """
