@@ -111,6 +111,7 @@ async def run(args: argparse.Namespace) -> dict:
     for index, job in enumerate(jobs):
         queue.put_nowait((index, *job))
     results: list[dict] = []
+    retried: list[int] = []  # requests sent again after a dropped connection
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=args.concurrency * 2)
     async with httpx.AsyncClient(timeout=args.timeout, limits=limits) as http:
@@ -126,13 +127,22 @@ async def run(args: argparse.Namespace) -> dict:
                 max_tokens, extra = args.max_tokens, args.extra
                 if lengths is not None:
                     max_tokens, extra = lengths[index], {**(extra or {}), "ignore_eos": True}
-                try:
-                    result = await one_request(
-                        http, args.url, model, prompt, max_tokens, args.stream, headers,
-                        lora_id, extra,
-                    )  # fmt: skip
-                except httpx.HTTPError as exc:
-                    result = {"ok": False, "status": type(exc).__name__}
+                for _attempt in range(2):
+                    try:
+                        result = await one_request(
+                            http, args.url, model, prompt, max_tokens, args.stream, headers,
+                            lora_id, extra,
+                        )  # fmt: skip
+                    except httpx.RemoteProtocolError as exc:
+                        # a keep-alive connection the server closed as the request went out
+                        # (cpp-httplib, under llama-server, closes one after 5 requests):
+                        # retried once, as the openai SDK retries a dropped connection
+                        result = {"ok": False, "status": type(exc).__name__}
+                        retried.append(index)
+                        continue
+                    except httpx.HTTPError as exc:
+                        result = {"ok": False, "status": type(exc).__name__}
+                    break
                 results.append({**result, "index": index})
 
         started = time.perf_counter()
@@ -154,6 +164,7 @@ async def run(args: argparse.Namespace) -> dict:
         "max_tokens": args.max_tokens,
         "stream": args.stream,
         "errors": len(results) - len(ok),
+        "retried": len(retried),
         "error_statuses": sorted({str(r["status"]) for r in results if not r["ok"]}),
         "completion_tokens": tokens,
         "mean_tokens_per_request": round(tokens / max(len(ok), 1), 1),
