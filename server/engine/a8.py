@@ -13,9 +13,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from server.engine import native
+from server.engine.prompt_gemm import wide_linear
 from server.engine.quantize import group_dequantized, group_grid
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ class A8Linear:
         """x @ Wᵀ; with `lora`, plus each row's LoRA delta in the same call (as
         lora_rowwise.add_kernel_rows would add it: the same bits, one call fewer)."""
         if wide:
-            return F.linear(x, self.dense)
+            return wide_linear(x, self.dense)
         if x.dtype not in (torch.bfloat16, torch.float32):
             raise TypeError(f"the a8 kernel takes bf16 or fp32 rows, not {x.dtype}")
         rows = x.reshape(-1, self.in_features)

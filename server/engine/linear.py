@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from server.engine import native
 from server.engine.a8 import A8Linear
 from server.engine.linear_gpu import Int4GpuLinear
+from server.engine.prompt_gemm import wide_linear
 from server.engine.quantize import int4_dequantized, int4_grid, per_channel_int8
 
 
@@ -40,7 +41,7 @@ class DenseLinear:
         self.weight = weight
 
     def __call__(self, x: torch.Tensor, wide: bool = False) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return wide_linear(x, self.weight) if wide else F.linear(x, self.weight)
 
 
 # The activation dtype of the packed CPU kernels: their bf16 paths are vectorized on every
@@ -86,7 +87,7 @@ class Int8Linear:
         506 ms packed, 327 ms dequantized, 310 ms bf16). Decode rows never take this path,
         so a row's decode result does not depend on the batch size."""
         if wide:
-            return F.linear(x, self.weight.to(x.dtype) * self.scales[:, None].to(x.dtype))
+            return wide_linear(x, self.weight.to(x.dtype) * self.scales[:, None].to(x.dtype))
         return packed_call(
             lambda rows: torch._weight_int8pack_mm(rows, self.weight, self.scales), x
         )
@@ -115,7 +116,7 @@ class Int4Linear:
 
     def __call__(self, x: torch.Tensor, wide: bool = False) -> torch.Tensor:
         if wide:
-            return F.linear(x, self.dense)
+            return wide_linear(x, self.dense)
         return packed_call(
             lambda rows: torch._weight_int4pack_mm_for_cpu(
                 rows, self.packed, self.GROUP, self.scales_zeros
@@ -236,7 +237,7 @@ class W8A8Layer(W8A8Linear):
 
     def __call__(self, x: torch.Tensor, wide: bool = False) -> torch.Tensor:
         if wide:
-            return F.linear(x, self.dense)
+            return wide_linear(x, self.dense)
         return super().__call__(x).to(x.dtype)
 
 
