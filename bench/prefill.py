@@ -187,9 +187,12 @@ async def run_rag(args, headers: dict) -> list[dict]:
     rows: dict[str, list[dict]] = {"rag": [], "plain": []}
     options = RagOptions(index=args.rag_index, top_k=args.top_k)
     async with httpx.AsyncClient(timeout=args.timeout) as http:
-        for question in questions[: args.requests or 10]:
+        for index, question in enumerate(questions[: args.requests or 10]):
             prompt, _ = service.retrieve(options, question, None)
             message = {"model": args.model, "max_tokens": args.max_tokens, "temperature": 0}
+            # the two requests carry the same prompt: each its own cache_salt, so the second
+            # does not find the first's K/V in the prefix cache (both prefill cold)
+            salts = {"rag": f"rag-{index}", "plain": f"plain-{index}"}
             rag = await first_token(
                 http,
                 args.url,
@@ -197,10 +200,15 @@ async def run_rag(args, headers: dict) -> list[dict]:
                     **message,
                     "messages": [{"role": "user", "content": question}],
                     "rag": {"index": args.rag_index, "top_k": args.top_k},
+                    "cache_salt": salts["rag"],
                 },
                 headers,
             )
-            plain_body = {**message, "messages": [{"role": "user", "content": prompt}]}
+            plain_body = {
+                **message,
+                "messages": [{"role": "user", "content": prompt}],
+                "cache_salt": salts["plain"],
+            }
             plain = await first_token(http, args.url, plain_body, headers)
             if rag.get("prompt_tokens") != plain.get("prompt_tokens"):
                 raise SystemExit(f"prompts differ: {rag} vs {plain}")
