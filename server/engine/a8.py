@@ -45,6 +45,9 @@ def pack(
     return packed.contiguous(), params.contiguous()
 
 
+NO_LORA = (None,) * 6  # the kernel's LoRA arguments when a call adds none
+
+
 class A8Linear:
     """Weights on a grid of `bits` (4 or 8) bits in groups of 32 input channels (a scale and
     an offset each: GGUF Q4_1's layout at 4 bits), packed for the kernel; activations
@@ -63,6 +66,7 @@ class A8Linear:
         scale, offset = scale.half().float(), offset.half().float()
         self.out_features, self.in_features = weight.shape
         self.codes, self.params = pack(codes, scale, offset, bits)
+        self.codes_ptr, self.params_ptr = self.codes.data_ptr(), self.params.data_ptr()
         self.dense = group_dequantized(codes, scale, offset).to(weight.dtype)
 
     @classmethod
@@ -76,21 +80,26 @@ class A8Linear:
         lora_rowwise.add_kernel_rows would add it: the same bits, one call fewer)."""
         if wide:
             return wide_linear(x, self.dense)
-        if x.dtype not in (torch.bfloat16, torch.float32):
+        # a decode step makes ~120 of these calls at one row, each a few µs of kernel: the
+        # Python around it is kept to what varies per call (the weights' pointers are fixed)
+        if x.dtype is torch.bfloat16:
+            bf16 = 1
+        elif x.dtype is torch.float32:
+            bf16 = 0
+        else:
             raise TypeError(f"the a8 kernel takes bf16 or fp32 rows, not {x.dtype}")
-        rows = x.reshape(-1, self.in_features)
+        flat = x.dim() == 2
+        rows = x if flat else x.reshape(-1, self.in_features)
         if rows.stride(1) != 1:  # the kernel takes rows any distance apart (a norm's slice)
             rows = rows.contiguous()
-        out = torch.empty(rows.shape[0], self.out_features, dtype=x.dtype)
-        bf16 = int(x.dtype == torch.bfloat16)
+        count = rows.shape[0]
+        out = torch.empty((count, self.out_features), dtype=x.dtype)
         self.lib.a8_linear(
-            rows.data_ptr(), bf16, rows.shape[0], rows.stride(0), self.in_features,
-            self.codes.data_ptr(),
-            self.params.data_ptr(), self.out_features, out.data_ptr(), bf16,
-            torch.get_num_threads(), self.isa, self.bits,
-            *(lora.pointers() if lora is not None else (None,) * 6),
+            rows.data_ptr(), bf16, count, rows.stride(0), self.in_features, self.codes_ptr,
+            self.params_ptr, self.out_features, out.data_ptr(), bf16, torch.get_num_threads(),
+            self.isa, self.bits, *(lora.pointers() if lora is not None else NO_LORA),
         )  # fmt: skip
-        return out.view(*x.shape[:-1], self.out_features)
+        return out if flat else out.view(*x.shape[:-1], self.out_features)
 
 
 def lies_on_4bit_grid(weight: torch.Tensor) -> bool:

@@ -298,7 +298,9 @@ class ForwardPasses:
         for index, w in enumerate(self.layers):
             layer_lora = lora.layer(index) if lora is not None else None
             q, k, v = self._attention_input(w, x, rotary, layer_lora)
-            if kernel:
+            if kernel and batch == real:  # the usual step: every row real, no slicing
+                attn = attention_rows.attend(self, index, q, k, v, cache, steps[w.window])
+            elif kernel:
                 attn = attention_rows.attend(
                     self, index, q[:real], k[:real], v[:real], cache, steps[w.window]
                 )
@@ -312,7 +314,8 @@ class ForwardPasses:
                     else torch.cat((attn, attn.new_zeros(batch - real, self.q_size)))
                 )
             x = self._attention_output(w, x, attn, layer_lora)
-        return self._logits(x)[:real]
+        logits = self._logits(x)
+        return logits if batch == real else logits[:real]
 
     @torch.inference_mode()
     def decode_static(
