@@ -127,7 +127,7 @@ async def run(args: argparse.Namespace) -> dict:
                 max_tokens, extra = args.max_tokens, args.extra
                 if lengths is not None:
                     max_tokens, extra = lengths[index], {**(extra or {}), "ignore_eos": True}
-                for _attempt in range(2):
+                for attempt in range(2):
                     try:
                         result = await one_request(
                             http, args.url, model, prompt, max_tokens, args.stream, headers,
@@ -138,7 +138,8 @@ async def run(args: argparse.Namespace) -> dict:
                         # (cpp-httplib, under llama-server, closes one after 5 requests):
                         # retried once, as the openai SDK retries a dropped connection
                         result = {"ok": False, "status": type(exc).__name__}
-                        retried.append(index)
+                        if attempt == 0:
+                            retried.append(index)
                         continue
                     except httpx.HTTPError as exc:
                         result = {"ok": False, "status": type(exc).__name__}
