@@ -224,10 +224,22 @@ __attribute__((target("avx2,fma"))) void softmax_rows(float* scores, int G, int6
   }
 }
 
+// The keys row `row` reads: up to its last visible one. A step's rows share one bias width
+// (the longest row's extent), yet each row's keys past its own last visible one are masked:
+// they would add exact zeros to its sums (and -inf to its maximum), so stopping there gives
+// the same bits, and a short row beside a long one no longer scores the long one's keys
+// (served at c=16, rows' lengths spread out: most of the step's attention was such keys).
+int64_t row_extent(const Step& s, int64_t row) {
+  const float* bias = s.bias + row * s.length;
+  int64_t end = s.length;
+  while (end > 0 && bias[end - 1] != 0.0f) --end;
+  return end;
+}
+
 template <int G>
 __attribute__((target("avx2,fma"))) void attend_heads(const Step& s, int64_t row, int64_t h,
                                                       int64_t first, std::vector<float>& work) {
-  const int64_t d = s.d, length = s.length, group = s.heads / s.kv_heads;
+  const int64_t d = s.d, length = row_extent(s, row), group = s.heads / s.kv_heads;
   const int64_t padded = (length + 7) / 8 * 8;
   work.resize(G * padded + 2 * G * d);
   float* scores = work.data();
@@ -241,7 +253,7 @@ __attribute__((target("avx2,fma"))) void attend_heads(const Step& s, int64_t row
   }
   const int64_t key_base = (row * s.kv_heads + h) * d * s.capacity;
   score_rows<G>(query, d, s.keys_t, s.bf16, key_base, s.capacity, length, scores, padded);
-  const float* bias = s.bias + row * length;
+  const float* bias = s.bias + row * s.length;
   softmax_rows(scores, G, padded, bias, length, s.scale, s.bf16);
   const int64_t value_base = (row * s.kv_heads + h) * s.capacity * d;
   for (int64_t c = 0; c < d; c += kValueChunk) {
@@ -354,7 +366,7 @@ RAGTUNE_BF16_TARGET void value_pairs(const uint16_t* probs, int64_t padded, cons
 template <int G>
 RAGTUNE_BF16_TARGET void attend_heads_bf16(const Step& s, int64_t row, int64_t h,
                                            int64_t first, std::vector<float>& work) {
-  const int64_t d = s.d, length = s.length, group = s.heads / s.kv_heads;
+  const int64_t d = s.d, length = row_extent(s, row), group = s.heads / s.kv_heads;
   const int64_t padded = (length + 15) / 16 * 16;
   // floats: scores [G][padded], sums [G][d]; then bf16 probabilities [G][padded]
   work.resize(G * padded + G * d + G * padded / 2);
@@ -366,7 +378,7 @@ RAGTUNE_BF16_TARGET void attend_heads_bf16(const Step& s, int64_t row, int64_t h
       static_cast<const uint16_t*>(s.q) + row * s.q_stride + (h * group + first) * d;
   const int64_t key_base = (row * s.kv_heads + h) * d * s.capacity;
   score_rows16<G>(query, d, keys, key_base, s.capacity, length, scores, padded);
-  const float* bias = s.bias + row * length;
+  const float* bias = s.bias + row * s.length;
   softmax_rows(scores, G, padded, bias, length, s.scale, true);
   for (int64_t i = 0; i < G * padded; ++i) {  // already bf16 values: the high halves
     uint32_t bits;
