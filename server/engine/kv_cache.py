@@ -51,6 +51,7 @@ class KVCache:
         fixed_layout: bool = False,
         ring_layers: frozenset[int] = frozenset(),
         ring: int | None = None,
+        headroom: bool = False,
     ):
         self.num_layers = num_layers
         self.num_slots = num_slots
@@ -66,6 +67,11 @@ class KVCache:
         self.keys_t: list[torch.Tensor] = []  # per layer [slots, kv_heads, d, capacity]
         self.values: list[torch.Tensor] = []  # per layer [slots, kv_heads, capacity, d]
         self.fixed_layout = fixed_layout
+        # Where decode reads the cache through a stride (the attention kernel), `fit` leaves
+        # room to grow and shrinks only to half: a full-width layout saves torch's route a
+        # copy, but re-laying every layer out each bucket, up and down as the longest
+        # sequence of a busy batch comes and goes, cost the kernel's route ~2 % of a step
+        self.headroom = headroom
         if ring is not None and (fixed_layout or ring >= max_len):
             ring = None  # a ring as long as the cache saves nothing
         self.ring = ring
@@ -117,12 +123,20 @@ class KVCache:
         return min(self.num_slots, 1 << max(rows - 1, 0).bit_length())
 
     def fit(self, length: int, rows: int) -> None:
-        """Make the capacity exactly bucket(length), keeping slots 0..rows-1 (whose sequences
-        must all fit in `length`): grows as sequences lengthen, shrinks when long ones leave
-        (and the slot axis with it, to the running sequences)."""
+        """Make the capacity bucket(length), keeping slots 0..rows-1 (whose sequences must
+        all fit in `length`): grows as sequences lengthen, shrinks when long ones leave (and
+        the slot axis with it, to the running sequences). With `headroom`, it grows to a
+        quarter more than needed and shrinks once it holds more than twice what is."""
         capacity = self.bucket(length)
-        if capacity != self.capacity and not self.fixed_layout:
-            self._resize(capacity, rows)
+        if self.fixed_layout or capacity == self.capacity:
+            return
+        if self.headroom:
+            if capacity <= self.capacity <= 2 * capacity:
+                if self.slot_capacity > self.slots_for(rows):  # the slot axis still follows
+                    self._resize(self.capacity, rows)
+                return
+            capacity = self.bucket(capacity + capacity // 4)
+        self._resize(capacity, rows)
 
     def reserve(self, length: int, rows: int) -> None:
         """Grow (never shrink) so that `length` positions fit, keeping slots 0..rows-1."""

@@ -141,6 +141,7 @@ class CompactRunner:
             ring=self._ring(config.prefill_chunk, max_seq_len)
             if config.sliding_window_kv == "ring"
             else None,
+            headroom=m.attention_kernel,
         )
         self.module_shapes = module_shapes(m)
         self.lora = LoraSlots(

@@ -443,6 +443,31 @@ def test_kv_cache_capacity_follows_the_longest_sequence_and_keeps_the_data():
     assert (cache.capacity, cache.slot_capacity) == (128, 2)  # never past max_len
 
 
+def test_kv_cache_with_headroom_moves_less_and_keeps_the_data():
+    """The attention kernel's cache (read through a stride): it grows to a quarter more than
+    the longest sequence needs and shrinks only once it holds more than twice that, so a
+    busy batch's longest sequence coming and going does not re-lay every layer out; slots
+    in use keep their positions either way."""
+    from server.engine.kv_cache import KVCache
+
+    cache = KVCache(2, 4, 1, 256, 2, torch.float32, "cpu", bucket_size=16, headroom=True)
+    k = torch.arange(10 * 2, dtype=torch.float32).view(10, 1, 2)
+    cache.ensure_slots(1, rows=0)
+    cache.write_prompt(1, 0, 0, k, -k)
+    cache.fit(40, rows=1)  # needs 48: grows to bucket(48 + 12)
+    assert cache.capacity == 64
+    moves = cache.resizes
+    for length in (41, 60, 33, 17):  # within [need, 2 * need]: stays put
+        cache.fit(length, rows=1)
+    assert (cache.capacity, cache.resizes) == (64, moves)
+    cache.fit(11, rows=1)  # 16 needed, 64 held: more than twice, shrinks
+    assert cache.capacity == 32 and cache.resizes == moves + 1
+    assert torch.equal(cache.prompt_view(1, 0, 10)[0], k.permute(1, 2, 0))
+    assert torch.equal(cache.prompt_view(1, 0, 10)[1], -k.transpose(0, 1))
+    cache.fit(500, rows=1)
+    assert cache.capacity == 256  # never past max_len
+
+
 def test_a_prompt_whose_shared_prefill_fails_fails_alone(tiny):
     """A forward shared by several prompts that raises is retried one prompt at a time, so
     only the prompt that fails on its own ends with an error; the others start decoding."""
