@@ -351,18 +351,33 @@ class LoraBatch:
         return LayerAdapters(lora, sparse, rowwise)
 
 
+def one_kernel_call(
+    adapters: LayerAdapters | None, group: str, linear, wide: bool = False
+) -> tuple[bool, KernelRows | None]:
+    """Whether linear(x) plus each row's adapter delta for one fused projection group is one
+    call of ragtune's a8 kernel (the projection is its GEMM on narrow rows, and the group's
+    adapters, if any, all run on the LoRA rows kernel), and the rows to hand it."""
+    if wide or not isinstance(linear, A8Linear):
+        return False, None
+    if adapters is None:
+        return True, None
+    if group in adapters.lora or group in adapters.sparse or adapters.every_slot:
+        return False, None
+    rows = adapters.rowwise.get(group)
+    if rows is None or isinstance(rows, KernelRows):
+        return True, rows
+    return False, None
+
+
 def project(
     adapters: LayerAdapters | None, group: str, linear, x: torch.Tensor, wide: bool = False
 ) -> torch.Tensor:
     """linear(x) plus each row's adapter delta for one fused projection group: in the
-    same kernel call where the projection is ragtune's a8 GEMM and the group's adapters all
-    run on the LoRA rows kernel (a decode step: one call a group instead of two), else
-    through add_adapters."""
-    if adapters is not None and not wide and isinstance(linear, A8Linear):
-        rows = adapters.rowwise.get(group)
-        others = group in adapters.lora or group in adapters.sparse
-        if isinstance(rows, KernelRows) and not others and not adapters.every_slot:
-            return linear(x, lora=rows)
+    same kernel call where one_kernel_call says so (a decode step: one call a group instead
+    of two), else through add_adapters."""
+    alone, rows = one_kernel_call(adapters, group, linear, wide)
+    if alone:
+        return linear(x, lora=rows)
     return add_adapters(adapters, group, x, linear(x, wide))
 
 

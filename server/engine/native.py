@@ -25,7 +25,7 @@ SOURCES = [
     CSRC / "attention_rows.cpp",
     CSRC / "rms_norm.cpp",
 ]
-HEADERS = [CSRC / "vec8.h", CSRC / "vec16.h", CSRC / "lora_rows.h"]
+HEADERS = [CSRC / "vec8.h", CSRC / "vec16.h", CSRC / "lora_rows.h", CSRC / "norm_row.h"]
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
 ISA_NAMES = {1: "avx2", 2: "avx512-vnni", 3: "amx-int8"}
 
@@ -86,6 +86,8 @@ def library() -> ctypes.CDLL:
         # optional LoRA rows: row_slot, a, a_scales, bt, b_scales, widths
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
         ctypes.c_void_p,
+        # optional RMSNorm before (weight, eps) and residual after
+        ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p,
     ]  # fmt: skip
     lib.lora_rows.restype = None
     lib.lora_rows.argtypes = [

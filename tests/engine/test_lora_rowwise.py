@@ -166,3 +166,35 @@ def test_rowwise_rows_keep_their_tokens_beside_any_neighbours(fixture, request, 
         # the same rows with a neighbour on the same adapter (every row of a slot at once)
         pair = [sequence(PROMPTS[0], adapters[0]), sequence(PROMPTS[2], adapters[0])]
         assert generate(runner(fixed), pair, 20)[0] == together[0]
+
+
+@pytest.mark.skipif(native.unavailable_reason() is not None, reason="the kernels do not build")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("count", [1, 4, 16, 40])
+def test_the_a8_gemm_takes_the_norm_before_and_the_residual_after_with_the_same_bits(
+    dtype, count
+):
+    """A8Linear(x, norm=..., residual=r) == r + A8Linear(rms_norm(x)) bit for bit, LoRA rows
+    included (DecoderModel._project fuses a layer's norms and residual adds so); 40 rows
+    of 2,048 features normalize on the whole thread team."""
+    from server.engine.rms_norm import rms_norm
+
+    torch.manual_seed(count)
+    features = 2048 if count == 40 else 64
+    linear = A8Linear(torch.randn(96, features).to(dtype), 4)
+    pair = pack_pair(torch.randn(features, 8) * 0.1, torch.randn(8, 96) * 0.1, list(range(8)))
+    table = SlotTable(2)  # holds pointers: `pair` stays referenced
+    table.set(1, pair)
+    slots = torch.tensor([(1, -1, 0)[i % 3] for i in range(count)], dtype=torch.int32)
+    weight = torch.rand(features) + 0.5
+    x = (torch.randn(count, features) * 3).to(dtype)
+    residual = torch.randn(count, 96).to(dtype)
+    normed = rms_norm(x, weight, 1e-6)
+    for rows in (None, KernelRows(slots, table)):
+        fused = linear(x, lora=rows, norm=(weight, 1e-6), residual=residual)
+        assert torch.equal(fused, residual + linear(normed, lora=rows))
+        assert torch.equal(linear(x, lora=rows, norm=(weight, 1e-6)), linear(normed, lora=rows))
+    with pytest.raises(ValueError, match="residual"):
+        linear(x, residual=residual[:, :48])
+    with pytest.raises(ValueError, match="float32 weight"):
+        linear(x, norm=(weight[:32], 1e-6))

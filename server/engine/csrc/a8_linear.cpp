@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "lora_rows.h"
+#include "norm_row.h"
 #include "vec16.h"
 #include "vec8.h"
 
@@ -153,6 +154,15 @@ inline void prefetch_group(const Ahead& ahead, int64_t g) {
     _mm_prefetch(codes + line, _MM_HINT_T0);
   }
   _mm_prefetch(reinterpret_cast<const char*>(ahead.params + g * 32), _MM_HINT_T0);
+}
+
+// out[i] = residual[i] + out[i] for n values (a multiple of 8), each sum in float32 rounded
+// once to the rows' dtype: torch's `x + y` on two bf16 or float32 rows, bit for bit
+__attribute__((target("avx2,fma"))) void add_residual(const void* residual, void* out, int64_t n,
+                                                      bool bf16) {
+  for (int64_t i = 0; i < n; i += 8) {
+    store8(out, bf16, i, _mm256_add_ps(load8(residual, bf16, i), load8(out, bf16, i)));
+  }
 }
 
 // AVX2: a block's 16 lanes as two halves of 8; pairs of u8 x s8 products summed in int16
@@ -427,14 +437,32 @@ int a8_isa() {
 // out[rows, outputs] = x[rows, inputs] @ W^T; x (rows x_stride elements apart) and out
 // bf16 (1) or float32 (0); bits: 4 (nibbles) or 8 (bytes); isa: 0 the best this CPU has,
 // else as a8_isa numbers it. With a row_slot (else null), each row's LoRA delta is added
-// after, as lora_rows would (x and out of one dtype).
+// after, as lora_rows would (x and out of one dtype). With norm_weight (else null), x's
+// rows go through RMSNorm first (rms_norm_rows' arithmetic: the same bits as that call
+// before this one); with residual (else null; [rows, outputs], out's dtype), out is
+// residual + the product, rounded as torch adds two rows of that dtype: a decoder layer's
+// norm, projection and residual add in one call where they were three.
 void a8_linear(const void* x, int x_bf16, int64_t rows, int64_t x_stride, int64_t inputs,
                const uint8_t* packed, const uint16_t* params, int64_t outputs, void* out,
                int out_bf16, int threads, int isa, int bits, const int32_t* row_slot,
                const int8_t* const* a_codes, const float* const* a_scales,
-               const int8_t* const* bt, const float* const* b_scales, const int32_t* widths) {
+               const int8_t* const* bt, const float* const* b_scales, const int32_t* widths,
+               const float* norm_weight, float eps, const void* residual) {
   thread_local QuantizedRows quantized;  // reused across calls; shared by the team below
   QuantizedRows& a = quantized;
+  if (norm_weight != nullptr) {
+    thread_local std::vector<uint8_t> normed;  // the rows after their norm
+    normed.resize(rows * inputs * (x_bf16 != 0 ? 2 : 4));
+    void* rows_out = normed.data();
+#pragma omp parallel for schedule(static) num_threads(threads) \
+    if (rows * inputs >= ragtune::kNormParallelFrom)
+    for (int64_t r = 0; r < rows; ++r) {
+      ragtune::norm_row(x, x_bf16 != 0, r * x_stride, inputs, norm_weight, eps, rows_out,
+                        r * inputs);
+    }
+    x = rows_out;
+    x_stride = inputs;
+  }
   quantize_rows(x, x_bf16 != 0, rows, x_stride, inputs, a);
   const int chosen = isa == 0 ? a8_isa() : isa;
   const bool vnni = chosen >= 2;
@@ -482,6 +510,7 @@ void a8_linear(const void* x, int x_bf16, int64_t rows, int64_t x_stride, int64_
     ragtune::add_lora_rows(x, x_bf16 != 0, rows, x_stride, inputs, outputs, out, tables,
                            threads, vnni ? 2 : 1);
   }
+  if (residual != nullptr) add_residual(residual, out, rows * outputs, bf16);
 }
 
 }  // extern "C"
