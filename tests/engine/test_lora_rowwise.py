@@ -171,9 +171,7 @@ def test_rowwise_rows_keep_their_tokens_beside_any_neighbours(fixture, request, 
 @pytest.mark.skipif(native.unavailable_reason() is not None, reason="the kernels do not build")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("count", [1, 4, 16, 40])
-def test_the_a8_gemm_takes_the_norm_before_and_the_residual_after_with_the_same_bits(
-    dtype, count
-):
+def test_the_a8_gemm_takes_the_norm_before_and_the_residual_after_with_the_same_bits(dtype, count):
     """A8Linear(x, norm=..., residual=r) == r + A8Linear(rms_norm(x)) bit for bit, LoRA rows
     included (DecoderModel._project fuses a layer's norms and residual adds so); 40 rows
     of 2,048 features normalize on the whole thread team."""
