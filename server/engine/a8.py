@@ -46,29 +46,36 @@ def pack(
 
 
 NO_LORA = (None,) * 6  # the kernel's LoRA arguments when a call adds none
-NO_FUSION = (None, 0.0, None)  # ... and its norm and residual arguments
+NO_FUSION = (None, 0.0, None, 0.0, None)  # ... and its norm and residual arguments
+
+Norm = tuple[torch.Tensor, float]  # an RMSNorm's float32 weight and eps
+
+
+def _norm_arguments(norm: Norm | None, features: int) -> tuple[int | None, float]:
+    if norm is None:
+        return None, 0.0
+    weight, eps = norm
+    if weight.dtype != torch.float32 or not weight.is_contiguous() or weight.numel() != features:
+        raise ValueError(f"a fused norm takes a contiguous float32 weight of {features}")
+    return weight.data_ptr(), eps
 
 
 def _fused_arguments(
-    norm: tuple[torch.Tensor, float] | None,
+    norm: Norm | None,
+    out_norm: Norm | None,
     residual: torch.Tensor | None,
     out: torch.Tensor,
     in_features: int,
-) -> tuple[int | None, float, int | None]:
-    """The kernel's norm weight, eps and residual arguments, checked: a wrong shape or dtype
-    would make the kernel read past a buffer."""
-    weight, eps = norm if norm is not None else (None, 0.0)
-    if weight is not None and (
-        weight.dtype != torch.float32 or not weight.is_contiguous() or weight.numel() != in_features
-    ):
-        raise ValueError(f"the fused norm takes a contiguous float32 weight of {in_features}")
+) -> tuple[int | None, float, int | None, float, int | None]:
+    """The kernel's norm (before and after) and residual arguments, checked: a wrong shape
+    or dtype would make the kernel read past a buffer."""
     if residual is not None and (
         residual.shape != out.shape or residual.dtype != out.dtype or not residual.is_contiguous()
     ):
         raise ValueError(f"the residual must be contiguous {out.dtype} {tuple(out.shape)}")
     return (
-        weight.data_ptr() if weight is not None else None,
-        eps,
+        *_norm_arguments(norm, in_features),
+        *_norm_arguments(out_norm, out.shape[1]),
         residual.data_ptr() if residual is not None else None,
     )
 
@@ -103,16 +110,18 @@ class A8Linear:
         x: torch.Tensor,
         wide: bool = False,
         lora: KernelRows | None = None,
-        norm: tuple[torch.Tensor, float] | None = None,
+        norm: Norm | None = None,
         residual: torch.Tensor | None = None,
+        out_norm: Norm | None = None,
     ) -> torch.Tensor:
         """x @ Wᵀ; with `lora`, plus each row's LoRA delta in the same call (as
         lora_rowwise.add_kernel_rows would add it: the same bits, one call fewer). With
         `norm` (a float32 weight and eps), of RMSNorm(x) (as engine/rms_norm.py computes
-        it); with `residual` ([rows, out], x's dtype), residual + the result: the same bits
-        as those steps apart, in one call (DecoderModel._project). Not for wide rows."""
+        it); with `out_norm`, RMSNorm of the result; with `residual` ([rows, out], x's
+        dtype), residual + the result: the same bits as those steps apart, in one call
+        (DecoderModel._project). Not for wide rows."""
         if wide:
-            if norm is not None or residual is not None:
+            if norm is not None or residual is not None or out_norm is not None:
                 raise ValueError("the dense prompt path takes no fused norm or residual")
             return wide_linear(x, self.dense)
         # a decode step makes ~120 of these calls at one row, each a few µs of kernel: the
@@ -130,8 +139,8 @@ class A8Linear:
         count = rows.shape[0]
         out = torch.empty((count, self.out_features), dtype=x.dtype)
         fused = NO_FUSION
-        if norm is not None or residual is not None:
-            fused = _fused_arguments(norm, residual, out, self.in_features)
+        if norm is not None or residual is not None or out_norm is not None:
+            fused = _fused_arguments(norm, out_norm, residual, out, self.in_features)
         self.lib.a8_linear(
             rows.data_ptr(), bf16, count, rows.stride(0), self.in_features, self.codes_ptr,
             self.params_ptr, self.out_features, out.data_ptr(), bf16, torch.get_num_threads(),

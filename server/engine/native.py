@@ -86,8 +86,8 @@ def library() -> ctypes.CDLL:
         # optional LoRA rows: row_slot, a, a_scales, bt, b_scales, widths
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
         ctypes.c_void_p,
-        # optional RMSNorm before (weight, eps) and residual after
-        ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p,
+        # optional RMSNorm before (weight, eps), RMSNorm after (weight, eps), residual after
+        ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p,
     ]  # fmt: skip
     lib.lora_rows.restype = None
     lib.lora_rows.argtypes = [

@@ -172,9 +172,9 @@ def test_rowwise_rows_keep_their_tokens_beside_any_neighbours(fixture, request, 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("count", [1, 4, 16, 40])
 def test_the_a8_gemm_takes_the_norm_before_and_the_residual_after_with_the_same_bits(dtype, count):
-    """A8Linear(x, norm=..., residual=r) == r + A8Linear(rms_norm(x)) bit for bit, LoRA rows
-    included (DecoderModel._project fuses a layer's norms and residual adds so); 40 rows
-    of 2,048 features normalize on the whole thread team."""
+    """A8Linear(x, norm=..., out_norm=..., residual=r) == r + rms_norm(A8Linear(rms_norm(x)))
+    bit for bit, LoRA rows included (DecoderModel._project fuses a layer's norms and
+    residual adds so); 40 rows of 2,048 features normalize on the whole thread team."""
     from server.engine.rms_norm import rms_norm
 
     torch.manual_seed(count)
@@ -188,11 +188,16 @@ def test_the_a8_gemm_takes_the_norm_before_and_the_residual_after_with_the_same_
     x = (torch.randn(count, features) * 3).to(dtype)
     residual = torch.randn(count, 96).to(dtype)
     normed = rms_norm(x, weight, 1e-6)
+    after = torch.rand(96) + 0.5  # a norm of the product (Gemma 3's post-norms)
     for rows in (None, KernelRows(slots, table)):
         fused = linear(x, lora=rows, norm=(weight, 1e-6), residual=residual)
         assert torch.equal(fused, residual + linear(normed, lora=rows))
         assert torch.equal(linear(x, lora=rows, norm=(weight, 1e-6)), linear(normed, lora=rows))
+        post = linear(x, lora=rows, norm=(weight, 1e-6), out_norm=(after, 1e-5), residual=residual)
+        assert torch.equal(post, residual + rms_norm(linear(normed, lora=rows), after, 1e-5))
     with pytest.raises(ValueError, match="residual"):
         linear(x, residual=residual[:, :48])
     with pytest.raises(ValueError, match="float32 weight"):
         linear(x, norm=(weight[:32], 1e-6))
+    with pytest.raises(ValueError, match="float32 weight of 96"):
+        linear(x, out_norm=(weight, 1e-6))

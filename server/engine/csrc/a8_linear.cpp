@@ -439,15 +439,17 @@ int a8_isa() {
 // else as a8_isa numbers it. With a row_slot (else null), each row's LoRA delta is added
 // after, as lora_rows would (x and out of one dtype). With norm_weight (else null), x's
 // rows go through RMSNorm first (rms_norm_rows' arithmetic: the same bits as that call
-// before this one); with residual (else null; [rows, outputs], out's dtype), out is
-// residual + the product, rounded as torch adds two rows of that dtype: a decoder layer's
-// norm, projection and residual add in one call where they were three.
+// before this one); with out_norm_weight (else null), the product's rows go through RMSNorm
+// (Gemma 3's norms after attention and after the MLP); with residual (else null; [rows,
+// outputs], out's dtype), out is residual + that, rounded as torch adds two rows of that
+// dtype: a decoder layer's norms, projection and residual add in one call.
 void a8_linear(const void* x, int x_bf16, int64_t rows, int64_t x_stride, int64_t inputs,
                const uint8_t* packed, const uint16_t* params, int64_t outputs, void* out,
                int out_bf16, int threads, int isa, int bits, const int32_t* row_slot,
                const int8_t* const* a_codes, const float* const* a_scales,
                const int8_t* const* bt, const float* const* b_scales, const int32_t* widths,
-               const float* norm_weight, float eps, const void* residual) {
+               const float* norm_weight, float eps, const float* out_norm_weight,
+               float out_eps, const void* residual) {
   thread_local QuantizedRows quantized;  // reused across calls; shared by the team below
   QuantizedRows& a = quantized;
   if (norm_weight != nullptr) {
@@ -509,6 +511,14 @@ void a8_linear(const void* x, int x_bf16, int64_t rows, int64_t x_stride, int64_
     const ragtune::LoraTables tables{row_slot, a_codes, a_scales, bt, b_scales, widths};
     ragtune::add_lora_rows(x, x_bf16 != 0, rows, x_stride, inputs, outputs, out, tables,
                            threads, vnni ? 2 : 1);
+  }
+  if (out_norm_weight != nullptr) {  // in place: norm_row reads a value before writing it
+#pragma omp parallel for schedule(static) num_threads(threads) \
+    if (rows * outputs >= ragtune::kNormParallelFrom)
+    for (int64_t r = 0; r < rows; ++r) {
+      ragtune::norm_row(out, bf16, r * outputs, outputs, out_norm_weight, out_eps, out,
+                        r * outputs);
+    }
   }
   if (residual != nullptr) add_residual(residual, out, rows * outputs, bf16);
 }

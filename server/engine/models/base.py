@@ -335,17 +335,12 @@ class DecoderModel(ForwardPasses):
         wide: bool = False,
     ) -> torch.Tensor:
         """Output projection, residual and MLP: the layer's output [tokens, hidden]."""
-        if w.attn_out_norm is None:
-            x = self._project(lora, "o", w.o, attn, wide, residual=x)
-        else:
-            x = x + self._rms_norm(project(lora, "o", w.o, attn, wide), w.attn_out_norm)
+        x = self._project(lora, "o", w.o, attn, wide, out_norm=w.attn_out_norm, residual=x)
         gate, up = self._project(lora, "gate_up", w.gate_up, x, wide, norm=w.mlp_norm).chunk(
             2, dim=-1
         )
         act = self.activation(gate) * up
-        if w.mlp_out_norm is None:
-            return self._project(lora, "down", w.down, act, wide, residual=x)
-        return x + self._rms_norm(project(lora, "down", w.down, act, wide), w.mlp_out_norm)
+        return self._project(lora, "down", w.down, act, wide, out_norm=w.mlp_out_norm, residual=x)
 
     def _project(
         self,
@@ -356,24 +351,38 @@ class DecoderModel(ForwardPasses):
         wide: bool = False,
         norm: torch.Tensor | None = None,  # an RMSNorm before: its doubled weight
         residual: torch.Tensor | None = None,  # [tokens, out] added after
+        out_norm: torch.Tensor | None = None,  # an RMSNorm of the product, before `residual`
     ) -> torch.Tensor:
-        """project(...) of RMSNorm(x) where `norm`, plus `residual` where given: in the a8
-        kernel's one call where the projection is one (lora.one_kernel_call) and the norm
-        is the norm kernel's (a decode step: four calls a layer fewer, each ~5-10 µs of
-        fixed cost at 1-16 rows), else step by step. The same bits either way: the kernel
-        runs the norm kernel's arithmetic and rounds the sum as torch's add does."""
+        """project(...) of RMSNorm(x) where `norm`, normalized where `out_norm`, plus
+        `residual` where given: in the a8 kernel's one call where the projection is one
+        (lora.one_kernel_call) and the norms are the norm kernel's (a decode step: four
+        calls a layer fewer, eight for Gemma 3, each ~5-10 µs of fixed cost at 1-16 rows),
+        else step by step. The same bits either way: the kernel runs the norm kernel's
+        arithmetic and rounds the sum as torch's add does."""
         alone, rows = one_kernel_call(lora, group, linear, wide)
-        norm_fuses = norm is None or (self.norm_kernel and x.shape[-1] % 8 == 0)
+        norms_fuse = (norm is None and out_norm is None) or self.norm_kernel
+        norms_fuse = norms_fuse and (norm is None or x.shape[-1] % 8 == 0)
         residual_fuses = residual is None or (
             residual.is_contiguous() and residual.dtype == x.dtype
         )
-        if alone and norm_fuses and residual_fuses and x.dim() == 2:
-            fused = (self._kernel_norm_weight(norm), self.eps) if norm is not None else None
-            return linear(x, lora=rows, norm=fused, residual=residual)
+        if alone and norms_fuse and residual_fuses and x.dim() == 2:
+            return linear(
+                x,
+                lora=rows,
+                norm=self._fused_norm(norm),
+                out_norm=self._fused_norm(out_norm),
+                residual=residual,
+            )
         if norm is not None:
             x = self._rms_norm(x, norm)
         out = project(lora, group, linear, x, wide)
+        if out_norm is not None:
+            out = self._rms_norm(out, out_norm)
         return out if residual is None else residual + out
+
+    def _fused_norm(self, weight: torch.Tensor | None) -> tuple[torch.Tensor, float] | None:
+        """A doubled norm weight as the a8 kernel's fused norm takes it."""
+        return None if weight is None else (self._kernel_norm_weight(weight), self.eps)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(self._rms_norm(x, self.norm)).float()
