@@ -456,12 +456,8 @@ void a8_linear(const void* x, int x_bf16, int64_t rows, int64_t x_stride, int64_
     thread_local std::vector<uint8_t> normed;  // the rows after their norm
     normed.resize(rows * inputs * (x_bf16 != 0 ? 2 : 4));
     void* rows_out = normed.data();
-#pragma omp parallel for schedule(static) num_threads(threads) \
-    if (rows * inputs >= ragtune::kNormParallelFrom)
-    for (int64_t r = 0; r < rows; ++r) {
-      ragtune::norm_row(x, x_bf16 != 0, r * x_stride, inputs, norm_weight, eps, rows_out,
-                        r * inputs);
-    }
+    ragtune::norm_rows(x, x_bf16 != 0, rows, x_stride, inputs, norm_weight, eps, rows_out,
+                       threads);
     x = rows_out;
     x_stride = inputs;
   }
@@ -512,13 +508,8 @@ void a8_linear(const void* x, int x_bf16, int64_t rows, int64_t x_stride, int64_
     ragtune::add_lora_rows(x, x_bf16 != 0, rows, x_stride, inputs, outputs, out, tables,
                            threads, vnni ? 2 : 1);
   }
-  if (out_norm_weight != nullptr) {  // in place: norm_row reads a value before writing it
-#pragma omp parallel for schedule(static) num_threads(threads) \
-    if (rows * outputs >= ragtune::kNormParallelFrom)
-    for (int64_t r = 0; r < rows; ++r) {
-      ragtune::norm_row(out, bf16, r * outputs, outputs, out_norm_weight, out_eps, out,
-                        r * outputs);
-    }
+  if (out_norm_weight != nullptr) {  // in place
+    ragtune::norm_rows(out, bf16, rows, outputs, outputs, out_norm_weight, out_eps, out, threads);
   }
   if (residual != nullptr) add_residual(residual, out, rows * outputs, bf16);
 }

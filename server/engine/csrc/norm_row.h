@@ -33,4 +33,16 @@ __attribute__((target("avx2,fma"))) inline void norm_row(const void* x, bool bf1
 // Rows of this many values or more normalize on the whole team; fewer cost less than waking it
 constexpr int64_t kNormParallelFrom = 32768;
 
+// out[rows, features] (contiguous) = norm_row of each of x's rows (x_stride apart); out may
+// be x itself (norm_row reads a value before writing it)
+inline void norm_rows(const void* x, bool bf16, int64_t rows, int64_t x_stride,
+                      int64_t features, const float* weight, float eps, void* out,
+                      int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) \
+    if (rows * features >= kNormParallelFrom)
+  for (int64_t r = 0; r < rows; ++r) {
+    norm_row(x, bf16, r * x_stride, features, weight, eps, out, r * features);
+  }
+}
+
 }  // namespace ragtune

@@ -126,8 +126,9 @@ class LayerArithmetic:
         else step by step. The same bits either way: the kernel runs the norm kernel's
         arithmetic and rounds the sum as torch's add does."""
         alone, rows = one_kernel_call(lora, group, linear, wide)
-        norms_fuse = (norm is None and out_norm is None) or self.norm_kernel
-        norms_fuse = norms_fuse and (norm is None or x.shape[-1] % 8 == 0)
+        # the norm kernel's arithmetic is the unfused route's only where _rms_norm takes it
+        # (an a8 linear's features are multiples of 32: its % 8 condition holds)
+        norms_fuse = self.norm_kernel or (norm is None and out_norm is None)
         residual_fuses = residual is None or (
             residual.is_contiguous() and residual.dtype == x.dtype
         )
