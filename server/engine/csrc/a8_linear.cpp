@@ -238,7 +238,7 @@ __attribute__((target("avx2,fma,f16c"))) void tile_avx2(const QuantizedRows& a, 
 // AVX-512 VNNI: a block's 16 lanes in one register, vpdpbusd sums 4 products per lane exactly
 // (in int32, without saturation, for 8-bit codes too).
 template <int Bits, int Rows>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) void tile_vnni(
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"))) void tile_vnni(
     const QuantizedRows& a, int64_t row0, int64_t inputs, const uint8_t* block,
     const uint16_t* params, int64_t outputs, int64_t column, void* out, bool bf16,
     const Ahead& ahead) {
