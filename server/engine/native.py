@@ -24,6 +24,7 @@ SOURCES = [
     CSRC / "lora_rows.cpp",
     CSRC / "attention_rows.cpp",
     CSRC / "rms_norm.cpp",
+    CSRC / "channel_int8.cpp",
 ]
 HEADERS = [CSRC / "vec8.h", CSRC / "vec16.h", CSRC / "lora_rows.h", CSRC / "norm_row.h"]
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]

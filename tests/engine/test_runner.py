@@ -363,16 +363,22 @@ def test_w8a8_vocabulary_projection_is_exact_per_row_and_close_to_dense(tiny_bf1
     torch.testing.assert_close(full.double(), reference, rtol=1e-5, atol=1e-5)
     dense = x.float() @ weight.float().t()
     assert ((full - dense).norm() / dense.norm()) < 0.02
-    # the int4 kind serves its logits through it
-    assert isinstance(runner_for(tiny_bf16, weights="int4").model.lm_head, W8A8Linear)
+    # the int4 kind serves its logits through it (or through ragtune's kernel for the same
+    # arithmetic, tests/engine/test_channel_int8.py)
+    from server.engine.channel_int8 import ChannelInt8Linear
+
+    head = runner_for(tiny_bf16, weights="int4").model.lm_head
+    assert isinstance(head, (W8A8Linear, ChannelInt8Linear))
 
 
 def test_int4_head_is_weight_only_int8_where_int8_gemms_are_not_exact(tiny_bf16, monkeypatch):
     """On a CPU whose int8 GEMM saturates (no VNNI) or a torch without oneDNN's int8 linear,
     the vocabulary projection keeps bf16 activations."""
+    from server.engine.channel_int8 import ChannelInt8Linear
     from server.engine.linear import Int8Linear, W8A8Linear
 
     monkeypatch.setattr(W8A8Linear, "supported", staticmethod(lambda: False))
+    monkeypatch.setattr(ChannelInt8Linear, "supported", staticmethod(lambda: False))
     assert isinstance(runner_for(tiny_bf16, weights="int4").model.lm_head, Int8Linear)
 
 

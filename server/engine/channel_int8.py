@@ -1,0 +1,92 @@
+"""The vocabulary projection on ragtune's own int8 kernel (csrc/channel_int8.cpp): W8A8Linear's
+arithmetic (int8 weights with one scale per channel, int8 activations with one scale per
+row, float32 logits), the same bits, without oneDNN.
+
+Why: the head is a step's largest GEMM (Gemma 3 270M: 262k x 640). oneDNN's int8 GEMM ran it
+at 7.5 ms for 16 rows and 4.1 ms for one on this project's AVX-512 EPYC; one exact integer sum
+per logit and the weights streamed ahead of the products do it in less (figures in
+docs/performance.md). Only where the CPU has AVX-512 VNNI and no AMX: elsewhere oneDNN keeps
+the head (AVX2 CPUs sum in int16 pairs, which this kernel does not do; AMX CPUs were not
+measured)."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from server.engine import native
+from server.engine.quantize import per_channel_int8
+
+LANES = 16  # output channels per packed block
+TILE = 64  # output channels per kernel tile: the packed weights are padded to whole tiles
+
+
+@functools.cache
+def _bind() -> ctypes.CDLL:
+    lib = native.library()
+    lib.channel_int8_supported.restype = ctypes.c_int
+    lib.channel_int8_linear.restype = None
+    lib.channel_int8_linear.argtypes = [
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+        ctypes.c_int,
+    ]  # fmt: skip
+    return lib
+
+
+def padded(values: torch.Tensor) -> torch.Tensor:
+    """values [out, ...] with zeros after, to a whole number of the kernel's tiles."""
+    missing = -values.shape[0] % TILE
+    return torch.cat((values, values.new_zeros((missing, *values.shape[1:])))).contiguous()
+
+
+def pack(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes [out, in] in the kernel's layout: [out/16, in/4, 16 lanes, 4], out padded
+    with zero channels to a multiple of 64."""
+    codes = padded(codes)
+    out_features, in_features = codes.shape
+    quads = codes.view(out_features // LANES, LANES, in_features // 4, 4)
+    return quads.permute(0, 2, 1, 3).contiguous()
+
+
+class ChannelInt8Linear:
+    """x @ Wᵀ for rows of bf16 or float32, as float32: W8A8Linear's result, bit for bit."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.lib = _bind()
+        codes, self.scales = per_channel_int8(weight)
+        self.out_features, self.in_features = weight.shape
+        self.codes = pack(codes)
+        # the kernel multiplies codes + 128: 128 x each channel's code sum comes off after
+        self.corrections = padded(codes.sum(dim=1, dtype=torch.int32) * 128)
+        self.scales = padded(self.scales.float())
+
+    @staticmethod
+    def supported() -> bool:
+        """AVX-512 VNNI without AMX, as ragtune's detection sees it (tests emulating the AVX2
+        kind turn it off)."""
+        return native.unavailable_reason() is None and native.chosen_isa() == 2
+
+    @classmethod
+    def fits(cls, weight: torch.Tensor) -> bool:
+        return weight.shape[1] % 16 == 0 and weight.shape[0] % LANES == 0
+
+    def __call__(self, x: torch.Tensor, wide: bool = False) -> torch.Tensor:
+        if x.dtype is torch.bfloat16:
+            bf16 = 1
+        elif x.dtype is torch.float32:
+            bf16 = 0
+        else:
+            raise TypeError(f"the int8 head takes bf16 or fp32 rows, not {x.dtype}")
+        rows = x.reshape(-1, self.in_features)
+        if rows.stride(1) != 1:
+            rows = rows.contiguous()
+        out = torch.empty((rows.shape[0], self.out_features), dtype=torch.float32)
+        self.lib.channel_int8_linear(
+            rows.data_ptr(), bf16, rows.shape[0], rows.stride(0), self.in_features,
+            self.codes.data_ptr(), self.corrections.data_ptr(), self.scales.data_ptr(),
+            self.out_features, out.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        return out.view(*x.shape[:-1], self.out_features)
