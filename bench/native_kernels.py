@@ -4,6 +4,7 @@ per case (µs a call).
     python bench/native_kernels.py attention          # decode attention, 16 rows, hot and cold
     python bench/native_kernels.py a8                 # the a8 GEMM per instruction set
     python bench/native_kernels.py norm               # RMSNorm
+    python bench/native_kernels.py head               # the int8 vocabulary projection
 
 Run on a quiet machine (nothing else CPU-heavy): these are the figures of docs/performance.md.
 """
@@ -21,12 +22,16 @@ import torch.nn.functional as F
 from server.engine import attention_rows, native
 from server.engine.a8 import A8Linear
 from server.engine.attention_rows import RowsPlan
+from server.engine.channel_int8 import ChannelInt8Linear
 from server.engine.kv_cache import KVCache
+from server.engine.linear import W8A8Linear
 from server.engine.models.attention import attention
 from server.engine.rms_norm import rms_norm
 
 # (heads, kv_heads, head_dim): Gemma 3 270M, SmolLM2-135M
 ATTENTION_SHAPES = [(4, 1, 256), (9, 3, 64)]
+# (vocabulary, hidden): SmolLM2-135M's and Gemma 3 270M's heads
+HEAD_SHAPES = [(49152, 576), (262144, 640)]
 # (out, in): SmolLM2's gate/up, down, qkv; Gemma 3's gate/up
 GEMM_SHAPES = [(3072, 576), (576, 1536), (960, 576), (8192, 640)]
 
@@ -103,6 +108,28 @@ def a8_cases() -> list[dict]:
     return results
 
 
+def head_cases(rounds: int = 3) -> list[dict]:
+    """µs a call of the vocabulary projection, oneDNN's int8 GEMM (W8A8Linear) against
+    ragtune's kernel for the same logits (ChannelInt8Linear), alternating `rounds` times (the
+    weights stream from memory: its bandwidth varies on a shared machine)."""
+    torch.manual_seed(0)
+    results = []
+    for vocabulary, hidden in HEAD_SHAPES:
+        weight = (torch.randn(vocabulary, hidden) * 0.02).bfloat16()
+        onednn = W8A8Linear(weight)
+        kernel = ChannelInt8Linear(weight) if ChannelInt8Linear.supported() else None
+        calls = max(10, 2_000_000 // vocabulary)
+        for rows in (1, 16):
+            x = torch.randn(rows, hidden).bfloat16()
+            for _ in range(rounds):
+                case = {"case": "head", "vocabulary": vocabulary, "hidden": hidden, "rows": rows,
+                        "onednn_us": per_call(lambda: onednn(x), calls)}  # noqa: B023  # fmt: skip
+                if kernel is not None:
+                    case["kernel_us"] = per_call(lambda: kernel(x), calls)  # noqa: B023
+                results.append(case)
+    return results
+
+
 def norm_cases() -> list[dict]:
     results = []
     for rows, features in ((1, 576), (16, 576), (16, 640), (64, 576)):
@@ -124,7 +151,7 @@ def norm_cases() -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("which", choices=["attention", "a8", "norm"])
+    parser.add_argument("which", choices=["attention", "a8", "norm", "head"])
     parser.add_argument("--keys", default="200,1000")
     args = parser.parse_args()
     if args.which == "attention":
@@ -135,6 +162,8 @@ def main() -> None:
         ]
     elif args.which == "a8":
         cases = a8_cases()
+    elif args.which == "head":
+        cases = head_cases()
     else:
         cases = norm_cases()
     for case in cases:
