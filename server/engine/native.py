@@ -2,7 +2,8 @@
 C++ compiler and loaded with ctypes. No torch headers: a plain library builds in a few seconds
 and shares torch's OpenMP runtime (same soname, already loaded), so its threads are torch's.
 The kernels: the a8 GEMM (engine/a8.py), the decode LoRA rows (engine/lora_rowwise.py),
-decode attention (engine/attention_rows.py) and RMSNorm (engine/rms_norm.py)."""
+decode attention (engine/attention_rows.py), RMSNorm (engine/rms_norm.py) and the int8 head
+(engine/channel_int8.py)."""
 
 from __future__ import annotations
 
