@@ -45,7 +45,7 @@ class RowwisePair(NamedTuple):
     b: torch.Tensor  # [out, width], block-diagonal over the group's parts
     b_scales: torch.Tensor  # [out]
     a_scales32: torch.Tensor  # [width] float32
-    bt: torch.Tensor  # [width, out]
+    bt: torch.Tensor  # B's codes in blocks of 16 outputs: [ceil(out / 16), width, 16]
     b_scales32: torch.Tensor  # [out] float32
 
 
@@ -70,9 +70,18 @@ def pack_pair(a: torch.Tensor, b: torch.Tensor, used_columns: list[int]) -> Roww
         b_codes,
         b_scales.to(KERNEL_DTYPE),
         a_scales.float().contiguous(),
-        b_codes.t().contiguous(),
+        blocks_of_outputs(b_codes),
         b_scales.float().contiguous(),
     )
+
+
+def blocks_of_outputs(b_codes: torch.Tensor) -> torch.Tensor:
+    """B's codes [out, width] as csrc/lora_rows.cpp reads them: [ceil(out / 16), width, 16],
+    zeros past the last output (one sequential read per call, not `width` strided ones)."""
+    out_features, width = b_codes.shape
+    padded = b_codes.new_zeros(-(-out_features // 16) * 16, width)
+    padded[:out_features] = b_codes
+    return padded.view(-1, 16, width).permute(0, 2, 1).contiguous()
 
 
 def kernel_supported(module_shapes: dict[str, tuple[int, int]], widths: list[int]) -> bool:
