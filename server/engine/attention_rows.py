@@ -60,30 +60,66 @@ def plan(
     return RowsPlan(length, bias, index.to(torch.int64).contiguous())
 
 
+MAX_ROTATED_HEAD = 256  # head_dim up to which the kernel applies the rotary embedding
+
+
+def rotates(model: DecoderModel) -> bool:
+    """Whether the kernel applies this model's rotary embedding to q and the new keys itself
+    (one call instead of torch's four ops a layer: LayerArithmetic._rotate's arithmetic, the
+    same bits)."""
+    return model.head_dim <= MAX_ROTATED_HEAD
+
+
+NO_ROPE = (None, None, 0, 0)
+
+
 def attend(
     model: DecoderModel,
     layer: int,
     q: torch.Tensor,  # [rows, heads, d]
-    k: torch.Tensor,  # [rows, kv_heads, d] the step's new keys, rotated
+    k: torch.Tensor,  # [rows, kv_heads, d] the step's new keys (rotated unless `rope`)
     v: torch.Tensor,  # [rows, kv_heads, d]
     cache: KVCache,
     step: RowsPlan,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,  # cos, signed sin [rows, 1, r]
 ) -> torch.Tensor:
     """Write row i's key and value into slot i at its index, then its attention: [rows,
-    q_size] in the cache's dtype."""
+    q_size] in the cache's dtype. With `rope` (where `rotates(model)`), q and k come
+    unrotated and the kernel turns them first, as LayerArithmetic._rotate would."""
     d = model.head_dim
     q, k, v = (_rows_of_heads(x, d) for x in (q, k, v))
     keys_t, values = cache.keys_t[layer], cache.values[layer]
     rows = q.shape[0]
     out = torch.empty(rows, model.q_size, dtype=cache.dtype)
+    rotary = NO_ROPE if rope is None else _rope_arguments(model, rope, rows, cache.dtype)
     native.library().attention_rows(
         q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
         step.writes.data_ptr(), keys_t.data_ptr(), values.data_ptr(), keys_t.shape[-1],
         step.bias.data_ptr(), step.length, rows, model.num_heads, model.num_kv_heads, d,
         model.scale, out.data_ptr(), int(cache.dtype == torch.bfloat16),
-        torch.get_num_threads(), int(native.attention_pairs()),
+        torch.get_num_threads(), int(native.attention_pairs()), *rotary,
     )  # fmt: skip
     return out
+
+
+def _rope_arguments(
+    model: DecoderModel, rope: tuple[torch.Tensor, torch.Tensor], rows: int, dtype: torch.dtype
+) -> tuple[int, int, int, int]:
+    """The kernel's rotary arguments, checked: a wrong shape would make it read past them."""
+    cos, sin = rope
+    rotary_dim = cos.shape[-1]
+    for table in (cos, sin):
+        if (
+            table.dtype != dtype
+            or table.shape[0] < rows
+            or table.shape[-1] != rotary_dim
+            or table.stride(-1) != 1
+            or table.stride(0) != cos.stride(0)
+        ):
+            raise ValueError("cos and sin must be [rows, 1, rotary_dim] in the cache's dtype")
+    if not rotates(model) or rotary_dim > model.head_dim or rotary_dim % 2:
+        raise ValueError(f"the kernel cannot rotate {rotary_dim} of {model.head_dim} features")
+    return cos.data_ptr(), sin.data_ptr(), cos.stride(0), rotary_dim
 
 
 def _rows_of_heads(x: torch.Tensor, d: int) -> torch.Tensor:
@@ -94,4 +130,4 @@ def _rows_of_heads(x: torch.Tensor, d: int) -> torch.Tensor:
     return x.contiguous()
 
 
-__all__ = ["RowsPlan", "attend", "plan", "unsupported_reason"]
+__all__ = ["RowsPlan", "attend", "plan", "rotates", "unsupported_reason"]

@@ -105,6 +105,8 @@ def library() -> ctypes.CDLL:
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
         ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
         ctypes.c_int,
+        # optional rotary embedding of q and the new k: cos, signed sin, row stride, rotary_dim
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
     ]  # fmt: skip
     lib.attention_pairs_supported.restype = ctypes.c_int
     lib.rms_norm_rows.restype = None

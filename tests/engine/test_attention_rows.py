@@ -151,3 +151,46 @@ def test_a_rows_bits_depend_on_its_own_keys_alone(path):
     ).reshape(-1)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(outs[1][1], expected, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "d", "rotary_dim"),
+    [(9, 3, 64, 64), (4, 1, 256, 256), (4, 2, 64, 32), (2, 2, 32, 24)],  # full, partial, odd half
+)
+def test_the_kernel_rotates_q_and_k_as_layer_arithmetic_does(path, heads, kv_heads, d, rotary_dim):
+    """With the step's cos and sin the kernel turns q and the new keys itself: the keys it
+    writes and the attention it returns are those of LayerArithmetic._rotate's bf16/float32
+    ops before an unrotating call, bit for bit (halves of 16 and 12 features: the vector and
+    the one-at-a-time paths), the features past rotary_dim untouched."""
+    from server.engine.models.layer import LayerArithmetic
+
+    dtype = path
+    m = model(heads, kv_heads, d)
+    m.rotary_dim = rotary_dim
+    generator = torch.Generator().manual_seed(3)
+    positions = [30, 0, 7, 19]
+    angles = torch.rand(4, rotary_dim // 2, generator=generator) * 6.0
+    cos = torch.cat((angles.cos(), angles.cos()), dim=-1).to(dtype)[:, None, :]
+    half = angles.sin()
+    sin = torch.cat((-half, half), dim=-1).to(dtype)[:, None, :]
+    q = torch.randn(4, heads, d, generator=generator).to(dtype)
+    k = torch.randn(4, kv_heads, d, generator=generator).to(dtype)
+    v = torch.randn(4, kv_heads, d, generator=generator).to(dtype)
+    plan = RowsPlan(31, causal(positions, 31).contiguous(), torch.tensor(positions))
+    turned = SimpleNamespace(rotary_dim=rotary_dim, head_dim=d)
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        return LayerArithmetic._rotate(turned, x, cos, sin)
+
+    turned._rotate_all = LayerArithmetic._rotate_all
+    expected_cache, kernel_cache = filled_cache(m, 4, 31, dtype), filled_cache(m, 4, 31, dtype)
+    expected = attention_rows.attend(m, 0, rotate(q), rotate(k), v, expected_cache, plan)
+    out = attention_rows.attend(m, 0, q, k, v, kernel_cache, plan, (cos, sin))
+    assert torch.equal(kernel_cache.keys_t[0], expected_cache.keys_t[0])
+    assert torch.equal(out, expected)
+    if rotary_dim < d:  # the unturned features as they came
+        for row, position in enumerate(positions):
+            assert torch.equal(
+                kernel_cache.keys_t[0][row, :, rotary_dim:, position], k[row, :, rotary_dim:]
+            )

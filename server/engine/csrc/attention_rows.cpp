@@ -34,6 +34,7 @@ using ragtune::sum8;
 
 constexpr int kMaxGroup = 8;  // query heads per KV head handled at once
 constexpr int64_t kValueChunk = 16;  // head features summed at once in the value loop
+constexpr int64_t kMaxRotatedHead = 256;  // head_dim up to which the kernel rotates q and k
 
 struct Step {
   const void* q;          // [rows, heads, d]: row stride q_stride, head stride d
@@ -52,19 +53,14 @@ struct Step {
   float scale;
   void* out;  // [rows, heads * d]
   bool bf16;  // every tensor bf16, else float32
+  // rotary embedding to apply to q and the new k first (null cos: they come rotated):
+  // row r's cos and signed sin at cos + r * rope_stride (the compute dtype), the first
+  // rotary_dim features of a head turning
+  const void* cos = nullptr;
+  const void* signed_sin = nullptr;
+  int64_t rope_stride = 0;
+  int64_t rotary_dim = 0;
 };
-
-void write_new(const Step& s, int64_t row, int64_t h) {
-  if (s.k_new == nullptr) return;
-  const int64_t size = s.bf16 ? 2 : 4;
-  const int64_t at = s.writes[row];
-  const char* k = static_cast<const char*>(s.k_new) + (row * s.k_stride + h * s.d) * size;
-  const char* v = static_cast<const char*>(s.v_new) + (row * s.v_stride + h * s.d) * size;
-  char* keys = static_cast<char*>(s.keys_t) + (row * s.kv_heads + h) * s.d * s.capacity * size;
-  char* values = static_cast<char*>(s.values) + ((row * s.kv_heads + h) * s.capacity + at) * s.d * size;
-  for (int64_t j = 0; j < s.d; ++j) std::memcpy(keys + (j * s.capacity + at) * size, k + j * size, size);
-  std::memcpy(values, v, s.d * size);
-}
 
 // Keys' rows lie `capacity` apart and a value row is one cache line or a few: too short for
 // the hardware prefetchers to ramp up before each ends (a layer's keys and values come from
@@ -100,6 +96,96 @@ __attribute__((target("avx2,fma"))) inline __m256 round8(__m256 x, bool bf16) {
   const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
   bits = _mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff)));
   return _mm256_castsi256_ps(_mm256_and_si256(bits, _mm256_set1_epi32(-65536)));
+}
+
+// One head's features rotated as LayerArithmetic._rotate does it in torch: out[i] = x[i] *
+// cos[i] + x[partner] * signed_sin[i] (partner: i + half below half, i - half above it, half =
+// rotary_dim / 2), each product and the sum rounded to the compute dtype, as torch's three bf16
+// ops round them (no fused multiply-add); features from rotary_dim on copied. In and out in
+// the compute dtype; a multiple of 8 features per half, else one at a time.
+__attribute__((target("avx2,fma"))) void rotate_head(const void* x, int64_t x_at, const void* cos,
+                                                     const void* signed_sin, int64_t rope_at,
+                                                     int64_t rotary_dim, int64_t d, bool bf16,
+                                                     void* out, int64_t out_at) {
+  const int64_t half = rotary_dim / 2;
+  if (half % 8 == 0) {
+    for (int64_t i = 0; i < rotary_dim; i += 8) {
+      const int64_t partner = i < half ? i + half : i - half;
+      __m256 a = _mm256_mul_ps(load8(x, bf16, x_at + i), load8(cos, bf16, rope_at + i));
+      __m256 b = _mm256_mul_ps(load8(x, bf16, x_at + partner), load8(signed_sin, bf16, rope_at + i));
+      asm("" : "+x"(a), "+x"(b));  // two roundings, as torch's ops: no fused multiply-add
+      store8(out, bf16, out_at + i, _mm256_add_ps(round8(a, bf16), round8(b, bf16)));
+    }
+  } else {
+    for (int64_t i = 0; i < rotary_dim; ++i) {
+      const int64_t partner = i < half ? i + half : i - half;
+      const auto value = [bf16](const void* p, int64_t at) {
+        if (!bf16) return static_cast<const float*>(p)[at];
+        const uint32_t bits = uint32_t(static_cast<const uint16_t*>(p)[at]) << 16;
+        float f;
+        std::memcpy(&f, &bits, 4);
+        return f;
+      };
+      const auto rounded = [bf16](float f) {
+        if (!bf16) return f;
+        uint32_t bits;
+        std::memcpy(&bits, &f, 4);
+        bits = (bits + 0x7fff + ((bits >> 16) & 1)) & 0xffff0000u;
+        std::memcpy(&f, &bits, 4);
+        return f;
+      };
+      float a = value(x, x_at + i) * value(cos, rope_at + i);
+      float b = value(x, x_at + partner) * value(signed_sin, rope_at + i);
+      asm("" : "+x"(a), "+x"(b));  // no fused multiply-add
+      const float sum = rounded(a) + rounded(b);
+      if (bf16) {
+        uint32_t bits;
+        std::memcpy(&bits, &sum, 4);
+        static_cast<uint16_t*>(out)[out_at + i] =
+            static_cast<uint16_t>((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
+      } else {
+        static_cast<float*>(out)[out_at + i] = sum;
+      }
+    }
+  }
+  const int64_t size = bf16 ? 2 : 4;
+  if (rotary_dim < d) {
+    std::memcpy(static_cast<char*>(out) + (out_at + rotary_dim) * size,
+                static_cast<const char*>(x) + (x_at + rotary_dim) * size, (d - rotary_dim) * size);
+  }
+}
+
+void write_new(const Step& s, int64_t row, int64_t h) {
+  if (s.k_new == nullptr) return;
+  const int64_t size = s.bf16 ? 2 : 4;
+  const int64_t at = s.writes[row];
+  const char* k = static_cast<const char*>(s.k_new) + (row * s.k_stride + h * s.d) * size;
+  const char* v = static_cast<const char*>(s.v_new) + (row * s.v_stride + h * s.d) * size;
+  char* keys = static_cast<char*>(s.keys_t) + (row * s.kv_heads + h) * s.d * s.capacity * size;
+  char* values = static_cast<char*>(s.values) + ((row * s.kv_heads + h) * s.capacity + at) * s.d * size;
+  if (s.cos != nullptr) {  // the new key rotated first (into a head-sized buffer)
+    alignas(32) char rotated[kMaxRotatedHead * 4];
+    rotate_head(k, 0, s.cos, s.signed_sin, row * s.rope_stride, s.rotary_dim, s.d, s.bf16,
+                rotated, 0);
+    k = rotated;
+    for (int64_t j = 0; j < s.d; ++j) std::memcpy(keys + (j * s.capacity + at) * size, k + j * size, size);
+  } else {
+    for (int64_t j = 0; j < s.d; ++j) std::memcpy(keys + (j * s.capacity + at) * size, k + j * size, size);
+  }
+  std::memcpy(values, v, s.d * size);
+}
+
+// The task's G query heads from `first`, rotated where the step asks (into `buffer`, the
+// compute dtype, heads d apart), else where they lie: the pointer to read them at
+const void* task_queries(const Step& s, int64_t row, int64_t first_head, int G, void* buffer) {
+  const int64_t size = s.bf16 ? 2 : 4;
+  const char* q = static_cast<const char*>(s.q) + (row * s.q_stride + first_head * s.d) * size;
+  if (s.cos == nullptr) return q;
+  for (int g = 0; g < G; ++g) {
+    rotate_head(q, g * s.d, s.cos, s.signed_sin, row * s.rope_stride, s.rotary_dim, s.d, s.bf16,
+                buffer, g * s.d);
+  }
+  return buffer;
 }
 
 __attribute__((target("avx2,fma"))) inline float max8(__m256 v) {
@@ -245,10 +331,11 @@ __attribute__((target("avx2,fma"))) void attend_heads(const Step& s, int64_t row
   float* scores = work.data();
   float* query = scores + G * padded;
   float* sums = query + G * d;
+  alignas(32) char rotated[kMaxGroup * kMaxRotatedHead * 4];
+  const void* q = task_queries(s, row, h * group + first, G, rotated);
   for (int g = 0; g < G; ++g) {
-    const int64_t at = row * s.q_stride + (h * group + first + g) * d;
     for (int64_t j = 0; j < d; j += 8) {
-      _mm256_storeu_ps(query + g * d + j, load8(s.q, s.bf16, at + j));
+      _mm256_storeu_ps(query + g * d + j, load8(q, s.bf16, g * d + j));
     }
   }
   const int64_t key_base = (row * s.kv_heads + h) * d * s.capacity;
@@ -374,8 +461,9 @@ RAGTUNE_BF16_TARGET void attend_heads_bf16(const Step& s, int64_t row, int64_t h
   float* sums = scores + G * padded;
   uint16_t* probs = reinterpret_cast<uint16_t*>(sums + G * d);
   const uint16_t* keys = static_cast<const uint16_t*>(s.keys_t);
+  alignas(32) char rotated[kMaxGroup * kMaxRotatedHead * 2];
   const uint16_t* query =
-      static_cast<const uint16_t*>(s.q) + row * s.q_stride + (h * group + first) * d;
+      static_cast<const uint16_t*>(task_queries(s, row, h * group + first, G, rotated));
   const int64_t key_base = (row * s.kv_heads + h) * d * s.capacity;
   score_rows16<G>(query, d, keys, key_base, s.capacity, length, scores, padded);
   const float* bias = s.bias + row * s.length;
@@ -431,14 +519,19 @@ int attention_pairs_supported() {
 
 // One decode step's attention in one layer (see the top of this file). head_dim a multiple
 // of 16; pairs (bf16 with head_dim a multiple of 32, where attention_pairs_supported): the
-// AVX-512 BF16 path.
+// AVX-512 BF16 path. With cos (else null; head_dim at most 256), q and the new k are rotated
+// first (LayerArithmetic._rotate's arithmetic): row r's cos and signed sin at r * rope_stride,
+// the first rotary_dim features of each head turning.
 void attention_rows(const void* q, int64_t q_stride, const void* k_new, int64_t k_stride,
                     const void* v_new, int64_t v_stride, const int64_t* writes, void* keys_t,
                     void* values, int64_t capacity, const float* bias, int64_t length,
                     int64_t rows, int64_t heads, int64_t kv_heads, int64_t d, float scale,
-                    void* out, int bf16, int threads, int pairs) {
-  const Step s{q, q_stride, k_new, k_stride, v_new, v_stride, writes, keys_t, values, capacity,
-               bias, length, heads, kv_heads, d, scale, out, bf16 != 0};
+                    void* out, int bf16, int threads, int pairs, const void* cos,
+                    const void* signed_sin, int64_t rope_stride, int64_t rotary_dim) {
+  const Step s{q,     q_stride, k_new, k_stride,   v_new,      v_stride,    writes,
+               keys_t, values,  capacity, bias,    length,     heads,       kv_heads,
+               d,     scale,    out,   bf16 != 0,  d <= kMaxRotatedHead ? cos : nullptr,
+               signed_sin, rope_stride, rotary_dim};
   const bool use_pairs = pairs != 0 && bf16 != 0 && d % 32 == 0;
 #pragma omp parallel num_threads(threads)
   {

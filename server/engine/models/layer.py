@@ -73,6 +73,7 @@ class LayerArithmetic:
         rotary: dict[str, tuple[torch.Tensor, torch.Tensor]],  # see _rotary
         lora: LayerAdapters | None,
         wide: bool = False,  # a prompt chunk of more than WIDE_ROWS tokens
+        rotate: bool = True,  # False: the decode attention kernel turns q and k itself
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Norm, fused q/k/v projection and rotary embedding: q [tokens, heads, d], k and v
         [tokens, kv_heads, d]."""
@@ -89,7 +90,9 @@ class LayerArithmetic:
         if w.q_norm is not None:  # per-head norms before the rotation
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
             qk = torch.cat((self._rms_norm(q, w.q_norm), self._rms_norm(k, w.k_norm)), dim=1)
-        q, k = self._rotate(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
+        if rotate:
+            qk = self._rotate(qk, cos, sin)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         return q, k, v
 
     def _attention_output(

@@ -286,6 +286,8 @@ class ForwardPasses:
         x = self.embed[tokens]
         rotary = self._rotary(positions)
         kernel = self.attention_kernel  # one call a layer, rows on their own
+        # the kernel turns q and the new keys itself (the same bits as _rotate, one call)
+        kernel_rotates = kernel and attention_rows.rotates(self)
         if kernel:
             steps = {
                 w: attention_rows.plan(self, positions[:real], write_positions, cache, w)
@@ -297,12 +299,13 @@ class ForwardPasses:
 
         for index, w in enumerate(self.layers):
             layer_lora = lora.layer(index) if lora is not None else None
-            q, k, v = self._attention_input(w, x, rotary, layer_lora)
+            q, k, v = self._attention_input(w, x, rotary, layer_lora, rotate=not kernel_rotates)
+            rope = rotary[w.rope] if kernel_rotates else None
             if kernel and batch == real:  # the usual step: every row real, no slicing
-                attn = attention_rows.attend(self, index, q, k, v, cache, steps[w.window])
+                attn = attention_rows.attend(self, index, q, k, v, cache, steps[w.window], rope)
             elif kernel:
                 attn = attention_rows.attend(
-                    self, index, q[:real], k[:real], v[:real], cache, steps[w.window]
+                    self, index, q[:real], k[:real], v[:real], cache, steps[w.window], rope
                 )
             else:
                 cache.write_decode(index, rows, write_positions, k[:real], v[:real])
