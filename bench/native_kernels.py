@@ -5,6 +5,7 @@ per case (µs a call).
     python bench/native_kernels.py a8                 # the a8 GEMM per instruction set
     python bench/native_kernels.py norm               # RMSNorm
     python bench/native_kernels.py head               # the int8 vocabulary projection
+    python bench/native_kernels.py rope               # rotary + attention, torch's or the kernel's
 
 Run on a quiet machine (nothing else CPU-heavy): these are the figures of docs/performance.md.
 """
@@ -26,6 +27,7 @@ from server.engine.channel_int8 import ChannelInt8Linear
 from server.engine.kv_cache import KVCache
 from server.engine.linear import W8A8Linear
 from server.engine.models.attention import attention
+from server.engine.models.layer import LayerArithmetic
 from server.engine.rms_norm import rms_norm
 
 # (heads, kv_heads, head_dim): Gemma 3 270M, SmolLM2-135M
@@ -130,6 +132,44 @@ def head_cases(rounds: int = 3) -> list[dict]:
     return results
 
 
+def rope_cases(keys: int = 100, rounds: int = 2) -> list[dict]:
+    """µs a layer of rotary embedding + decode attention, hot: q and k turned by torch's ops
+    (LayerArithmetic._rotate) before the kernel, against the kernel turning them itself."""
+    results = []
+    for heads, kv, d in ATTENTION_SHAPES:
+        for rows in (1, 16):
+            m = SimpleNamespace(head_dim=d, num_heads=heads, num_kv_heads=kv, q_size=heads * d,
+                                scale=d**-0.5, rotary_dim=d,
+                                _rotate_all=LayerArithmetic._rotate_all)  # fmt: skip
+            cache = KVCache(1, rows, kv, 4096, d, torch.bfloat16, "cpu")
+            cache.reserve(keys, 0)
+            cache.ensure_slots(rows, 0)
+            qkv = torch.randn(rows, (heads + 2 * kv) * d).bfloat16()
+            qk = qkv[:, : (heads + kv) * d].view(rows, -1, d)
+            v = qkv[:, (heads + kv) * d :].view(rows, kv, d)
+            cos, sin = torch.randn(rows, 1, d).bfloat16(), torch.randn(rows, 1, d).bfloat16()
+            positions = torch.arange(rows) + keys - rows
+            hidden = torch.arange(keys)[None] > positions[:, None]
+            plan = RowsPlan(keys, torch.zeros(rows, keys).masked_fill(hidden, float("-inf")),
+                            positions.clone())  # fmt: skip
+
+            def torch_route():
+                q, k = LayerArithmetic._rotate(m, qk, cos, sin).split([heads, kv], dim=1)  # noqa: B023
+                return attention_rows.attend(m, 0, q, k, v, cache, plan)  # noqa: B023
+
+            def kernel_route():
+                q, k = qk.split([heads, kv], dim=1)  # noqa: B023
+                return attention_rows.attend(m, 0, q, k, v, cache, plan, (cos, sin))  # noqa: B023
+
+            for _ in range(rounds):
+                results.append({
+                    "case": "rope", "heads": heads, "kv_heads": kv, "head_dim": d, "rows": rows,
+                    "keys": keys, "torch_rotate_us": per_call(torch_route, 2000),
+                    "kernel_rotates_us": per_call(kernel_route, 2000),
+                })  # fmt: skip
+    return results
+
+
 def norm_cases() -> list[dict]:
     results = []
     for rows, features in ((1, 576), (16, 576), (16, 640), (64, 576)):
@@ -151,7 +191,7 @@ def norm_cases() -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("which", choices=["attention", "a8", "norm", "head"])
+    parser.add_argument("which", choices=["attention", "a8", "norm", "head", "rope"])
     parser.add_argument("--keys", default="200,1000")
     args = parser.parse_args()
     if args.which == "attention":
@@ -164,6 +204,8 @@ def main() -> None:
         cases = a8_cases()
     elif args.which == "head":
         cases = head_cases()
+    elif args.which == "rope":
+        cases = rope_cases()
     else:
         cases = norm_cases()
     for case in cases:
