@@ -508,16 +508,27 @@ void a8_linear(const void* x, int x_bf16, int64_t rows, int64_t x_stride, int64_
   const int64_t blocks = outputs / kLanes;
   const int64_t groups = inputs / kGroup;
   const bool bf16 = out_bf16 != 0;
+  // LoRA rows: with fewer slots' row sets than threads (one row at c=1) each thread adds the
+  // deltas of the outputs it just computed, in the same team (no second one, no barrier
+  // between); else every set over all outputs in a team of its own after (one thread a set)
+  const ragtune::LoraTables tables{row_slot, a_codes, a_scales, bt, b_scales, widths};
+  const std::vector<ragtune::RowSet> sets =
+      row_slot != nullptr ? ragtune::lora_row_sets(rows, tables) : std::vector<ragtune::RowSet>{};
+  const bool lora_inside = !sets.empty() && static_cast<int64_t>(sets.size()) < threads;
+  const bool lora_wide = ragtune::lora_wide(vnni ? 2 : 1, inputs, outputs);
   // one team for the rows' quantization (16 rows of 1,536: ~5 µs on one thread) and the
   // products; the first loop's barrier has every row quantized before a tile reads it
 #pragma omp parallel num_threads(threads)
   {
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) quantize_row(x, x_bf16 != 0, r, x_stride, inputs, vnni, a);
+    // each thread's blocks, contiguous (its LoRA deltas cover the same outputs)
+    const int64_t team = omp_get_num_threads(), per = (blocks + team - 1) / team;
+    const int64_t first = std::min(blocks, omp_get_thread_num() * per);
+    const int64_t last = std::min(blocks, first + per);
     if (amx) {
       configure_tiles();  // per thread: a tile configuration is thread state
-#pragma omp for schedule(static)
-      for (int64_t b = 0; b < blocks; ++b) {
+      for (int64_t b = first; b < last; ++b) {
         const uint8_t* block = packed + b * groups * group_bytes;
         const uint16_t* block_params = params + b * groups * 2 * kLanes;
         const Ahead ahead = ahead_of(b, blocks, packed, params, groups, group_bytes);
@@ -530,8 +541,7 @@ void a8_linear(const void* x, int x_bf16, int64_t rows, int64_t x_stride, int64_
       }
       release_tiles();
     } else {
-#pragma omp for schedule(static)
-      for (int64_t b = 0; b < blocks; ++b) {
+      for (int64_t b = first; b < last; ++b) {
         const uint8_t* block = packed + b * groups * group_bytes;
         const uint16_t* block_params = params + b * groups * 2 * kLanes;
         const Ahead ahead = ahead_of(b, blocks, packed, params, groups, group_bytes);
@@ -542,9 +552,12 @@ void a8_linear(const void* x, int x_bf16, int64_t rows, int64_t x_stride, int64_
         }
       }
     }
+    if (lora_inside) {
+      ragtune::add_lora_sets(sets, lora_wide, x, x_bf16 != 0, x_stride, inputs, outputs, out,
+                             tables, first * kLanes, last * kLanes);
+    }
   }
-  if (row_slot != nullptr) {
-    const ragtune::LoraTables tables{row_slot, a_codes, a_scales, bt, b_scales, widths};
+  if (!sets.empty() && !lora_inside) {
     ragtune::add_lora_rows(x, x_bf16 != 0, rows, x_stride, inputs, outputs, out, tables,
                            threads, vnni ? 2 : 1);
   }

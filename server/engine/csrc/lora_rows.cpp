@@ -127,18 +127,8 @@ __attribute__((target("avx512f,avx512bw,avx2,fma"))) void lora_rows16(
   }
 }
 
-// Rows of one slot taken together, at most kShared: the slot's factors are converted from
-// int8 once for all of them (16 rows of one adapter: 4 reads instead of 16).
-constexpr int kShared = 4;
-
-struct RowSet {
-  int32_t slot;
-  int count;
-  int64_t rows[kShared];
-};
-
 template <int R>
-void run_set(const RowSet& set, bool wide, const void* x, bool bf16, int64_t x_stride,
+void run_set(const ragtune::RowSet& set, bool wide, const void* x, bool bf16, int64_t x_stride,
              int64_t inputs, int64_t outputs, void* out, const ragtune::LoraTables& t,
              int64_t first, int64_t last) {
   const int32_t slot = set.slot;
@@ -147,21 +137,30 @@ void run_set(const RowSet& set, bool wide, const void* x, bool bf16, int64_t x_s
                                           t.b_scales[slot], t.widths[slot], first, last);
 }
 
+void run_any_set(const ragtune::RowSet& set, bool wide, const void* x, bool bf16,
+                 int64_t x_stride, int64_t inputs, int64_t outputs, void* out,
+                 const ragtune::LoraTables& t, int64_t first, int64_t last) {
+  switch (set.count) {
+    case 1: run_set<1>(set, wide, x, bf16, x_stride, inputs, outputs, out, t, first, last); break;
+    case 2: run_set<2>(set, wide, x, bf16, x_stride, inputs, outputs, out, t, first, last); break;
+    case 3: run_set<3>(set, wide, x, bf16, x_stride, inputs, outputs, out, t, first, last); break;
+    default: run_set<4>(set, wide, x, bf16, x_stride, inputs, outputs, out, t, first, last); break;
+  }
+}
+
 }  // namespace
 
 namespace ragtune {
 
-void add_lora_rows(const void* x, bool bf16, int64_t rows, int64_t x_stride, int64_t inputs,
-                   int64_t outputs, void* out, const LoraTables& t, int threads, int isa) {
-  const bool wide = isa >= 2 && inputs % 16 == 0 && outputs % 16 == 0;
-  std::vector<RowSet> sets;  // each slot's rows in order, kShared at a time
+std::vector<RowSet> lora_row_sets(int64_t rows, const LoraTables& t) {
+  std::vector<RowSet> sets;
   for (int64_t row = 0; row < rows; ++row) {
     const int32_t slot = t.row_slot[row];
     if (slot < 0 || t.a[slot] == nullptr) continue;
     RowSet* open = nullptr;
     for (auto it = sets.rbegin(); it != sets.rend(); ++it) {
       if (it->slot == slot) {
-        open = it->count < kShared ? &*it : nullptr;
+        open = it->count < kSharedRows ? &*it : nullptr;
         break;
       }
     }
@@ -171,6 +170,26 @@ void add_lora_rows(const void* x, bool bf16, int64_t rows, int64_t x_stride, int
     }
     open->rows[open->count++] = row;
   }
+  return sets;
+}
+
+bool lora_wide(int isa, int64_t inputs, int64_t outputs) {
+  return isa >= 2 && inputs % 16 == 0 && outputs % 16 == 0;
+}
+
+void add_lora_sets(const std::vector<RowSet>& sets, bool wide, const void* x, bool bf16,
+                   int64_t x_stride, int64_t inputs, int64_t outputs, void* out,
+                   const LoraTables& t, int64_t first, int64_t last) {
+  if (first >= last) return;
+  for (const RowSet& set : sets) {
+    run_any_set(set, wide, x, bf16, x_stride, inputs, outputs, out, t, first, last);
+  }
+}
+
+void add_lora_rows(const void* x, bool bf16, int64_t rows, int64_t x_stride, int64_t inputs,
+                   int64_t outputs, void* out, const LoraTables& t, int threads, int isa) {
+  const bool wide = lora_wide(isa, inputs, outputs);
+  const std::vector<RowSet> sets = lora_row_sets(rows, t);
   // fewer sets than threads (one row at c=1): each set's outputs split between the threads,
   // each thread forming the set's A products itself; an output's sums are the same either way
   const int64_t count = static_cast<int64_t>(sets.size());
@@ -183,12 +202,7 @@ void add_lora_rows(const void* x, bool bf16, int64_t rows, int64_t x_stride, int
     const int64_t first = (task % parts) * part;
     const int64_t last = first + part < outputs ? first + part : outputs;
     if (first >= last) continue;
-    switch (set.count) {
-      case 1: run_set<1>(set, wide, x, bf16, x_stride, inputs, outputs, out, t, first, last); break;
-      case 2: run_set<2>(set, wide, x, bf16, x_stride, inputs, outputs, out, t, first, last); break;
-      case 3: run_set<3>(set, wide, x, bf16, x_stride, inputs, outputs, out, t, first, last); break;
-      default: run_set<4>(set, wide, x, bf16, x_stride, inputs, outputs, out, t, first, last); break;
-    }
+    run_any_set(set, wide, x, bf16, x_stride, inputs, outputs, out, t, first, last);
   }
 }
 
