@@ -7,7 +7,7 @@
 // a channel's dot product is one exact integer sum over all inputs, so the kernel is nothing
 // but `vpdpbusd` until one epilogue per output (the a8 kernel's per-group scales cost it a
 // fifth of its time): activations as unsigned codes (code + 128, as oneDNN's "shifted" mode
-// takes them), the weights signed, 4 blocks of 16 channels x 4 rows of accumulators, so one
+// takes them), the weights signed, 4 blocks of 16 channels x 6 rows of accumulators, so one
 // broadcast of a row's 4 codes feeds 4 products. The sum is corrected by 128 x the channel's
 // code sum, then scaled as torch does it: (float(sum) * channel scale) * row scale.
 //
@@ -28,7 +28,7 @@ namespace {
 
 constexpr int64_t kLanes = 16;
 constexpr int kTileBlocks = 4;  // blocks of 16 channels a tile: a broadcast feeds 4 products
-constexpr int kTileRows = 4;    // 16 int32 accumulators, 4 weight vectors, one broadcast
+constexpr int kTileRows = 6;    // 24 int32 accumulators, 4 weight vectors, one broadcast
 constexpr int64_t kAheadTiles = 2;  // the weights stream from memory: ask for a later tile's
 
 #define RAGTUNE_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")))
@@ -70,7 +70,7 @@ RAGTUNE_VNNI inline void scale_out(__m512i sums, const int32_t* corrections,
 }
 
 // R rows x 4 blocks of 16 outputs (of which `blocks` are real: the weights are padded to
-// whole tiles): integer sums over all inputs, then the epilogue. The 16 accumulators are named
+// whole tiles): integer sums over all inputs, then the epilogue. The 24 accumulators are named
 // variables: as an array GCC 12 kept them in memory, a load and a store around each product.
 #define RAGTUNE_ROW_SUMS(r)                                                           \
   __m512i sum##r##0 = _mm512_setzero_si512(), sum##r##1 = _mm512_setzero_si512(),     \
@@ -103,6 +103,8 @@ RAGTUNE_VNNI void tile(const uint8_t* codes, const float* row_scales, int64_t in
   RAGTUNE_ROW_SUMS(1)
   RAGTUNE_ROW_SUMS(2)
   RAGTUNE_ROW_SUMS(3)
+  RAGTUNE_ROW_SUMS(4)
+  RAGTUNE_ROW_SUMS(5)
   for (int64_t q = 0; q < inputs / 4; ++q) {
     const int64_t at = 64 * q;
     for (int c = 0; c < ahead_blocks; ++c) _mm_prefetch(ahead + c * block_bytes + at, _MM_HINT_T0);
@@ -114,11 +116,15 @@ RAGTUNE_VNNI void tile(const uint8_t* codes, const float* row_scales, int64_t in
     RAGTUNE_ROW_DOTS(1)
     RAGTUNE_ROW_DOTS(2)
     RAGTUNE_ROW_DOTS(3)
+    RAGTUNE_ROW_DOTS(4)
+    RAGTUNE_ROW_DOTS(5)
   }
   RAGTUNE_ROW_OUT(0)
   RAGTUNE_ROW_OUT(1)
   RAGTUNE_ROW_OUT(2)
   RAGTUNE_ROW_OUT(3)
+  RAGTUNE_ROW_OUT(4)
+  RAGTUNE_ROW_OUT(5)
 }
 
 #undef RAGTUNE_ROW_SUMS
@@ -128,7 +134,8 @@ RAGTUNE_VNNI void tile(const uint8_t* codes, const float* row_scales, int64_t in
 using Tile = void (*)(const uint8_t*, const float*, int64_t, const int8_t*, int,
                       const int32_t*, const float*, const int8_t*, int, float*, int64_t);
 
-constexpr Tile kTiles[kTileRows + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>};
+constexpr Tile kTiles[kTileRows + 1] = {nullptr, tile<1>, tile<2>, tile<3>,
+                                        tile<4>,  tile<5>, tile<6>};
 
 }  // namespace
 
