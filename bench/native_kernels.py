@@ -6,6 +6,7 @@ per case (µs a call).
     python bench/native_kernels.py norm               # RMSNorm
     python bench/native_kernels.py head               # the int8 vocabulary projection
     python bench/native_kernels.py rope               # rotary + attention, torch's or the kernel's
+    python bench/native_kernels.py greedy             # the sampler's argmax + finiteness pass
 
 Run on a quiet machine (nothing else CPU-heavy): these are the figures of docs/performance.md.
 """
@@ -170,6 +171,27 @@ def rope_cases(keys: int = 100, rounds: int = 2) -> list[dict]:
     return results
 
 
+def greedy_cases() -> list[dict]:
+    """µs a step's greedy pass over float32 logits: numpy's argmax + torch's row sums (the
+    route before) against one pass of csrc/argmax_rows.cpp (sampler.greedy_and_finite)."""
+    from server.engine.sampler import greedy_and_finite
+
+    results = []
+    for vocabulary, _ in HEAD_SHAPES:
+        for rows in (1, 16):
+            x = torch.randn(rows, vocabulary)
+
+            def numpy_route():
+                return x.numpy().argmax(-1).tolist(), torch.isfinite(x.sum(-1)).tolist()  # noqa: B023
+
+            results.append({
+                "case": "greedy", "rows": rows, "vocabulary": vocabulary,
+                "numpy_sum_us": per_call(numpy_route, 200),
+                "kernel_us": per_call(lambda: greedy_and_finite(x), 200),  # noqa: B023
+            })  # fmt: skip
+    return results
+
+
 def norm_cases() -> list[dict]:
     results = []
     for rows, features in ((1, 576), (16, 576), (16, 640), (64, 576)):
@@ -191,7 +213,7 @@ def norm_cases() -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("which", choices=["attention", "a8", "norm", "head", "rope"])
+    parser.add_argument("which", choices=["attention", "a8", "norm", "head", "rope", "greedy"])
     parser.add_argument("--keys", default="200,1000")
     args = parser.parse_args()
     if args.which == "attention":
@@ -206,6 +228,8 @@ def main() -> None:
         cases = head_cases()
     elif args.which == "rope":
         cases = rope_cases()
+    elif args.which == "greedy":
+        cases = greedy_cases()
     else:
         cases = norm_cases()
     for case in cases:

@@ -2,8 +2,8 @@
 C++ compiler and loaded with ctypes. No torch headers: a plain library builds in a few seconds
 and shares torch's OpenMP runtime (same soname, already loaded), so its threads are torch's.
 The kernels: the a8 GEMM (engine/a8.py), the decode LoRA rows (engine/lora_rowwise.py),
-decode attention (engine/attention_rows.py), RMSNorm (engine/rms_norm.py) and the int8 head
-(engine/channel_int8.py)."""
+decode attention (engine/attention_rows.py), RMSNorm (engine/rms_norm.py), the int8 head
+(engine/channel_int8.py) and the sampler's greedy pass (engine/sampler.py)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ SOURCES = [
     CSRC / "attention_rows.cpp",
     CSRC / "rms_norm.cpp",
     CSRC / "channel_int8.cpp",
+    CSRC / "argmax_rows.cpp",
 ]
 HEADERS = [CSRC / "vec8.h", CSRC / "vec16.h", CSRC / "lora_rows.h", CSRC / "norm_row.h"]
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
@@ -109,6 +110,11 @@ def library() -> ctypes.CDLL:
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
     ]  # fmt: skip
     lib.attention_pairs_supported.restype = ctypes.c_int
+    lib.argmax_rows.restype = None
+    lib.argmax_rows.argtypes = [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_int,
+    ]  # fmt: skip
     lib.rms_norm_rows.restype = None
     lib.rms_norm_rows.argtypes = [
         ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,

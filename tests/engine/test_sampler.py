@@ -198,3 +198,29 @@ def test_top_ids_are_torch_topk_at_vocabulary_size(k):
     ties[[7, 3, 40000]] = 1.0
     assert top_ids(ties.numpy(), 3) == [3, 7, 40000]
     assert top_ids(ties.numpy(), 5) == [3, 7, 40000, 0, 1]
+
+
+@pytest.mark.parametrize(("rows", "vocab"), [(1, 50), (3, 63), (17, 49152), (2, 262144)])
+def test_the_greedy_pass_is_numpys_argmax_and_finds_every_non_finite_row(rows, vocab):
+    """One pass of csrc/argmax_rows.cpp (where the kernels build) gives numpy's argmax (the
+    first maximal index: ties at the front, in the middle and in the tail past the vector
+    lanes) and flags rows with a NaN, an infinity or only -inf."""
+    from server.engine.sampler import greedy_and_finite
+
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(rows)) * 3
+    top = logits[0].max() + 1
+    logits[0, [vocab // 3, vocab // 2, vocab - 1]] = top  # a tie: the first wins
+    if rows > 1:
+        logits[1, vocab - 1] = logits[1].max() + 1  # the largest in the tail
+    if rows > 2:
+        logits[2, 7] = float("nan")
+    if rows > 16:
+        logits[16] = float("-inf")
+        logits[15, 3] = float("inf")
+    greedy, finite = greedy_and_finite(logits.contiguous())
+    assert finite == torch.isfinite(logits.sum(dim=-1)).tolist()
+    expected = logits.numpy().argmax(-1).tolist()
+    assert [g for g, f in zip(greedy, finite, strict=True) if f] == [
+        e for e, f in zip(expected, finite, strict=True) if f
+    ]
+    assert greedy[0] == vocab // 3
