@@ -46,3 +46,19 @@ def test_other_dtypes_are_refused():
     linear = ChannelInt8Linear((torch.randn(64, 64) * 0.05).bfloat16())
     with pytest.raises(TypeError, match="bf16 or fp32"):
         linear(torch.randn(2, 64, dtype=torch.float16))
+
+
+def test_a_row_with_nan_or_inf_comes_out_non_finite_as_on_onednn():
+    """An adapter that overflows makes NaN activations: their logits must stay non-finite
+    (the sampler refuses such a row, tests/faults/test_nonfinite_adapter.py), as oneDNN's
+    route keeps them; the rows beside them unchanged."""
+    torch.manual_seed(0)
+    weight = (torch.randn(4096, 576) * 0.05).bfloat16()
+    x = torch.randn(4, 576).bfloat16()
+    x[1, 100] = float("nan")
+    x[2, 7] = float("inf")
+    kernel, onednn = ChannelInt8Linear(weight), W8A8Linear(weight)
+    logits, reference = kernel(x), onednn(x)
+    assert torch.isfinite(logits.sum(-1)).tolist() == [True, False, False, True]
+    assert torch.isfinite(reference.sum(-1)).tolist() == [True, False, False, True]
+    assert torch.equal(logits[[0, 3]], reference[[0, 3]])

@@ -38,10 +38,16 @@ constexpr int64_t kAheadTiles = 2;  // the weights stream from memory: ask for a
 RAGTUNE_VNNI void quantize_row(const void* x, bool bf16, int64_t at, int64_t inputs,
                                uint8_t* codes, float* scale) {
   __m512 top = _mm512_setzero_ps();
+  __mmask16 nan = 0;
   for (int64_t i = 0; i < inputs; i += kLanes) {
-    top = _mm512_max_ps(top, _mm512_abs_ps(ragtune::load16(x, bf16, at + i)));
+    const __m512 v = ragtune::load16(x, bf16, at + i);
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    top = _mm512_max_ps(top, _mm512_abs_ps(v));
   }
-  const float row_scale = std::fmax(_mm512_reduce_max_ps(top), 1e-12f) / 127.0f;
+  // a NaN makes the scale NaN, as torch's amax and clamp keep it (vmaxps and fmax drop it):
+  // the row's logits come out NaN and the sampler refuses the row, as on oneDNN's route
+  const float row_scale =
+      nan != 0 ? NAN : std::fmax(_mm512_reduce_max_ps(top), 1e-12f) / 127.0f;
   const __m512 divisor = _mm512_set1_ps(row_scale);
   const __m512i shift = _mm512_set1_epi32(128);
   for (int64_t i = 0; i < inputs; i += kLanes) {
