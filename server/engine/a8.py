@@ -126,12 +126,7 @@ class A8Linear:
             return wide_linear(x, self.dense)
         # a decode step makes ~120 of these calls at one row, each a few µs of kernel: the
         # Python around it is kept to what varies per call (the weights' pointers are fixed)
-        if x.dtype is torch.bfloat16:
-            bf16 = 1
-        elif x.dtype is torch.float32:
-            bf16 = 0
-        else:
-            raise TypeError(f"the a8 kernel takes bf16 or fp32 rows, not {x.dtype}")
+        bf16 = native.bf16_flag(x, "a8 kernel")
         flat = x.dim() == 2
         rows = x if flat else x.reshape(-1, self.in_features)
         if rows.stride(1) != 1:  # the kernel takes rows any distance apart (a norm's slice)

@@ -11,9 +11,6 @@ measured)."""
 
 from __future__ import annotations
 
-import ctypes
-import functools
-
 import torch
 
 from server.engine import native
@@ -21,19 +18,6 @@ from server.engine.quantize import per_channel_int8
 
 LANES = 16  # output channels per packed block
 TILE = 64  # output channels per kernel tile: the packed weights are padded to whole tiles
-
-
-@functools.cache
-def _bind() -> ctypes.CDLL:
-    lib = native.library()
-    lib.channel_int8_supported.restype = ctypes.c_int
-    lib.channel_int8_linear.restype = None
-    lib.channel_int8_linear.argtypes = [
-        ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
-        ctypes.c_int,
-    ]  # fmt: skip
-    return lib
 
 
 def padded(values: torch.Tensor) -> torch.Tensor:
@@ -55,7 +39,7 @@ class ChannelInt8Linear:
     """x @ Wᵀ for rows of bf16 or float32, as float32: W8A8Linear's result, bit for bit."""
 
     def __init__(self, weight: torch.Tensor):
-        self.lib = _bind()
+        self.lib = native.library()
         codes, self.scales = per_channel_int8(weight)
         self.out_features, self.in_features = weight.shape
         self.codes = pack(codes)
@@ -74,12 +58,7 @@ class ChannelInt8Linear:
         return weight.shape[1] % 16 == 0 and weight.shape[0] % LANES == 0
 
     def __call__(self, x: torch.Tensor, wide: bool = False) -> torch.Tensor:
-        if x.dtype is torch.bfloat16:
-            bf16 = 1
-        elif x.dtype is torch.float32:
-            bf16 = 0
-        else:
-            raise TypeError(f"the int8 head takes bf16 or fp32 rows, not {x.dtype}")
+        bf16 = native.bf16_flag(x, "int8 head")
         rows = x.reshape(-1, self.in_features)
         if rows.stride(1) != 1:
             rows = rows.contiguous()

@@ -17,6 +17,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import torch
+
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
@@ -110,6 +112,12 @@ def library() -> ctypes.CDLL:
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
     ]  # fmt: skip
     lib.attention_pairs_supported.restype = ctypes.c_int
+    lib.channel_int8_linear.restype = None
+    lib.channel_int8_linear.argtypes = [
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+        ctypes.c_int,
+    ]  # fmt: skip
     lib.argmax_rows.restype = None
     lib.argmax_rows.argtypes = [
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
@@ -124,6 +132,15 @@ def library() -> ctypes.CDLL:
     if lib.a8_isa() == 0:
         raise KernelUnavailable("ragtune's kernels need AVX2 and FMA, which this CPU lacks")
     return lib
+
+
+def bf16_flag(x: torch.Tensor, kernel: str) -> int:
+    """The kernels' dtype argument for rows x: 1 bf16, 0 float32; any other dtype refused."""
+    if x.dtype is torch.bfloat16:
+        return 1
+    if x.dtype is torch.float32:
+        return 0
+    raise TypeError(f"the {kernel} takes bf16 or fp32 rows, not {x.dtype}")
 
 
 @functools.cache

@@ -163,15 +163,13 @@ void write_new(const Step& s, int64_t row, int64_t h) {
   const char* v = static_cast<const char*>(s.v_new) + (row * s.v_stride + h * s.d) * size;
   char* keys = static_cast<char*>(s.keys_t) + (row * s.kv_heads + h) * s.d * s.capacity * size;
   char* values = static_cast<char*>(s.values) + ((row * s.kv_heads + h) * s.capacity + at) * s.d * size;
+  alignas(32) char rotated[kMaxRotatedHead * 4];
   if (s.cos != nullptr) {  // the new key rotated first (into a head-sized buffer)
-    alignas(32) char rotated[kMaxRotatedHead * 4];
     rotate_head(k, 0, s.cos, s.signed_sin, row * s.rope_stride, s.rotary_dim, s.d, s.bf16,
                 rotated, 0);
     k = rotated;
-    for (int64_t j = 0; j < s.d; ++j) std::memcpy(keys + (j * s.capacity + at) * size, k + j * size, size);
-  } else {
-    for (int64_t j = 0; j < s.d; ++j) std::memcpy(keys + (j * s.capacity + at) * size, k + j * size, size);
   }
+  for (int64_t j = 0; j < s.d; ++j) std::memcpy(keys + (j * s.capacity + at) * size, k + j * size, size);
   std::memcpy(values, v, s.d * size);
 }
 

@@ -147,11 +147,6 @@ constexpr Tile kTiles[kTileRows + 1] = {nullptr, tile<1>, tile<2>, tile<3>,
 
 extern "C" {
 
-int channel_int8_supported() {
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
-}
-
 // out[rows, outputs] (float32) = x[rows, inputs] @ W^T as W8A8Linear computes it; x bf16 (1)
 // or float32 (0), rows x_stride elements apart; weights packed as above; corrections[o] =
 // 128 * sum of channel o's codes (weights, corrections and scales padded with zeros to a
