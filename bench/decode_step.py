@@ -103,14 +103,27 @@ def main() -> None:
     parser.add_argument("--sparse", action="store_true", help="SHiRA adapters, LoRA's size")
     parser.add_argument("--attention", default="auto", help="engine.decode_attention kinds")
     parser.add_argument("--prompt-tokens", type=int, default=30)
+    parser.add_argument(
+        "--decode-layers", default="auto", help="engine.decode_layers kinds (auto,python)"
+    )
     parser.add_argument("--profile", action="store_true", help="torch profiler table, last kind")
     args = parser.parse_args()
     model = ModelConfig(source=args.model, quantization=args.quantization)
     loaded = load_base_model(model, default_home())
     rows = [int(r) for r in args.rows.split(",")]
-    kinds = [(w, a) for w in args.weights.split(",") for a in args.attention.split(",")]
-    for weights, attention in kinds:
-        config = EngineConfig(max_batch_size=max(rows), weights=weights, decode_attention=attention)
+    kinds = [
+        (w, a, layers)
+        for w in args.weights.split(",")
+        for a in args.attention.split(",")
+        for layers in args.decode_layers.split(",")
+    ]
+    for weights, attention, layers in kinds:
+        config = EngineConfig(
+            max_batch_size=max(rows),
+            weights=weights,
+            decode_attention=attention,
+            decode_layers=layers,
+        )
         runner = CompactRunner(loaded, config, max_seq_len=2048)
         adapters = random_adapters(runner, args.adapters, args.rank, args.sparse)
         with torch.inference_mode():
@@ -132,6 +145,7 @@ def main() -> None:
                     "quantization": args.quantization,
                     "weights": weights,
                     "attention": attention,
+                    "decode_layers": runner.kernels()["decode_layers"],
                     "prompt_tokens": args.prompt_tokens,
                     "adapters": args.adapters,
                     "kind": "sparse" if args.sparse else "lora",

@@ -168,6 +168,13 @@ class EngineConfig(_Section):
         "classes where GEMMs need them), 'auto' (the kernel where it builds; torch's on "
         "CUDA).",
     )
+    decode_layers: Literal["auto", "kernel", "python"] = Field(
+        "auto",
+        description="A CPU decode step's decoder layers: 'kernel' (ragtune's C++ call runs "
+        "every layer's kernels in one go, the same bits; needs bf16 compute, a8 decode "
+        "weights and the attention kernel), 'python' (layer by layer), 'auto' (the kernel "
+        "where it runs).",
+    )
     cuda_graphs: bool = Field(
         True,
         description="On a CUDA GPU, replay decode steps from CUDA graphs (captured per row "

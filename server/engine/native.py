@@ -3,7 +3,8 @@ C++ compiler and loaded with ctypes. No torch headers: a plain library builds in
 and shares torch's OpenMP runtime (same soname, already loaded), so its threads are torch's.
 The kernels: the a8 GEMM (engine/a8.py), the decode LoRA rows (engine/lora_rowwise.py),
 decode attention (engine/attention_rows.py), RMSNorm (engine/rms_norm.py), the int8 head
-(engine/channel_int8.py) and the sampler's greedy pass (engine/sampler.py)."""
+(engine/channel_int8.py), the sampler's greedy pass (engine/sampler.py) and a decode step's
+layers in one call (engine/decode_layers.py)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ SOURCES = [
     CSRC / "rms_norm.cpp",
     CSRC / "channel_int8.cpp",
     CSRC / "argmax_rows.cpp",
+    CSRC / "decode_layers.cpp",
 ]
 HEADERS = [CSRC / "vec8.h", CSRC / "vec16.h", CSRC / "lora_rows.h", CSRC / "norm_row.h"]
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
@@ -127,6 +129,20 @@ def library() -> ctypes.CDLL:
     lib.rms_norm_rows.argtypes = [
         ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
         ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p,
+        ctypes.c_int,
+    ]  # fmt: skip
+    lib.decode_layers_supported.restype = ctypes.c_int
+    lib.decode_layers.restype = None
+    lib.decode_layers.argtypes = [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+        ctypes.c_int64, ctypes.c_float, ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+        ctypes.c_void_p, ctypes.c_void_p,
+    ]  # fmt: skip
+    lib.decode_glu.restype = None
+    lib.decode_glu.argtypes = [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
         ctypes.c_int,
     ]  # fmt: skip
     if lib.a8_isa() == 0:

@@ -14,7 +14,7 @@ from ragtune.config import EngineConfig
 from ragtune.hardware import detect
 from ragtune.models import LoadedModel
 from ragtune.models.checkpoint import open_checkpoint
-from server.engine import a8, attention_rows, native
+from server.engine import a8, attention_rows, decode_layers, native
 from server.engine.cuda_graphs import GraphedDecode
 from server.engine.kv_cache import KVCache, extent_class
 from server.engine.linear import W8A8Linear, is_bnb, packed_weights_supported
@@ -125,6 +125,7 @@ class CompactRunner:
         if static_decode is None:
             static_decode = config.cuda_graphs and str(loaded.device).startswith("cuda")
         m.attention_kernel = attention_kernel(config, m, loaded.device, static_decode)
+        m.decode_layers = layers_kernel(config, m, loaded.device)
         # decode rows attend over extent classes (models/attention.py): torch's attention
         # on GEMMs whose summation order follows the extent
         self.extent_classes = bool(m.fixed_decode_rows) and not m.attention_kernel
@@ -201,6 +202,8 @@ class CompactRunner:
             "rows_independent": str(m.rows_independent).lower(),
             # what decode rows of different extent classes share (models/attention.py)
             "decode_attention": "kernel" if m.attention_kernel else "torch",
+            # a decode step's layers in one call (engine/decode_layers.py) or one by one
+            "decode_layers": "kernel" if m.decode_layers is not None else "python",
             "extent_sharing": describe_sharing(m.padded_extents) if self.extent_classes else "n/a",
             "prefix_cache": "on" if self.prefix_cache is not None else "off",
             "prefill_rows": str(m.fixed_prefill_rows or "any"),
@@ -512,6 +515,28 @@ def attention_kernel(
     if reason is not None and is_cpu(device):
         logger.warning("decode attention on torch's GEMMs: %s", reason)
     return reason is None
+
+
+def layers_kernel(
+    config: EngineConfig, model: DecoderModel, device: str
+) -> decode_layers.DecodeLayers | None:
+    """engine.decode_layers resolved: a step's layers in one kernel call where it runs
+    (engine/decode_layers.py), saying why not on a CPU where it cannot; 'kernel' where it
+    cannot is an error."""
+    if config.decode_layers == "python" or not is_cpu(device):
+        if config.decode_layers == "kernel":
+            raise ValueError(f"engine.decode_layers=kernel runs on a CPU, not {device}")
+        return None
+    reason = decode_layers.unsupported_reason(model)
+    if reason is None:
+        try:
+            return decode_layers.DecodeLayers(model)
+        except RuntimeError as error:  # its GLU check against torch failed here
+            reason = str(error)
+    if config.decode_layers == "kernel":
+        raise ValueError(f"engine.decode_layers=kernel cannot run here: {reason}")
+    logger.info("decode layers one call at a time: %s", reason)
+    return None
 
 
 def weights_label(kind: str) -> str:

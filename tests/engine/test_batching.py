@@ -149,7 +149,11 @@ async def test_full_queue_gets_429_with_retry_after_and_others_succeed(tiny_serv
     body = {
         "model": BASE_MODEL,
         "messages": [{"role": "user", "content": "Tell a story."}],
-        "max_tokens": 64,
+        # the first request still runs when the last one arrives, however fast the engine
+        # (64 tokens that may end early at 0.2 s apart let every request through once decode
+        # steps got faster)
+        "max_tokens": 128,
+        "ignore_eos": True,
         "temperature": 0,
     }
     headers = {"Authorization": f"Bearer {API_KEY}"}
@@ -159,7 +163,7 @@ async def test_full_queue_gets_429_with_retry_after_and_others_succeed(tiny_serv
             await asyncio.sleep(delay)
             return await http.post("/v1/chat/completions", json=body, headers=headers)
 
-        responses = await asyncio.gather(*[post(0.2 * i) for i in range(5)])
+        responses = await asyncio.gather(*[post(0.02 * i) for i in range(5)])
     statuses = sorted(r.status_code for r in responses)
     assert 429 in statuses and 200 in statuses and set(statuses) <= {200, 429}
     limited = next(r for r in responses if r.status_code == 429)

@@ -186,6 +186,9 @@ class DecoderModel(ForwardPasses, LayerArithmetic):
         # decode attention on ragtune's kernel (engine/attention_rows.py: rows on their own,
         # no extent classes needed), set by the runner
         self.attention_kernel = False
+        # ... and every decoder layer of a decode step in one call (engine/decode_layers.py,
+        # a DecodeLayers), set by the runner where it runs
+        self.decode_layers = None
         if not self.rows_independent:
             self.padded_extents = padded_extents_exact(self, length)
             logger.info(

@@ -297,6 +297,11 @@ class ForwardPasses:
             rows = torch.arange(real, device=self.device)
             extents = {w: plan_decode(self, positions[:real], cache, w) for w in self.windows}
 
+        # every layer in one kernel call where it runs (engine/decode_layers.py: the same bits)
+        fused = self.decode_layers if kernel_rotates and batch == real else None
+        out = fused.run(self, x, steps, rotary, cache, lora) if fused is not None else None
+        if out is not None:
+            return self._logits(out)
         for index, w in enumerate(self.layers):
             layer_lora = lora.layer(index) if lora is not None else None
             q, k, v = self._attention_input(w, x, rotary, layer_lora, rotate=not kernel_rotates)
