@@ -482,6 +482,20 @@ RAGTUNE_BF16_TARGET void attend_heads_bf16(const Step& s, int64_t row, int64_t h
   }
 }
 
+// Ask for a task's keys and values (up to its row's last visible key) into L2 while the task
+// before it computes: each task's keys and values are cold (the step's weights evicted them),
+// and the first rows of a task waited on memory before the sweeps' own prefetches caught up.
+void prefetch_task(const Step& s, int64_t row, int64_t h) {
+  const int64_t size = s.bf16 ? 2 : 4, length = row_extent(s, row);
+  const char* keys = static_cast<const char*>(s.keys_t) + (row * s.kv_heads + h) * s.d * s.capacity * size;
+  for (int64_t j = 0; j < s.d; ++j) {
+    const char* p = keys + j * s.capacity * size;
+    for (int64_t i = 0; i < length * size; i += 64) _mm_prefetch(p + i, _MM_HINT_T1);
+  }
+  const char* values = static_cast<const char*>(s.values) + (row * s.kv_heads + h) * s.capacity * s.d * size;
+  for (int64_t i = 0; i < length * s.d * size; i += 64) _mm_prefetch(values + i, _MM_HINT_T1);
+}
+
 void attend(const Step& s, int64_t row, int64_t h, std::vector<float>& work, bool pairs) {
   const int64_t group = s.heads / s.kv_heads;
   for (int64_t first = 0; first < group; first += kMaxGroup) {
@@ -531,11 +545,14 @@ void attention_rows(const void* q, int64_t q_stride, const void* k_new, int64_t 
                d,     scale,    out,   bf16 != 0,  d <= kMaxRotatedHead ? cos : nullptr,
                signed_sin, rope_stride, rotary_dim};
   const bool use_pairs = pairs != 0 && bf16 != 0 && d % 32 == 0;
+  const int64_t tasks = rows * kv_heads;
 #pragma omp parallel num_threads(threads)
   {
     std::vector<float> work;
-#pragma omp for schedule(dynamic)
-    for (int64_t task = 0; task < rows * kv_heads; ++task) {
+    // tasks dealt round-robin, so each thread knows its next one and asks for it early
+    const int64_t team = omp_get_num_threads();
+    for (int64_t task = omp_get_thread_num(); task < tasks; task += team) {
+      if (task + team < tasks) prefetch_task(s, (task + team) / kv_heads, (task + team) % kv_heads);
       const int64_t row = task / kv_heads, h = task % kv_heads;
       write_new(s, row, h);
       attend(s, row, h, work, use_pairs);
