@@ -27,12 +27,13 @@ def padded(values: torch.Tensor) -> torch.Tensor:
 
 
 def pack(codes: torch.Tensor) -> torch.Tensor:
-    """int8 codes [out, in] in the kernel's layout: [out/16, in/4, 16 lanes, 4], out padded
-    with zero channels to a multiple of 64."""
+    """int8 codes [out, in] in the kernel's layout: [out/64, in/4, 4 blocks, 16 lanes, 4]
+    (a tile's codes in the order its products read them), out padded with zero channels to
+    a multiple of 64."""
     codes = padded(codes)
     out_features, in_features = codes.shape
-    quads = codes.view(out_features // LANES, LANES, in_features // 4, 4)
-    return quads.permute(0, 2, 1, 3).contiguous()
+    quads = codes.view(out_features // TILE, TILE // LANES, LANES, in_features // 4, 4)
+    return quads.permute(0, 3, 1, 2, 4).contiguous()
 
 
 class ChannelInt8Linear:
