@@ -48,6 +48,13 @@ def unsupported_reason(model: DecoderModel) -> str | None:
         return "decode attention is not on its kernel with the rotary embedding inside"
     if not model.norm_kernel:
         return "RMSNorm is not on its kernel"
+    for w in model.layers:
+        if not all(isinstance(getattr(w, p), A8Linear) for p in PROJECTIONS):
+            return "not every projection is an a8 linear (engine.weights w4a8 or w8a8g)"
+        if w.qkv_bias is not None:
+            return "q/k/v biases (added before the adapters, outside the a8 call)"
+        if (w.q_norm is None) != (w.k_norm is None):
+            return "a q norm without a k norm"
     if (reason := native.unavailable_reason()) is not None:
         return reason
     # avx512f as detect() allows it: AVX-512 core (F, BW, VL, DQ), as ATEN_CPU_CAPABILITY lets
@@ -56,13 +63,6 @@ def unsupported_reason(model: DecoderModel) -> str | None:
         return "the GLU product needs AVX-512 (F, BW)"
     if model.intermediate % TORCH_VECTOR_STEP:
         return f"intermediate size {model.intermediate} is not a multiple of {TORCH_VECTOR_STEP}"
-    for w in model.layers:
-        if not all(isinstance(getattr(w, p), A8Linear) for p in PROJECTIONS):
-            return "not every projection is an a8 linear (engine.weights w4a8 or w8a8g)"
-        if w.qkv_bias is not None:
-            return "q/k/v biases (added before the adapters, outside the a8 call)"
-        if (w.q_norm is None) != (w.k_norm is None):
-            return "a q norm without a k norm"
     return None
 
 
