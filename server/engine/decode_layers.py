@@ -98,8 +98,6 @@ class DecodeLayers:
             rows[index, 18] = self.windows[w.window]
             rows[index, 19] = self.rope_kinds.index(w.rope)
         self.layers = rows
-        self._cache_key: tuple | None = None
-        self._cache_arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def run(
         self,
@@ -142,17 +140,16 @@ class DecodeLayers:
         )  # fmt: skip
         return out
 
-    def _cache(self, cache: KVCache) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Each layer's keys, values and capacity, rebuilt only when the cache moved."""
-        key = (id(cache), cache.capacity, cache.slot_capacity, cache.keys_t[0].data_ptr())
-        if key != self._cache_key or self._cache_arrays is None:
-            self._cache_arrays = (
-                np.array([t.data_ptr() for t in cache.keys_t], dtype=np.int64),
-                np.array([t.data_ptr() for t in cache.values], dtype=np.int64),
-                np.array([t.shape[-1] for t in cache.keys_t], dtype=np.int64),
-            )
-            self._cache_key = key
-        return self._cache_arrays
+    @staticmethod
+    def _cache(cache: KVCache) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each layer's keys, values and capacity, read every step (~10 µs): a resize moves
+        every layer's tensors, and a stale pointer would be written through."""
+        keys, values = cache.keys_t, cache.values
+        return (
+            np.fromiter((t.data_ptr() for t in keys), dtype=np.int64, count=len(keys)),
+            np.fromiter((t.data_ptr() for t in values), dtype=np.int64, count=len(values)),
+            np.fromiter((t.shape[-1] for t in keys), dtype=np.int64, count=len(keys)),
+        )
 
     @staticmethod
     def _lora_rows(lora: LoraBatch) -> np.ndarray | None:
