@@ -91,7 +91,7 @@ def attend(
     keys_t, values = cache.keys_t[layer], cache.values[layer]
     rows = q.shape[0]
     out = torch.empty(rows, model.q_size, dtype=cache.dtype)
-    rotary = NO_ROPE if rope is None else _rope_arguments(model, rope, rows, cache.dtype)
+    rotary = NO_ROPE if rope is None else rope_arguments(model, rope, rows, cache.dtype)
     native.library().attention_rows(
         q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
         step.writes.data_ptr(), keys_t.data_ptr(), values.data_ptr(), keys_t.shape[-1],
@@ -102,7 +102,7 @@ def attend(
     return out
 
 
-def _rope_arguments(
+def rope_arguments(
     model: DecoderModel, rope: tuple[torch.Tensor, torch.Tensor], rows: int, dtype: torch.dtype
 ) -> tuple[int, int, int, int]:
     """The kernel's rotary arguments, checked: a wrong shape would make it read past them."""

@@ -123,7 +123,7 @@ class DecodeLayers:
             plans[i] = (step.bias.data_ptr(), step.writes.data_ptr(), step.length)
         ropes = np.array(
             [
-                attention_rows._rope_arguments(model, rotary[kind], rows, model.dtype)
+                attention_rows.rope_arguments(model, rotary[kind], rows, model.dtype)
                 for kind in self.rope_kinds
             ],
             dtype=np.int64,

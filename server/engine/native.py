@@ -32,7 +32,13 @@ SOURCES = [
     CSRC / "argmax_rows.cpp",
     CSRC / "decode_layers.cpp",
 ]
-HEADERS = [CSRC / "vec8.h", CSRC / "vec16.h", CSRC / "lora_rows.h", CSRC / "norm_row.h"]
+HEADERS = [
+    CSRC / "vec8.h",
+    CSRC / "vec16.h",
+    CSRC / "lora_rows.h",
+    CSRC / "norm_row.h",
+    CSRC / "kernels.h",
+]
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
 ISA_NAMES = {1: "avx2", 2: "avx512-vnni", 3: "amx-int8"}
 

@@ -30,6 +30,7 @@
 #include <cstring>
 #include <vector>
 
+#include "kernels.h"
 #include "lora_rows.h"
 #include "norm_row.h"
 #include "vec16.h"

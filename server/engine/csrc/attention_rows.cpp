@@ -24,6 +24,7 @@
 #include <limits>
 #include <vector>
 
+#include "kernels.h"
 #include "vec8.h"
 
 namespace {

@@ -13,6 +13,7 @@
 
 #include <cstdint>
 
+#include "kernels.h"
 #include "norm_row.h"
 
 extern "C" {
