@@ -17,23 +17,16 @@ from server.engine import native
 from server.engine.quantize import per_channel_int8
 
 LANES = 16  # output channels per packed block
-TILE = 64  # output channels per kernel tile: the packed weights are padded to whole tiles
-
-
-def padded(values: torch.Tensor) -> torch.Tensor:
-    """values [out, ...] with zeros after, to a whole number of the kernel's tiles."""
-    missing = -values.shape[0] % TILE
-    return torch.cat((values, values.new_zeros((missing, *values.shape[1:])))).contiguous()
 
 
 def pack(codes: torch.Tensor) -> torch.Tensor:
-    """int8 codes [out, in] in the kernel's layout: [out/64, in/4, 4 blocks, 16 lanes, 4]
-    (a tile's codes in the order its products read them), out padded with zero channels to
-    a multiple of 64."""
-    codes = padded(codes)
+    """int8 codes [out, in] in the kernel's layout, unsigned (code + 128, as `vpdpbusd` takes
+    one side): [out/16, in/4, 16 lanes, 4], a block's codes in the order its products read
+    them."""
     out_features, in_features = codes.shape
-    quads = codes.view(out_features // TILE, TILE // LANES, LANES, in_features // 4, 4)
-    return quads.permute(0, 3, 1, 2, 4).contiguous()
+    unsigned = (codes.to(torch.int16) + 128).to(torch.uint8)
+    quads = unsigned.view(out_features // LANES, LANES, in_features // 4, 4)
+    return quads.permute(0, 2, 1, 3).contiguous()
 
 
 class ChannelInt8Linear:
@@ -44,9 +37,7 @@ class ChannelInt8Linear:
         codes, self.scales = per_channel_int8(weight)
         self.out_features, self.in_features = weight.shape
         self.codes = pack(codes)
-        # the kernel multiplies codes + 128: 128 x each channel's code sum comes off after
-        self.corrections = padded(codes.sum(dim=1, dtype=torch.int32) * 128)
-        self.scales = padded(self.scales.float())
+        self.scales = self.scales.float().contiguous()
 
     @staticmethod
     def supported() -> bool:
@@ -66,7 +57,7 @@ class ChannelInt8Linear:
         out = torch.empty((rows.shape[0], self.out_features), dtype=torch.float32)
         self.lib.channel_int8_linear(
             rows.data_ptr(), bf16, rows.shape[0], rows.stride(0), self.in_features,
-            self.codes.data_ptr(), self.corrections.data_ptr(), self.scales.data_ptr(),
-            self.out_features, out.data_ptr(), torch.get_num_threads(),
+            self.codes.data_ptr(), self.scales.data_ptr(), self.out_features, out.data_ptr(),
+            torch.get_num_threads(),
         )  # fmt: skip
         return out.view(*x.shape[:-1], self.out_features)

@@ -123,8 +123,7 @@ def library() -> ctypes.CDLL:
     lib.channel_int8_linear.restype = None
     lib.channel_int8_linear.argtypes = [
         ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
-        ctypes.c_int,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
     ]  # fmt: skip
     lib.argmax_rows.restype = None
     lib.argmax_rows.argtypes = [
