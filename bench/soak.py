@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import httpx
+import aiohttp
 import psutil
 from adapter_load import rss_mb
 from serve_load import PROMPTS, one_request, percentile
@@ -75,17 +75,18 @@ def server_pid(url: str) -> int | None:
     return None
 
 
-async def admin(http: httpx.AsyncClient, url: str, path: str, body: dict | None) -> str | None:
+async def admin(http: aiohttp.ClientSession, url: str, path: str, body: dict | None) -> str | None:
     """POST an admin call; None when it succeeded, else the error kind."""
     try:
-        response = await http.post(f"{url}{path}", json=body)
-    except httpx.HTTPError as exc:
+        async with http.post(f"{url}{path}", json=body) as response:
+            await response.read()
+    except (aiohttp.ClientError, TimeoutError) as exc:
         return type(exc).__name__
-    return None if response.status_code == 200 else str(response.status_code)
+    return None if response.status == 200 else str(response.status)
 
 
 async def swap_loop(
-    http: httpx.AsyncClient,
+    http: aiohttp.ClientSession,
     url: str,
     names: list[str],
     weight_sets: list[Path],
@@ -134,7 +135,7 @@ async def rss_loop(pid: int, every: float, deadline: float, started: float, soak
 
 
 async def load_loop(
-    http: httpx.AsyncClient,
+    http: aiohttp.ClientSession,
     args: argparse.Namespace,
     models: list[str],
     deadline: float,
@@ -149,7 +150,7 @@ async def load_loop(
             prompt, model = next(jobs)
             try:
                 result = await one_request(http, args.url, model, prompt, args.max_tokens, True, {})
-            except httpx.HTTPError as exc:
+            except (aiohttp.ClientError, TimeoutError) as exc:
                 result = {"ok": False, "status": type(exc).__name__}
             soak.requests.append({**result, "model": model, "t": time.perf_counter() - started})
 
@@ -232,8 +233,9 @@ async def soak_run(args: argparse.Namespace, pid: int | None, weight_sets: list[
     names = [f"soak-{i}" for i in range(args.adapters)]
     models = [BASE_MODEL, *names]
     headers = {"Authorization": f"Bearer {args.admin_key}"} if args.admin_key else {}
-    limits = httpx.Limits(max_connections=args.concurrency * 2)
-    async with httpx.AsyncClient(timeout=600, limits=limits, headers=headers) as http:
+    timeout = aiohttp.ClientTimeout(total=600)
+    connector = aiohttp.TCPConnector(limit=args.concurrency * 2)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector, headers=headers) as http:
         for i, name in enumerate(names):
             load = {"lora_name": name, "lora_path": str(weight_sets[i]), "version": "v0"}
             if kind := await admin(http, args.url, "/load_lora_adapter", load):
