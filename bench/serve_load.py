@@ -125,7 +125,9 @@ async def run(args: argparse.Namespace) -> dict:
     retried: list[int] = []  # requests sent again after a dropped connection
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     timeout = aiohttp.ClientTimeout(total=args.timeout)
-    connector = aiohttp.TCPConnector(limit=args.concurrency * 2)
+    # a connection a request, as independent clients: cpp-httplib (llama-server) closes a
+    # keep-alive connection after 5 requests, and a pooled one found closed fails the request
+    connector = aiohttp.TCPConnector(limit=args.concurrency * 2, force_close=True)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
         if args.warmup:
             model, prompt, lora_id = jobs[0]
