@@ -120,6 +120,8 @@ class LoraSlots:
         self.rowwise: dict[int, list[dict[str, RowwisePair]]] = {}
         # ... and as per layer, group: pointers by slot, where csrc/lora_rows.cpp runs
         self.tables: list[dict[str, SlotTable]] | None = None
+        # bumped whenever a slot's factors change: what depends on them may be cached by it
+        self.generation = 0
         widths = [len(modules) * max_rank for modules in groups.values()]
         if rowwise_decode and kernel_supported(module_shapes, widths):
             self.tables = [{g: SlotTable(num_slots) for g in groups} for _ in range(num_layers)]
@@ -133,6 +135,7 @@ class LoraSlots:
 
     def load(self, slot: int, adapter: AdapterWeights | SparseAdapterWeights) -> None:
         """Copy an adapter's factors into `slot` (zeroing whatever was there)."""
+        self.generation += 1
         if isinstance(adapter, SparseAdapterWeights):
             self.clear(slot)
             self.sparse[slot] = group_matrices(
@@ -176,6 +179,7 @@ class LoraSlots:
         return layers
 
     def clear(self, slot: int) -> None:
+        self.generation += 1
         self.sparse.pop(slot, None)
         if self.tables is not None and slot in self.rowwise:
             for tables in self.tables:

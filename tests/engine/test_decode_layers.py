@@ -118,6 +118,41 @@ def test_one_call_gives_every_familys_layer_by_layer_bits(family, tmp_path):
     )
 
 
+def test_a_slot_reloaded_with_another_adapter_takes_its_groups(tmp_path):
+    """The kernel's LoRA tables are kept while the same slots are in use: a slot that gets an
+    adapter over more projections than the one before (attention only, then every
+    projection) must take the new groups, as layer by layer does."""
+    if not kernel_route_here():
+        pytest.skip("no AVX-512 here")
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_model("llama").to(torch.bfloat16)
+    loaded = LoadedModel(model, None, None, "f" * 64, "cpu", torch.bfloat16, "none")
+    config = dict(max_batch_size=2, max_loras=1, max_lora_rank=8, weights="w4a8")
+    python = build_runner(loaded, EngineConfig(**config, decode_layers="python"), 128)
+    fused = build_runner(loaded, EngineConfig(**config, decode_layers="kernel"), 128)
+    spec = BaseSpec("f" * 64, 2, python.module_shapes, 8, torch.bfloat16)
+    torch.manual_seed(3)
+    attention_only = LoraConfig(
+        r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM"
+    )
+    get_peft_model(copy.deepcopy(tiny_model("llama")), attention_only).save_pretrained(
+        tmp_path / "attention"
+    )
+    peft_adapter(tiny_model("llama"), "llama", tmp_path / "all")
+    first = read_adapter(tmp_path / "attention", "attention", None, spec, 0).weights
+    second = read_adapter(tmp_path / "all", "all", None, spec, 0).weights
+    prompt = [5, 9, 2, 77, 4, 8]
+    for adapter in (first, second):  # one slot: the second replaces the first
+        assert_same_bits(
+            decode_logits(python, [(prompt, adapter)], 4),
+            decode_logits(fused, [(prompt, adapter)], 4),
+        )
+        for runner in (python, fused):
+            for seq in list(runner.slots):
+                runner.release(seq)
+
+
 @pytest.mark.parametrize("source", ["bundled", "bundled:gemma-3-270m"])
 def test_the_bundled_models_decode_the_same_bits_in_one_call(source):
     """The real models as served (their auto weights and dtype): 16 rows of different
