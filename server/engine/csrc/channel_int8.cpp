@@ -281,6 +281,7 @@ void channel_int8_linear(const void* x, int x_bf16, int64_t rows, int64_t x_stri
                          int64_t outputs, float* out, int threads) {
   // reused across calls; read through these pointers by the team below (a thread_local
   // named inside the parallel region would be each worker's own, empty)
+  if (rows <= 0) return;
   thread_local std::vector<int8_t> codes_buffer;
   thread_local std::vector<float> scales_buffer;
   thread_local std::vector<int32_t> corrections_buffer;
