@@ -119,16 +119,14 @@ RAGTUNE_VNNI inline void scale_out(__m512i sums, int32_t correction, __m512 chan
 template <int R>
 RAGTUNE_VNNI void block_rows(const int8_t* codes, const float* row_scales,
                              const int32_t* corrections, int64_t inputs, const uint8_t* weights,
-                             const float* channel_scales, bool ask_ahead, float* out,
+                             const float* channel_scales, float* out,
                              int64_t outputs) {
   __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0, s4 = s0, s5 = s0, s6 = s0,
           s7 = s0, s8 = s0, s9 = s0, s10 = s0, s11 = s0, s12 = s0, s13 = s0, s14 = s0, s15 = s0;
   for (int64_t q = 0; q < inputs / 4; q += 2) {
     const uint8_t* at = weights + 64 * q;
-    if (ask_ahead) {
-      _mm_prefetch(reinterpret_cast<const char*>(at + kAheadBytes), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(at + kAheadBytes + 64), _MM_HINT_T0);
-    }
+    _mm_prefetch(reinterpret_cast<const char*>(at + kAheadBytes), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(at + kAheadBytes + 64), _MM_HINT_T0);
     const __m512i w0 = _mm512_loadu_si512(at);
     const __m512i w1 = _mm512_loadu_si512(at + 64);
     RAGTUNE_PAIR(0, s8)
@@ -261,7 +259,7 @@ constexpr TileRows kTileRowKernels[kTileRows + 1] = {nullptr,      tile_rows<1>,
                                                      tile_rows<6>};
 
 using BlockRows = void (*)(const int8_t*, const float*, const int32_t*, int64_t, const uint8_t*,
-                           const float*, bool, float*, int64_t);
+                           const float*, float*, int64_t);
 
 constexpr BlockRows kBlockRows[kGroupRows + 1] = {
     nullptr,         block_rows<1>,  block_rows<2>,  block_rows<3>,  block_rows<4>,
@@ -302,7 +300,7 @@ void channel_int8_linear(const void* x, int x_bf16, int64_t rows, int64_t x_stri
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t b = 0; b < blocks; ++b) {
       kBlockRows[rows](codes, row_scales, corrections, inputs, weights + b * block_bytes,
-                       channel_scales + b * kLanes, true, out + b * kLanes, outputs);
+                       channel_scales + b * kLanes, out + b * kLanes, outputs);
     }
     return;
   }
