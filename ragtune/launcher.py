@@ -4,6 +4,7 @@ the benchmark scripts and the tests)."""
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -18,6 +19,28 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# Ports a process bound after a delay can count on: below the kernel's ephemeral range
+# (32768-60999 by default, where every outgoing connection takes its local port) and clear of
+# Ray's worker ports (10002-19999) and Serve's replica ports (30000-31000)
+SETTLED_PORTS = range(20000, 30000)
+
+
+def free_settled_port() -> int:
+    """A free port (on every interface) that stays free while a Ray cluster starts.
+
+    `free_port()` hands out an ephemeral port: free now, but during the seconds before Serve's
+    HAProxy binds it the cluster opens hundreds of connections, and one of them may take it
+    as its local port (HAProxy then fails to start: "Address already in use")."""
+    for port in random.sample(SETTLED_PORTS, 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {SETTLED_PORTS.start}-{SETTLED_PORTS.stop - 1}")
 
 
 @dataclass

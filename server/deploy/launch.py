@@ -17,7 +17,7 @@ import time
 
 from ragtune.config import Settings
 from ragtune.cpu_share import cpu_share
-from ragtune.launcher import free_port
+from ragtune.launcher import free_settled_port
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,9 @@ APP_NAME = "ragtune"
 # goes (it reads the body's `model`). A replica that refuses the connection, or dies before
 # it sends anything back, costs the request one retry on another replica (a stream whose
 # first bytes went out cannot be retried). A stopping replica stops accepting after 5 s
-# (HAProxy then retries elsewhere) instead of Serve's 30.
+# (HAProxy then retries elsewhere) instead of Serve's 30. One HAProxy thread relays far more
+# than a node's replicas stream; Serve's default of 4 contends with the engine's threads on a
+# small node.
 SERVE_ENVIRONMENT = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY": "1",
@@ -36,16 +38,31 @@ SERVE_ENVIRONMENT = {
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
     "RAY_worker_niceness": "0",
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
+    "RAY_SERVE_HAPROXY_NBTHREAD": "1",
 }
+
+# HAProxy headers beside the body in one buffer (its `tune.bufsize`)
+HEADER_ROOM_BYTES = 64 * 1024
+
+
+def router_buffer_bytes(settings: Settings) -> int:
+    """HAProxy's buffer when it forwards bodies to the route chooser: room for the largest body
+    a replica accepts (`limits.max_body_bytes`), so the chooser reads every accepted body
+    whole (a longer one reaches it cut, and the replica answers it 413). Serve's default, 8 MiB,
+    costs every request ~7 ms in HAProxy (docs/deploy.md, stop 32)."""
+    return settings.limits.max_body_bytes + HEADER_ROOM_BYTES
 
 
 def run_replicated(settings: Settings, replicas: int, address: str | None) -> int:
     for name, value in SERVE_ENVIRONMENT.items():
         os.environ.setdefault(name, value)
+    os.environ.setdefault(
+        "RAY_SERVE_HAPROXY_INGRESS_REQUEST_ROUTER_BUFSIZE", str(router_buffer_bytes(settings))
+    )
     if address is None:  # HAProxy's stats page and exporter have fixed ports (8404, 9101) on
         # every interface: a second local cluster on the machine would collide there
         for name in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
-            os.environ.setdefault(name, str(free_port()))
+            os.environ.setdefault(name, str(free_settled_port()))
     try:
         import ray
         from ray import serve

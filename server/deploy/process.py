@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from ragtune.launcher import free_port
+from ragtune.launcher import free_settled_port
 
 
 @dataclass
@@ -49,7 +49,7 @@ def start_replicated(
     args: list[str] | None = None,
     ready_timeout: float = 600,
 ) -> ReplicatedServer:
-    port = free_port()
+    port = free_settled_port()
     command = [sys.executable, "-m", "ragtune.cli", "serve", "--host", "127.0.0.1"]
     command += ["--port", str(port), "--replicas", str(replicas), *(args or [])]
     with open(log_path, "w") as log:  # the child keeps its own descriptor
