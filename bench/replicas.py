@@ -2,7 +2,7 @@
 
     python bench/replicas.py affinity  --replicas 2 --requests 96
     python bench/replicas.py failover  --replicas 2 --seconds 40 --kill-after 8
-    python bench/replicas.py overhead  --replicas 1 --requests 48     # plain serve vs Ray path
+    python bench/replicas.py overhead  --replicas 1 --rounds 3        # plain serve vs Ray path
     python bench/replicas.py beside    --replicas 1                   # plain serve beside idle Ray
 
 affinity  loads 4 adapters through the admin API (so every replica knows them, their weights
@@ -15,7 +15,8 @@ failover  c=8 non-streamed load over the adapters; after --kill-after seconds SI
           the kill (in flight) and after it (must be 0), and the seconds until that many
           replicas report ready again.
 overhead  the same streamed load at c=1 and c=16 against plain `ragtune serve` and against
-          `--replicas N`; tok/s and their ratio.
+          `--replicas N`, alternately for --rounds rounds; tok/s, each round's ratio and
+          their median.
 beside    plain `ragtune serve` alone, then beside an idle `--replicas N` cluster (whose
           replicas serve nothing), then alone again: what Ray's own processes cost an engine
           on the same cores, apart from the request path.
@@ -32,6 +33,7 @@ import itertools
 import json
 import os
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -241,6 +243,37 @@ async def throughput(url: str, client: dict, model: str, args) -> dict:
     return out
 
 
+def overhead(args, client: dict, log_dir: Path) -> dict:
+    """Plain serve and the Ray path, alternately for --rounds rounds, each ratio from one round.
+    The plain server stays up (idle, it costs the Ray run nothing) while a cluster is started
+    for each Ray run and stopped before the next plain run: this machine's own speed drifts
+    10-30 % within minutes, so one plain run and one Ray run compare their moments as much as
+    their paths (docs/deploy.md, stop 32)."""
+    model = args.model or "smollm2-135m-instruct"
+    plain = start_server({}, log_dir / "plain.log")
+    rounds = []
+    try:
+        for number in range(args.rounds):
+            single = asyncio.run(throughput(plain.base_url, client, model, args))
+            server = start_replicated({}, log_dir / f"replicas{number}.log", args.replicas)
+            try:
+                ray_path = asyncio.run(throughput(server.base_url, client, model, args))
+            finally:
+                server.stop()
+            rates = [k for k in single if k.endswith("tok_per_s")]
+            ratio = {k: round(ray_path[k] / single[k], 3) for k in rates}
+            rounds.append({"plain": single, "ray": ray_path, "ray_over_plain": ratio})
+            print(json.dumps({"round": number, **rounds[-1]}), file=sys.stderr, flush=True)
+    finally:
+        plain.stop()
+    medians = {
+        key: round(statistics.median(r["ray_over_plain"][key] for r in rounds), 3)
+        for key in rounds[0]["ray_over_plain"]
+    }
+    return {"bench": "overhead", "replicas": args.replicas, "rounds": rounds,
+            "median_ray_over_plain": medians}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("bench", choices=["affinity", "failover", "overhead", "beside"])
@@ -252,6 +285,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=40)
     parser.add_argument("--kill-after", type=float, default=8)
+    parser.add_argument("--rounds", type=int, default=3, help="overhead: plain/Ray pairs")
     parser.add_argument("--api-key", default=os.environ.get("RAGTUNE_API_KEYS", "").split(",")[0])
     parser.add_argument(
         "--admin-key", default=os.environ.get("RAGTUNE_ADMIN_KEYS", "").split(",")[0]
@@ -262,20 +296,7 @@ def main() -> None:
     admin = {"Authorization": f"Bearer {args.admin_key}"}
     log_dir = Path(tempfile.mkdtemp(prefix="bench-replicas-"))
     if args.bench == "overhead":
-        model = args.model or "smollm2-135m-instruct"
-        plain = start_server({}, log_dir / "plain.log")
-        try:
-            single = asyncio.run(throughput(plain.base_url, client, model, args))
-        finally:
-            plain.stop()
-        server = start_replicated({}, log_dir / "replicas.log", args.replicas)
-        try:
-            ray_path = asyncio.run(throughput(server.base_url, client, model, args))
-        finally:
-            server.stop()
-        ratio = {k: round(ray_path[k] / single[k], 3) for k in single if k.endswith("tok_per_s")}
-        print(json.dumps({"bench": "overhead", "replicas": args.replicas, "plain": single,
-                          "ray": ray_path, "ray_over_plain": ratio}))  # fmt: skip
+        print(json.dumps(overhead(args, client, log_dir)))
         return
     if args.bench == "beside":
         model = args.model or "smollm2-135m-instruct"
