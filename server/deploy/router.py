@@ -57,7 +57,7 @@ class AffinityRouter(RequestRouter):
         model = pending_request.metadata.multiplexed_model_id if pending_request else ""
         if not model:  # ties at random: idle replicas share the work
             ranked = sorted(candidate_replicas, key=lambda r: (self.load(r), random.random()))
-            return self._picked([ranked])
+            return self._picked(ranked)
         # a cold adapter goes where the fewest adapters are resident (ties at random)
         by_load = sorted(
             candidate_replicas,
@@ -65,16 +65,20 @@ class AffinityRouter(RequestRouter):
         )
         limit = min(self.affinity_max_ongoing, self.load(by_load[0]) + self.affinity_imbalance + 1)
         holders = [r for r in by_load if model in self.resident(r) and self.load(r) < limit]
-        picked = self._picked([holders, by_load] if holders else [by_load])
+        picked = self._picked(holders + [r for r in by_load if r not in holders])
         self._assumed.setdefault(picked[0][0].replica_id, {})[model] = time.monotonic()
         return picked
 
     # ------------------------------------------------------------------------- helpers
-    def _picked(self, ranks: list[list[RunningReplica]]) -> list[list[RunningReplica]]:
-        """The route chooser takes the first replica of the first rank: count it sent."""
-        self.load(ranks[0][0])  # starts the books on this replica's current report
-        self._sent[ranks[0][0].replica_id][2].append(time.monotonic())
-        return ranks
+    def _picked(self, order: list[RunningReplica]) -> list[list[RunningReplica]]:
+        """One replica per rank, best first, and the first counted as sent. Serve takes a
+        rank's replica with the shortest queue in its own cache, which never sees requests
+        HAProxy sends straight to a replica: with two in one rank it overrode this order and
+        left the books here on a replica the request never reached. Serve moves to the next
+        rank only when a replica is full."""
+        self.load(order[0])  # starts the books on this replica's current report
+        self._sent[order[0].replica_id][2].append(time.monotonic())
+        return [[replica] for replica in order]
 
     def load(self, replica: RunningReplica) -> int:
         """Requests at the replica: its engine's last report (waiting, plus the running

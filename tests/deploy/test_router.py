@@ -66,23 +66,34 @@ def test_resident_adapter_wins_until_overloaded() -> None:
     b = FakeReplica("b", [], running=0)
     assert choose(router(), [a, b], "x")[0] == ["a"]  # 3 above the least loaded: fine
     a.running = 5
-    assert choose(router(), [a, b], "x") == [["b", "a"]]  # 5 above: b takes it
+    assert choose(router(), [a, b], "x") == [["b"], ["a"]]  # 5 above: b takes it
     a.running, b.running = 16, 14
-    assert choose(router(), [a, b], "x") == [["b", "a"]]  # at the absolute cap
+    assert choose(router(), [a, b], "x") == [["b"], ["a"]]  # at the absolute cap
 
 
 def test_cold_adapter_goes_to_fewest_resident_and_sticks() -> None:
     a = FakeReplica("a", ["x", "y"])
     b = FakeReplica("b", ["z"])
     r = router()
-    assert choose(r, [a, b], "w") == [["b", "a"]]
+    assert choose(r, [a, b], "w") == [["b"], ["a"]]
     assert choose(r, [a, b], "w")[0] == ["b"]  # b is loading w now
 
 
 def test_base_requests_go_to_the_least_loaded() -> None:
     a = FakeReplica("a", [], running=2)
     b = FakeReplica("b", ["x", "y", "z"], running=1)
-    assert choose(router(), [a, b], "") == [["b", "a"]]
+    assert choose(router(), [a, b], "") == [["b"], ["a"]]
+
+
+def test_one_replica_per_rank_so_the_routers_order_holds() -> None:
+    """Serve picks the shortest queue in its own cache within a rank, and that cache never
+    sees the requests HAProxy sends straight to replicas: a rank of two let it send the
+    request elsewhere than the router's books said."""
+    a, b, c = FakeReplica("a", ["x"], running=1), FakeReplica("b"), FakeReplica("c", ["x"])
+    assert choose(router(), [a, b, c], "x") == [["c"], ["a"], ["b"]]  # holders, then the rest
+    r = router()
+    placed = [choose(r, [b, FakeReplica("d")], name)[0][0] for name in ("p", "q", "s", "t")]
+    assert sorted(placed) == ["b", "b", "d", "d"]  # loads one after another split 2 and 2
 
 
 def test_requests_sent_since_the_last_report_count_as_load() -> None:
