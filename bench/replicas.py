@@ -140,8 +140,8 @@ def await_routing(url: str, client: dict, model: str, replicas: int, timeout: fl
 
 async def affinity(args, url: str, admin: dict, client: dict) -> dict:
     names = args.adapters.split(",")
-    model = args.model or "smollm2-135m-instruct"
-    await asyncio.to_thread(await_routing, url, client, model, len(replicas_now(url, admin)))
+    replicas = len(replicas_now(url, admin))
+    await asyncio.to_thread(await_routing, url, client, args.model, replicas)
     load_adapters(url, admin, Path(args.adapter_root), names)
     await asyncio.sleep(2)  # every replica registers them (weights stay on disk)
     resident: dict[str, set[str]] = {}
@@ -266,15 +266,14 @@ def overhead(args, client: dict, log_dir: Path) -> dict:
     for each Ray run and stopped before the next plain run: this machine's own speed drifts
     10-30 % within minutes, so one plain run and one Ray run compare their moments as much as
     their paths (docs/deploy.md, stop 32)."""
-    model = args.model or "smollm2-135m-instruct"
     plain = start_server({}, log_dir / "plain.log")
     rounds = []
     try:
         for number in range(args.rounds):
-            single = asyncio.run(throughput(plain.base_url, client, model, args))
+            single = asyncio.run(throughput(plain.base_url, client, args.model, args))
             server = start_replicated({}, log_dir / f"replicas{number}.log", args.replicas)
             try:
-                ray_path = asyncio.run(throughput(server.base_url, client, model, args))
+                ray_path = asyncio.run(throughput(server.base_url, client, args.model, args))
             finally:
                 server.stop()
             rates = [k for k in single if k.endswith("tok_per_s")]
@@ -307,7 +306,10 @@ def main() -> None:
     parser.add_argument(
         "--admin-key", default=os.environ.get("RAGTUNE_ADMIN_KEYS", "").split(",")[0]
     )
-    parser.add_argument("--model", default=os.environ.get("RAGTUNE_MODEL__SERVED_MODEL_NAME"))
+    parser.add_argument(
+        "--model",
+        default=os.environ.get("RAGTUNE_MODEL__SERVED_MODEL_NAME") or "smollm2-135m-instruct",
+    )
     args = parser.parse_args()
     client = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     admin = {"Authorization": f"Bearer {args.admin_key}"}
@@ -316,16 +318,15 @@ def main() -> None:
         print(json.dumps(overhead(args, client, log_dir)))
         return
     if args.bench == "beside":
-        model = args.model or "smollm2-135m-instruct"
         plain = start_server({}, log_dir / "plain.log")
         try:
-            alone = asyncio.run(throughput(plain.base_url, client, model, args))
+            alone = asyncio.run(throughput(plain.base_url, client, args.model, args))
             idle = start_replicated({}, log_dir / "replicas.log", args.replicas)
             try:
-                beside = asyncio.run(throughput(plain.base_url, client, model, args))
+                beside = asyncio.run(throughput(plain.base_url, client, args.model, args))
             finally:
                 idle.stop()
-            again = asyncio.run(throughput(plain.base_url, client, model, args))
+            again = asyncio.run(throughput(plain.base_url, client, args.model, args))
         finally:
             plain.stop()
         print(json.dumps({"bench": "beside", "replicas": args.replicas, "alone": alone,
