@@ -47,6 +47,8 @@ sys.path.insert(0, str(ROOT))
 from ragtune.launcher import start_server  # noqa: E402
 from server.deploy.process import start_replicated  # noqa: E402
 
+# what a server started by these benches serves (the default model unless the environment says)
+SERVED_MODEL = os.environ.get("RAGTUNE_MODEL__SERVED_MODEL_NAME") or "smollm2-135m-instruct"
 PROMPTS = [
     "Explain how a refrigerator works.",
     "Write a short story about a lighthouse.",
@@ -306,10 +308,7 @@ def main() -> None:
     parser.add_argument(
         "--admin-key", default=os.environ.get("RAGTUNE_ADMIN_KEYS", "").split(",")[0]
     )
-    parser.add_argument(
-        "--model",
-        default=os.environ.get("RAGTUNE_MODEL__SERVED_MODEL_NAME") or "smollm2-135m-instruct",
-    )
+    parser.add_argument("--model", default=SERVED_MODEL)
     args = parser.parse_args()
     client = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     admin = {"Authorization": f"Bearer {args.admin_key}"}

@@ -34,7 +34,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.replicas import PROMPTS, closed_loop  # noqa: E402
+from bench.replicas import PROMPTS, SERVED_MODEL, closed_loop  # noqa: E402
 from ragtune.launcher import start_server  # noqa: E402
 from server.deploy.process import start_replicated  # noqa: E402
 
@@ -132,10 +132,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--sleepers", default="0,20,10")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument(
-        "--model",
-        default=os.environ.get("RAGTUNE_MODEL__SERVED_MODEL_NAME") or "smollm2-135m-instruct",
-    )
+    parser.add_argument("--model", default=SERVED_MODEL)
     args = parser.parse_args()
     log_dir = Path(tempfile.mkdtemp(prefix="bench-wakeups-"))
     if args.bench == "sleepers":
