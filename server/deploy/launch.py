@@ -29,7 +29,10 @@ APP_NAME = "ragtune"
 # first bytes went out cannot be retried). A stopping replica stops accepting after 5 s
 # (HAProxy then retries elsewhere) instead of Serve's 30. One HAProxy thread relays far more
 # than a node's replicas stream; Serve's default of 4 contends with the engine's threads on a
-# small node.
+# small node. Each replica runs the app on Serve's own event loop, as plain serve runs it on
+# uvicorn's (the app never blocks its loop: blocking work goes to threads), not on a second
+# loop that every request and streamed message crosses: that hop cost the replica and the
+# route chooser ~0.4 ms of CPU a request (bench/route_cost.py, docs/deploy.md stop 33).
 SERVE_ENVIRONMENT = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY": "1",
@@ -39,6 +42,7 @@ SERVE_ENVIRONMENT = {
     "RAY_worker_niceness": "0",
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
     "RAY_SERVE_HAPROXY_NBTHREAD": "1",
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
 }
 
 # HAProxy headers beside the body in one buffer (its `tune.bufsize`)
