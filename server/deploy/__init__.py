@@ -5,7 +5,7 @@ connects the client straight to that replica's own HTTP server (Serve's direct i
 
 replica.py        one engine replica: the whole single-process app, serving HTTP itself
 front.py          a replica's cluster-wide routes (/ready, /metrics, /v1/replicas) and admin lease
-route_chooser.py  `/internal/route` for HAProxy: which replica takes a request
+route_chooser.py  `/internal/route` for HAProxy: which replica takes a request; keeps the directory
 router.py         adapter-affinity routing policy (Ray Serve's RequestRouter)
 directory.py      where replicas report themselves (resident adapters, load, metrics); admin lease
 app.py            the Serve application (also `serve run configs/ray/serve.yaml`)

@@ -1,5 +1,6 @@
 """The Ray Serve application: N engine replicas, each the ingress with its own HTTP server
-behind Serve's HAProxy, the route chooser HAProxy asks where each POST goes, and a directory.
+behind Serve's HAProxy, and the route chooser HAProxy asks where each POST goes (which also
+keeps the replicas' directory).
 
 `build(settings, replicas)` is what `ragtune serve --replicas N` deploys; `build_app(args)` is
 the import path for `serve run configs/ray/serve.yaml` (args: `config`, `replicas`).
@@ -17,7 +18,6 @@ from ray.serve.config import AutoscalingConfig, RequestRouterConfig
 
 from ragtune.config import Settings, load_settings
 from server.auth import KeyStore
-from server.deploy.directory import Directory
 from server.deploy.replica import EngineReplica
 from server.deploy.route_chooser import RouteChooser
 from server.deploy.router import STATS_PERIOD_S, AffinityRouter
@@ -72,8 +72,7 @@ def build(settings: Settings, replicas: int | None = None) -> Application:
         )
     else:
         options["num_replicas"] = count
-    directory = Directory.bind()
-    engines = EngineReplica.options(**options).bind(data, keys, directory)
+    engines = EngineReplica.options(**options).bind(data, keys)
     # Serve's (internal, unstable) hook for this layout, the one Ray Serve LLM's direct
     # streaming uses: ray.llm._internal.serve.core.ingress.builder
     return engines._with_ingress_request_router(RouteChooser.bind(data, engines))

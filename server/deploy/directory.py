@@ -3,6 +3,10 @@ and waiting requests, readiness and their metrics page. Every replica reads it t
 `GET /v1/replicas`, `/ready` and `/metrics` for the whole cluster; a replica that stops
 reporting (killed, or being restarted by Ray) drops out after `STALE_S`.
 
+The route chooser's process keeps it (server/deploy/route_chooser.py): a deployment of its
+own was one more Ray worker on every cluster, waking ~230 times a second on the engine's
+cores (bench/wakeups.py count, docs/deploy.md stop 34).
+
 It also holds the cluster's admin lease: admin changes (adapter loads, activations, index
 builds) run one at a time across replicas, since each one rewrites the shared store's
 registry document (server/adapters/shared.py) and two at once could lose one of them. A lease
@@ -15,13 +19,10 @@ import asyncio
 import time
 from typing import Any
 
-from ray import serve
-
 STALE_S = 3.0
 LEASE_POLL_S = 0.05
 
 
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
 class Directory:
     def __init__(self) -> None:
         self._entries: dict[str, tuple[float, dict[str, Any]]] = {}

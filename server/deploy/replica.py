@@ -6,7 +6,8 @@ The constructor returns only once the model is loaded, so Serve sends a replica 
 before it can serve; a model that cannot load fails the constructor with the reason, which
 `serve status` and the driver's log show (Serve retries, then marks the deployment failed).
 Torch threads follow the CPUs Ray gave the replica (`model.threads: auto`). Each second the
-replica reports itself to the directory; the router reads `record_routing_stats`.
+replica reports itself to the directory (kept by the route chooser); the router reads
+`record_routing_stats`.
 (`self.app` is Serve's name for the ingress app, so the ragtune app is `self.ragtune`.)
 """
 
@@ -25,6 +26,7 @@ from ray import serve
 from ragtune.config import Settings
 from server.auth import KeyStore
 from server.deploy.front import ReplicaFront
+from server.deploy.route_chooser import directory_handle
 
 logger = logging.getLogger("ragtune.replica")
 
@@ -34,7 +36,7 @@ REPORT_EVERY_S = 1.0
 @serve.deployment(health_check_period_s=2, health_check_timeout_s=30)
 @serve.ingress()
 class EngineReplica:
-    async def __init__(self, settings: dict[str, Any], keys: KeyStore, directory: Any) -> None:
+    async def __init__(self, settings: dict[str, Any], keys: KeyStore) -> None:
         from server.app import create_app
         from server.logs import configure_logging
         from server.memory import limit_arenas
@@ -46,7 +48,7 @@ class EngineReplica:
         self.ragtune = create_app(parsed, replica_id=self.replica_id)
         self.state = self.ragtune.state.ragtune
         self.state.keys = keys  # digests only: plaintext keys never travel through Ray
-        self.directory = directory
+        self.directory = directory_handle()
         self.host = _host()
         self._reports = itertools.count()  # numbers routing stats: the router's books
         # 0 until a request finishes: a guess would count a burst's requests as running
@@ -56,7 +58,7 @@ class EngineReplica:
         self.front = ReplicaFront(
             self.ragtune,
             keys,
-            directory,
+            self.directory,
             self.replica_id,
             parsed.model.served_model_name,
             admin_ttl_s=parsed.limits.request_timeout_s,

@@ -5,6 +5,9 @@ request, and streams the response back, straight between the client and that rep
 HTTP server. No Python process relays a byte of a response (the Ray Serve LLM "direct
 streaming" layout). GET requests need no choice: HAProxy sends them to the least busy replica.
 
+The chooser also keeps the replicas' directory (server/deploy/directory.py): replicas reach
+it by name (`directory_handle`), since the chooser is bound to their handle already.
+
 Only the body's `model` matters here: the replica itself validates everything else and
 answers errors in OpenAI's format.
 """
@@ -17,12 +20,14 @@ from typing import Any
 
 from ray import serve
 from ray.serve.exceptions import DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from ragtune.config import Settings
+from server.deploy.directory import Directory
 
 logger = logging.getLogger("ragtune.route_chooser")
 
@@ -43,20 +48,34 @@ def adapter_of(body: bytes, base_ids: set[str]) -> str:
     return model[:200] if isinstance(model, str) and model not in base_ids else ""
 
 
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+CHOOSER_DEPLOYMENT = "RouteChooser"
+
+
+def directory_handle() -> DeploymentHandle:
+    """The directory's handle, from inside one of the application's replicas."""
+    return serve.get_deployment_handle(CHOOSER_DEPLOYMENT, _check_exists=False)
+
+
+@serve.deployment(
+    name=CHOOSER_DEPLOYMENT,
+    num_replicas=1,
+    ray_actor_options={"num_cpus": 0},
+    max_ongoing_requests=1000,
+)
 @serve.ingress()
-class RouteChooser:
-    def __init__(self, settings: dict[str, Any], replicas: Any) -> None:
+class RouteChooser(Directory):
+    def __init__(self, settings: dict[str, Any], engines: Any) -> None:
+        super().__init__()
         parsed = Settings.model_validate(settings)
         self.base_ids = {parsed.model.served_model_name, parsed.retrieval.embedder_name}
-        self.replicas = replicas
+        self.engines = engines  # not `replicas`: the directory's method of that name
 
     def __serve_build_asgi_app__(self) -> Starlette:
         return Starlette(routes=[Route("/internal/route", self.route, methods=["POST"])])
 
     async def route(self, request: Request) -> JSONResponse:
         adapter = adapter_of(await request.body(), self.base_ids)
-        handle = self.replicas.options(multiplexed_model_id=adapter) if adapter else self.replicas
+        handle = self.engines.options(multiplexed_model_id=adapter) if adapter else self.engines
         try:
             async with handle.choose_replica(_reserve=False) as selection:
                 replica = selection._replica  # Serve's own ingress router reads it the same way

@@ -15,7 +15,7 @@ from ragtune.config import Settings
 from server.deploy import directory as directory_module
 from server.deploy.app import build
 
-DirectoryClass = directory_module.Directory.func_or_class
+DirectoryClass = directory_module.Directory
 
 
 def reported(*replica_ids: str):
