@@ -125,25 +125,8 @@ def replicas_now(url: str, admin: dict) -> list[dict]:
     return httpx.get(f"{url}/v1/replicas", headers=admin, timeout=10).json()["data"]
 
 
-def await_routing(url: str, client: dict, model: str, replicas: int, timeout: float = 30) -> None:
-    """Until base requests have reached every replica: `/ready` counts replicas from their
-    reports, and the route chooser learns of them a moment later. Adapters loaded in that
-    moment all went to the one replica it knew (4 and 0), and the c=8 load then spilled them
-    onto the other."""
-    seen: set[str] = set()
-    deadline = time.monotonic() + timeout
-    body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
-    while len(seen) < replicas and time.monotonic() < deadline:
-        response = httpx.post(f"{url}/v1/chat/completions", json=body, headers=client, timeout=60)
-        seen.add(response.headers.get("x-ragtune-replica", ""))
-    if len(seen) < replicas:
-        raise RuntimeError(f"requests reached {len(seen)} of {replicas} replicas in {timeout}s")
-
-
 async def affinity(args, url: str, admin: dict, client: dict) -> dict:
     names = args.adapters.split(",")
-    replicas = len(replicas_now(url, admin))
-    await asyncio.to_thread(await_routing, url, client, args.model, replicas)
     load_adapters(url, admin, Path(args.adapter_root), names)
     await asyncio.sleep(2)  # every replica registers them (weights stay on disk)
     resident: dict[str, set[str]] = {}

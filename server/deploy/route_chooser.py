@@ -64,11 +64,41 @@ def directory_handle() -> DeploymentHandle:
 )
 @serve.ingress()
 class RouteChooser(Directory):
-    def __init__(self, settings: dict[str, Any], engines: Any) -> None:
+    async def __init__(self, settings: dict[str, Any], engines: DeploymentHandle) -> None:
         super().__init__()
         parsed = Settings.model_validate(settings)
         self.base_ids = {parsed.model.served_model_name, parsed.retrieval.embedder_name}
         self.engines = engines  # not `replicas`: the directory's method of that name
+        # Serve makes a handle's router at its first use: make it now, so that it follows the
+        # replicas from the start and `/ready` can count only those it routes to
+        engines.options()
+        if self.routable_ids() is None:
+            logger.warning(
+                "cannot read which replicas Serve's router knows (Serve's internals changed): "
+                "/ready counts replicas from their own reports"
+            )
+
+    def routable_ids(self) -> set[str] | None:
+        """The replicas the router may send requests to (Serve's controller tells it of each
+        one once it serves); None where Serve's internals are not as this code knows them."""
+        asyncio_router = getattr(getattr(self.engines, "_router", None), "_asyncio_router", None)
+        if asyncio_router is None or not hasattr(asyncio_router, "_request_router"):
+            return None
+        request_router = asyncio_router._request_router
+        if request_router is None:  # made at the controller's first word on the replicas
+            return set()
+        return {replica_id.unique_id for replica_id in list(request_router.curr_replicas)}
+
+    def replicas(self, with_metrics: bool = False) -> list[dict[str, Any]]:
+        """The directory's entries, each replica ready only once the router can send it
+        requests. A replica reports itself as soon as its model is loaded, a moment before
+        Serve's controller tells routers of it: adapters loaded in that moment all went to
+        the one replica the router knew (4 and 0, docs/deploy.md stop 32)."""
+        entries = super().replicas(with_metrics)
+        routable = self.routable_ids()
+        if routable is None:
+            return entries
+        return [{**entry, "ready": entry["ready"] and entry["id"] in routable} for entry in entries]
 
     def __serve_build_asgi_app__(self) -> Starlette:
         return Starlette(routes=[Route("/internal/route", self.route, methods=["POST"])])

@@ -102,6 +102,23 @@ def chat_body(model: str, stream: bool = False) -> dict:
     return {"model": model, "messages": messages, "max_tokens": 8, "stream": stream}
 
 
+def test_ready_counts_replicas_the_router_sends_to(cluster: ReplicatedServer) -> None:
+    """First on the fresh cluster: `/ready` said 2 (start_replicated waits for it), so base
+    requests reach both replicas at once. A replica reports itself a moment before Serve
+    tells the route chooser's router of it; counted from reports alone, adapters loaded
+    right after start all went to one replica."""
+    served = set()
+    with httpx.Client(timeout=60) as http:
+        for _ in range(16):  # ties go either way: 16 on one replica is 2 in 65,536 by chance
+            response = http.post(
+                f"{cluster.v1}/chat/completions", json=chat_body(BASE), headers=CLIENT
+            )
+            assert response.status_code == 200, response.text
+            served.add(response.headers["x-ragtune-replica"])
+    assert served == {r["id"] for r in replicas(cluster) if r["ready"]}
+    assert len(served) == 2, served
+
+
 def test_openai_client_unchanged(cluster: ReplicatedServer) -> None:
     import openai
 
