@@ -1,11 +1,14 @@
 """The directory's admin lease, without Ray: one holder at a time across replicas; a lease is
-free again when its holder releases it, stops reporting, or outlives its ttl. And the Serve
-application refuses to build without Serve's HAProxy ingress, saying what to set."""
+free again when its holder releases it, stops reporting, or outlives its ttl. The route
+chooser, which keeps the directory, counts a replica ready once its router knows it. And the
+Serve application refuses to build without Serve's HAProxy ingress, saying what to set."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import namedtuple
+from types import SimpleNamespace
 
 import pytest
 
@@ -14,6 +17,7 @@ pytest.importorskip("ray.serve")
 from ragtune.config import Settings
 from server.deploy import directory as directory_module
 from server.deploy.app import build
+from server.deploy.route_chooser import RouteChooser
 
 DirectoryClass = directory_module.Directory
 
@@ -54,6 +58,29 @@ def test_lease_of_a_dead_or_slow_holder_frees_itself(monkeypatch) -> None:
     started = time.monotonic()
     asyncio.run(scenario())
     assert time.monotonic() - started < 5
+
+
+def test_a_replica_is_ready_once_the_choosers_router_knows_it() -> None:
+    """Serve's router as the chooser's handle holds it (the internals route_chooser.py reads);
+    where they are not there, readiness is the replicas' own reports."""
+    ReplicaKey = namedtuple("ReplicaKey", "unique_id")  # Serve's ReplicaID: hashable
+    chooser = object.__new__(RouteChooser.func_or_class)
+    DirectoryClass.__init__(chooser)
+    request_router = SimpleNamespace(curr_replicas={})
+    router = SimpleNamespace(_asyncio_router=SimpleNamespace(_request_router=None))
+    chooser.engines = SimpleNamespace(_router=router)
+    for replica_id in ("a", "b"):
+        chooser.report({"id": replica_id, "ready": True})
+    assert [e["ready"] for e in chooser.replicas()] == [False, False]  # no word from Serve yet
+    router._asyncio_router._request_router = request_router
+    request_router.curr_replicas = {ReplicaKey("a"): None}
+    assert [e["ready"] for e in chooser.replicas()] == [True, False]
+    request_router.curr_replicas = {ReplicaKey("a"): None, ReplicaKey("b"): None}
+    assert [e["ready"] for e in chooser.replicas()] == [True, True]
+    chooser.report({"id": "b", "ready": False})  # draining: its own word counts too
+    assert [e["ready"] for e in chooser.replicas()] == [True, False]
+    chooser.engines = SimpleNamespace(_router=SimpleNamespace())  # internals not as known
+    assert [e["ready"] for e in chooser.replicas()] == [True, False]
 
 
 def test_the_application_needs_serves_haproxy_ingress(monkeypatch) -> None:
