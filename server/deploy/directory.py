@@ -24,17 +24,20 @@ LEASE_POLL_S = 0.05
 
 
 class Directory:
-    def __init__(self) -> None:
+    """Every method is a coroutine: Serve runs a deployment's plain methods on a thread pool,
+    where a report and a listing at once could change the books while they are read."""
+
+    def __init__(self) -> None:  # no super().__init__(): next in line is Serve's app wrapper
         self._entries: dict[str, tuple[float, dict[str, Any]]] = {}
         self._lease: tuple[str, str, float] | None = None  # (replica id, token, expires at)
 
-    def report(self, status: dict[str, Any]) -> None:
+    async def report(self, status: dict[str, Any]) -> None:
         self._entries[status["id"]] = (time.monotonic(), status)
 
-    def forget(self, replica_id: str) -> None:
+    async def forget(self, replica_id: str) -> None:
         self._entries.pop(replica_id, None)
 
-    def replicas(self, with_metrics: bool = False) -> list[dict[str, Any]]:
+    async def replicas(self, with_metrics: bool = False) -> list[dict[str, Any]]:
         self._drop_stale()
         entries = sorted((s for _, s in self._entries.values()), key=lambda s: s["id"])
         if with_metrics:
@@ -51,7 +54,7 @@ class Directory:
         self._lease = (replica_id, token, time.monotonic() + ttl_s)
         return True
 
-    def release_admin(self, token: str) -> None:
+    async def release_admin(self, token: str) -> None:
         if self._lease is not None and self._lease[1] == token:
             self._lease = None
 

@@ -81,6 +81,8 @@ class RouteChooser(Directory):
     def routable_ids(self) -> set[str] | None:
         """The replicas the router may send requests to (Serve's controller tells it of each
         one once it serves); None where Serve's internals are not as this code knows them."""
+        # `_request_router`, not the `request_router` property: that one makes the router,
+        # and Serve's router thread must be the one to make it
         asyncio_router = getattr(getattr(self.engines, "_router", None), "_asyncio_router", None)
         if asyncio_router is None or not hasattr(asyncio_router, "_request_router"):
             return None
@@ -89,12 +91,12 @@ class RouteChooser(Directory):
             return set()
         return {replica_id.unique_id for replica_id in list(request_router.curr_replicas)}
 
-    def replicas(self, with_metrics: bool = False) -> list[dict[str, Any]]:
+    async def replicas(self, with_metrics: bool = False) -> list[dict[str, Any]]:
         """The directory's entries, each replica ready only once the router can send it
         requests. A replica reports itself as soon as its model is loaded, a moment before
         Serve's controller tells routers of it: adapters loaded in that moment all went to
         the one replica the router knew (4 and 0, docs/deploy.md stop 32)."""
-        entries = super().replicas(with_metrics)
+        entries = await super().replicas(with_metrics)
         routable = self.routable_ids()
         if routable is None:
             return entries

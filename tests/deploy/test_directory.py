@@ -22,24 +22,24 @@ from server.deploy.route_chooser import RouteChooser
 DirectoryClass = directory_module.Directory
 
 
-def reported(*replica_ids: str):
+async def reported(*replica_ids: str):
     d = DirectoryClass()
     for replica_id in replica_ids:
-        d.report({"id": replica_id, "ready": True})
+        await d.report({"id": replica_id, "ready": True})
     return d
 
 
 def test_one_admin_change_at_a_time() -> None:
     async def scenario() -> None:
-        d = reported("a", "b")
+        d = await reported("a", "b")
         assert await d.acquire_admin("a", "t1", ttl_s=60, wait_s=1)
         assert not await d.acquire_admin("b", "t2", ttl_s=60, wait_s=0.2)  # a holds it
         waiting = asyncio.create_task(d.acquire_admin("b", "t2", ttl_s=60, wait_s=5))
         await asyncio.sleep(0.1)
-        d.release_admin("t-other")  # only its holder's token frees it
+        await d.release_admin("t-other")  # only its holder's token frees it
         await asyncio.sleep(0.1)
         assert not waiting.done()
-        d.release_admin("t1")
+        await d.release_admin("t1")
         assert await waiting
 
     asyncio.run(scenario())
@@ -47,12 +47,12 @@ def test_one_admin_change_at_a_time() -> None:
 
 def test_lease_of_a_dead_or_slow_holder_frees_itself(monkeypatch) -> None:
     async def scenario() -> None:
-        d = reported("a", "b")
+        d = await reported("a", "b")
         assert await d.acquire_admin("a", "t1", ttl_s=0.2, wait_s=1)
         assert await d.acquire_admin("b", "t2", ttl_s=60, wait_s=2)  # t1 outlived its ttl
         monkeypatch.setattr(directory_module, "STALE_S", 0.1)
         await asyncio.sleep(0.2)
-        d.report({"id": "a", "ready": True})  # b stopped reporting: killed
+        await d.report({"id": "a", "ready": True})  # b stopped reporting: killed
         assert await d.acquire_admin("a", "t3", ttl_s=60, wait_s=1)
 
     started = time.monotonic()
@@ -69,18 +69,22 @@ def test_a_replica_is_ready_once_the_choosers_router_knows_it() -> None:
     request_router = SimpleNamespace(curr_replicas={})
     router = SimpleNamespace(_asyncio_router=SimpleNamespace(_request_router=None))
     chooser.engines = SimpleNamespace(_router=router)
+
+    def ready() -> list[bool]:
+        return [entry["ready"] for entry in asyncio.run(chooser.replicas())]
+
     for replica_id in ("a", "b"):
-        chooser.report({"id": replica_id, "ready": True})
-    assert [e["ready"] for e in chooser.replicas()] == [False, False]  # no word from Serve yet
+        asyncio.run(chooser.report({"id": replica_id, "ready": True}))
+    assert ready() == [False, False]  # no word from Serve yet
     router._asyncio_router._request_router = request_router
     request_router.curr_replicas = {ReplicaKey("a"): None}
-    assert [e["ready"] for e in chooser.replicas()] == [True, False]
+    assert ready() == [True, False]
     request_router.curr_replicas = {ReplicaKey("a"): None, ReplicaKey("b"): None}
-    assert [e["ready"] for e in chooser.replicas()] == [True, True]
-    chooser.report({"id": "b", "ready": False})  # draining: its own word counts too
-    assert [e["ready"] for e in chooser.replicas()] == [True, False]
+    assert ready() == [True, True]
+    asyncio.run(chooser.report({"id": "b", "ready": False}))  # draining: its own word counts
+    assert ready() == [True, False]
     chooser.engines = SimpleNamespace(_router=SimpleNamespace())  # internals not as known
-    assert [e["ready"] for e in chooser.replicas()] == [True, False]
+    assert ready() == [True, False]
 
 
 def test_the_application_needs_serves_haproxy_ingress(monkeypatch) -> None:
