@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from typing import Any
 
@@ -51,6 +52,15 @@ class ReplicaFront:
         self.replica_id = replica_id
         self.model_name = model_name
         self.admin_ttl_s = admin_ttl_s
+        self._lease: tuple[str, float] | None = None  # (token, expires at) while a change runs
+
+    def held_lease(self) -> dict[str, Any] | None:
+        """The admin lease this replica holds, for its reports: a directory that restarted
+        meanwhile takes it back from them instead of granting another change at once."""
+        if self._lease is None:
+            return None
+        token, expires = self._lease
+        return {"token": token, "expires_in_s": max(0.0, expires - time.monotonic())}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":  # the replica runs its app's lifespan itself
@@ -99,9 +109,11 @@ class ReplicaFront:
             raise ServiceUnavailableError(
                 "another admin change is still running; retry", code="admin_busy"
             )
+        self._lease = (token, time.monotonic() + self.admin_ttl_s)
         try:
             await self.app(scope, receive, send)
         finally:
+            self._lease = None
             try:
                 await self.directory.release_admin.remote(token)
             except Exception as exc:  # the lease expires with its ttl or holder

@@ -120,6 +120,7 @@ class EngineReplica:
             "running": serving.engine.num_running if serving else 0,
             "waiting": serving.engine.num_waiting if serving else 0,
             "threads": self.threads,
+            "admin_lease": self.front.held_lease(),
         }
         if with_metrics:
             status["metrics"] = self.state.metrics.render().decode()

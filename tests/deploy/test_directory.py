@@ -29,6 +29,12 @@ async def reported(*replica_ids: str):
     return d
 
 
+@pytest.fixture(autouse=True)
+def no_start_grace(monkeypatch) -> None:
+    """The grace after a directory starts (LEASE_ADOPT_S) is its own test's subject."""
+    monkeypatch.setattr(directory_module, "LEASE_ADOPT_S", 0.0)
+
+
 def test_one_admin_change_at_a_time() -> None:
     async def scenario() -> None:
         d = await reported("a", "b")
@@ -58,6 +64,36 @@ def test_lease_of_a_dead_or_slow_holder_frees_itself(monkeypatch) -> None:
     started = time.monotonic()
     asyncio.run(scenario())
     assert time.monotonic() - started < 5
+
+
+def test_a_restarted_directory_takes_a_running_changes_lease_back(monkeypatch) -> None:
+    """The directory restarts with the route chooser while replica a runs an admin change:
+    a's reports carry its lease, and the new directory grants b nothing before a's change
+    ends (its release, or a report without the lease where the release went astray)."""
+    monkeypatch.setattr(directory_module, "LEASE_ADOPT_S", 0.3)
+    lease = {"token": "t1", "expires_in_s": 60.0}
+
+    async def scenario() -> None:
+        d = DirectoryClass()  # just restarted: a's report is on its way
+        assert not await d.acquire_admin("b", "t2", ttl_s=60, wait_s=0.1)  # the grace
+        await d.report({"id": "a", "ready": True, "admin_lease": lease})
+        await d.report({"id": "b", "ready": True, "admin_lease": None})
+        assert not await d.acquire_admin("b", "t2", ttl_s=60, wait_s=0.4)  # a's, taken back
+        assert "admin_lease" not in (await d.replicas())[0]  # reports only, not listings
+        await d.release_admin("t1")
+        assert await d.acquire_admin("b", "t2", ttl_s=60, wait_s=0.1)
+        await d.release_admin("t2")
+
+        d = DirectoryClass()
+        await asyncio.sleep(0.3)
+        await d.report({"id": "a", "ready": True, "admin_lease": lease})
+        assert not await d.acquire_admin("b", "t3", ttl_s=60, wait_s=0.1)
+        await d.report({"id": "a", "ready": True, "admin_lease": None})  # a's change ended
+        assert await d.acquire_admin("b", "t3", ttl_s=60, wait_s=0.1)
+        await d.report({"id": "b", "ready": True, "admin_lease": None})  # in flight meanwhile
+        assert not await d.acquire_admin("a", "t4", ttl_s=60, wait_s=0.1)  # b's stays
+
+    asyncio.run(scenario())
 
 
 def test_a_replica_is_ready_once_the_choosers_router_knows_it() -> None:
