@@ -27,9 +27,6 @@ LEASE_POLL_S = 0.05
 # report every second, server/deploy/replica.py)
 LEASE_ADOPT_S = 2.5
 
-# in reports, not in listings
-PRIVATE_FIELDS = ("metrics", "admin_lease")
-
 
 class Directory:
     """Every method is a coroutine: Serve runs a deployment's plain methods on a thread pool,
@@ -58,7 +55,8 @@ class Directory:
     async def replicas(self, with_metrics: bool = False) -> list[dict[str, Any]]:
         self._drop_stale()
         entries = sorted((s for _, s in self._entries.values()), key=lambda s: s["id"])
-        hidden = ("admin_lease",) if with_metrics else PRIVATE_FIELDS
+        # a report's lease is the directory's own business; its metrics page only for /metrics
+        hidden = ("admin_lease",) if with_metrics else ("admin_lease", "metrics")
         return [{k: v for k, v in s.items() if k not in hidden} for s in entries]
 
     async def acquire_admin(self, replica_id: str, token: str, ttl_s: float, wait_s: float) -> bool:
