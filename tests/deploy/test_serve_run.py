@@ -1,0 +1,166 @@
+"""`serve run configs/ray/serve.yaml`: the same application `ragtune serve --replicas` deploys,
+started by Serve's own CLI as a KubeRay RayService or an operator would, with the environment
+docs/deploy.md gives and the shipped config (its port and the model swapped for a free port
+and a tiny Llama). The official `openai` client works against it, both replicas serve, and
+Ctrl-C takes the application and the local cluster `serve run` started down, HAProxy with it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+pytest.importorskip("ray.serve")
+
+from ragtune.config import Settings
+from ragtune.launcher import free_settled_port
+from server.deploy.launch import SERVE_ENVIRONMENT, router_buffer_bytes
+from tests.engine.families import save_model_dir
+
+ROOT = Path(__file__).resolve().parents[2]
+API_KEY, ADMIN_KEY = "serve-run-client", "serve-run-admin"
+BASE = "tiny-llama"
+
+
+def ray_processes() -> set[int]:
+    """Pids of this machine's Ray and HAProxy processes (a local cluster's footprint)."""
+    found = subprocess.run(
+        ["pgrep", "-f", r"ray::|gcs_server|raylet|haproxy|dashboard/agent.py|log_monitor.py"],
+        capture_output=True,
+        text=True,
+    )
+    return {int(pid) for pid in found.stdout.split()} - {os.getpid()}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """`serve run` on a copy of configs/ray/serve.yaml; yields (base URL, process, log path)."""
+    if ray_processes():
+        pytest.skip("a Ray cluster already runs on this machine: `serve run` would join it")
+    root = tmp_path_factory.mktemp("serve_run")
+    save_model_dir("llama", root / "model")
+    port = free_settled_port()
+    config = yaml.safe_load((ROOT / "configs/ray/serve.yaml").read_text())
+    config["http_options"].update(host="127.0.0.1", port=port)
+    config["applications"][0]["args"]["config"] = str(ROOT / "configs/default.yaml")
+    (root / "serve.yaml").write_text(yaml.safe_dump(config))
+    env = {
+        **os.environ,
+        **SERVE_ENVIRONMENT,  # what docs/deploy.md asks every `ray start` and `serve run` for
+        "RAY_SERVE_HAPROXY_INGRESS_REQUEST_ROUTER_BUFSIZE": str(router_buffer_bytes(Settings())),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_settled_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_settled_port()),
+        "RAGTUNE_HOME": str(root / "home"),
+        "RAGTUNE_API_KEYS": API_KEY,
+        "RAGTUNE_ADMIN_KEYS": ADMIN_KEY,
+        "RAGTUNE_MODEL__SOURCE": str(root / "model"),
+        "RAGTUNE_MODEL__SERVED_MODEL_NAME": BASE,
+        "RAGTUNE_MODEL__QUANTIZATION": "none",
+        "RAGTUNE_MODEL__DTYPE": "fp32",
+        "RAGTUNE_ENGINE__WEIGHTS": "dense",
+        "RAGTUNE_LIMITS__MAX_NEW_TOKENS": "32",
+        "RAGTUNE_SERVE__REPLICA_CPUS": "1",
+        "RAGTUNE_SERVER__LOG_LEVEL": "warning",
+    }
+    env.pop("RAY_ADDRESS", None)
+    serve_cli = Path(sys.executable).with_name("serve")
+    log_path = root / "serve_run.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [str(serve_cli), "run", str(root / "serve.yaml")],
+            cwd=root,  # the config's paths are absolute: nothing depends on the directory
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            assert process.poll() is None, log_path.read_text()[-6000:]
+            try:
+                ready = httpx.get(f"{base_url}/ready", timeout=2)
+                if ready.status_code == 200 and ready.json().get("replicas") == 2:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        else:
+            pytest.fail(f"not ready after 300 s:\n{log_path.read_text()[-6000:]}")
+        yield base_url, process, log_path
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)  # Ctrl-C: what an operator does
+            try:
+                process.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        _wait_gone(30)  # the next module starts a cluster of its own: leave none behind
+        leftovers = ray_processes()
+        for pid in leftovers:  # never left for the rest of the run, whatever the test says
+            with open(os.devnull, "w") as quiet:
+                subprocess.run(["kill", "-9", str(pid)], stderr=quiet)
+
+
+def _wait_gone(timeout: float) -> set[int]:
+    deadline = time.monotonic() + timeout
+    while (left := ray_processes()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
+def test_openai_client_reaches_both_replicas(served) -> None:
+    import openai
+
+    base_url, _, _ = served
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=API_KEY)
+    assert BASE in [m.id for m in client.models.list().data]
+    seen = set()
+    for _ in range(16):  # ties go either way: all 16 on one replica is 2 in 65,536
+        raw = client.chat.completions.with_raw_response.create(
+            model=BASE, messages=[{"role": "user", "content": "hi"}], max_tokens=4
+        )
+        assert raw.parse().choices[0].message.content is not None
+        seen.add(raw.headers["x-ragtune-replica"])
+    stream = client.chat.completions.create(
+        model=BASE, messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True
+    )
+    assert [chunk.choices[0].finish_reason for chunk in stream if chunk.choices][-1]
+    listing = httpx.get(
+        f"{base_url}/v1/replicas", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10
+    )
+    assert listing.status_code == 200, listing.text
+    assert seen == {r["id"] for r in listing.json()["data"] if r["ready"]}
+    assert len(seen) == 2
+
+
+def test_keys_from_the_environment_hold(served) -> None:
+    base_url, _, _ = served
+    body = {"model": BASE, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    response = httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=30)
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "missing_api_key"
+    response = httpx.get(
+        f"{base_url}/v1/replicas", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10
+    )
+    assert response.status_code == 403, response.text
+
+
+def test_ctrl_c_takes_the_cluster_down(served) -> None:
+    """Last: `serve run` on Ctrl-C stops the application and the cluster it started."""
+    _, process, log_path = served
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) is not None, log_path.read_text()[-4000:]
+    left = _wait_gone(30)
+    assert not left, json.dumps(
+        {pid: Path(f"/proc/{pid}/cmdline").read_text(errors="replace")[:120] for pid in left}
+    )
