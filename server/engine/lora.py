@@ -105,7 +105,7 @@ class LoraSlots:
                 num_layers, num_slots, width, start, dtype=dtype, device=device
             )
         # Prompt chunks may run their LoRA GEMMs in another dtype than decode: on AMX decode's
-        # are float32 (runner.lora_dtype), where a 530-token prompt's 120 products of fp32
+        # are float32 (kernel_choice.lora_dtype), where a 530-token prompt's 120 products of fp32
         # GEMMs, casts and adds cost 177 ms over its 299 ms base prefill; bf16 copies of the
         # factors let a prompt's rows use the compute dtype's GEMMs, with no casts.
         self.prompt_dtype = prompt_dtype or dtype

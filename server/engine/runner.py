@@ -1,30 +1,37 @@
 """Model runners turn scheduled sequences into next-token logits; the only code that runs the
 model. `CompactRunner` batches every running sequence (and its adapter) into one decode forward
-of the model's family (server/engine/models/); `HFModelRunner` is the fallback for
-architectures no family covers."""
+of the model's family (server/engine/models/); `HFModelRunner` (server/engine/hf_runner.py) is
+the fallback for architectures no family covers. The kernels each runs with are chosen in
+server/engine/kernel_choice.py."""
 
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 
 import torch
 
 from ragtune.config import EngineConfig
 from ragtune.hardware import detect
 from ragtune.models import LoadedModel
-from ragtune.models.checkpoint import open_checkpoint
-from server.engine import a8, attention_rows, decode_layers, native
+from server.engine.adapter_slots import AdapterSlotTable
 from server.engine.cuda_graphs import GraphedDecode
+from server.engine.hf_runner import HFModelRunner
+from server.engine.kernel_choice import (
+    attention_kernel,
+    decode_weights,
+    dtype_name,
+    is_cpu,
+    layers_kernel,
+    lora_dtype,
+    weights_label,
+)
 from server.engine.kv_cache import KVCache, extent_class
-from server.engine.linear import W8A8Linear, is_bnb, packed_weights_supported
-from server.engine.lora import AdapterWeights, LoraSlots
+from server.engine.lora import LoraSlots
 from server.engine.lora_rowwise import rowwise_supported
 from server.engine.models import (
     WIDE_ROWS,
     DecoderModel,
     PromptChunk,
-    RowScores,
     model_class,
     module_shapes,
 )
@@ -41,52 +48,6 @@ logger = logging.getLogger(__name__)
 # 38 with the keys padded, 39 with both.
 PREFILL_ROW_MULTIPLE = 16
 PROMPT_KEY_MULTIPLE = 32
-
-
-class AdapterSlotTable:
-    """Which adapter occupies which LoRA slot; slots in use by running sequences are pinned,
-    the others are reused least-recently-used first."""
-
-    def __init__(self, lora: LoraSlots):
-        self.lora = lora
-        self._slot_of: OrderedDict[str, int] = OrderedDict()  # key -> slot, LRU order
-        self._users: dict[int, int] = {}  # slot -> running sequences using it
-        self._free = list(range(lora.num_slots))
-
-    def can_acquire(self, adapter: AdapterWeights) -> bool:
-        if adapter.key in self._slot_of or self._free:
-            return True
-        return any(self._users.get(slot, 0) == 0 for slot in self._slot_of.values())
-
-    def acquire(self, adapter: AdapterWeights) -> int:
-        slot = self._slot_of.get(adapter.key)
-        if slot is None:
-            if self._free:
-                slot = self._free.pop(0)
-            else:
-                victim = next(k for k, s in self._slot_of.items() if self._users.get(s, 0) == 0)
-                slot = self._slot_of.pop(victim)
-            try:
-                self.lora.load(slot, adapter)
-            except Exception:
-                self.lora.clear(slot)
-                self._free.append(slot)
-                raise
-            self._slot_of[adapter.key] = slot
-        self._slot_of.move_to_end(adapter.key)
-        self._users[slot] = self._users.get(slot, 0) + 1
-        return slot
-
-    def release(self, slot: int) -> None:
-        self._users[slot] -= 1
-
-    def evict(self, key: str) -> None:
-        """Drop an adapter's slot contents (after unload) once nothing running uses it."""
-        slot = self._slot_of.get(key)
-        if slot is not None and self._users.get(slot, 0) == 0:
-            del self._slot_of[key]
-            self.lora.clear(slot)
-            self._free.append(slot)
 
 
 class CompactRunner:
@@ -383,89 +344,6 @@ class CompactRunner:
         seq.slot = None
 
 
-class HFModelRunner:
-    """Fallback for architectures no compact family covers: one sequence at a time with the
-    Hugging Face module and its own cache; base model only."""
-
-    def __init__(self, loaded: LoadedModel, config: EngineConfig, max_seq_len: int):
-        self.model = loaded.model
-        self.device = loaded.device
-        self.max_seq_len = max_seq_len
-        self.lora = None
-        self.adapter_slots = None
-        self._running: list[Sequence] = []
-        self._max = config.max_batch_size
-
-    def kernels(self) -> dict[str, str]:
-        return {"runner": "serial", "dtype": dtype_name(self.model.dtype), "weights": "hf"}
-
-    def can_admit(self, seq: Sequence) -> bool:
-        return len(self._running) < self._max and seq.request.adapter is None
-
-    def add(self, seq: Sequence) -> None:
-        seq.cache_len = 0
-        self._running.append(seq)
-
-    @torch.inference_mode()
-    def prefill(self, seqs: list[Sequence]) -> list[torch.Tensor | None]:
-        from transformers import DynamicCache
-
-        logits = []
-        for seq in seqs:
-            prompt = seq.request.prompt_ids
-            top = seq.params.prompt_logprobs
-            out = self.model(
-                input_ids=torch.tensor([prompt], device=self.device),
-                past_key_values=DynamicCache(),
-                use_cache=True,
-                logits_to_keep=1 if top is None else 0,  # 0: every row
-            )
-            if top is not None:
-                scores = RowScores([], [], [])
-                scores.extend(out.logits[0, :-1].float(), prompt[1:], top, seq.params.prompt_ranks)
-                seq.add_prompt_logprobs(prompt[1:], scores)
-            seq.cache = out.past_key_values
-            seq.cache_len = seq.prompt_len
-            logits.append(out.logits[0, -1].float())
-        return logits
-
-    @torch.inference_mode()
-    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        rows = []
-        for seq in seqs:
-            ids = torch.tensor([[seq.last_token]], device=self.device)
-            out = self.model(input_ids=ids, past_key_values=seq.cache, use_cache=True)
-            seq.cache = out.past_key_values
-            seq.cache_len += 1
-            rows.append(out.logits[0, -1].float())
-        return torch.stack(rows)
-
-    def release(self, seq: Sequence) -> None:
-        seq.cache = None
-        if seq in self._running:
-            self._running.remove(seq)
-
-
-def lora_dtype(model: DecoderModel) -> torch.dtype:
-    """The dtype of the LoRA GEMMs. Where decode already runs them on a fixed row count (the
-    GEMMs' bits depend on it: AMX, MKL) and the device is a CPU, float32: MKL's small fp32
-    GEMMs cost about half of oneDNN's bf16 ones at LoRA sizes (AMX Xeon, one thread: 31 vs
-    52 µs for the qkv group's pair), and a rank-r product is cheap in any dtype. Prompt
-    chunks there use bf16 copies of the factors (LoraSlots.prompt_dtype): at hundreds of
-    rows the fp32 GEMMs and their casts cost more than the base prefill's own GEMMs.
-    Elsewhere the compute dtype, whose GEMMs were checked row-independent at start-up, so
-    prompt rows stay independent of chunking (the prefix cache relies on it)."""
-    if not model.rows_independent and model.device == "cpu":
-        return torch.float32
-    return model.dtype
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}.get(
-        dtype, str(dtype)
-    )
-
-
 def prefix_namespace(seq: Sequence) -> str:
     """What besides the tokens decides whether a prompt's cached K/V may be reused: its
     adapter and kernel class (they change the K/V), and its tenant (server/tenancy.py: one
@@ -473,99 +351,6 @@ def prefix_namespace(seq: Sequence) -> str:
     request = seq.request
     adapter = request.adapter.key if request.adapter is not None else ""
     return f"{adapter}|{seq.prompt_len > WIDE_ROWS}|{request.cache_namespace}"
-
-
-def decode_weights(config: EngineConfig, loaded: LoadedModel) -> str:
-    """engine.weights resolved for this model. 'auto', on a CPU (bf16 or fp32 compute) where
-    ragtune's a8 kernel builds: w4a8 where the checkpoint's layers already lie on a 4-bit
-    grid (a Q4_0/Q4_1 GGUF: nothing lost), else w8a8 (5- to 16-bit checkpoints keep 8 bits);
-    int4 on torch's kernel where the a8 kernel cannot run (the reason in the log); dense on
-    GPUs (int4 is an opt-in there, measured in docs/performance.md)."""
-    kind, dtype, device = config.weights, loaded.dtype, loaded.device
-    if kind == "auto":
-        if not (is_cpu(device) and packed_weights_supported("int4", dtype, device)):
-            return "dense"
-        if (reason := native.unavailable_reason()) is not None:
-            logger.warning("engine.weights auto: int4, as the a8 kernel cannot run: %s", reason)
-            return "int4"
-        return "w4a8" if checkpoint_on_4bit_grid(loaded) else "w8a8"
-    if kind != "dense" and not packed_weights_supported(kind, dtype, device):
-        raise ValueError(
-            f"engine.weights={kind} needs bf16 or fp32 compute on a CPU, or (int4 only) bf16 "
-            f"on a CUDA GPU (not {dtype} on {device})"
-        )
-    if kind == "w8a8" and not W8A8Linear.supported():
-        raise ValueError("engine.weights=w8a8 needs oneDNN's int8 linear, which this torch lacks")
-    if kind == "w4a8" and (reason := native.unavailable_reason()) is not None:
-        raise ValueError(f"engine.weights=w4a8 cannot run here: {reason}")
-    return kind
-
-
-def attention_kernel(
-    config: EngineConfig, model: DecoderModel, device: str, fixed_layout: bool
-) -> bool:
-    """engine.decode_attention resolved: whether decode steps attend on ragtune's kernel
-    (engine/attention_rows.py). 'auto' takes it wherever it runs, saying why not on a CPU
-    where it cannot; 'kernel' where it cannot is an error."""
-    if config.decode_attention == "torch":
-        return False
-    reason = attention_rows.unsupported_reason(model, device, fixed_layout)
-    if reason is not None and config.decode_attention == "kernel":
-        raise ValueError(f"engine.decode_attention=kernel cannot run here: {reason}")
-    if reason is not None and is_cpu(device):
-        logger.warning("decode attention on torch's GEMMs: %s", reason)
-    return reason is None
-
-
-def layers_kernel(
-    config: EngineConfig, model: DecoderModel, device: str
-) -> decode_layers.DecodeLayers | None:
-    """engine.decode_layers resolved: a step's layers in one kernel call where it runs
-    (engine/decode_layers.py), saying why not on a CPU where it cannot; 'kernel' where it
-    cannot is an error."""
-    if config.decode_layers == "python" or not is_cpu(device):
-        if config.decode_layers == "kernel":
-            raise ValueError(f"engine.decode_layers=kernel runs on a CPU, not {device}")
-        return None
-    reason = decode_layers.unsupported_reason(model)
-    if reason is None:
-        try:
-            return decode_layers.DecodeLayers(model)
-        except RuntimeError as error:  # its GLU check against torch failed here
-            reason = str(error)
-    if config.decode_layers == "kernel":
-        raise ValueError(f"engine.decode_layers=kernel cannot run here: {reason}")
-    logger.info("decode layers one call at a time: %s", reason)
-    return None
-
-
-def weights_label(kind: str) -> str:
-    """The decode weights and the kernel that multiplies them, for logs and metrics."""
-    if kind == "w4a8" or (kind == "w8a8" and native.unavailable_reason() is None):
-        return f"{kind} ({native.isa()})"
-    return "w8a8 (onednn)" if kind == "w8a8" else kind
-
-
-def checkpoint_on_4bit_grid(loaded: LoadedModel) -> bool:
-    """Whether the first layer's projections, as the packed kinds read them (the checkpoint
-    file, else the loaded weights), all lie on the 4-bit grid (a8.lies_on_4bit_grid)."""
-    source = open_checkpoint(loaded.model_dir)
-    if source is not None:
-        names = [k for k in source if ".layers.0." in k and k.endswith("proj.weight")]
-        weights = [source.tensor(name) for name in names]
-    else:
-        weights = [
-            module.weight.detach()
-            for name, module in loaded.model.named_modules()
-            if ".layers.0." in f".{name}." and isinstance(module, torch.nn.Linear)
-            and not is_bnb(module)
-        ]  # fmt: skip
-    fits = [w for w in weights if w.dim() == 2 and w.shape[1] % a8.GROUP == 0]
-    return bool(fits) and all(a8.lies_on_4bit_grid(w) for w in fits)
-
-
-def is_cpu(device) -> bool:
-    return str(device).startswith("cpu")
 
 
 def build_runner(loaded: LoadedModel, config: EngineConfig, max_seq_len: int):
@@ -578,4 +363,4 @@ def build_runner(loaded: LoadedModel, config: EngineConfig, max_seq_len: int):
     return HFModelRunner(loaded, config, max_seq_len)
 
 
-__all__ = ["AdapterSlotTable", "CompactRunner", "HFModelRunner", "build_runner"]
+__all__ = ["CompactRunner", "build_runner"]

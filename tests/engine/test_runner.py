@@ -10,9 +10,10 @@ from ragtune.config import EngineConfig
 from ragtune.models.loader import LoadedModel
 from server.adapters.loader import BaseSpec, read_adapter
 from server.engine import native
+from server.engine.kernel_choice import decode_weights
 from server.engine.models.attention import plan_decode
 from server.engine.models.exactness import PaddedExtents, padded_extents_exact
-from server.engine.runner import CompactRunner, decode_weights
+from server.engine.runner import CompactRunner
 from server.engine.sequence import Sequence
 from server.engine.types import GenerationRequest, SamplingParams
 
@@ -550,7 +551,8 @@ def test_models_the_compact_forward_cannot_run_use_the_serial_fallback():
     time with Hugging Face's own module and cache, the same greedy tokens as `generate`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from server.engine.runner import HFModelRunner, build_runner
+    from server.engine.hf_runner import HFModelRunner
+    from server.engine.runner import build_runner
 
     torch.manual_seed(1)
     config = LlamaConfig(

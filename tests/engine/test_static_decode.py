@@ -10,9 +10,10 @@ import torch
 
 from ragtune.config import EngineConfig
 from server.engine.cuda_graphs import GraphedDecode, key_lengths, row_buckets
+from server.engine.kernel_choice import decode_weights
 from server.engine.kv_cache import KVCache
 from server.engine.models.exactness import PaddedExtents
-from server.engine.runner import CompactRunner, decode_weights
+from server.engine.runner import CompactRunner
 from tests.engine.test_runner import (  # noqa: F401  (tiny, tiny_bf16: fixtures)
     PROMPTS,
     generate,
