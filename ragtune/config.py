@@ -223,10 +223,28 @@ class ServeConfig(_Section):
     ray_address: str | None = Field(
         None, description="Ray cluster to join (--ray-address; 'auto'); unset: start one."
     )
-    min_replicas: int | None = Field(None, ge=0, description="Autoscaling lower bound.")
+    min_replicas: int | None = Field(
+        None,
+        ge=1,
+        description="Autoscaling lower bound (at least 1: scaling from zero through "
+        "HAProxy is unproven, docs/deploy.md).",
+    )
     max_replicas: int | None = Field(None, ge=1, description="Autoscaling upper bound.")
     target_ongoing_requests: float = Field(
         8, gt=0, description="Autoscaling target: requests in flight per replica."
+    )
+    # Serve's AutoscalingConfig options of the same names, with its defaults
+    upscale_delay_s: float = Field(
+        30, ge=0, description="Autoscaling: load above target this long adds replicas."
+    )
+    downscale_delay_s: float = Field(
+        600, ge=0, description="Autoscaling: load below target this long removes replicas."
+    )
+    look_back_period_s: float = Field(
+        30, gt=0, description="Autoscaling: the window load is averaged over."
+    )
+    metrics_interval_s: float = Field(
+        10, gt=0, description="Autoscaling: how often each replica reports its load."
     )
     replica_cpus: float = Field(
         1.0, gt=0, description="CPUs Ray reserves for each replica (its torch threads too)."
@@ -259,9 +277,17 @@ class ServeConfig(_Section):
     @model_validator(mode="after")
     def _bounds(self) -> ServeConfig:
         low, high = self.min_replicas, self.max_replicas
+        if (low is None) != (high is None):
+            raise ValueError(
+                "autoscaling needs both serve.min_replicas and serve.max_replicas (or neither)"
+            )
         if low is not None and high is not None and low > high:
             raise ValueError("serve.min_replicas must not exceed serve.max_replicas")
         return self
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.min_replicas is not None and self.max_replicas is not None
 
 
 class CanaryConfig(_Section):

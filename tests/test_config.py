@@ -54,6 +54,11 @@ def test_fixed_environment_names(monkeypatch, tmp_path):
         "limits:\n  max_new_tokens: 0\n",
         "typo_section: 1\n",
         "model:\n  sorce: bundled\n",
+        "serve:\n  min_replicas: 1\n",  # autoscaling needs both bounds, not one ignored
+        "serve:\n  max_replicas: 2\n",
+        "serve:\n  min_replicas: 3\n  max_replicas: 2\n",
+        "serve:\n  min_replicas: 0\n  max_replicas: 2\n",
+        "serve:\n  min_replicas: 1\n  max_replicas: 2\n  look_back_period_s: 0\n",
     ],
 )
 def test_invalid_config_is_rejected(tmp_path, yaml_text):

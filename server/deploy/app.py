@@ -63,12 +63,17 @@ def build(settings: Settings, replicas: int | None = None) -> Application:
             request_routing_stats_timeout_s=5 * STATS_PERIOD_S,
         ),
     }
-    if serve_config.min_replicas is not None and serve_config.max_replicas is not None:
+    if serve_config.autoscaling:
+        low, high = serve_config.min_replicas, serve_config.max_replicas
         options["autoscaling_config"] = AutoscalingConfig(
-            min_replicas=serve_config.min_replicas,
-            max_replicas=serve_config.max_replicas,
-            initial_replicas=min(max(count, serve_config.min_replicas), serve_config.max_replicas),
+            min_replicas=low,
+            max_replicas=high,
+            initial_replicas=min(max(count, low), high),
             target_ongoing_requests=serve_config.target_ongoing_requests,
+            upscale_delay_s=serve_config.upscale_delay_s,
+            downscale_delay_s=serve_config.downscale_delay_s,
+            look_back_period_s=serve_config.look_back_period_s,
+            metrics_interval_s=serve_config.metrics_interval_s,
         )
     else:
         options["num_replicas"] = count

@@ -1,0 +1,111 @@
+"""Autoscaling on Ray Serve (`serve.min_replicas` / `serve.max_replicas`): a local cluster of
+one replica (a tiny Llama, one CPU) that may grow to two. Load above
+`serve.target_ongoing_requests` adds the second replica, which then takes requests; when the
+load ends it goes away again, and no request fails on the way up or down. Serve's delays and
+windows are shortened through the config (the same option names as Serve's)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+pytest.importorskip("ray.serve")
+
+from server.deploy.process import ReplicatedServer, start_replicated
+from tests.engine.families import save_model_dir
+
+API_KEY, ADMIN_KEY = "scale-client", "scale-admin"
+CLIENT = {"Authorization": f"Bearer {API_KEY}"}
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+BASE = "tiny-llama"
+BODY = {"model": BASE, "messages": [{"role": "user", "content": "Count to ten."}], "max_tokens": 32}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory) -> ReplicatedServer:
+    root = tmp_path_factory.mktemp("autoscaling")
+    save_model_dir("llama", root / "model")
+    env = {
+        "RAGTUNE_HOME": str(root / "home"),
+        "RAGTUNE_API_KEYS": API_KEY,
+        "RAGTUNE_ADMIN_KEYS": ADMIN_KEY,
+        "RAGTUNE_MODEL__SOURCE": str(root / "model"),
+        "RAGTUNE_MODEL__SERVED_MODEL_NAME": BASE,
+        "RAGTUNE_MODEL__QUANTIZATION": "none",
+        "RAGTUNE_MODEL__DTYPE": "fp32",
+        "RAGTUNE_ENGINE__WEIGHTS": "dense",
+        "RAGTUNE_SERVE__REPLICA_CPUS": "1",
+        "RAGTUNE_SERVE__MIN_REPLICAS": "1",
+        "RAGTUNE_SERVE__MAX_REPLICAS": "2",
+        "RAGTUNE_SERVE__TARGET_ONGOING_REQUESTS": "1",
+        "RAGTUNE_SERVE__UPSCALE_DELAY_S": "0",
+        "RAGTUNE_SERVE__DOWNSCALE_DELAY_S": "2",
+        "RAGTUNE_SERVE__LOOK_BACK_PERIOD_S": "2",
+        "RAGTUNE_SERVE__METRICS_INTERVAL_S": "0.5",
+        "RAGTUNE_SERVER__LOG_LEVEL": "warning",
+    }
+    server = start_replicated(env, root / "serve.log", replicas=1)
+    yield server
+    assert server.stop() == 0, server.log()[-4000:]
+
+
+def listing(server: ReplicatedServer) -> list[dict]:
+    response = httpx.get(f"{server.v1}/replicas", headers=ADMIN, timeout=10)
+    response.raise_for_status()
+    return response.json()["data"]
+
+
+def ready_ids(server: ReplicatedServer) -> set[str]:
+    return {entry["id"] for entry in listing(server) if entry["ready"]}
+
+
+async def load_until(server: ReplicatedServer, concurrency: int, done) -> list[httpx.Response]:
+    """`concurrency` clients posting back to back until `done()` holds (checked each second)."""
+    responses: list[httpx.Response] = []
+    stop = asyncio.Event()
+
+    async def client(http: httpx.AsyncClient) -> None:
+        while not stop.is_set():
+            responses.append(
+                await http.post(f"{server.v1}/chat/completions", json=BODY, headers=CLIENT)
+            )
+
+    async def watch() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not await asyncio.to_thread(done):
+            await asyncio.sleep(1)
+        stop.set()
+
+    async with httpx.AsyncClient(timeout=60) as http:
+        await asyncio.gather(watch(), *(client(http) for _ in range(concurrency)))
+    return responses
+
+
+def test_load_adds_a_replica_that_serves(cluster: ReplicatedServer) -> None:
+    assert len(ready_ids(cluster)) == 1
+    grown_at: list[float] = []
+
+    def two_serving() -> bool:
+        if len(ready_ids(cluster)) < 2:
+            return False
+        grown_at.append(time.monotonic())
+        return time.monotonic() - grown_at[0] > 5  # then 5 s more load over both
+
+    responses = asyncio.run(load_until(cluster, 6, two_serving))
+    assert grown_at, f"no second replica under load:\n{cluster.log()[-4000:]}"
+    assert [r.status_code for r in responses if r.status_code != 200] == []
+    served = {r.headers["x-ragtune-replica"] for r in responses}
+    assert served == ready_ids(cluster) and len(served) == 2
+
+
+def test_the_extra_replica_goes_when_the_load_ends(cluster: ReplicatedServer) -> None:
+    """Requests one at a time stay below the target of 1 in flight: back to one replica,
+    and none of the requests sent meanwhile fails. The leaving replica is listed unready
+    while it drains, then leaves the listing."""
+    responses = asyncio.run(load_until(cluster, 1, lambda: len(listing(cluster)) == 1))
+    entries = listing(cluster)
+    assert len(entries) == 1 and entries[0]["ready"], (entries, cluster.log()[-4000:])
+    assert responses and [r.status_code for r in responses if r.status_code != 200] == []
