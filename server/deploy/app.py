@@ -65,10 +65,16 @@ def build(settings: Settings, replicas: int | None = None) -> Application:
     }
     if serve_config.autoscaling:
         low, high = serve_config.min_replicas, serve_config.max_replicas
+        requested = replicas or serve_config.replicas
+        if requested is not None and not low <= requested <= high:
+            raise ValueError(
+                f"{requested} replicas to start with is outside the autoscaling bounds "
+                f"serve.min_replicas..serve.max_replicas ({low}..{high})"
+            )
         options["autoscaling_config"] = AutoscalingConfig(
             min_replicas=low,
             max_replicas=high,
-            initial_replicas=min(max(count, low), high),
+            initial_replicas=requested or low,
             target_ongoing_requests=serve_config.target_ongoing_requests,
             upscale_delay_s=serve_config.upscale_delay_s,
             downscale_delay_s=serve_config.downscale_delay_s,
