@@ -3,6 +3,7 @@
     python bench/replicas.py affinity  --replicas 2 --requests 96
     python bench/replicas.py failover  --replicas 2 --seconds 40 --kill-after 8
     python bench/replicas.py overhead  --replicas 1 --rounds 3        # plain serve vs Ray path
+    python bench/replicas.py overhead  --replicas 1 --beside          # ... and plain beside Ray
     python bench/replicas.py beside    --replicas 1                   # plain serve beside idle Ray
 
 affinity  loads 4 adapters through the admin API (so every replica knows them, their weights
@@ -16,7 +17,8 @@ failover  c=8 non-streamed load over the adapters; after --kill-after seconds SI
           replicas report ready again.
 overhead  the same streamed load at c=1 and c=16 against plain `ragtune serve` and against
           `--replicas N`, alternately for --rounds rounds; tok/s, each round's ratio and
-          their median.
+          their median. With --beside, each round also loads the plain server while the
+          round's cluster is up and idle: Ray's presence and the Ray path apart.
 beside    plain `ragtune serve` alone, then beside an idle `--replicas N` cluster (whose
           replicas serve nothing), then alone again: what Ray's own processes cost an engine
           on the same cores, apart from the request path.
@@ -258,21 +260,34 @@ def overhead(args, client: dict, log_dir: Path) -> dict:
             single = asyncio.run(throughput(plain.base_url, client, args.model, args))
             server = start_replicated({}, log_dir / f"replicas{number}.log", args.replicas)
             try:
+                if args.beside:  # the plain server again, the cluster up and idle beside it
+                    beside = asyncio.run(throughput(plain.base_url, client, args.model, args))
                 ray_path = asyncio.run(throughput(server.base_url, client, args.model, args))
             finally:
                 server.stop()
             rates = [k for k in single if k.endswith("tok_per_s")]
             ratio = {k: round(ray_path[k] / single[k], 3) for k in rates}
             rounds.append({"plain": single, "ray": ray_path, "ray_over_plain": ratio})
+            if args.beside:
+                rounds[-1].update(
+                    plain_beside_ray=beside,
+                    beside_over_plain={k: round(beside[k] / single[k], 3) for k in rates},
+                    ray_over_beside={k: round(ray_path[k] / beside[k], 3) for k in rates},
+                )
             print(json.dumps({"round": number, **rounds[-1]}), file=sys.stderr, flush=True)
     finally:
         plain.stop()
+    ratios = [key for key in rounds[0] if "_over_" in key]
     medians = {
-        key: round(statistics.median(r["ray_over_plain"][key] for r in rounds), 3)
-        for key in rounds[0]["ray_over_plain"]
+        name: {
+            key: round(statistics.median(r[name][key] for r in rounds), 3)
+            for key in rounds[0][name]
+        }
+        for name in ratios
     }
     return {"bench": "overhead", "replicas": args.replicas, "rounds": rounds,
-            "median_ray_over_plain": medians}  # fmt: skip
+            "median_ray_over_plain": medians["ray_over_plain"],
+            "medians": medians}  # fmt: skip
 
 
 def main() -> None:
@@ -287,6 +302,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=40)
     parser.add_argument("--kill-after", type=float, default=8)
     parser.add_argument("--rounds", type=int, default=3, help="overhead: plain/Ray pairs")
+    parser.add_argument(
+        "--beside",
+        action="store_true",
+        help="overhead: also the plain server beside each round's idle cluster, before the "
+        "Ray run (what Ray's processes cost apart from the request path)",
+    )
     parser.add_argument("--api-key", default=os.environ.get("RAGTUNE_API_KEYS", "").split(",")[0])
     parser.add_argument(
         "--admin-key", default=os.environ.get("RAGTUNE_ADMIN_KEYS", "").split(",")[0]

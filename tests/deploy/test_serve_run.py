@@ -43,7 +43,7 @@ def ray_processes() -> set[int]:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """`serve run` on a copy of configs/ray/serve.yaml; yields (base URL, process, log path)."""
-    if ray_processes():
+    if _wait_gone(30):  # an earlier module's cluster takes a moment to go
         pytest.skip("a Ray cluster already runs on this machine: `serve run` would join it")
     root = tmp_path_factory.mktemp("serve_run")
     save_model_dir("llama", root / "model")
