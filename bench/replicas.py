@@ -18,7 +18,8 @@ failover  c=8 non-streamed load over the adapters; after --kill-after seconds SI
 overhead  the same streamed load at c=1 and c=16 against plain `ragtune serve` and against
           `--replicas N`, alternately for --rounds rounds; tok/s, each round's ratio and
           their median. With --beside, each round also loads the plain server while the
-          round's cluster is up and idle: Ray's presence and the Ray path apart.
+          round's cluster is up and idle (before the Ray run in even rounds, after it in
+          odd ones): Ray's presence and the Ray path apart.
 beside    plain `ragtune serve` alone, then beside an idle `--replicas N` cluster (whose
           replicas serve nothing), then alone again: what Ray's own processes cost an engine
           on the same cores, apart from the request path.
@@ -259,10 +260,15 @@ def overhead(args, client: dict, log_dir: Path) -> dict:
         for number in range(args.rounds):
             single = asyncio.run(throughput(plain.base_url, client, args.model, args))
             server = start_replicated({}, log_dir / f"replicas{number}.log", args.replicas)
-            try:
-                if args.beside:  # the plain server again, the cluster up and idle beside it
+            try:  # --beside: the plain server again, the cluster up and idle beside it;
+                # before the Ray run in even rounds, after it in odd ones (a cluster just
+                # started may still be settling)
+                beside_first = args.beside and number % 2 == 0
+                if beside_first:
                     beside = asyncio.run(throughput(plain.base_url, client, args.model, args))
                 ray_path = asyncio.run(throughput(server.base_url, client, args.model, args))
+                if args.beside and not beside_first:
+                    beside = asyncio.run(throughput(plain.base_url, client, args.model, args))
             finally:
                 server.stop()
             rates = [k for k in single if k.endswith("tok_per_s")]
@@ -305,8 +311,8 @@ def main() -> None:
     parser.add_argument(
         "--beside",
         action="store_true",
-        help="overhead: also the plain server beside each round's idle cluster, before the "
-        "Ray run (what Ray's processes cost apart from the request path)",
+        help="overhead: also the plain server beside each round's idle cluster, before and "
+        "after the Ray run in turn (what Ray's processes cost apart from the request path)",
     )
     parser.add_argument("--api-key", default=os.environ.get("RAGTUNE_API_KEYS", "").split(",")[0])
     parser.add_argument(
