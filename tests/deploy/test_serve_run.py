@@ -80,6 +80,9 @@ def served(tmp_path_factory):
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
+            # a shell's background job (CI's, say) ignores SIGINT, and the child would inherit
+            # that: Ctrl-C must reach `serve run` as it does from a terminal
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
     base_url = f"http://127.0.0.1:{port}"
     try:
@@ -97,10 +100,10 @@ def served(tmp_path_factory):
             pytest.fail(f"not ready after 300 s:\n{log_path.read_text()[-6000:]}")
         yield base_url, process, log_path
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)  # Ctrl-C: what an operator does
+        if process.poll() is None:  # a test failed before Ctrl-C was sent
+            process.send_signal(signal.SIGINT)
             try:
-                process.wait(timeout=120)
+                process.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
@@ -159,7 +162,7 @@ def test_ctrl_c_takes_the_cluster_down(served) -> None:
     """Last: `serve run` on Ctrl-C stops the application and the cluster it started."""
     _, process, log_path = served
     process.send_signal(signal.SIGINT)
-    assert process.wait(timeout=120) is not None, log_path.read_text()[-4000:]
+    assert process.wait(timeout=60) is not None, log_path.read_text()[-4000:]
     left = _wait_gone(30)
     assert not left, json.dumps(
         {pid: Path(f"/proc/{pid}/cmdline").read_text(errors="replace")[:120] for pid in left}
