@@ -216,6 +216,11 @@ class StoreConfig(_Section):
     )
 
 
+# How often a Serve replica reports its load to the autoscaler (Serve's default; its own
+# option for it is deprecated in Ray 2.60)
+SERVE_METRICS_INTERVAL_S = 10.0
+
+
 class ServeConfig(_Section):
     replicas: int | None = Field(
         None, ge=1, description="Engine replicas on Ray Serve (--replicas); unset: one process."
@@ -241,10 +246,10 @@ class ServeConfig(_Section):
         600, ge=0, description="Autoscaling: load below target this long removes replicas."
     )
     look_back_period_s: float = Field(
-        30, gt=0, description="Autoscaling: the window load is averaged over."
-    )
-    metrics_interval_s: float = Field(
-        10, gt=0, description="Autoscaling: how often each replica reports its load."
+        30,
+        gt=SERVE_METRICS_INTERVAL_S,
+        description="Autoscaling: the window load is averaged over (longer than the 10 s "
+        "between a replica's load reports).",
     )
     replica_cpus: float = Field(
         1.0, gt=0, description="CPUs Ray reserves for each replica (its torch threads too)."

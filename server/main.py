@@ -58,10 +58,21 @@ def run_serve(args: argparse.Namespace) -> int:
             raise ValueError(f"--adapter expects NAME=PATH, got {spec!r}")
         settings.adapters.preload[name] = path
     configure_logging(settings.server.log_level, settings.server.log_format)
-    if settings.serve.replicas:
+    serve = settings.serve
+    if not serve.replicas and (serve.autoscaling or serve.ray_address):
+        what = (
+            "serve.min_replicas/serve.max_replicas scale replicas on Ray Serve"
+            if serve.autoscaling
+            else "--ray-address (serve.ray_address) names a Ray cluster for replicas"
+        )
+        raise ValueError(
+            f"{what}: start them with --replicas N (serve.replicas, the starting count), "
+            "or remove it to serve from one process"
+        )
+    if serve.replicas:
         from server.deploy.launch import run_replicated
 
-        return run_replicated(settings, settings.serve.replicas, settings.serve.ray_address)
+        return run_replicated(settings, serve.replicas, serve.ray_address)
     limit_arenas()
     app = create_app(settings)
     config = uvicorn.Config(

@@ -79,7 +79,6 @@ def build(settings: Settings, replicas: int | None = None) -> Application:
             upscale_delay_s=serve_config.upscale_delay_s,
             downscale_delay_s=serve_config.downscale_delay_s,
             look_back_period_s=serve_config.look_back_period_s,
-            metrics_interval_s=serve_config.metrics_interval_s,
         )
     else:
         options["num_replicas"] = count

@@ -77,18 +77,20 @@ def run_replicated(settings: Settings, replicas: int, address: str | None) -> in
     from server.deploy.app import build
 
     local = address is None
-    cpus = replicas * settings.serve.replica_cpus
+    most = max(replicas, settings.serve.max_replicas or 0)  # autoscaling may add up to max
+    cpus = most * settings.serve.replica_cpus
     if local:
         share = cpu_share().cpus
         if cpus > share:
             logger.warning(
                 "%d replicas x %g CPUs exceed this machine's share of %g CPUs; they will "
                 "compete for cores (set serve.replica_cpus lower, or use fewer replicas)",
-                replicas,
+                most,
                 settings.serve.replica_cpus,
                 share,
             )
         ray.init(
+            address="local",  # a cluster of its own, even where one already runs here
             num_cpus=max(cpus, share),
             include_dashboard=False,
             namespace=APP_NAME,

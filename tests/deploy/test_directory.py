@@ -129,15 +129,6 @@ def test_the_application_needs_serves_haproxy_ingress(monkeypatch) -> None:
         build(Settings(), replicas=1)
 
 
-def test_a_start_count_outside_the_autoscaling_bounds_is_refused(monkeypatch) -> None:
-    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "1")
-    settings = Settings(serve={"min_replicas": 1, "max_replicas": 2})
-    with pytest.raises(ValueError, match=r"3 replicas .* outside .* \(1\.\.2\)"):
-        build(settings, replicas=3)
-    options = build(settings, replicas=2)._bound_deployment._deployment_config
-    assert options.autoscaling_config.initial_replicas == 2
-
-
 class _Call:
     def __init__(self, result) -> None:
         self.result = result

@@ -6,12 +6,14 @@ Ctrl-C takes the application and the local cluster `serve run` started down, HAP
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -26,26 +28,45 @@ from server.deploy.launch import SERVE_ENVIRONMENT, router_buffer_bytes
 from tests.engine.families import save_model_dir
 
 ROOT = Path(__file__).resolve().parents[2]
+# `serve run` as from a terminal: a shell's background job (CI's, say) ignores SIGINT, and a
+# child inherits that, so Ctrl-C would never reach it
+DEFAULT_SIGINT = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
 API_KEY, ADMIN_KEY = "serve-run-client", "serve-run-admin"
 BASE = "tiny-llama"
 
 
-def ray_processes() -> set[int]:
-    """Pids of this machine's Ray and HAProxy processes (a local cluster's footprint)."""
-    found = subprocess.run(
-        ["pgrep", "-f", r"ray::|gcs_server|raylet|haproxy|dashboard/agent.py|log_monitor.py"],
-        capture_output=True,
-        text=True,
-    )
-    return {int(pid) for pid in found.stdout.split()} - {os.getpid()}
+MARKER = "RAGTUNE_TEST_CLUSTER"
+
+
+def cluster_processes(tag: str) -> set[int]:
+    """Pids of the processes `serve run` started, whatever they are (GCS, raylet, workers,
+    agents, HAProxy): each inherits the tag in its environment, which no other process has."""
+    needle = f"{MARKER}={tag}".encode()
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if needle in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                found.add(int(pid))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+def wait_gone(tag: str, timeout: float) -> set[int]:
+    deadline = time.monotonic() + timeout
+    while (left := cluster_processes(tag)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """`serve run` on a copy of configs/ray/serve.yaml; yields (base URL, process, log path)."""
-    if _wait_gone(30):  # an earlier module's cluster takes a moment to go
-        pytest.skip("a Ray cluster already runs on this machine: `serve run` would join it")
     root = tmp_path_factory.mktemp("serve_run")
+    tag = uuid.uuid4().hex
     save_model_dir("llama", root / "model")
     port = free_settled_port()
     config = yaml.safe_load((ROOT / "configs/ray/serve.yaml").read_text())
@@ -70,19 +91,17 @@ def served(tmp_path_factory):
         "RAGTUNE_SERVE__REPLICA_CPUS": "1",
         "RAGTUNE_SERVER__LOG_LEVEL": "warning",
     }
-    env.pop("RAY_ADDRESS", None)
+    env[MARKER] = tag
+    env["RAY_ADDRESS"] = "local"  # a cluster of its own, even where another runs here
     serve_cli = Path(sys.executable).with_name("serve")
     log_path = root / "serve_run.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [str(serve_cli), "run", str(root / "serve.yaml")],
+            [sys.executable, "-c", DEFAULT_SIGINT, str(serve_cli), "run", str(root / "serve.yaml")],
             cwd=root,  # the config's paths are absolute: nothing depends on the directory
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
-            # a shell's background job (CI's, say) ignores SIGINT, and the child would inherit
-            # that: Ctrl-C must reach `serve run` as it does from a terminal
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
     base_url = f"http://127.0.0.1:{port}"
     try:
@@ -98,7 +117,7 @@ def served(tmp_path_factory):
             time.sleep(1)
         else:
             pytest.fail(f"not ready after 300 s:\n{log_path.read_text()[-6000:]}")
-        yield base_url, process, log_path
+        yield base_url, process, log_path, tag
     finally:
         if process.poll() is None:  # a test failed before Ctrl-C was sent
             process.send_signal(signal.SIGINT)
@@ -107,24 +126,15 @@ def served(tmp_path_factory):
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        _wait_gone(30)  # the next module starts a cluster of its own: leave none behind
-        leftovers = ray_processes()
-        for pid in leftovers:  # never left for the rest of the run, whatever the test says
-            with open(os.devnull, "w") as quiet:
-                subprocess.run(["kill", "-9", str(pid)], stderr=quiet)
-
-
-def _wait_gone(timeout: float) -> set[int]:
-    deadline = time.monotonic() + timeout
-    while (left := ray_processes()) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return left
+        for pid in wait_gone(tag, 30):  # never left for the rest of the run, whatever happened
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_openai_client_reaches_both_replicas(served) -> None:
     import openai
 
-    base_url, _, _ = served
+    base_url, *_ = served
     client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=API_KEY)
     assert BASE in [m.id for m in client.models.list().data]
     seen = set()
@@ -147,7 +157,7 @@ def test_openai_client_reaches_both_replicas(served) -> None:
 
 
 def test_keys_from_the_environment_hold(served) -> None:
-    base_url, _, _ = served
+    base_url, *_ = served
     body = {"model": BASE, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     response = httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=30)
     assert response.status_code == 401
@@ -160,10 +170,14 @@ def test_keys_from_the_environment_hold(served) -> None:
 
 def test_ctrl_c_takes_the_cluster_down(served) -> None:
     """Last: `serve run` on Ctrl-C stops the application and the cluster it started."""
-    _, process, log_path = served
+    _, process, log_path, tag = served
+    assert cluster_processes(tag) - {process.pid}  # the tag does mark the cluster's processes
     process.send_signal(signal.SIGINT)
-    assert process.wait(timeout=60) is not None, log_path.read_text()[-4000:]
-    left = _wait_gone(30)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"serve run still up 60 s after Ctrl-C:\n{log_path.read_text()[-4000:]}")
+    left = wait_gone(tag, 30)
     assert not left, json.dumps(
         {pid: Path(f"/proc/{pid}/cmdline").read_text(errors="replace")[:120] for pid in left}
     )

@@ -1,6 +1,6 @@
 """The model families the compact engine runs, one module each over the shared decoder in
 base.py and its forward passes in passes.py. A family not listed here is served by the serial
-fallback (server/engine/runner.py)."""
+fallback (server/engine/hf_runner.py)."""
 
 from __future__ import annotations
 
