@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 from contextvars import ContextVar, Token
 
-from ragtune.config import ServeConfig
+from ragtune.serve_config import ServeConfig
 from server.keys import key_digest
 
 _tenant: ContextVar[str] = ContextVar("ragtune_tenant", default="")

@@ -3,7 +3,7 @@ cache_salt splits further; the namespace names no key."""
 
 from __future__ import annotations
 
-from ragtune.config import ServeConfig
+from ragtune.serve_config import ServeConfig
 from server.keys import key_digest
 from server.tenancy import bind_tenant, cache_namespace, reset_tenant, tenant_of
 
