@@ -44,7 +44,7 @@ def build(settings: Settings, replicas: int | None = None) -> Application:
         )
     data, keys = shared_settings(settings)
     serve_config = settings.serve
-    count = replicas or serve_config.replicas or 1
+    requested = replicas or serve_config.replicas  # the starting count, when given
     options: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": serve_config.replica_cpus},
         "max_ongoing_requests": serve_config.max_ongoing_requests,
@@ -65,7 +65,6 @@ def build(settings: Settings, replicas: int | None = None) -> Application:
     }
     if serve_config.autoscaling:
         low, high = serve_config.min_replicas, serve_config.max_replicas
-        requested = replicas or serve_config.replicas
         if requested is not None and not low <= requested <= high:
             raise ValueError(
                 f"{requested} replicas to start with is outside the autoscaling bounds "
@@ -81,7 +80,7 @@ def build(settings: Settings, replicas: int | None = None) -> Application:
             look_back_period_s=serve_config.look_back_period_s,
         )
     else:
-        options["num_replicas"] = count
+        options["num_replicas"] = requested or 1
     engines = EngineReplica.options(**options).bind(data, keys)
     # Serve's (internal, unstable) hook for this layout, the one Ray Serve LLM's direct
     # streaming uses: ray.llm._internal.serve.core.ingress.builder

@@ -19,6 +19,7 @@ from ragtune.config import Settings
 from ragtune.cpu_share import cpu_share
 from server.deploy.app import build
 from server.deploy.process import ReplicatedServer, start_replicated
+from tests.deploy.tiny_cluster import tiny_replica_env
 from tests.engine.families import save_model_dir
 
 API_KEY, ADMIN_KEY = "scale-client", "scale-admin"
@@ -69,22 +70,13 @@ def cluster(tmp_path_factory) -> ReplicatedServer:
     root = tmp_path_factory.mktemp("autoscaling")
     save_model_dir("llama", root / "model")
     env = {
-        "RAGTUNE_HOME": str(root / "home"),
-        "RAGTUNE_API_KEYS": API_KEY,
-        "RAGTUNE_ADMIN_KEYS": ADMIN_KEY,
-        "RAGTUNE_MODEL__SOURCE": str(root / "model"),
-        "RAGTUNE_MODEL__SERVED_MODEL_NAME": BASE,
-        "RAGTUNE_MODEL__QUANTIZATION": "none",
-        "RAGTUNE_MODEL__DTYPE": "fp32",
-        "RAGTUNE_ENGINE__WEIGHTS": "dense",
-        "RAGTUNE_SERVE__REPLICA_CPUS": "1",
+        **tiny_replica_env(root, API_KEY, ADMIN_KEY, BASE),
         "RAGTUNE_SERVE__MIN_REPLICAS": "1",
         "RAGTUNE_SERVE__MAX_REPLICAS": "2",
         "RAGTUNE_SERVE__TARGET_ONGOING_REQUESTS": "1",
         "RAGTUNE_SERVE__UPSCALE_DELAY_S": "0",
         "RAGTUNE_SERVE__DOWNSCALE_DELAY_S": "2",
         "RAGTUNE_SERVE__LOOK_BACK_PERIOD_S": "11",  # more than Serve's 10 s between reports
-        "RAGTUNE_SERVER__LOG_LEVEL": "warning",
     }
     server = start_replicated(env, root / "serve.log", replicas=1)
     yield server

@@ -23,6 +23,7 @@ pytest.importorskip("s3fs")
 
 from server.deploy.process import ReplicatedServer, start_replicated
 from server.deploy.router import STATS_PERIOD_S
+from tests.deploy.tiny_cluster import tiny_replica_env
 from tests.engine.families import peft_adapter, save_model_dir
 
 API_KEY, ADMIN_KEY = "replica-client", "replica-admin"
@@ -61,20 +62,10 @@ def cluster(tmp_path_factory, s3_endpoint: str, bucket) -> ReplicatedServer:
     )
     env = {
         **AWS,
-        "RAGTUNE_HOME": str(root / "home"),
-        "RAGTUNE_API_KEYS": API_KEY,
-        "RAGTUNE_ADMIN_KEYS": ADMIN_KEY,
-        "RAGTUNE_MODEL__SOURCE": str(root / "model"),
-        "RAGTUNE_MODEL__SERVED_MODEL_NAME": BASE,
-        "RAGTUNE_MODEL__QUANTIZATION": "none",
-        "RAGTUNE_MODEL__DTYPE": "fp32",
-        "RAGTUNE_ENGINE__WEIGHTS": "dense",
-        "RAGTUNE_LIMITS__MAX_NEW_TOKENS": "32",
+        **tiny_replica_env(root, API_KEY, ADMIN_KEY, BASE),
         "RAGTUNE_ADAPTERS__ROOTS": json.dumps([str(root / "adapters")]),
         "RAGTUNE_STORE__URL": f"s3://{bucket[1]}/store",
         "RAGTUNE_STORE__OPTIONS": json.dumps({"endpoint_url": s3_endpoint}),
-        "RAGTUNE_SERVE__REPLICA_CPUS": "1",
-        "RAGTUNE_SERVER__LOG_LEVEL": "warning",
     }
     server = start_replicated(env, root / "serve.log", replicas=2)
     server.adapter_root = root / "adapters"

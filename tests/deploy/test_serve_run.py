@@ -25,6 +25,7 @@ pytest.importorskip("ray.serve")
 from ragtune.config import Settings
 from ragtune.launcher import free_settled_port
 from server.deploy.launch import SERVE_ENVIRONMENT, router_buffer_bytes
+from tests.deploy.tiny_cluster import tiny_replica_env
 from tests.engine.families import save_model_dir
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,17 +80,7 @@ def served(tmp_path_factory):
         "RAY_SERVE_HAPROXY_INGRESS_REQUEST_ROUTER_BUFSIZE": str(router_buffer_bytes(Settings())),
         "RAY_SERVE_HAPROXY_STATS_PORT": str(free_settled_port()),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_settled_port()),
-        "RAGTUNE_HOME": str(root / "home"),
-        "RAGTUNE_API_KEYS": API_KEY,
-        "RAGTUNE_ADMIN_KEYS": ADMIN_KEY,
-        "RAGTUNE_MODEL__SOURCE": str(root / "model"),
-        "RAGTUNE_MODEL__SERVED_MODEL_NAME": BASE,
-        "RAGTUNE_MODEL__QUANTIZATION": "none",
-        "RAGTUNE_MODEL__DTYPE": "fp32",
-        "RAGTUNE_ENGINE__WEIGHTS": "dense",
-        "RAGTUNE_LIMITS__MAX_NEW_TOKENS": "32",
-        "RAGTUNE_SERVE__REPLICA_CPUS": "1",
-        "RAGTUNE_SERVER__LOG_LEVEL": "warning",
+        **tiny_replica_env(root, API_KEY, ADMIN_KEY, BASE),
     }
     env[MARKER] = tag
     env["RAY_ADDRESS"] = "local"  # a cluster of its own, even where another runs here
