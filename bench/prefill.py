@@ -33,10 +33,21 @@ def load_items() -> list[dict]:
     return [json.loads(line) for line in DATA.read_text().split("\n") if line.strip()]
 
 
-def rag_shaped_prompts(count: int, tokens: int, count_tokens, offset: int = 0) -> list[str]:
+def rag_shaped_prompts(
+    count: int, tokens: int, count_tokens, offset: int = 0, shared: bool = False
+) -> list[str]:
     """`count` distinct prompts of about `tokens` tokens (of the model's tokenizer): numbered
-    sources (abstracts), then the question of the first one, as retrieval.prompt lays out."""
+    sources (abstracts), then the question of the first one, as retrieval.prompt lays out.
+    `shared`: the first prompt's sources in every prompt, each with another question (the
+    prefix cache's case: one manual, many questions)."""
     items = load_items()
+    if shared:
+        from retrieval.prompt import RAG_PROMPT_TEMPLATE
+
+        head = rag_shaped_prompts(1, tokens, count_tokens, offset)[0].rpartition("\nQuestion: ")[0]
+        tail = RAG_PROMPT_TEMPLATE.rpartition("{question}")[2]
+        questions = [items[(offset + 1 + i * 7) % len(items)]["question"] for i in range(count)]
+        return [f"{head}\nQuestion: {question}{tail}" for question in questions]
     prompts = []
     for i in range(count):
         start = (offset + i * 7) % len(items)
@@ -167,7 +178,9 @@ async def run_levels(args, headers: dict) -> list[dict]:
     for tokens in args.tokens:
         for concurrency in args.concurrency:
             count = args.requests or max(3, 2 * concurrency)
-            prompts = rag_shaped_prompts(count, tokens, args.count_tokens, offset)
+            prompts = rag_shaped_prompts(
+                count, tokens, args.count_tokens, offset, args.shared_prefix
+            )
             offset += count * 7 + 1
             result = await level(args, prompts, concurrency, tokens, headers)
             print(json.dumps(result), flush=True)
@@ -265,6 +278,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--label", default="")
+    parser.add_argument(
+        "--shared-prefix",
+        action="store_true",
+        help="every prompt of a level: the same sources, another question (the prefix cache)",
+    )
     parser.add_argument("--rag-index", default=None, help="time RAG vs the same prompt plain")
     parser.add_argument("--home", default=None, help="RAGTUNE_HOME of the server (RAG mode)")
     parser.add_argument("--top-k", type=int, default=5)

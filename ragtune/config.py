@@ -154,6 +154,15 @@ class EngineConfig(_Section):
         description="Memory for the K/V of recent prompt prefixes (blocks of 16 tokens), "
         "reused exactly by later prompts that start with the same tokens; 0 turns it off.",
     )
+    prompt_row_blocks: bool = Field(
+        True,
+        description="Where this CPU's GEMMs give a row other bits for another row count "
+        "(AMX), run prompt GEMMs in fixed blocks of rows (and prompt attention over padded "
+        "keys), so prompts share forwards and the prefix cache is exact (checked at "
+        "start-up). false: there "
+        "prompts prefill one at a time without the prefix cache (long distinct prompts "
+        "~20 % faster, shared prefixes and many short prompts slower: docs/performance.md).",
+    )
     sliding_window_kv: Literal["ring", "full"] = Field(
         "ring",
         description="K/V of sliding-window layers (Gemma 3's local layers, Mistral, Qwen2 "

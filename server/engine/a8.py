@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from server.engine import native
-from server.engine.prompt_gemm import wide_linear
+from server.engine.prompt_gemm import WideWeight
 from server.engine.quantize import group_dequantized, group_grid
 
 if TYPE_CHECKING:
@@ -99,7 +99,11 @@ class A8Linear:
         self.out_features, self.in_features = weight.shape
         self.codes, self.params = pack(codes, scale, offset, bits)
         self.codes_ptr, self.params_ptr = self.codes.data_ptr(), self.params.data_ptr()
-        self.dense = group_dequantized(codes, scale, offset).to(weight.dtype)
+        self.wide = WideWeight(group_dequantized(codes, scale, offset).to(weight.dtype))
+
+    @property
+    def dense(self) -> torch.Tensor:
+        return self.wide.dense()
 
     @classmethod
     def fits(cls, weight: torch.Tensor) -> bool:
@@ -123,7 +127,7 @@ class A8Linear:
         if wide:
             if norm is not None or residual is not None or out_norm is not None:
                 raise ValueError("the dense prompt path takes no fused norm or residual")
-            return wide_linear(x, self.dense)
+            return self.wide(x)
         # a decode step makes ~120 of these calls at one row, each a few µs of kernel: the
         # Python around it is kept to what varies per call (the weights' pointers are fixed)
         bf16 = native.bf16_flag(x, "a8 kernel")

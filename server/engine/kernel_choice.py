@@ -27,7 +27,7 @@ def lora_dtype(model: DecoderModel) -> torch.dtype:
     rows the fp32 GEMMs and their casts cost more than the base prefill's own GEMMs.
     Elsewhere the compute dtype, whose GEMMs were checked row-independent at start-up, so
     prompt rows stay independent of chunking (the prefix cache relies on it)."""
-    if not model.rows_independent and model.device == "cpu":
+    if model.fixed_decode_rows and model.device == "cpu":
         return torch.float32
     return model.dtype
 

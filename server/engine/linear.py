@@ -16,7 +16,7 @@ from server.engine import native
 from server.engine.a8 import A8Linear
 from server.engine.channel_int8 import ChannelInt8Linear
 from server.engine.linear_gpu import Int4GpuLinear
-from server.engine.prompt_gemm import wide_linear
+from server.engine.prompt_gemm import WideWeight
 from server.engine.quantize import int4_dequantized, int4_grid, per_channel_int8
 
 
@@ -40,9 +40,10 @@ class DenseLinear:
 
     def __init__(self, weight: torch.Tensor):
         self.weight = weight
+        self.wide = WideWeight(weight)
 
     def __call__(self, x: torch.Tensor, wide: bool = False) -> torch.Tensor:
-        return wide_linear(x, self.weight) if wide else F.linear(x, self.weight)
+        return self.wide(x) if wide else F.linear(x, self.weight)
 
 
 # The activation dtype of the packed CPU kernels: their bf16 paths are vectorized on every
@@ -77,6 +78,8 @@ class Int8Linear:
             )
         self.weight, scales = per_channel_int8(weight)
         self.scales = scales.to(KERNEL_DTYPE)
+        dtype = weight.dtype  # the compute dtype: prompt chunks dequantize to it on the fly
+        self.wide = WideWeight(lambda: self.weight.to(dtype) * self.scales[:, None].to(dtype))
 
     @classmethod
     def fits(cls, weight: torch.Tensor) -> bool:
@@ -88,7 +91,7 @@ class Int8Linear:
         506 ms packed, 327 ms dequantized, 310 ms bf16). Decode rows never take this path,
         so a row's decode result does not depend on the batch size."""
         if wide:
-            return wide_linear(x, self.weight.to(x.dtype) * self.scales[:, None].to(x.dtype))
+            return self.wide(x)
         return packed_call(
             lambda rows: torch._weight_int8pack_mm(rows, self.weight, self.scales), x
         )
@@ -109,7 +112,11 @@ class Int4Linear:
         codes, scales_zeros = int4_grid(weight, self.GROUP, KERNEL_DTYPE)
         self.scales_zeros = scales_zeros  # [groups, out, 2]
         self.packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
-        self.dense = int4_dequantized(codes, scales_zeros).to(weight.dtype)
+        self.wide = WideWeight(int4_dequantized(codes, scales_zeros).to(weight.dtype))
+
+    @property
+    def dense(self) -> torch.Tensor:
+        return self.wide.dense()
 
     @classmethod
     def fits(cls, weight: torch.Tensor) -> bool:
@@ -117,7 +124,7 @@ class Int4Linear:
 
     def __call__(self, x: torch.Tensor, wide: bool = False) -> torch.Tensor:
         if wide:
-            return wide_linear(x, self.dense)
+            return self.wide(x)
         return packed_call(
             lambda rows: torch._weight_int4pack_mm_for_cpu(
                 rows, self.packed, self.GROUP, self.scales_zeros
@@ -141,7 +148,8 @@ class W8A8Linear:
         codes, self.scales = per_channel_int8(weight)
         self.packed = torch.ops.onednn.qlinear_prepack(codes, None)
         # W8A8Layer: the same grid dequantized, for prompt chunks' dense GEMM
-        self.dense = (codes.float() * self.scales[:, None]).to(weight.dtype) if keep_dense else None
+        dense = (codes.float() * self.scales[:, None]).to(weight.dtype) if keep_dense else None
+        self.wide = WideWeight(dense) if dense is not None else None
         self.zero_points = torch.zeros(weight.shape[0], dtype=torch.long)
         self.split_signs = self.mode() == "split"
 
@@ -238,7 +246,7 @@ class W8A8Layer(W8A8Linear):
 
     def __call__(self, x: torch.Tensor, wide: bool = False) -> torch.Tensor:
         if wide:
-            return wide_linear(x, self.dense)
+            return self.wide(x)
         return super().__call__(x).to(x.dtype)
 
 

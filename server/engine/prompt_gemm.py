@@ -7,12 +7,27 @@ in another order: measured on an AVX-512 BF16 EPYC, SmolLM2's down projection), 
 chunk is common: a prompt whose prefix came from the cache ends in one. Computed as the first
 of two rows it takes the many-row path, whose rows are independent of each other (checked at
 start-up), so the whole machine keeps batched prefill and the prefix cache.
+
+On a Xeon with AMX that is not enough: oneDNN's AMX kernels choose their blocking by the row
+count (SmolLM2's shapes, 2 threads: 1-32 rows sum one way, 33-256 another, 512 a third), so a
+row's bits depend on how many rows share its call. There a WideWeight runs its GEMM in blocks
+of ROW_BLOCK rows on weights prepacked for that count, the last block padded with zero rows:
+every row then goes through the same kernel whatever else is in its chunk.
+DecoderModel turns the blocks on where the start-up check fails without them and passes with
+them (models/exactness.py: settle_wide_gemms).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+
+# Rows per blocked call. 128 costs the least at 512-row chunks (SmolLM2's four projections,
+# one layer: 3.6 ms against 2.3 unblocked, 64 rows: 5.1); 64 at short ones (25 rows: 0.8 ms
+# against 0.5, 128 rows: 1.1). Prompt chunks are usually long: docs/performance.md, stop 36.
+ROW_BLOCK = 128
 
 
 def wide_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -22,3 +37,56 @@ def wide_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight)
     pair = F.linear(rows.expand(2, -1).contiguous(), weight)
     return pair[:1].view(*x.shape[:-1], weight.shape[0])
+
+
+def row_blocks_supported() -> bool:
+    """Whether this torch has oneDNN's prepacked linear (the blocked path's GEMM)."""
+    return torch.backends.mkldnn.is_available() and hasattr(
+        torch.ops.mkldnn, "_reorder_linear_weight"
+    )
+
+
+class WideWeight:
+    """A weight as prompt chunks multiply it: the dense GEMM on the dequantized grid (or the
+    dense weight itself). `source` is the [out, in] weight in the compute dtype, or a function
+    making it on each call (Int8Linear keeps no dense copy: it dequantizes on the fly)."""
+
+    def __init__(self, source: torch.Tensor | Callable[[], torch.Tensor]):
+        self.source: torch.Tensor | Callable[[], torch.Tensor] | None = source
+        self.packed: torch.Tensor | None = None  # set by use_row_blocks
+        self.out_features = 0
+
+    def dense(self) -> torch.Tensor:
+        if self.source is None:
+            raise RuntimeError("the plain dense weight was freed for the blocked prompt GEMM")
+        return self.source() if callable(self.source) else self.source
+
+    def use_row_blocks(self, on: bool) -> None:
+        """Blocks of ROW_BLOCK rows on prepacked weights (on), or one call per chunk (off)."""
+        if not on:
+            self.packed = None
+            return
+        weight = self.dense()
+        self.out_features = weight.shape[0]
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, ROW_BLOCK)
+
+    def drop_plain(self) -> None:
+        """Free the plain dense copy once blocks are settled on (the packed one replaces it)."""
+        if self.packed is not None:
+            self.source = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            return wide_linear(x, self.dense())
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        count = rows.shape[0]
+        if count % ROW_BLOCK:
+            rows = torch.cat((rows, rows.new_zeros(ROW_BLOCK - count % ROW_BLOCK, rows.shape[1])))
+        blocks = [
+            torch.ops.mkldnn._linear_pointwise(
+                rows[start : start + ROW_BLOCK], self.packed, None, "none", [], ""
+            )
+            for start in range(0, rows.shape[0], ROW_BLOCK)
+        ]
+        out = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+        return out[:count].view(*x.shape[:-1], self.out_features)

@@ -37,6 +37,7 @@ from server.engine.models import (
 )
 from server.engine.models.exactness import describe_sharing
 from server.engine.prefix_cache import PrefixCache
+from server.engine.prompt_gemm import ROW_BLOCK
 from server.engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
@@ -70,19 +71,20 @@ class CompactRunner:
             decode_weights(config, loaded),
             loaded.model_dir,
             max_positions=max_seq_len,
+            row_blocks=config.prompt_row_blocks,
         )
         self.device = loaded.device
         self.max_seq_len = max_seq_len
         self.prefill_chunk = config.prefill_chunk
         m = self.model
-        if not m.rows_independent:
+        if not m.rows_independent or m.row_blocks:  # this device sums by the row count
             m.fixed_decode_rows = config.max_batch_size
             if not is_cpu(loaded.device):  # padding a prompt forward is cheap beside launches
                 m.fixed_prefill_rows = config.prefill_chunk
-            else:  # see DecoderModel.prefill_row_multiple
+            elif not m.row_blocks:  # see DecoderModel.prefill_row_multiple
                 m.prefill_row_multiple = PREFILL_ROW_MULTIPLE
-                if m.padded_extents.values:  # masked keys past a class are exact here
-                    m.prompt_key_multiple = PROMPT_KEY_MULTIPLE
+            if m.padded_extents.values:  # masked keys past a class are exact here
+                m.prompt_key_multiple = PROMPT_KEY_MULTIPLE
         if static_decode is None:
             static_decode = config.cuda_graphs and str(loaded.device).startswith("cuda")
         m.attention_kernel = attention_kernel(config, m, loaded.device, static_decode)
@@ -168,6 +170,8 @@ class CompactRunner:
             "extent_sharing": describe_sharing(m.padded_extents) if self.extent_classes else "n/a",
             "prefix_cache": "on" if self.prefix_cache is not None else "off",
             "prefill_rows": str(m.fixed_prefill_rows or "any"),
+            # prompt chunks' dense GEMMs: one call a chunk, or fixed row blocks (prompt_gemm.py)
+            "prompt_gemm": f"blocks of {ROW_BLOCK}" if m.row_blocks else "plain",
             # sliding-window layers' KV: a ring of this many positions, or the whole length
             "window_kv": f"ring {self.cache.ring}" if self.cache.ring else "full",
             "decode_graphs": self.graphs.describe() if self.graphs is not None else "off",

@@ -2,7 +2,9 @@
 first of two, so it takes the GEMM's many-row path. Where two-row and many-row calls agree on
 a row (what the start-up check, models/exactness.py, needs for batched prefill and the prefix
 cache), a one-row chunk must agree too: oneDNN's bf16 GEMM summed a lone row in another
-order on an AVX-512 BF16 EPYC, which turned both features off there."""
+order on an AVX-512 BF16 EPYC, which turned both features off there. Where they do not agree
+(oneDNN's AMX kernels pick their blocking by the row count), fixed row blocks make every row
+independent of its chunk, and the start-up check keeps them only then."""
 
 from __future__ import annotations
 
@@ -12,8 +14,11 @@ import torch.nn.functional as F
 
 from server.engine import native
 from server.engine.a8 import A8Linear
-from server.engine.linear import DenseLinear, Int4Linear, Int8Linear, W8A8Linear
-from server.engine.prompt_gemm import wide_linear
+from server.engine.linear import DenseLinear, Int4Linear, Int8Linear, W8A8Layer, W8A8Linear
+from server.engine.models.exactness import gemm_rows_independent, wide_weights
+from server.engine.prompt_gemm import ROW_BLOCK, row_blocks_supported, wide_linear
+from server.engine.runner import CompactRunner
+from tests.engine.test_runner import tiny, tiny_bf16  # noqa: F401  (fixtures)
 
 # (out, in): SmolLM2's down projection (the shape that showed it), and its q projection
 SHAPES = [(576, 1536), (576, 576)]
@@ -52,10 +57,125 @@ def test_a_one_row_prompt_chunk_has_a_many_row_chunks_bits(name, kind, out_featu
     for _ in range(12):
         x = torch.randn(64, in_features, generator=generator).bfloat16()
         many = linear(x, wide=True)
-        if not torch.equal(linear(x[:2], wide=True), many[:2]):
+        rows = range(0, 64, 8)
+        if any(not torch.equal(linear(x[r : r + 2], wide=True)[:1], many[r : r + 1]) for r in rows):
             pytest.skip(
-                f"{name}: this CPU's GEMM gives two rows other bits than 64 (checked at start)"
+                f"{name}: this CPU's GEMM gives two rows other bits than 64 (checked at "
+                "start-up, where row blocks take over: the next test)"
             )
-        for row in range(0, 64, 8):
+        for row in rows:
             lone = linear(x[row : row + 1], wide=True)
             assert torch.equal(lone, many[row : row + 1]), (name, row)
+
+
+def prompt_kinds() -> list[tuple[str, object]]:
+    """The kinds with a prompt GEMM (the vocabulary projection's W8A8Linear has none)."""
+    found = [(name, kind) for name, kind in kinds() if name != "w8a8"]
+    return found + ([("w8a8", W8A8Layer)] if W8A8Linear.supported() else [])
+
+
+needs_blocks = pytest.mark.skipif(not row_blocks_supported(), reason="no oneDNN prepacked linear")
+
+
+@needs_blocks
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("name", "kind"), prompt_kinds())
+@pytest.mark.parametrize(("out_features", "in_features"), SHAPES)
+def test_row_blocks_give_each_row_the_same_bits_in_any_chunk(
+    name, kind, out_features, in_features, dtype
+):
+    """In blocks, a row's bits depend neither on the rows beside it nor on how many share its
+    chunk (one, two, a block and one, several blocks), and the product is the dense one."""
+    generator = torch.Generator().manual_seed(2)
+    weight = torch.randn(out_features, in_features, generator=generator).to(dtype)
+    linear = kind(weight)
+    plain = linear.wide.dense().clone()
+    linear.wide.use_row_blocks(True)
+    x = torch.randn(3 * ROW_BLOCK + 5, in_features, generator=generator).to(dtype)
+    whole = linear(x, wide=True)
+    assert whole.shape == (x.shape[0], out_features)
+    for lo, hi in ((0, 1), (0, 2), (7, 8), (3, 40), (1, ROW_BLOCK + 2), (50, x.shape[0])):
+        assert torch.equal(linear(x[lo:hi], wide=True), whole[lo:hi]), (name, lo, hi)
+    assert linear(x[:3].view(1, 3, -1), wide=True).shape == (1, 3, out_features)
+    tolerance = (
+        {"rtol": 0.02, "atol": 0.02} if dtype == torch.bfloat16 else {"rtol": 1e-4, "atol": 1e-3}
+    )
+    torch.testing.assert_close(whole.float(), F.linear(x, plain).float(), **tolerance)
+    linear.wide.drop_plain()
+    assert torch.equal(linear(x[5:9], wide=True), whole[5:9])
+    with pytest.raises(RuntimeError, match="freed"):
+        linear.wide.dense()
+
+
+@needs_blocks
+def test_the_start_up_check_keeps_row_blocks_only_where_they_make_rows_independent(request):
+    """Blocks are all on or all off. On: the model's rows are independent with them (checked
+    again here) and the plain dense copies are freed. Off: the plain calls' check result is
+    the model's."""
+    from ragtune.config import EngineConfig
+
+    runner = CompactRunner(
+        request.getfixturevalue("tiny_bf16"), EngineConfig(weights="dense"), max_seq_len=128
+    )
+    model = runner.model
+    weights = wide_weights(model)
+    assert weights
+    blocked = {w.packed is not None for w in weights}
+    assert len(blocked) == 1
+    if blocked == {True}:
+        assert model.rows_independent and gemm_rows_independent(model)
+        assert all(w.source is None for w in weights)
+        assert runner.kernels()["prompt_gemm"] == f"blocks of {ROW_BLOCK}"
+        assert model.prompt_key_multiple and runner.prefix_cache is not None
+    else:
+        assert model.rows_independent == gemm_rows_independent(model)
+        assert runner.kernels()["prompt_gemm"] == "plain"
+    # engine.prompt_row_blocks: false never blocks; rows are then independent only natively
+    off = CompactRunner(
+        request.getfixturevalue("tiny_bf16"),
+        EngineConfig(weights="dense", prompt_row_blocks=False),
+        max_seq_len=128,
+    )
+    assert not off.model.row_blocks and off.kernels()["prompt_gemm"] == "plain"
+    assert all(w.packed is None for w in wide_weights(off.model))
+    assert off.model.rows_independent == (blocked == {False} and model.rows_independent)
+
+
+@pytest.mark.parametrize("source", ["bundled", "bundled:gemma-3-270m"])
+def test_the_bundled_models_prefill_the_same_bits_in_any_chunking(source):
+    """The real models as served (their auto weights and dtype, row blocks wherever the
+    start-up check takes them): a prompt's first-token logits are bit-identical prefilled
+    whole, in 48-token chunks, or beside other prompts in shared forwards, wherever the
+    server reuses prefixes (rows independent)."""
+    from ragtune.config import EngineConfig, ModelConfig, default_home
+    from ragtune.models import load_base_model
+    from tests.engine.test_runner import sequence
+
+    loaded = load_base_model(ModelConfig(source=source), default_home())
+
+    def first_logits(runner: CompactRunner, prompts: list[list[int]]) -> list[torch.Tensor]:
+        seqs = [sequence(prompt) for prompt in prompts]
+        for seq in seqs:
+            runner.add(seq)
+        done: dict[int, torch.Tensor] = {}
+        while len(done) < len(seqs):
+            waiting = [i for i in range(len(seqs)) if i not in done]
+            for i, logits in zip(waiting, runner.prefill([seqs[i] for i in waiting]), strict=True):
+                if logits is not None:
+                    done[i] = logits.clone()
+        for seq in seqs:
+            runner.release(seq)
+        return [done[i] for i in range(len(seqs))]
+
+    whole = CompactRunner(loaded, EngineConfig(prefill_chunk=512), max_seq_len=1024)
+    if not whole.model.rows_independent:
+        pytest.skip("this CPU's prompt rows depend on the chunking: no prefix reuse here")
+    chunked = CompactRunner(loaded, EngineConfig(prefill_chunk=48), max_seq_len=1024)
+    prompts = [[100 + (t * 13 + i) % 9000 for t in range(n)] for i, n in enumerate((333, 61, 200))]
+    alone = [first_logits(whole, [prompt])[0] for prompt in prompts]
+    for runner in (whole, chunked):
+        for expected, got in zip(alone, first_logits(runner, prompts), strict=True):
+            assert torch.equal(expected, got)
+    assert all(
+        torch.equal(a, b) for a, b in zip(alone, first_logits(chunked, prompts[:1]), strict=False)
+    )

@@ -29,10 +29,8 @@ from ragtune.models.checkpoint import open_checkpoint
 from server.engine.linear import Linear, dense_weight, head_linear, is_bnb, linear_for
 from server.engine.lora import LLAMA_GROUPS
 from server.engine.models.exactness import (
-    PaddedExtents,
     describe_sharing,
-    gemm_rows_independent,
-    padded_extents_exact,
+    settle_wide_gemms,
 )
 from server.engine.models.layer import LayerArithmetic
 from server.engine.models.passes import ForwardPasses, PromptChunk, RowScores
@@ -106,6 +104,7 @@ class DecoderModel(ForwardPasses, LayerArithmetic):
         weights: str = "dense",  # one of DECODE_WEIGHTS
         source_dir: Path | None = None,  # the model's checkpoint directory
         max_positions: int | None = None,  # the longest sequence served (rotary tables)
+        row_blocks: bool = True,  # engine.prompt_row_blocks (exactness.settle_wide_gemms)
     ):
         config = self.text_config(hf_model.config)
         self.config = config
@@ -164,8 +163,13 @@ class DecoderModel(ForwardPasses, LayerArithmetic):
         }
         self.rotary_dim = next(iter(self.rope_tables.values()))[0].shape[-1]
         self.windows = sorted({w.window for w in self.layers}, key=lambda w: w or 0)
-        # whether a GEMM gives a row the same bits in any batch (checked on this device)
-        self.rows_independent = gemm_rows_independent(self)
+        # whether a GEMM gives a row the same bits in any batch (checked on this device), with
+        # prompt GEMMs in fixed row blocks where that takes them (`row_blocks`: AMX), and
+        # where not natively, which parts of attention this device gives the same bits over
+        # a longer extent (decode rows then attend over their own extent class, sharing those)
+        self.rows_independent, self.row_blocks, self.padded_extents = settle_wide_gemms(
+            self, length, row_blocks
+        )
         # Where they do not (AMX bf16 kernels, MKL's fp32 GEMMs), decode's library GEMMs
         # (LoRA, and every GEMM under dense weights) run on this many rows whatever the batch:
         # with one row count a row's bits depend neither on its neighbours nor on its position
@@ -180,17 +184,21 @@ class DecoderModel(ForwardPasses, LayerArithmetic):
         # far as measured on AMX (ForwardPasses.prefill). The runner sets both.
         self.prefill_row_multiple: int | None = None
         self.prompt_key_multiple: int | None = None
-        # ... and decode rows attend over their own extent class, sharing with other classes
-        # the parts of attention this device gives the same bits over a longer extent
-        self.padded_extents = PaddedExtents()
         # decode attention on ragtune's kernel (engine/attention_rows.py: rows on their own,
         # no extent classes needed), set by the runner
         self.attention_kernel = False
         # ... and every decoder layer of a decode step in one call (engine/decode_layers.py,
         # a DecodeLayers), set by the runner where it runs
         self.decode_layers = None
-        if not self.rows_independent:
-            self.padded_extents = padded_extents_exact(self, length)
+        if self.row_blocks:
+            logger.info(
+                "this device's GEMMs depend on the row count: prompt GEMMs run in fixed row "
+                "blocks and prompt attention over keys padded to a multiple (so prompts share "
+                "forwards and the prefix cache is on), decode pads library GEMMs to a fixed "
+                "row count; decode attention shares across extent classes: %s",
+                describe_sharing(self.padded_extents),
+            )
+        elif not self.rows_independent:
             logger.info(
                 "this device's GEMMs depend on the row count: prompts prefill one at a time, "
                 "the prefix cache is off, decode pads library GEMMs to a fixed row count; "

@@ -12,6 +12,7 @@ import torch
 
 from server.engine.kv_cache import extent_classes
 from server.engine.linear import DenseLinear
+from server.engine.prompt_gemm import WideWeight, row_blocks_supported
 
 if TYPE_CHECKING:
     from server.engine.models.base import DecoderModel
@@ -21,6 +22,9 @@ if TYPE_CHECKING:
 WIDE_ROWS = 24
 # The longest key extent padded_extents_exact checks (its buffers grow with the square)
 CHECKED_EXTENT = 4096
+# The columns of the LoRA factors the check multiplies prompt rows by (lora.add_lora: a
+# group's factors side by side, qkv's three at engine.max_lora_rank's default of 16)
+LORA_CHECK_COLUMNS = 48
 
 
 def gemm_rows_independent(model: DecoderModel) -> bool:
@@ -52,13 +56,58 @@ def gemm_rows_independent(model: DecoderModel) -> bool:
         weight = torch.randn(out_features, in_features, generator=generator)
         return DenseLinear(weight.to(model.dtype).to(model.device))
 
+    def lora_prompt(in_features: int, columns: int):  # add_lora's GEMM on prompt rows
+        factor = torch.randn(in_features, columns, generator=generator)
+        factor = factor.to(model.dtype).to(model.device)
+        return lambda x, wide: x @ factor
+
     return (
         all(same_rows(linear, n, False, 96, narrow) for linear, n in shapes)
         and all(same_rows(linear, n, True, 512, wide) for linear, n in shapes)
         and same_rows(model.lm_head, model.hidden, False, 16, ((0, 1), (3, 9)))
         and same_rows(dense(64, model.hidden), model.hidden, False, 96, narrow)
         and same_rows(dense(model.hidden, 64), 64, False, 96, narrow)
+        and same_rows(lora_prompt(model.hidden, LORA_CHECK_COLUMNS), model.hidden, True, 512, wide)
+        and same_rows(
+            lora_prompt(LORA_CHECK_COLUMNS, model.hidden), LORA_CHECK_COLUMNS, True, 512, wide
+        )
     )
+
+
+def wide_weights(model: DecoderModel) -> list[WideWeight]:
+    """The prompt GEMMs' weights of every layer."""
+    linears = [linear for w in model.layers for linear in (w.qkv, w.o, w.gate_up, w.down)]
+    return [wide for linear in linears if (wide := getattr(linear, "wide", None)) is not None]
+
+
+def settle_wide_gemms(
+    model: DecoderModel, max_len: int, allow_blocks: bool = True
+) -> tuple[bool, bool, PaddedExtents]:
+    """(rows independent, prompt GEMMs in row blocks, what decode attention may share).
+
+    Where plain calls pass gemm_rows_independent: (True, False, nothing shared: not needed).
+    Else this device sums by the row count and key extent (oneDNN's AMX kernels, MKL): the
+    attention check (padded_extents_exact) runs, and where prompt attention is exact over
+    keys padded with masked ones, the prompt GEMMs try fixed row blocks (prompt_gemm.py;
+    unless `allow_blocks` is false: engine.prompt_row_blocks).
+    Blocks stay only where they pass the check; the plain dense copies are then freed (the
+    packed ones replace them)."""
+    if gemm_rows_independent(model):
+        return True, False, PaddedExtents()
+    padded = padded_extents_exact(model, max_len)
+    weights = wide_weights(model)
+    cpu = str(model.device) == "cpu"
+    if not (allow_blocks and padded.values and row_blocks_supported() and cpu and weights):
+        return False, False, padded
+    for weight in weights:
+        weight.use_row_blocks(True)
+    if gemm_rows_independent(model):
+        for weight in weights:
+            weight.drop_plain()
+        return True, True, padded
+    for weight in weights:
+        weight.use_row_blocks(False)
+    return False, False, padded
 
 
 @dataclass(frozen=True)
@@ -136,4 +185,5 @@ __all__ = [
     "describe_sharing",
     "gemm_rows_independent",
     "padded_extents_exact",
+    "settle_wide_gemms",
 ]
