@@ -24,9 +24,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-# Rows per blocked call. 128 costs the least at 512-row chunks (SmolLM2's four projections,
-# one layer: 3.6 ms against 2.3 unblocked, 64 rows: 5.1); 64 at short ones (25 rows: 0.8 ms
-# against 0.5, 128 rows: 1.1). Prompt chunks are usually long: docs/performance.md, stop 36.
+# Rows per blocked call: between short chunks (25 rows, SmolLM2's four projections, one
+# layer: 0.8 ms against 0.4 unblocked; blocks of 256: 1.3) and long ones (512 rows: 3.4 ms
+# against 2.1; blocks of 256: 2.8). docs/performance.md, stop 36.
 ROW_BLOCK = 128
 
 
