@@ -159,9 +159,9 @@ class EngineConfig(_Section):
         description="Where this CPU's GEMMs give a row other bits for another row count "
         "(AMX), run prompt GEMMs in fixed blocks of rows (and prompt attention over padded "
         "keys), so prompts share forwards and the prefix cache is exact (checked at "
-        "start-up). false: there "
-        "prompts prefill one at a time without the prefix cache (long distinct prompts "
-        "~20 % faster, shared prefixes and many short prompts slower: docs/performance.md).",
+        "start-up). false: there prompts prefill one at a time without the prefix cache "
+        "(long distinct prompts ~12 % faster, shared prefixes ~5x and c=16 ~20 % slower: "
+        "docs/performance.md, stop 36).",
     )
     sliding_window_kv: Literal["ring", "full"] = Field(
         "ring",

@@ -56,7 +56,7 @@ def row_buckets(model: DecoderModel, num_slots: int) -> list[int]:
 def key_lengths(model: DecoderModel, max_len: int) -> list[int]:
     """The key extents steps attend over (see the module's docstring)."""
     padded = model.padded_extents
-    if not model.rows_independent and not (padded.values and padded.up_to >= max_len):
+    if model.fixed_decode_rows and not (padded.values and padded.up_to >= max_len):
         return [max_len]
     lengths = []
     length = SHORTEST_KEYS

@@ -78,12 +78,16 @@ class Int8Linear:
             )
         self.weight, scales = per_channel_int8(weight)
         self.scales = scales.to(KERNEL_DTYPE)
-        dtype = weight.dtype  # the compute dtype: prompt chunks dequantize to it on the fly
-        self.wide = WideWeight(lambda: self.weight.to(dtype) * self.scales[:, None].to(dtype))
+        self.dtype = weight.dtype  # the compute dtype: prompt chunks dequantize to it
+        self.wide = WideWeight(self.dequantized)
 
     @classmethod
     def fits(cls, weight: torch.Tensor) -> bool:
         return weight.shape[1] % cls.INNER_MULTIPLE == 0
+
+    def dequantized(self) -> torch.Tensor:
+        """The int8 grid in the compute dtype, made on the fly (no dense copy is kept)."""
+        return self.weight.to(self.dtype) * self.scales[:, None].to(self.dtype)
 
     def __call__(self, x: torch.Tensor, wide: bool = False) -> torch.Tensor:
         """`wide`: many rows (a prompt chunk), where the GEMM is compute-bound and the packed

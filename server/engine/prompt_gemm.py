@@ -39,11 +39,18 @@ def wide_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return pair[:1].view(*x.shape[:-1], weight.shape[0])
 
 
-def row_blocks_supported() -> bool:
-    """Whether this torch has oneDNN's prepacked linear (the blocked path's GEMM)."""
-    return torch.backends.mkldnn.is_available() and hasattr(
-        torch.ops.mkldnn, "_reorder_linear_weight"
-    )
+def row_blocks_supported(dtype: torch.dtype) -> bool:
+    """Whether this torch has oneDNN's prepacked linear (the blocked path's GEMM) for `dtype`
+    on this CPU."""
+    mkldnn = torch.ops.mkldnn
+    if not (torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_reorder_linear_weight")):
+        return False
+    if dtype == torch.bfloat16:
+        try:
+            return bool(mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):  # an older torch: no such op
+            return False
+    return dtype == torch.float32
 
 
 class WideWeight:

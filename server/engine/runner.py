@@ -35,7 +35,7 @@ from server.engine.models import (
     model_class,
     module_shapes,
 )
-from server.engine.models.exactness import describe_sharing
+from server.engine.models.exactness import PROMPT_KEY_MULTIPLE, describe_sharing
 from server.engine.prefix_cache import PrefixCache
 from server.engine.prompt_gemm import ROW_BLOCK
 from server.engine.sequence import Sequence
@@ -43,12 +43,12 @@ from server.engine.sequence import Sequence
 logger = logging.getLogger(__name__)
 
 # Where GEMMs depend on the row count on a CPU (AMX, MKL): prompt forwards' rows rounded up to
-# this multiple, prompt attention's keys to this one (models/base.py). Measured on AMX with
+# this multiple, prompt attention's keys to exactness.PROMPT_KEY_MULTIPLE (models/base.py;
+# with row blocks the keys only). Measured on AMX with
 # the bundled model: the last prompt row's logits after a prefill of n tokens and of n + 1
 # (an echoed choice) were bit-identical for 30 of 39 lengths between 40 and 257 unpadded,
 # 38 with the keys padded, 39 with both.
 PREFILL_ROW_MULTIPLE = 16
-PROMPT_KEY_MULTIPLE = 32
 
 
 class CompactRunner:
@@ -81,10 +81,11 @@ class CompactRunner:
             m.fixed_decode_rows = config.max_batch_size
             if not is_cpu(loaded.device):  # padding a prompt forward is cheap beside launches
                 m.fixed_prefill_rows = config.prefill_chunk
-            elif not m.row_blocks:  # see DecoderModel.prefill_row_multiple
-                m.prefill_row_multiple = PREFILL_ROW_MULTIPLE
-            if m.padded_extents.values:  # masked keys past a class are exact here
-                m.prompt_key_multiple = PROMPT_KEY_MULTIPLE
+            else:  # see DecoderModel.prefill_row_multiple (row blocks need no row padding)
+                if not m.row_blocks:
+                    m.prefill_row_multiple = PREFILL_ROW_MULTIPLE
+                if m.padded_extents.values:  # masked keys past a class are exact here
+                    m.prompt_key_multiple = PROMPT_KEY_MULTIPLE
         if static_decode is None:
             static_decode = config.cuda_graphs and str(loaded.device).startswith("cuda")
         m.attention_kernel = attention_kernel(config, m, loaded.device, static_decode)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from server.engine import native
 from server.engine.a8 import A8Linear
 from server.engine.linear import DenseLinear, Int4Linear, Int8Linear, W8A8Layer, W8A8Linear
-from server.engine.models.exactness import gemm_rows_independent, wide_weights
+from server.engine.models.exactness import wide_weights
 from server.engine.prompt_gemm import ROW_BLOCK, row_blocks_supported, wide_linear
 from server.engine.runner import CompactRunner
 from tests.engine.test_runner import tiny, tiny_bf16  # noqa: F401  (fixtures)
@@ -74,7 +74,9 @@ def prompt_kinds() -> list[tuple[str, object]]:
     return found + ([("w8a8", W8A8Layer)] if W8A8Linear.supported() else [])
 
 
-needs_blocks = pytest.mark.skipif(not row_blocks_supported(), reason="no oneDNN prepacked linear")
+needs_blocks = pytest.mark.skipif(
+    not row_blocks_supported(torch.bfloat16), reason="no oneDNN prepacked bf16 linear"
+)
 
 
 @needs_blocks
@@ -107,38 +109,84 @@ def test_row_blocks_give_each_row_the_same_bits_in_any_chunk(
         linear.wide.dense()
 
 
-@needs_blocks
-def test_the_start_up_check_keeps_row_blocks_only_where_they_make_rows_independent(request):
-    """Blocks are all on or all off. On: the model's rows are independent with them (checked
-    again here) and the plain dense copies are freed. Off: the plain calls' check result is
-    the model's."""
-    from ragtune.config import EngineConfig
+def first_logits(runner: CompactRunner, prompts: list[list[int]]) -> list[torch.Tensor]:
+    """Each prompt's first-token logits, the prompts prefilled together (sharing forwards
+    where the runner allows), chunk by chunk."""
+    from tests.engine.test_runner import sequence
 
-    runner = CompactRunner(
-        request.getfixturevalue("tiny_bf16"), EngineConfig(weights="dense"), max_seq_len=128
-    )
-    model = runner.model
-    weights = wide_weights(model)
-    assert weights
-    blocked = {w.packed is not None for w in weights}
-    assert len(blocked) == 1
-    if blocked == {True}:
-        assert model.rows_independent and gemm_rows_independent(model)
-        assert all(w.source is None for w in weights)
-        assert runner.kernels()["prompt_gemm"] == f"blocks of {ROW_BLOCK}"
-        assert model.prompt_key_multiple and runner.prefix_cache is not None
-    else:
-        assert model.rows_independent == gemm_rows_independent(model)
-        assert runner.kernels()["prompt_gemm"] == "plain"
-    # engine.prompt_row_blocks: false never blocks; rows are then independent only natively
-    off = CompactRunner(
-        request.getfixturevalue("tiny_bf16"),
-        EngineConfig(weights="dense", prompt_row_blocks=False),
-        max_seq_len=128,
-    )
-    assert not off.model.row_blocks and off.kernels()["prompt_gemm"] == "plain"
-    assert all(w.packed is None for w in wide_weights(off.model))
-    assert off.model.rows_independent == (blocked == {False} and model.rows_independent)
+    seqs = [sequence(prompt) for prompt in prompts]
+    for seq in seqs:
+        runner.add(seq)
+    done: dict[int, torch.Tensor] = {}
+    while len(done) < len(seqs):
+        waiting = [i for i in range(len(seqs)) if i not in done]
+        for i, logits in zip(waiting, runner.prefill([seqs[i] for i in waiting]), strict=True):
+            if logits is not None:
+                done[i] = logits.clone()
+    for seq in seqs:
+        runner.release(seq)
+    return [done[i] for i in range(len(seqs))]
+
+
+def flat(layers: list[list]) -> list:
+    return [weight for layer in layers for weight in layer]
+
+
+@needs_blocks
+def test_where_plain_prompt_gemms_fail_the_check_row_blocks_take_over(request, monkeypatch):
+    """Any CPU, as on one whose GEMMs sum by the row count (AMX): the first check fails.
+    Where this CPU's attention is exact over padded keys, blocks take over (every layer, plain
+    copies freed), the runner wires prompts as on row-independent devices (shared forwards,
+    prefix cache, keys padded, no row padding) and decode as on row-count-dependent ones, and
+    a prompt's logits are bit-identical whole and chunked; elsewhere blocks are undone."""
+    from ragtune.config import EngineConfig
+    from server.engine.models import exactness
+
+    real, calls = exactness.gemm_rows_independent, []
+
+    def first_fails(model) -> bool:
+        calls.append(model)
+        return len(calls) > 1 and real(model)
+
+    monkeypatch.setattr(exactness, "gemm_rows_independent", first_fails)
+    loaded = request.getfixturevalue("tiny_bf16")
+    weights = "w4a8" if native.unavailable_reason() is None else "int4"
+
+    def runner(chunk: int) -> CompactRunner:
+        calls.clear()
+        config = EngineConfig(weights=weights, prefill_chunk=chunk)
+        return CompactRunner(loaded, config, max_seq_len=128)
+
+    whole = runner(512)
+    m = whole.model
+    blocked = [w.packed is not None for w in flat(wide_weights(m))]
+    if not m.row_blocks:
+        assert not m.rows_independent and not any(blocked)
+        assert all(w.source is not None for w in flat(wide_weights(m)))
+        pytest.skip("attention here is not exact over padded keys: blocks undone (asserted)")
+    assert m.rows_independent and all(blocked)
+    assert all(w.source is None for w in flat(wide_weights(m)))
+    assert m.fixed_decode_rows and m.prefill_row_multiple is None
+    assert m.prompt_key_multiple == exactness.PROMPT_KEY_MULTIPLE
+    assert whole.prefix_cache is not None and whole.lora.dtype == torch.float32
+    assert whole.kernels()["prompt_gemm"] == f"blocks of {ROW_BLOCK}"
+    prompts = [[1 + (t * 7 + i) % 100 for t in range(n)] for i, n in enumerate((90, 41, 3))]
+    alone = [first_logits(whole, [prompt])[0] for prompt in prompts]
+    for prefilled in (first_logits(whole, prompts), first_logits(runner(16), prompts)):
+        assert all(torch.equal(a, b) for a, b in zip(alone, prefilled, strict=True))
+
+
+@needs_blocks
+def test_prompt_row_blocks_false_never_blocks(request, monkeypatch):
+    from ragtune.config import EngineConfig
+    from server.engine.models import exactness
+
+    monkeypatch.setattr(exactness, "gemm_rows_independent", lambda model: False)
+    config = EngineConfig(weights="dense", prompt_row_blocks=False)
+    off = CompactRunner(request.getfixturevalue("tiny_bf16"), config, max_seq_len=128)
+    assert not off.model.row_blocks and not off.model.rows_independent
+    assert off.kernels()["prompt_gemm"] == "plain" and off.prefix_cache is None
+    assert all(w.packed is None for w in flat(wide_weights(off.model)))
 
 
 @pytest.mark.parametrize("source", ["bundled", "bundled:gemma-3-270m"])
@@ -149,24 +197,8 @@ def test_the_bundled_models_prefill_the_same_bits_in_any_chunking(source):
     server reuses prefixes (rows independent)."""
     from ragtune.config import EngineConfig, ModelConfig, default_home
     from ragtune.models import load_base_model
-    from tests.engine.test_runner import sequence
 
     loaded = load_base_model(ModelConfig(source=source), default_home())
-
-    def first_logits(runner: CompactRunner, prompts: list[list[int]]) -> list[torch.Tensor]:
-        seqs = [sequence(prompt) for prompt in prompts]
-        for seq in seqs:
-            runner.add(seq)
-        done: dict[int, torch.Tensor] = {}
-        while len(done) < len(seqs):
-            waiting = [i for i in range(len(seqs)) if i not in done]
-            for i, logits in zip(waiting, runner.prefill([seqs[i] for i in waiting]), strict=True):
-                if logits is not None:
-                    done[i] = logits.clone()
-        for seq in seqs:
-            runner.release(seq)
-        return [done[i] for i in range(len(seqs))]
-
     whole = CompactRunner(loaded, EngineConfig(prefill_chunk=512), max_seq_len=1024)
     if not whole.model.rows_independent:
         pytest.skip("this CPU's prompt rows depend on the chunking: no prefix reuse here")

@@ -170,7 +170,8 @@ class DecoderModel(ForwardPasses, LayerArithmetic):
         self.rows_independent, self.row_blocks, self.padded_extents = settle_wide_gemms(
             self, length, row_blocks
         )
-        # Where they do not (AMX bf16 kernels, MKL's fp32 GEMMs), decode's library GEMMs
+        # Where the device sums by the row count (AMX bf16 kernels, MKL's fp32 GEMMs; with
+        # prompt row blocks or without), decode's library GEMMs
         # (LoRA, and every GEMM under dense weights) run on this many rows whatever the batch:
         # with one row count a row's bits depend neither on its neighbours nor on its position
         # (measured). The runner sets it to the batch capacity.
@@ -178,10 +179,12 @@ class DecoderModel(ForwardPasses, LayerArithmetic):
         # ... and (GPUs, where padding is cheap beside launches) prompt forwards run on this
         # many rows, so that several prompts may share one (the runner sets it)
         self.fixed_prefill_rows: int | None = None
-        # ... or (CPUs) rounded up to this multiple, and prompt attention over key extents
-        # rounded up to `prompt_key_multiple` (masked): a prompt's rows then come out the same
-        # with a token appended after them (an echo of a choice, the next chunk's tokens), as
-        # far as measured on AMX (ForwardPasses.prefill). The runner sets both.
+        # ... or (CPUs without row blocks, whose GEMMs need none) rounded up to this
+        # multiple, and prompt attention over key extents rounded up to
+        # `prompt_key_multiple` (masked): a prompt's rows then come out the same with a token
+        # appended after them (an echo of a choice, the next chunk's tokens), as far as
+        # measured on AMX (ForwardPasses.prefill); with row blocks, in any chunking (checked
+        # at start-up: exactness.prompt_attention_exact). The runner sets them.
         self.prefill_row_multiple: int | None = None
         self.prompt_key_multiple: int | None = None
         # decode attention on ragtune's kernel (engine/attention_rows.py: rows on their own,

@@ -5,6 +5,7 @@ neighbours."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -12,19 +13,29 @@ import torch
 
 from server.engine.kv_cache import extent_classes
 from server.engine.linear import DenseLinear
+from server.engine.models.attention import prompt_attention
 from server.engine.prompt_gemm import WideWeight, row_blocks_supported
 
 if TYPE_CHECKING:
     from server.engine.models.base import DecoderModel
+
+logger = logging.getLogger(__name__)
 
 # Prompt chunks above this many tokens run packed weights dequantized (dense GEMM): one chunk
 # alone breaks even at ~24 tokens (int4 23.2 ms, dense 22.6), prompts sharing a forward gain more.
 WIDE_ROWS = 24
 # The longest key extent padded_extents_exact checks (its buffers grow with the square)
 CHECKED_EXTENT = 4096
-# The columns of the LoRA factors the check multiplies prompt rows by (lora.add_lora: a
-# group's factors side by side, qkv's three at engine.max_lora_rank's default of 16)
-LORA_CHECK_COLUMNS = 48
+# The LoRA rank the check multiplies prompt rows by (engine.max_lora_rank's default), in each
+# fused group's shapes (lora.add_lora: a group's factors side by side)
+LORA_CHECK_RANK = 16
+# Rows of the check's many-row prompt calls: a shared forward holds up to
+# engine.max_batch_tokens (1,024) rows
+WIDE_CHECK_ROWS = 1088
+# Where prompt rows are made independent on a device that sums by the row count (row
+# blocks), prompt attention runs over keys rounded up to this multiple (masked), so a row's
+# sums over keys do not change with where its chunk ends (runner.py, passes.prompt_keys)
+PROMPT_KEY_MULTIPLE = 32
 
 
 def gemm_rows_independent(model: DecoderModel) -> bool:
@@ -50,7 +61,10 @@ def gemm_rows_independent(model: DecoderModel) -> bool:
     )
     narrow = ((0, 1), (0, 2), (5, 5 + WIDE_ROWS), (64, 96))
     # a wide prompt's last chunk may be one row (the rest restored from the prefix cache)
-    wide = ((0, 1), (0, 2), (3, 10), (0, WIDE_ROWS + 1), (100, 300), (470, 512))
+    wide = ((0, 1), (0, 2), (3, 10), (0, WIDE_ROWS + 1), (100, 300), (470, 512), (0, 600))
+    # LoRA's prompt rows are the whole forward's (two or more: a lone row is a one-token
+    # prompt alone, whose one-row GEMM path nothing else shares)
+    lora_wide = wide[1:]
 
     def dense(out_features: int, in_features: int) -> DenseLinear:  # LoRA A and B shapes
         weight = torch.randn(out_features, in_features, generator=generator)
@@ -61,23 +75,67 @@ def gemm_rows_independent(model: DecoderModel) -> bool:
         factor = factor.to(model.dtype).to(model.device)
         return lambda x, wide: x @ factor
 
+    r, kv_size = LORA_CHECK_RANK, model.num_kv_heads * model.head_dim
+    lora_shapes = (  # (in, out) of A then B for qkv, o, gate_up, down
+        (model.hidden, 3 * r),
+        (3 * r, model.q_size + 2 * kv_size),
+        (model.q_size, r),
+        (r, model.hidden),
+        (model.hidden, 2 * r),
+        (2 * r, 2 * model.intermediate),
+        (model.intermediate, r),
+    )
+    rows = WIDE_CHECK_ROWS
     return (
         all(same_rows(linear, n, False, 96, narrow) for linear, n in shapes)
-        and all(same_rows(linear, n, True, 512, wide) for linear, n in shapes)
+        and all(same_rows(linear, n, True, rows, wide) for linear, n in shapes)
         and same_rows(model.lm_head, model.hidden, False, 16, ((0, 1), (3, 9)))
         and same_rows(dense(64, model.hidden), model.hidden, False, 96, narrow)
         and same_rows(dense(model.hidden, 64), 64, False, 96, narrow)
-        and same_rows(lora_prompt(model.hidden, LORA_CHECK_COLUMNS), model.hidden, True, 512, wide)
-        and same_rows(
-            lora_prompt(LORA_CHECK_COLUMNS, model.hidden), LORA_CHECK_COLUMNS, True, 512, wide
-        )
+        and all(same_rows(lora_prompt(n, m), n, True, rows, lora_wide) for n, m in lora_shapes)
     )
 
 
-def wide_weights(model: DecoderModel) -> list[WideWeight]:
-    """The prompt GEMMs' weights of every layer."""
-    linears = [linear for w in model.layers for linear in (w.qkv, w.o, w.gate_up, w.down)]
-    return [wide for linear in linears if (wide := getattr(linear, "wide", None)) is not None]
+def prompt_attention_exact(model: DecoderModel, max_len: int, length: int = 600) -> bool:
+    """Whether a prompt's attention rows come out the same computed whole and in chunks
+    (other query counts, other ends), each call over keys rounded up to PROMPT_KEY_MULTIPLE
+    and masked past the row's position, with the model's head shapes in the cache's layout
+    (what prefix reuse needs of attention where the GEMMs sum by the row count)."""
+    generator = torch.Generator().manual_seed(2)
+    kv, d, device = model.num_kv_heads, model.head_dim, model.device
+    length = min(length, max_len)
+    extent = min(max_len, length + PROMPT_KEY_MULTIPLE)
+
+    def drawn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator).to(model.dtype).to(device)
+
+    keys_t, values, q = (
+        drawn(kv, d, extent),
+        drawn(kv, extent, d),
+        drawn(length, model.num_heads, d),
+    )
+
+    def rows(lo: int, hi: int) -> torch.Tensor:
+        end = min(-(-hi // PROMPT_KEY_MULTIPLE) * PROMPT_KEY_MULTIPLE, extent)
+        mask = model.mask(torch.arange(lo, hi, device=device), end, None)
+        return prompt_attention(model, q[lo:hi], keys_t[:, :, :end], values[:, :end], mask)
+
+    whole = rows(0, length)
+    cuts = ((0, 2), (0, 48), (48, 96), (96, 250), (250, length), (513, length))
+    chunks = [(lo, min(hi, length)) for lo, hi in cuts if lo < length]
+    return all(torch.equal(rows(lo, hi), whole[lo:hi]) for lo, hi in chunks)
+
+
+def wide_weights(model: DecoderModel) -> list[list[WideWeight]]:
+    """The prompt GEMMs' weights, layer by layer."""
+    return [
+        [
+            wide
+            for linear in (w.qkv, w.o, w.gate_up, w.down)
+            if (wide := getattr(linear, "wide", None))
+        ]
+        for w in model.layers
+    ]
 
 
 def settle_wide_gemms(
@@ -87,27 +145,52 @@ def settle_wide_gemms(
 
     Where plain calls pass gemm_rows_independent: (True, False, nothing shared: not needed).
     Else this device sums by the row count and key extent (oneDNN's AMX kernels, MKL): the
-    attention check (padded_extents_exact) runs, and where prompt attention is exact over
-    keys padded with masked ones, the prompt GEMMs try fixed row blocks (prompt_gemm.py;
-    unless `allow_blocks` is false: engine.prompt_row_blocks).
-    Blocks stay only where they pass the check; the plain dense copies are then freed (the
-    packed ones replace them)."""
+    decode attention check (padded_extents_exact) runs, and where prompt attention is exact
+    over padded keys too (prompt_attention_exact), the prompt GEMMs try fixed row blocks
+    (prompt_gemm.py; not with `allow_blocks` false: engine.prompt_row_blocks). The check
+    reads the first layer, so that layer goes first; the rest follow only if it passes, each
+    weight's plain dense copy freed as its packed one is made (peak: one layer's copies)."""
     if gemm_rows_independent(model):
         return True, False, PaddedExtents()
     padded = padded_extents_exact(model, max_len)
-    weights = wide_weights(model)
-    cpu = str(model.device) == "cpu"
-    if not (allow_blocks and padded.values and row_blocks_supported() and cpu and weights):
+    layers = wide_weights(model)
+    reason = blocks_unavailable(model, padded, layers) if allow_blocks else "turned off"
+    if reason is None and not prompt_attention_exact(model, max_len):
+        reason = "prompt attention depends on the chunking over padded keys"
+    if reason is None:
+        try:
+            for weight in layers[0]:
+                weight.use_row_blocks(True)
+        except RuntimeError as error:  # oneDNN could not pack this dtype here
+            reason = f"oneDNN could not prepack the weights: {error}"
+    if reason is None and not gemm_rows_independent(model):
+        reason = "the check fails with them too"
+    if reason is not None:
+        for weight in layers[0]:
+            weight.use_row_blocks(False)
+        logger.info("prompt GEMMs not in row blocks: %s", reason)
         return False, False, padded
-    for weight in weights:
-        weight.use_row_blocks(True)
-    if gemm_rows_independent(model):
-        for weight in weights:
+    for layer in layers:
+        for weight in layer:
+            if weight.packed is None:
+                weight.use_row_blocks(True)
             weight.drop_plain()
-        return True, True, padded
-    for weight in weights:
-        weight.use_row_blocks(False)
-    return False, False, padded
+    return True, True, padded
+
+
+def blocks_unavailable(
+    model: DecoderModel, padded: PaddedExtents, layers: list[list[WideWeight]]
+) -> str | None:
+    """Why prompt GEMMs cannot try row blocks here, or None."""
+    if not str(model.device).startswith("cpu"):
+        return "not a CPU"
+    if not row_blocks_supported(model.dtype):
+        return f"no oneDNN prepacked linear for {model.dtype} here"
+    if not padded.values:
+        return "decode attention is not exact over padded keys here"
+    if not all(layers):
+        return "a layer has no dense prompt GEMM"
+    return None
 
 
 @dataclass(frozen=True)
@@ -180,10 +263,13 @@ def describe_sharing(padded: PaddedExtents) -> str:
 
 __all__ = [
     "CHECKED_EXTENT",
+    "PROMPT_KEY_MULTIPLE",
     "WIDE_ROWS",
     "PaddedExtents",
     "describe_sharing",
     "gemm_rows_independent",
     "padded_extents_exact",
+    "prompt_attention_exact",
     "settle_wide_gemms",
+    "wide_weights",
 ]
