@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from server.engine import native
 from server.engine.a8 import A8Linear
 from server.engine.linear import DenseLinear, Int4Linear, Int8Linear, W8A8Layer, W8A8Linear
+from server.engine.models.attention import PROMPT_QUERY_BLOCK
 from server.engine.models.exactness import wide_weights
 from server.engine.prompt_gemm import ROW_BLOCK, row_blocks_supported, wide_linear
 from server.engine.runner import CompactRunner
@@ -160,13 +161,17 @@ def test_where_plain_prompt_gemms_fail_the_check_row_blocks_take_over(request, m
     whole = runner(512)
     m = whole.model
     blocked = [w.packed is not None for w in flat(wide_weights(m))]
-    if not m.row_blocks:
-        assert not m.rows_independent and not any(blocked)
+    if not m.row_blocks:  # undone: only where this CPU's attention is not exact as needed
+        assert not m.rows_independent and not any(blocked) and m.prompt_query_block is None
         assert all(w.source is not None for w in flat(wide_weights(m)))
+        m.prompt_query_block = PROMPT_QUERY_BLOCK
+        exact = exactness.padded_extents_exact(m, 128).values
+        assert not (exact and exactness.prompt_attention_exact(m, 128))
         pytest.skip("attention here is not exact over padded keys: blocks undone (asserted)")
     assert m.rows_independent and all(blocked)
     assert all(w.source is None for w in flat(wide_weights(m)))
     assert m.fixed_decode_rows and m.prefill_row_multiple is None
+    assert m.prompt_query_block == PROMPT_QUERY_BLOCK
     assert m.prompt_key_multiple == exactness.PROMPT_KEY_MULTIPLE
     assert whole.prefix_cache is not None and whole.lora.dtype == torch.float32
     assert whole.kernels()["prompt_gemm"] == f"blocks of {ROW_BLOCK}"
@@ -192,22 +197,28 @@ def test_prompt_row_blocks_false_never_blocks(request, monkeypatch):
 @pytest.mark.parametrize("source", ["bundled", "bundled:gemma-3-270m"])
 def test_the_bundled_models_prefill_the_same_bits_in_any_chunking(source):
     """The real models as served (their auto weights and dtype, row blocks wherever the
-    start-up check takes them): a prompt's first-token logits are bit-identical prefilled
-    whole, in 48-token chunks, or beside other prompts in shared forwards, wherever the
-    server reuses prefixes (rows independent)."""
+    start-up check takes them), wherever the server reuses prefixes (rows independent): a
+    prompt's first-token logits are bit-identical prefilled alone, beside other prompts in
+    shared forwards, in 48-token chunks, and past 1,024 tokens with its first 1,000 restored
+    from the prefix cache (on AMX the value GEMM over 1,000+ keys sums a row by the query
+    count: fixed query blocks hold it)."""
     from ragtune.config import EngineConfig, ModelConfig, default_home
     from ragtune.models import load_base_model
 
     loaded = load_base_model(ModelConfig(source=source), default_home())
-    whole = CompactRunner(loaded, EngineConfig(prefill_chunk=512), max_seq_len=1024)
+    whole = CompactRunner(loaded, EngineConfig(), max_seq_len=2048)
     if not whole.model.rows_independent:
         pytest.skip("this CPU's prompt rows depend on the chunking: no prefix reuse here")
-    chunked = CompactRunner(loaded, EngineConfig(prefill_chunk=48), max_seq_len=1024)
     prompts = [[100 + (t * 13 + i) % 9000 for t in range(n)] for i, n in enumerate((333, 61, 200))]
     alone = [first_logits(whole, [prompt])[0] for prompt in prompts]
+    chunked = CompactRunner(loaded, EngineConfig(prefill_chunk=48), max_seq_len=2048)
     for runner in (whole, chunked):
         for expected, got in zip(alone, first_logits(runner, prompts), strict=True):
             assert torch.equal(expected, got)
-    assert all(
-        torch.equal(a, b) for a, b in zip(alone, first_logits(chunked, prompts[:1]), strict=False)
-    )
+    long = torch.randint(100, 40000, (1500,), generator=torch.Generator().manual_seed(3)).tolist()
+    cold = first_logits(CompactRunner(loaded, EngineConfig(), max_seq_len=2048), [long])[0]
+    first_logits(whole, [long[:1000]])  # its blocks stored in the prefix cache
+    assert whole.prefix_cache is not None
+    assert torch.equal(first_logits(whole, [long])[0], cold)
+    if not whole.model.windows[-1]:  # no sliding window: 48-token chunks keep the same ring
+        assert torch.equal(first_logits(chunked, [long])[0], cold)

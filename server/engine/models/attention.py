@@ -57,11 +57,19 @@ def prompt_attention(
     parts = []
     for lo in range(0, q.shape[0], PROMPT_QUERY_BLOCK):
         hi = min(q.shape[0], lo + PROMPT_QUERY_BLOCK)
+        block_q, block_mask = q[lo:hi], mask[lo:hi]
+        if model.prompt_query_block and hi - lo < model.prompt_query_block:
+            # a short block padded with zero queries (the last row's mask; dropped after):
+            # on AMX the value GEMM over 1,000+ keys sums a row by the query count
+            pad = model.prompt_query_block - (hi - lo)
+            block_q = torch.cat((block_q, block_q.new_zeros(pad, *block_q.shape[1:])))
+            block_mask = torch.cat((block_mask, block_mask[-1:].expand(pad, -1)))
+        rows = block_q.shape[0]
         # the query heads that share a kv head, these rows: [kv_heads, group * rows, d]
-        grouped = q[lo:hi].transpose(0, 1).reshape(kv, -1, d)
-        bias = mask[lo:hi].repeat(group, 1)[None]
+        grouped = block_q.transpose(0, 1).reshape(kv, -1, d)
+        bias = block_mask.repeat(group, 1)[None]
         attn = attention(grouped, keys_t, values, bias, model.scale)
-        attn = attn.view(kv, group, hi - lo, d)
+        attn = attn.view(kv, group, rows, d)[:, :, : hi - lo]
         parts.append(attn.permute(2, 0, 1, 3).reshape(hi - lo, model.q_size))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 

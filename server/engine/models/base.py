@@ -167,6 +167,9 @@ class DecoderModel(ForwardPasses, LayerArithmetic):
         # prompt GEMMs in fixed row blocks where that takes them (`row_blocks`: AMX), and
         # where not natively, which parts of attention this device gives the same bits over
         # a longer extent (decode rows then attend over their own extent class, sharing those)
+        # ... and (row blocks) prompt attention on fixed blocks of query rows (set by
+        # settle_wide_gemms with the blocks: attention.prompt_attention)
+        self.prompt_query_block: int | None = None
         self.rows_independent, self.row_blocks, self.padded_extents = settle_wide_gemms(
             self, length, row_blocks
         )
@@ -196,9 +199,10 @@ class DecoderModel(ForwardPasses, LayerArithmetic):
         if self.row_blocks:
             logger.info(
                 "this device's GEMMs depend on the row count: prompt GEMMs run in fixed row "
-                "blocks and prompt attention over keys padded to a multiple (so prompts share "
-                "forwards and the prefix cache is on), decode pads library GEMMs to a fixed "
-                "row count; decode attention shares across extent classes: %s",
+                "blocks and prompt attention in fixed query blocks over keys padded to a "
+                "multiple (so prompts share forwards and the prefix cache is on), decode pads "
+                "library GEMMs to a fixed row count; decode attention shares across extent "
+                "classes: %s",
                 describe_sharing(self.padded_extents),
             )
         elif not self.rows_independent:

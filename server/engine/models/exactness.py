@@ -13,7 +13,7 @@ import torch
 
 from server.engine.kv_cache import extent_classes
 from server.engine.linear import DenseLinear
-from server.engine.models.attention import prompt_attention
+from server.engine.models.attention import PROMPT_QUERY_BLOCK, prompt_attention
 from server.engine.prompt_gemm import WideWeight, row_blocks_supported
 
 if TYPE_CHECKING:
@@ -75,16 +75,13 @@ def gemm_rows_independent(model: DecoderModel) -> bool:
         factor = factor.to(model.dtype).to(model.device)
         return lambda x, wide: x @ factor
 
-    r, kv_size = LORA_CHECK_RANK, model.num_kv_heads * model.head_dim
-    lora_shapes = (  # (in, out) of A then B for qkv, o, gate_up, down
-        (model.hidden, 3 * r),
-        (3 * r, model.q_size + 2 * kv_size),
-        (model.q_size, r),
-        (r, model.hidden),
-        (model.hidden, 2 * r),
-        (2 * r, 2 * model.intermediate),
-        (model.intermediate, r),
-    )
+    from server.engine.models.base import module_shapes  # base imports this module
+
+    by_module, lora_shapes = module_shapes(model), set()
+    for modules in model.LORA_GROUPS.values():  # (in, out) of A then B, as LoraSlots lays out
+        width = len(modules) * LORA_CHECK_RANK
+        lora_shapes.add((by_module[modules[0]][0], width))
+        lora_shapes.add((width, sum(by_module[m][1] for m in modules)))
     rows = WIDE_CHECK_ROWS
     return (
         all(same_rows(linear, n, False, 96, narrow) for linear, n in shapes)
@@ -92,11 +89,13 @@ def gemm_rows_independent(model: DecoderModel) -> bool:
         and same_rows(model.lm_head, model.hidden, False, 16, ((0, 1), (3, 9)))
         and same_rows(dense(64, model.hidden), model.hidden, False, 96, narrow)
         and same_rows(dense(model.hidden, 64), 64, False, 96, narrow)
-        and all(same_rows(lora_prompt(n, m), n, True, rows, lora_wide) for n, m in lora_shapes)
+        and all(
+            same_rows(lora_prompt(n, m), n, True, rows, lora_wide) for n, m in sorted(lora_shapes)
+        )
     )
 
 
-def prompt_attention_exact(model: DecoderModel, max_len: int, length: int = 600) -> bool:
+def prompt_attention_exact(model: DecoderModel, max_len: int, length: int = 1600) -> bool:
     """Whether a prompt's attention rows come out the same computed whole and in chunks
     (other query counts, other ends), each call over keys rounded up to PROMPT_KEY_MULTIPLE
     and masked past the row's position, with the model's head shapes in the cache's layout
@@ -121,7 +120,18 @@ def prompt_attention_exact(model: DecoderModel, max_len: int, length: int = 600)
         return prompt_attention(model, q[lo:hi], keys_t[:, :, :end], values[:, :end], mask)
 
     whole = rows(0, length)
-    cuts = ((0, 2), (0, 48), (48, 96), (96, 250), (250, length), (513, length))
+    cuts = (
+        (0, 2),
+        (0, 48),
+        (48, 96),
+        (96, 250),
+        (250, 512),
+        (512, 528),
+        (528, 1024),
+        (1024, 1040),
+        (1040, 1100),
+        (1100, length),
+    )
     chunks = [(lo, min(hi, length)) for lo, hi in cuts if lo < length]
     return all(torch.equal(rows(lo, hi), whole[lo:hi]) for lo, hi in chunks)
 
@@ -155,8 +165,10 @@ def settle_wide_gemms(
     padded = padded_extents_exact(model, max_len)
     layers = wide_weights(model)
     reason = blocks_unavailable(model, padded, layers) if allow_blocks else "turned off"
-    if reason is None and not prompt_attention_exact(model, max_len):
-        reason = "prompt attention depends on the chunking over padded keys"
+    if reason is None:  # prompt attention as it runs under blocks: fixed query blocks
+        model.prompt_query_block = PROMPT_QUERY_BLOCK
+        if not prompt_attention_exact(model, max_len):
+            reason = "prompt attention depends on the chunking over padded keys"
     if reason is None:
         try:
             for weight in layers[0]:
@@ -166,6 +178,7 @@ def settle_wide_gemms(
     if reason is None and not gemm_rows_independent(model):
         reason = "the check fails with them too"
     if reason is not None:
+        model.prompt_query_block = None
         for weight in layers[0]:
             weight.use_row_blocks(False)
         logger.info("prompt GEMMs not in row blocks: %s", reason)
