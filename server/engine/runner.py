@@ -152,7 +152,8 @@ class CompactRunner:
         need = max(windows) + prefill_chunk
         if self.extent_classes:
             return extent_class(need, max_len)
-        return min(-(-need // 16) * 16, max_len)
+        step = self.model.prompt_key_multiple or 16  # a ring's extent is one prompts read
+        return min(-(-need // step) * step, max_len)
 
     def kernels(self) -> dict[str, str]:
         """What this runner computes with, for the start-up log and the engine info metric."""
