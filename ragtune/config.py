@@ -160,7 +160,7 @@ class EngineConfig(_Section):
         "(AMX), run prompt GEMMs in fixed blocks of rows (and prompt attention over padded "
         "keys), so prompts share forwards and the prefix cache is exact (checked at "
         "start-up). false: there prompts prefill one at a time without the prefix cache "
-        "(long distinct prompts ~12 % faster, shared prefixes ~5x and c=16 ~20 % slower: "
+        "(long distinct prompts ~25 % sooner, shared prefixes ~5x and c=16 ~20 % slower: "
         "docs/performance.md, stop 36).",
     )
     sliding_window_kv: Literal["ring", "full"] = Field(

@@ -194,7 +194,9 @@ def test_prompt_row_blocks_false_never_blocks(request, monkeypatch):
     assert all(w.packed is None for w in flat(wide_weights(off.model)))
 
 
-@pytest.mark.parametrize("source", ["bundled", "bundled:gemma-3-270m"])
+@pytest.mark.parametrize(
+    "source", ["bundled", pytest.param("bundled:gemma-3-270m", marks=pytest.mark.slow)]
+)
 def test_the_bundled_models_prefill_the_same_bits_in_any_chunking(source):
     """The real models as served (their auto weights and dtype, row blocks wherever the
     start-up check takes them), wherever the server reuses prefixes (rows independent): a
