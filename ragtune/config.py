@@ -178,6 +178,15 @@ class EngineConfig(_Section):
         "classes where GEMMs need them), 'auto' (the kernel where it builds; torch's on "
         "CUDA).",
     )
+    prompt_attention: Literal["auto", "kernel", "torch"] = Field(
+        "auto",
+        description="Prompt chunks' attention on a CPU: 'kernel' (ragtune's C++ kernel: "
+        "a few query rows of a KV head per task share every key read, each row stops at its "
+        "own last visible key; decode's arithmetic to the bit, so a row does not depend on "
+        "its chunk; bf16 on AVX-512 BF16), 'torch' (batched GEMMs and a softmax in blocks "
+        "of 128 queries), 'auto' (the kernel where it runs and is the faster: not for "
+        "head_dim 128 and up on AMX, whose bf16 GEMMs outrun it there).",
+    )
     decode_layers: Literal["auto", "kernel", "python"] = Field(
         "auto",
         description="A CPU decode step's decoder layers: 'kernel' (ragtune's C++ call runs "

@@ -2,7 +2,7 @@
 C++ compiler and loaded with ctypes. No torch headers: a plain library builds in a few seconds
 and shares torch's OpenMP runtime (same soname, already loaded), so its threads are torch's.
 The kernels: the a8 GEMM (engine/a8.py), the decode LoRA rows (engine/lora_rowwise.py),
-decode attention (engine/attention_rows.py), RMSNorm (engine/rms_norm.py), the int8 head
+decode and prompt attention (engine/attention_rows.py), RMSNorm (engine/rms_norm.py), the int8 head
 (engine/channel_int8.py), the sampler's greedy pass (engine/sampler.py) and a decode step's
 layers in one call (engine/decode_layers.py)."""
 
@@ -27,6 +27,7 @@ SOURCES = [
     CSRC / "a8_linear.cpp",
     CSRC / "lora_rows.cpp",
     CSRC / "attention_rows.cpp",
+    CSRC / "attention_prompt.cpp",
     CSRC / "rms_norm.cpp",
     CSRC / "channel_int8.cpp",
     CSRC / "argmax_rows.cpp",
@@ -35,6 +36,7 @@ SOURCES = [
 HEADERS = [
     CSRC / "vec8.h",
     CSRC / "vec16.h",
+    CSRC / "attention_math.h",
     CSRC / "lora_rows.h",
     CSRC / "norm_row.h",
     CSRC / "kernels.h",
@@ -120,6 +122,13 @@ def library() -> ctypes.CDLL:
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
     ]  # fmt: skip
     lib.attention_pairs_supported.restype = ctypes.c_int
+    lib.attention_prompt.restype = None
+    lib.attention_prompt.argtypes = [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
+        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+        ctypes.c_float, ctypes.c_void_p, ctypes.c_int,
+    ]  # fmt: skip
     lib.channel_int8_linear.restype = None
     lib.channel_int8_linear.argtypes = [
         ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,

@@ -72,6 +72,7 @@ class CompactRunner:
             loaded.model_dir,
             max_positions=max_seq_len,
             row_blocks=config.prompt_row_blocks,
+            prompt_attention=config.prompt_attention,
         )
         self.device = loaded.device
         self.max_seq_len = max_seq_len
@@ -167,6 +168,7 @@ class CompactRunner:
             "rows_independent": str(m.rows_independent).lower(),
             # what decode rows of different extent classes share (models/attention.py)
             "decode_attention": "kernel" if m.attention_kernel else "torch",
+            "prompt_attention": "kernel" if m.prompt_kernel else "torch",
             # a decode step's layers in one call (engine/decode_layers.py) or one by one
             "decode_layers": "kernel" if m.decode_layers is not None else "python",
             "extent_sharing": describe_sharing(m.padded_extents) if self.extent_classes else "n/a",

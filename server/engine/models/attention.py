@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from server.engine import attention_prompt
 from server.engine.kv_cache import KVCache
 
 if TYPE_CHECKING:
@@ -51,7 +52,10 @@ def prompt_attention(
     for 512 rows over 1,530 keys) would go through memory several times, a block's stay in
     cache (a 1,530-token prompt: 1.34 -> 0.83 s; 128 rows as good as 192 or 256, better than
     32, 64 or unblocked). Exact: a query row's result does not depend on the other rows of
-    its GEMM."""
+    its GEMM. Where `model.prompt_kernel`, one call on ragtune's kernel instead
+    (engine/attention_prompt.py)."""
+    if model.prompt_kernel:
+        return attention_prompt.attend(model, q, keys_t, values, mask)
     kv, d = model.num_kv_heads, model.head_dim
     group = model.num_heads // kv
     parts = []

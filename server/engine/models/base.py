@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ragtune.models.checkpoint import open_checkpoint
+from server.engine import attention_prompt
 from server.engine.linear import Linear, dense_weight, head_linear, is_bnb, linear_for
 from server.engine.lora import LLAMA_GROUPS
 from server.engine.models.exactness import (
@@ -105,6 +106,7 @@ class DecoderModel(ForwardPasses, LayerArithmetic):
         source_dir: Path | None = None,  # the model's checkpoint directory
         max_positions: int | None = None,  # the longest sequence served (rotary tables)
         row_blocks: bool = True,  # engine.prompt_row_blocks (exactness.settle_wide_gemms)
+        prompt_attention: str = "auto",  # engine.prompt_attention (attention_prompt.resolve)
     ):
         config = self.text_config(hf_model.config)
         self.config = config
@@ -170,6 +172,9 @@ class DecoderModel(ForwardPasses, LayerArithmetic):
         # ... and (row blocks) prompt attention on fixed blocks of query rows (set by
         # settle_wide_gemms with the blocks: attention.prompt_attention)
         self.prompt_query_block: int | None = None
+        # prompt chunks attend on ragtune's kernel (engine/attention_prompt.py: exact under
+        # any chunking by construction), else on torch's GEMMs (models/attention.py)
+        self.prompt_kernel = attention_prompt.resolve(prompt_attention, self)
         self.rows_independent, self.row_blocks, self.padded_extents = settle_wide_gemms(
             self, length, row_blocks
         )
@@ -199,10 +204,12 @@ class DecoderModel(ForwardPasses, LayerArithmetic):
         if self.row_blocks:
             logger.info(
                 "this device's GEMMs depend on the row count: prompt GEMMs run in fixed row "
-                "blocks and prompt attention in fixed query blocks over keys padded to a "
-                "multiple (so prompts share forwards and the prefix cache is on), decode pads "
-                "library GEMMs to a fixed row count; decode attention shares across extent "
-                "classes: %s",
+                "blocks and prompt attention %s (so prompts share forwards and the prefix "
+                "cache is on), decode pads library GEMMs to a fixed row count; decode "
+                "attention shares across extent classes: %s",
+                "on ragtune's kernel"
+                if self.prompt_kernel
+                else "in fixed query blocks over keys padded to a multiple",
                 describe_sharing(self.padded_extents),
             )
         elif not self.rows_independent:

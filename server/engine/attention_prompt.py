@@ -1,0 +1,90 @@
+"""A prompt chunk's attention in one call per layer: the C++ kernel in csrc/attention_prompt.cpp
+(why, and its arithmetic: decode's bf16 pair path to the bit, a few query rows of a KV head
+per task sharing every key and value read, each row stopping at its own last visible key).
+
+A row's result depends on its own visible keys alone, on every CPU that runs it, so prompts
+come out the same whole, chunked or restored from the prefix cache without the fixed query
+blocks and padded keys torch's GEMMs need on AMX (models/attention.py), and a prompt row
+equals a decode step at its position. `engine.prompt_attention` chooses (auto: the kernel
+where it runs)."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+from server.engine import native
+
+if TYPE_CHECKING:
+    from server.engine.models.base import DecoderModel
+
+logger = logging.getLogger(__name__)
+
+
+def unsupported_reason(model: DecoderModel) -> str | None:
+    """Why this model's prompts cannot attend on the kernel here, or None where they can: a
+    CPU with AVX-512 BF16 (the pair path; elsewhere torch's GEMMs are the fast route), bf16,
+    head_dim a multiple of 32, the kernels built."""
+    if not str(model.device).startswith("cpu"):
+        return f"the kernel runs on a CPU, not {model.device}"
+    if model.dtype is not torch.bfloat16:
+        return f"the kernel takes bf16, not {model.dtype}"
+    if model.head_dim % 32:
+        return f"head_dim {model.head_dim} is not a multiple of 32"
+    if (reason := native.unavailable_reason()) is not None:
+        return reason
+    if not native.attention_pairs():
+        return "the CPU lacks AVX-512 BF16"
+    return None
+
+
+def resolve(choice: str, model: DecoderModel) -> bool:
+    """engine.prompt_attention resolved: 'auto' takes the kernel wherever it runs (saying
+    why not on a CPU where it cannot), 'kernel' where it cannot is an error, 'torch' never."""
+    if choice == "torch":
+        return False
+    reason = unsupported_reason(model)
+    if reason is not None and choice == "kernel":
+        raise ValueError(f"engine.prompt_attention=kernel cannot run here: {reason}")
+    if reason is not None and str(model.device).startswith("cpu"):
+        logger.info("prompt attention on torch's GEMMs: %s", reason)
+    return reason is None
+
+
+def attend(
+    model: DecoderModel,
+    q: torch.Tensor,  # [rows, heads, d] one prompt chunk's queries (rotated)
+    keys_t: torch.Tensor,  # [kv_heads, d, end] (features may lie the cache's capacity apart)
+    values: torch.Tensor,  # [kv_heads, end, d]
+    mask: torch.Tensor,  # [rows, end] 0 or -inf
+) -> torch.Tensor:
+    """The chunk's attention [rows, q_size] in bf16."""
+    d = model.head_dim
+    rows, end = mask.shape
+    if (
+        q.shape[1:] != (model.num_heads, d)
+        or keys_t.shape != (model.num_kv_heads, d, end)
+        or values.shape != (model.num_kv_heads, end, d)
+        or keys_t.stride(-1) != 1
+        or values.stride(-1) != 1
+        or {q.dtype, keys_t.dtype, values.dtype} != {torch.bfloat16}
+    ):
+        raise ValueError("prompt attention: q, keys and values do not match the model")
+    if q.stride(-1) != 1 or q.stride(-2) != d:
+        q = q.contiguous()
+    mask = mask.contiguous()
+    if mask.dtype not in (torch.bfloat16, torch.float32):
+        mask = mask.float()
+    out = torch.empty(rows, model.q_size, dtype=torch.bfloat16)
+    native.library().attention_prompt(
+        q.data_ptr(), q.stride(0), keys_t.data_ptr(), keys_t.stride(0), keys_t.stride(1),
+        values.data_ptr(), values.stride(0), values.stride(1), mask.data_ptr(),
+        int(mask.dtype is torch.bfloat16), end, rows, model.num_heads, model.num_kv_heads, d,
+        model.scale, out.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+__all__ = ["attend", "resolve", "unsupported_reason"]
