@@ -2,6 +2,7 @@
 per case (µs a call).
 
     python bench/native_kernels.py attention          # decode attention, 16 rows, hot and cold
+    python bench/native_kernels.py prompt             # prompt attention, torch's or the kernel
     python bench/native_kernels.py a8                 # the a8 GEMM per instruction set
     python bench/native_kernels.py norm               # RMSNorm
     python bench/native_kernels.py head               # the int8 vocabulary projection
@@ -21,13 +22,13 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from server.engine import attention_rows, native
+from server.engine import attention_prompt, attention_rows, native
 from server.engine.a8 import A8Linear
 from server.engine.attention_rows import RowsPlan
 from server.engine.channel_int8 import ChannelInt8Linear
 from server.engine.kv_cache import KVCache
 from server.engine.linear import W8A8Linear
-from server.engine.models.attention import attention
+from server.engine.models.attention import attention, prompt_attention
 from server.engine.models.layer import LayerArithmetic
 from server.engine.rms_norm import rms_norm
 
@@ -88,6 +89,36 @@ def attention_case(heads: int, kv: int, d: int, keys: int, layers: int, rows: in
         total += time.perf_counter() - started
     result["kernel_cold_us"] = round(total / 8 / layers * 1e6, 1)
     result["path"] = "bf16 pairs" if native.attention_pairs() else "float lanes"
+    return result
+
+
+# (rows, keys, window): a 1,024-token prompt whole, its second 512-token chunk, one 128-row
+# chunk late in a long prompt, a short chunk; then Gemma 3's local layers (window 512)
+PROMPT_CASES = [(1024, 1024, None), (512, 1536, None), (128, 1024, None), (32, 512, None),
+                (1024, 1024, 512), (512, 1536, 512)]  # fmt: skip
+
+
+def prompt_case(heads: int, kv: int, d: int, rows: int, keys: int, window: int | None) -> dict:
+    """ms a layer for one prompt chunk's attention (its rows the last of `keys` positions):
+    torch's route (models/attention.py, 128-query blocks) against the kernel
+    (engine/attention_prompt.py)."""
+    model = SimpleNamespace(head_dim=d, num_heads=heads, num_kv_heads=kv, q_size=heads * d,
+                            scale=d**-0.5, prompt_query_block=None, prompt_kernel=False,
+                            device="cpu", dtype=torch.bfloat16)  # fmt: skip
+    q = torch.randn(rows, heads, d).bfloat16()
+    keys_t, values = torch.randn(kv, d, keys).bfloat16(), torch.randn(kv, keys, d).bfloat16()
+    positions = torch.arange(keys - rows, keys)[:, None]
+    hidden = torch.arange(keys)[None] > positions
+    if window is not None:
+        hidden |= torch.arange(keys)[None] <= positions - window
+    mask = torch.zeros(rows, keys, dtype=torch.bfloat16).masked_fill(hidden, float("-inf"))
+    result = {"case": "prompt", "heads": heads, "kv_heads": kv, "head_dim": d, "rows": rows,
+              "keys": keys, "window": window}  # fmt: skip
+    for name, route in (("torch", prompt_attention), ("kernel", attention_prompt.attend)):
+        result[f"{name}_ms"] = round(
+            per_call(lambda r=route: r(model, q, keys_t, values, mask), 20) / 1e3, 2
+        )
+    result["speedup"] = round(result["torch_ms"] / result["kernel_ms"], 2)
     return result
 
 
@@ -213,7 +244,9 @@ def norm_cases() -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("which", choices=["attention", "a8", "norm", "head", "rope", "greedy"])
+    parser.add_argument(
+        "which", choices=["attention", "prompt", "a8", "norm", "head", "rope", "greedy"]
+    )
     parser.add_argument("--keys", default="200,1000")
     args = parser.parse_args()
     if args.which == "attention":
@@ -221,6 +254,13 @@ def main() -> None:
             attention_case(heads, kv, d, keys, layers=18)
             for keys in map(int, args.keys.split(","))
             for heads, kv, d in ATTENTION_SHAPES
+        ]
+    elif args.which == "prompt":
+        cases = [
+            prompt_case(heads, kv, d, rows, keys, window)
+            for heads, kv, d in ATTENTION_SHAPES
+            for rows, keys, window in PROMPT_CASES
+            if window is None or d == 256  # the local layers are Gemma 3's
         ]
     elif args.which == "a8":
         cases = a8_cases()
