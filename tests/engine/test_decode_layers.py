@@ -153,7 +153,9 @@ def test_a_slot_reloaded_with_another_adapter_takes_its_groups(tmp_path):
                 runner.release(seq)
 
 
-@pytest.mark.parametrize("source", ["bundled", "bundled:gemma-3-270m"])
+@pytest.mark.parametrize(
+    "source", ["bundled", pytest.param("bundled:gemma-3-270m", marks=pytest.mark.slow)]
+)
 def test_the_bundled_models_decode_the_same_bits_in_one_call(source):
     """The real models as served (their auto weights and dtype): 16 rows of different
     lengths, half on a random rank-16 adapter on every projection, 24 steps."""
