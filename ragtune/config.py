@@ -160,8 +160,8 @@ class EngineConfig(_Section):
         "(AMX), run prompt GEMMs in fixed blocks of rows (and prompt attention over padded "
         "keys), so prompts share forwards and the prefix cache is exact (checked at "
         "start-up). false: there prompts prefill one at a time without the prefix cache "
-        "(long distinct prompts ~25 % sooner, shared prefixes ~5x and c=16 ~20 % slower: "
-        "docs/performance.md, stop 36).",
+        "(long distinct prompts ~10 % sooner, shared prefixes ~5x and c=16 ~20 % slower: "
+        "docs/performance.md, stops 36 and 37).",
     )
     sliding_window_kv: Literal["ring", "full"] = Field(
         "ring",
