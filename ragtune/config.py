@@ -184,8 +184,8 @@ class EngineConfig(_Section):
         "a few query rows of a KV head per task share every key read, each row stops at its "
         "own last visible key; decode's arithmetic to the bit, so a row does not depend on "
         "its chunk; bf16 on AVX-512 BF16), 'torch' (batched GEMMs and a softmax in blocks "
-        "of 128 queries), 'auto' (the kernel where it runs and is the faster: not for "
-        "head_dim 128 and up on AMX, whose bf16 GEMMs outrun it there).",
+        "of 128 queries), 'auto' (the kernel wherever it runs; torch's route on CUDA and "
+        "for fp32).",
     )
     decode_layers: Literal["auto", "kernel", "python"] = Field(
         "auto",

@@ -60,11 +60,19 @@ def attend(
     values: torch.Tensor,  # [kv_heads, end, d]
     mask: torch.Tensor,  # [rows, end] 0 or -inf
 ) -> torch.Tensor:
-    """The chunk's attention [rows, q_size] in bf16."""
+    """The chunk's attention [rows, q_size] in bf16. Shapes, dtypes and this CPU are
+    checked here: a wrong one would make the kernel read or write past its buffers."""
+    if (reason := unsupported_reason(model)) is not None:
+        raise ValueError(f"the prompt attention kernel cannot run here: {reason}")
     d = model.head_dim
     rows, end = mask.shape
+    if mask.dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(
+            f"prompt attention: the mask must be 0/-inf in bf16 or fp32, not {mask.dtype}"
+        )
     if (
-        q.shape[1:] != (model.num_heads, d)
+        model.num_heads % model.num_kv_heads
+        or q.shape != (rows, model.num_heads, d)
         or keys_t.shape != (model.num_kv_heads, d, end)
         or values.shape != (model.num_kv_heads, end, d)
         or keys_t.stride(-1) != 1
@@ -75,8 +83,6 @@ def attend(
     if q.stride(-1) != 1 or q.stride(-2) != d:
         q = q.contiguous()
     mask = mask.contiguous()
-    if mask.dtype not in (torch.bfloat16, torch.float32):
-        mask = mask.float()
     out = torch.empty(rows, model.q_size, dtype=torch.bfloat16)
     native.library().attention_prompt(
         q.data_ptr(), q.stride(0), keys_t.data_ptr(), keys_t.stride(0), keys_t.stride(1),

@@ -85,7 +85,9 @@ class CompactRunner:
             else:  # see DecoderModel.prefill_row_multiple (row blocks need no row padding)
                 if not m.row_blocks:
                     m.prefill_row_multiple = PREFILL_ROW_MULTIPLE
-                if m.padded_extents.values:  # masked keys past a class are exact here
+                # masked keys past a class are exact here (torch's route; the prompt
+                # kernel's rows depend on their own keys alone: no padding)
+                if m.padded_extents.values and not m.prompt_kernel:
                     m.prompt_key_multiple = PROMPT_KEY_MULTIPLE
         if static_decode is None:
             static_decode = config.cuda_graphs and str(loaded.device).startswith("cuda")

@@ -20,7 +20,8 @@ from server.engine.models.attention import prompt_attention
 from server.engine.runner import CompactRunner
 from tests.engine.test_runner import tiny, tiny_bf16  # noqa: F401  (fixtures)
 
-pytestmark = pytest.mark.skipif(
+# the kernel's own tests; the route's choice is tested on every CPU
+needs_kernel = pytest.mark.skipif(
     native.unavailable_reason() is not None or not native.attention_pairs(),
     reason="the prompt kernel needs AVX-512 BF16 and the kernels built",
 )
@@ -57,6 +58,16 @@ def mask(start: int, rows: int, length: int, window: int | None = None) -> torch
     return torch.zeros(rows, length, dtype=torch.bfloat16).masked_fill(hidden, MINUS_INF)
 
 
+def ring_mask(start: int, rows: int, ring: int, window: int) -> torch.Tensor:
+    """A sliding-window layer's ring (DecoderModel.mask): position p's key at index p mod
+    ring, visible when at most window - 1 back and not before the start: the visible
+    indexes wrap around the ring's end."""
+    positions = torch.arange(start, start + rows)[:, None]
+    back = (positions - torch.arange(ring)[None, :]) % ring
+    hidden = (back >= window) | (back > positions)
+    return torch.zeros(rows, ring, dtype=torch.bfloat16).masked_fill(hidden, MINUS_INF)
+
+
 def queries(m: SimpleNamespace, rows: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(2)
     return torch.randn(rows, m.num_heads, m.head_dim, generator=generator).bfloat16()
@@ -75,6 +86,7 @@ def chunk(m, cache, q, start: int, end: int, window=None, threads=None) -> torch
         torch.set_num_threads(before)
 
 
+@needs_kernel
 @pytest.mark.parametrize(("heads", "kv_heads", "d"), SHAPES)
 @pytest.mark.parametrize("window", [None, 40])
 def test_a_prompt_row_is_a_decode_step_at_its_position(heads, kv_heads, d, window):
@@ -94,10 +106,12 @@ def test_a_prompt_row_is_a_decode_step_at_its_position(heads, kv_heads, d, windo
         assert torch.equal(whole[p], decoded[0]), p
 
 
+@needs_kernel
 @pytest.mark.parametrize(("heads", "kv_heads", "d"), SHAPES[:2])
 def test_a_prompt_rows_bits_depend_on_its_own_keys_alone(heads, kv_heads, d):
     """Whole == in chunks of 37 (each over its own extent) == over a longer extent whose
-    extra keys are masked == on one thread, with and without a sliding window."""
+    extra keys are masked (a bf16 or a float32 mask) == on one thread, with and without a
+    sliding window; and a ring layer's wrapped keys as decode reads them."""
     m = model(heads, kv_heads, d)
     cache = filled_cache(m, 416)
     q = queries(m, 400)
@@ -109,8 +123,23 @@ def test_a_prompt_rows_bits_depend_on_its_own_keys_alone(heads, kv_heads, d):
         keys_t, values = cache.prompt_view(0, 0, 416)  # 16 keys past the prompt, masked
         padded = torch.cat((mask(0, 400, 400, window), mask(0, 400, 16).fill_(MINUS_INF)), 1)
         assert torch.equal(attention_prompt.attend(m, q, keys_t, values, padded), whole)
+        assert torch.equal(attention_prompt.attend(m, q, keys_t, values, padded.float()), whole)
+    # a ring layer's keys (ring 96, window 64; positions 300..399 in chunks of 37): each row
+    # the bits of a decode step at its index over the same ring, the visible indexes wrapping
+    keys_t, values = cache.prompt_view(0, 0, 96)
+    for lo in range(300, 400, 37):
+        hi = min(400, lo + 37)
+        got = attention_prompt.attend(m, q[lo:hi], keys_t, values, ring_mask(lo, hi - lo, 96, 64))
+        for i in (0, hi - lo - 1):
+            p = lo + i
+            bias = ring_mask(p, 1, 96, 64).float()
+            plan = RowsPlan(96, bias, torch.tensor([p % 96]))
+            k, v = cache.keys_t[0][0:1, :, :, p % 96], cache.values[0][0:1, :, p % 96]
+            decoded = attention_rows.attend(m, 0, q[p : p + 1], k, v, cache, plan)
+            assert torch.equal(got[i], decoded[0]), p
 
 
+@needs_kernel
 @pytest.mark.parametrize(("heads", "kv_heads", "d"), SHAPES)
 def test_the_kernel_is_no_further_from_exact_attention_than_torchs_route(heads, kv_heads, d):
     """Against attention computed in float64 from the same bf16 inputs: the kernel's error is
@@ -134,10 +163,11 @@ def test_the_kernel_is_no_further_from_exact_attention_than_torchs_route(heads, 
     assert kernel_error <= 1.25 * torch_error + 1e-3
 
 
-def test_engine_prompt_attention_chooses_the_route(tiny, tiny_bf16):  # noqa: F811
-    """auto: the kernel wherever it runs (bf16, head_dim a multiple of 32, AVX-512 BF16),
-    torch's route elsewhere; 'kernel' where it cannot run is an error, not a fallback;
-    'torch' never takes it. The engine's info says which."""
+def test_engine_prompt_attention_chooses_the_route(tiny, tiny_bf16, monkeypatch):  # noqa: F811
+    """auto: the kernel wherever it runs (bf16, head_dim a multiple of 32, AVX-512 BF16, the
+    kernels built), torch's route elsewhere; 'kernel' where it cannot run is an error, not a
+    fallback; 'torch' never takes it. The engine's info says which. On every CPU: where it
+    lacks AVX-512 BF16 that is the case checked, elsewhere it is emulated."""
     from tests.engine.families import COMMON
 
     assert COMMON["head_dim"] % 32  # the tiny models' heads: the kernel cannot take them
@@ -148,17 +178,56 @@ def test_engine_prompt_attention_chooses_the_route(tiny, tiny_bf16):  # noqa: F8
         CompactRunner(
             tiny, EngineConfig(weights="dense", prompt_attention="kernel"), max_seq_len=128
         )
-    bundled = SimpleNamespace(device="cpu", dtype=torch.bfloat16, head_dim=64)
-    assert attention_prompt.resolve("auto", bundled)
-    assert attention_prompt.resolve("kernel", bundled)
-    assert not attention_prompt.resolve("torch", bundled)
+    bundled = model(9, 3, 64)
     for unfit in (
         SimpleNamespace(device="cpu", dtype=torch.float32, head_dim=64),
         SimpleNamespace(device="cpu", dtype=torch.bfloat16, head_dim=48),
+        SimpleNamespace(device="cuda:0", dtype=torch.bfloat16, head_dim=64),
     ):
         assert not attention_prompt.resolve("auto", unfit)
+        with pytest.raises(ValueError, match="cannot run here"):
+            attention_prompt.resolve("kernel", unfit)
+    assert not attention_prompt.resolve("torch", bundled)
+    monkeypatch.setattr(native, "attention_pairs", lambda: False)  # a CPU without AVX-512 BF16
+    assert attention_prompt.unsupported_reason(bundled) in (
+        native.unavailable_reason(),
+        "the CPU lacks AVX-512 BF16",
+    )
+    assert not attention_prompt.resolve("auto", bundled)
+    with pytest.raises(ValueError, match="cannot run here"):
+        attention_prompt.resolve("kernel", bundled)
+    with pytest.raises(ValueError, match="cannot run here"):  # never called into the kernel
+        q = queries(bundled, 4)
+        attention_prompt.attend(
+            bundled, q, *filled_cache(bundled, 4).prompt_view(0, 0, 4), mask(0, 4, 4)
+        )
+    if native.unavailable_reason() is None:
+        monkeypatch.setattr(native, "attention_pairs", lambda: True)
+        assert attention_prompt.resolve("auto", bundled)
+        assert attention_prompt.resolve("kernel", bundled)
 
 
+@needs_kernel
+def test_the_kernel_refuses_what_would_take_it_past_its_buffers():
+    """A mask that is not 0/-inf floats (a bool mask would turn True into +1 in the
+    softmax), q rows other than the mask's, keys or values of other shapes: clear errors."""
+    m = model(9, 3, 64)
+    cache = filled_cache(m, 40)
+    q = queries(m, 40)
+    keys_t, values = cache.prompt_view(0, 0, 40)
+    good = mask(0, 40, 40)
+    for bad in (
+        (q, keys_t, values, good.isinf()),
+        (q[:30], keys_t, values, good),
+        (q, keys_t[:, :, :39], values, good),
+        (q, keys_t, values[:2], good),
+        (q.float(), keys_t, values, good),
+    ):
+        with pytest.raises(ValueError, match="prompt attention"):
+            attention_prompt.attend(m, *bad)
+
+
+@needs_kernel
 def test_the_bundled_model_serves_prompts_through_the_kernel_as_through_torch():
     """The bundled SmolLM2 as served (auto: the kernel) against `prompt_attention: torch`:
     the next-token distributions of prompts of 40 to 1,200 tokens agree to bf16 rounding

@@ -195,30 +195,41 @@ def test_prompt_row_blocks_false_never_blocks(request, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "source", ["bundled", pytest.param("bundled:gemma-3-270m", marks=pytest.mark.slow)]
+    ("source", "route"),
+    [
+        ("bundled", "auto"),
+        # torch's prompt attention (on AMX its query blocks over padded keys hold the bits)
+        pytest.param("bundled", "torch", marks=pytest.mark.slow),
+        pytest.param("bundled:gemma-3-270m", "auto", marks=pytest.mark.slow),
+    ],
 )
-def test_the_bundled_models_prefill_the_same_bits_in_any_chunking(source):
+def test_the_bundled_models_prefill_the_same_bits_in_any_chunking(source, route):
     """The real models as served (their auto weights and dtype, row blocks wherever the
     start-up check takes them), wherever the server reuses prefixes (rows independent): a
     prompt's first-token logits are bit-identical prefilled alone, beside other prompts in
     shared forwards, in 48-token chunks, and past 1,024 tokens with its first 1,000 restored
-    from the prefix cache (on AMX the value GEMM over 1,000+ keys sums a row by the query
-    count: fixed query blocks hold it)."""
+    from the prefix cache. Through the prompt attention kernel where it runs (its rows
+    depend on their own keys alone) and through torch's route (slow: on AMX the value GEMM
+    over 1,000+ keys sums a row by the query count, and fixed query blocks hold it)."""
     from ragtune.config import EngineConfig, ModelConfig, default_home
     from ragtune.models import load_base_model
 
     loaded = load_base_model(ModelConfig(source=source), default_home())
-    whole = CompactRunner(loaded, EngineConfig(), max_seq_len=2048)
+    whole = CompactRunner(loaded, EngineConfig(prompt_attention=route), max_seq_len=2048)
     if not whole.model.rows_independent:
         pytest.skip("this CPU's prompt rows depend on the chunking: no prefix reuse here")
     prompts = [[100 + (t * 13 + i) % 9000 for t in range(n)] for i, n in enumerate((333, 61, 200))]
     alone = [first_logits(whole, [prompt])[0] for prompt in prompts]
-    chunked = CompactRunner(loaded, EngineConfig(prefill_chunk=48), max_seq_len=2048)
+    chunked = CompactRunner(
+        loaded, EngineConfig(prefill_chunk=48, prompt_attention=route), max_seq_len=2048
+    )
     for runner in (whole, chunked):
         for expected, got in zip(alone, first_logits(runner, prompts), strict=True):
             assert torch.equal(expected, got)
     long = torch.randint(100, 40000, (1500,), generator=torch.Generator().manual_seed(3)).tolist()
-    cold = first_logits(CompactRunner(loaded, EngineConfig(), max_seq_len=2048), [long])[0]
+    cold = first_logits(
+        CompactRunner(loaded, EngineConfig(prompt_attention=route), max_seq_len=2048), [long]
+    )[0]
     first_logits(whole, [long[:1000]])  # its blocks stored in the prefix cache
     assert whole.prefix_cache is not None
     assert torch.equal(first_logits(whole, [long])[0], cold)
