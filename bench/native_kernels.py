@@ -100,24 +100,34 @@ PROMPT_CASES = [(1024, 1024, None), (512, 1536, None), (128, 1024, None), (32, 5
 
 def prompt_case(heads: int, kv: int, d: int, rows: int, keys: int, window: int | None) -> dict:
     """ms a layer for one prompt chunk's attention (its rows the last of `keys` positions):
-    torch's route (models/attention.py, 128-query blocks) against the kernel
-    (engine/attention_prompt.py)."""
+    torch's route (models/attention.py) as a server on this CPU runs it (on AMX: blocks of
+    128 queries, the last padded, over keys padded to a multiple of 32) against the kernel
+    (engine/attention_prompt.py, over the chunk's own keys)."""
+    from ragtune.hardware import detect
+    from server.engine.models.attention import PROMPT_QUERY_BLOCK
+    from server.engine.models.exactness import PROMPT_KEY_MULTIPLE
+
+    amx = "amx_bf16" in detect().features  # where the served route pads (runner.py)
     model = SimpleNamespace(head_dim=d, num_heads=heads, num_kv_heads=kv, q_size=heads * d,
-                            scale=d**-0.5, prompt_query_block=None, prompt_kernel=False,
-                            device="cpu", dtype=torch.bfloat16)  # fmt: skip
+                            scale=d**-0.5, prompt_query_block=PROMPT_QUERY_BLOCK if amx else None,
+                            prompt_kernel=False, device="cpu", dtype=torch.bfloat16)  # fmt: skip
+    padded = -(-keys // PROMPT_KEY_MULTIPLE) * PROMPT_KEY_MULTIPLE if amx else keys
     q = torch.randn(rows, heads, d).bfloat16()
-    keys_t, values = torch.randn(kv, d, keys).bfloat16(), torch.randn(kv, keys, d).bfloat16()
+    keys_t, values = torch.randn(kv, d, padded).bfloat16(), torch.randn(kv, padded, d).bfloat16()
     positions = torch.arange(keys - rows, keys)[:, None]
-    hidden = torch.arange(keys)[None] > positions
+    hidden = torch.arange(padded)[None] > positions
     if window is not None:
-        hidden |= torch.arange(keys)[None] <= positions - window
-    mask = torch.zeros(rows, keys, dtype=torch.bfloat16).masked_fill(hidden, float("-inf"))
+        hidden |= torch.arange(padded)[None] <= positions - window
+    mask = torch.zeros(rows, padded, dtype=torch.bfloat16).masked_fill(hidden, float("-inf"))
     result = {"case": "prompt", "heads": heads, "kv_heads": kv, "head_dim": d, "rows": rows,
-              "keys": keys, "window": window}  # fmt: skip
-    for name, route in (("torch", prompt_attention), ("kernel", attention_prompt.attend)):
-        result[f"{name}_ms"] = round(
-            per_call(lambda r=route: r(model, q, keys_t, values, mask), 20) / 1e3, 2
-        )
+              "keys": keys, "window": window,
+              "torch_route": "query blocks, padded keys" if amx else "plain"}  # fmt: skip
+    for name, route, extent in (
+        ("torch", prompt_attention, padded),
+        ("kernel", attention_prompt.attend, keys),
+    ):
+        args = (model, q, keys_t[:, :, :extent], values[:, :extent], mask[:, :extent])
+        result[f"{name}_ms"] = round(per_call(lambda r=route, a=args: r(*a), 20) / 1e3, 2)
     result["speedup"] = round(result["torch_ms"] / result["kernel_ms"], 2)
     return result
 
