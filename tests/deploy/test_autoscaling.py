@@ -22,6 +22,8 @@ from server.deploy.process import ReplicatedServer, start_replicated
 from tests.deploy.tiny_cluster import tiny_replica_env
 from tests.engine.families import save_model_dir
 
+pytestmark = pytest.mark.slow  # ~50 s: its own local Ray cluster
+
 API_KEY, ADMIN_KEY = "scale-client", "scale-admin"
 CLIENT = {"Authorization": f"Bearer {API_KEY}"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -132,7 +134,6 @@ def test_load_adds_a_replica_that_serves(cluster: ReplicatedServer) -> None:
     assert served == ready_ids(cluster) and len(served) == 2
 
 
-@pytest.mark.slow  # ~30 s; make test keeps the way up (test_load_adds_a_replica_that_serves)
 def test_the_extra_replica_goes_when_the_load_ends(cluster: ReplicatedServer) -> None:
     """Requests one at a time stay below the target of 1 in flight: back to one replica,
     and none of the requests sent meanwhile fails. The leaving replica is listed unready

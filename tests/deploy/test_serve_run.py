@@ -28,6 +28,8 @@ from server.deploy.launch import SERVE_ENVIRONMENT, router_buffer_bytes
 from tests.deploy.tiny_cluster import tiny_replica_env
 from tests.engine.families import save_model_dir
 
+pytestmark = pytest.mark.slow  # ~35 s: its own local Ray cluster
+
 ROOT = Path(__file__).resolve().parents[2]
 # `serve run` as from a terminal: a shell's background job (CI's, say) ignores SIGINT, and a
 # child inherits that, so Ctrl-C would never reach it

@@ -23,6 +23,8 @@ from evaluation.likelihood import encode_pair
 from ragtune.launcher import start_server
 from tests.conftest import API_KEY, BASE_MODEL, SERVER_ENV
 
+pytestmark = pytest.mark.slow  # ~30 s: lm-eval, Hugging Face and PEFT beside a server
+
 ROOT = Path(__file__).resolve().parents[2]
 TASK = ROOT / "bench/lm_eval/ragtune_pubmedqa.yaml"
 QUESTIONS = 6  # the shortest prompts: 18 requests per model keep the test fast

@@ -31,7 +31,19 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module", params=FAMILY_NAMES)
+# Llama, Gemma 3 and Phi-3 over HTTP in make test (rope scaling; sandwich norms and a window;
+# fused projections and partial rotary); Mistral and the Qwens there too in make test-all
+# (every family against Hugging Face and PEFT in-process: tests/engine/test_families.py)
+FAST_FAMILIES = ("llama", "gemma3", "phi3")
+
+
+@pytest.fixture(
+    scope="module",
+    params=[
+        name if name in FAST_FAMILIES else pytest.param(name, marks=pytest.mark.slow)
+        for name in FAMILY_NAMES
+    ],
+)
 def served(request, tmp_path_factory):
     name = request.param
     root = tmp_path_factory.mktemp(f"family-{name}")

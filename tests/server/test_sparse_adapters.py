@@ -133,6 +133,7 @@ def test_sparse_adapters_serve_peft_tokens_beside_lora_and_base(tmp_path):
         running.stop()
 
 
+@pytest.mark.slow  # ~11 s; sparse training alone: tests/training/test_train.py
 def test_a_gradient_selected_adapter_from_ragtune_train_serves_peft_tokens(tmp_path):
     """`ragtune train --method sparse --sparse-selection gradient` on the tiny Llama: the mask
     no seed rebuilds (mask_type 'gradient', the entries saved beside the values) is served."""

@@ -8,10 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 from ragtune.manifest import AdapterManifest
 from training.peft_model import state_digest
+
+pytestmark = pytest.mark.slow  # ~19 s: two training processes (torchrun)
 
 ROWS = [
     ("How many vacation days do Orvane employees get?", "27 vacation days per year."),

@@ -209,6 +209,7 @@ def test_early_stopping_ends_a_diverging_run(
     assert metrics["eval_loss"] == pytest.approx(min(losses), abs=1e-3)
 
 
+@pytest.mark.slow  # ~12 s; ragtune retrain's resume stays in make test (test_retrain.py)
 def test_resume_after_interruption_matches_an_uninterrupted_run(
     base_dir: Path, data_dir: Path, tmp_path: Path
 ) -> None:
@@ -242,6 +243,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(
     assert resumed.metrics["rank_weight_digests"] == straight.metrics["rank_weight_digests"]
 
 
+@pytest.mark.slow  # ~13 s
 def test_group_by_length_batches_short_examples_apart_from_long_ones(
     base_dir: Path, tmp_path: Path
 ) -> None:
