@@ -57,7 +57,11 @@ def kill_mid_write(target: Path, point: str, log: Path) -> Path:
     return scratch[0]
 
 
-@pytest.mark.parametrize("point", list(EVIDENCE))
+# make test kills at the first point (~7 s each); make test-all at all three
+@pytest.mark.parametrize(
+    "point",
+    [p if i == 0 else pytest.param(p, marks=pytest.mark.slow) for i, p in enumerate(EVIDENCE)],
+)
 def test_kill_9_mid_adapter_write_leaves_no_half_version(
     point: str,
     tmp_path: Path,

@@ -82,7 +82,14 @@ def results(store: IndexStore, query: str) -> list[list[tuple[str, float]]]:
     ]
 
 
-@pytest.mark.parametrize("point", list(EVIDENCE))
+# make test kills at the last point (~7 s each); make test-all at all three
+@pytest.mark.parametrize(
+    "point",
+    [
+        p if i == len(EVIDENCE) - 1 else pytest.param(p, marks=pytest.mark.slow)
+        for i, p in enumerate(EVIDENCE)
+    ],
+)
 def test_kill_9_mid_build_keeps_the_previous_index(point: str, tmp_path: Path, embedder) -> None:
     root = tmp_path / "indexes"
     config = RetrievalConfig(root=root)
