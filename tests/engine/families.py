@@ -74,6 +74,10 @@ def tiny_config(family: str, vocab_size: int = 512):
 
 
 FAMILY_NAMES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3")
+# The families `make test` serves and trains end to end (rope scaling; sandwich norms and a
+# window; fused projections and partial rotary); the rest there only in `make test-all`
+# (every family against Hugging Face and PEFT in-process: tests/engine/test_families.py)
+FAST_FAMILIES = ("llama", "gemma3", "phi3")
 
 
 def tiny_model(family: str, vocab_size: int = 512, seed: int = 0):

@@ -16,6 +16,7 @@ from ragtune.launcher import start_server
 from tests.conftest import ADMIN_KEY, API_KEY, SERVER_ENV
 from tests.engine.families import (
     FAMILY_NAMES,
+    FAST_FAMILIES,
     expected_text,
     load_adapter_over_http,
     peft_adapter,
@@ -29,12 +30,6 @@ PROMPTS = [
     "Kubernetes operators reconcile the desired state of a custom resource with the cluster",
     "Translate the following procedure into plain steps: open the valve, wait, close it",
 ]
-
-
-# Llama, Gemma 3 and Phi-3 over HTTP in make test (rope scaling; sandwich norms and a window;
-# fused projections and partial rotary); Mistral and the Qwens there too in make test-all
-# (every family against Hugging Face and PEFT in-process: tests/engine/test_families.py)
-FAST_FAMILIES = ("llama", "gemma3", "phi3")
 
 
 @pytest.fixture(

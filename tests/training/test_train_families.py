@@ -16,14 +16,17 @@ from ragtune.models import LoadedModel
 from ragtune.models.loader import model_fingerprint
 from server.adapters.loader import BaseSpec, read_adapter
 from server.engine.runner import CompactRunner
-from tests.engine.families import FAMILY_NAMES, save_model_dir
+from tests.engine.families import FAMILY_NAMES, FAST_FAMILIES, save_model_dir
 from tests.engine.test_runner import sequence
 from tests.training.test_train import data_dir  # noqa: F401 - fixture
 from training.config import TrainConfig
 from training.trainer import train
 
 
-@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize(
+    "family",
+    [f if f in FAST_FAMILIES else pytest.param(f, marks=pytest.mark.slow) for f in FAMILY_NAMES],
+)
 def test_default_targets_train_an_adapter_the_server_serves(
     family: str,
     data_dir: Path,  # noqa: F811 - fixture
