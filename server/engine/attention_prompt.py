@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from server.engine import native
+from server.engine.attention_rows import rows_of_heads
 
 if TYPE_CHECKING:
     from server.engine.models.base import DecoderModel
@@ -80,9 +81,7 @@ def attend(
         or {q.dtype, keys_t.dtype, values.dtype} != {torch.bfloat16}
     ):
         raise ValueError("prompt attention: q, keys and values do not match the model")
-    if q.stride(-1) != 1 or q.stride(-2) != d:
-        q = q.contiguous()
-    mask = mask.contiguous()
+    q, mask = rows_of_heads(q, d), mask.contiguous()
     out = torch.empty(rows, model.q_size, dtype=torch.bfloat16)
     native.library().attention_prompt(
         q.data_ptr(), q.stride(0), keys_t.data_ptr(), keys_t.stride(0), keys_t.stride(1),

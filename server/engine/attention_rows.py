@@ -87,7 +87,7 @@ def attend(
     q_size] in the cache's dtype. With `rope` (where `rotates(model)`), q and k come
     unrotated and the kernel turns them first, as LayerArithmetic._rotate would."""
     d = model.head_dim
-    q, k, v = (_rows_of_heads(x, d) for x in (q, k, v))
+    q, k, v = (rows_of_heads(x, d) for x in (q, k, v))
     keys_t, values = cache.keys_t[layer], cache.values[layer]
     rows = q.shape[0]
     out = torch.empty(rows, model.q_size, dtype=cache.dtype)
@@ -122,7 +122,7 @@ def rope_arguments(
     return cos.data_ptr(), sin.data_ptr(), cos.stride(0), rotary_dim
 
 
-def _rows_of_heads(x: torch.Tensor, d: int) -> torch.Tensor:
+def rows_of_heads(x: torch.Tensor, d: int) -> torch.Tensor:
     """x [rows, heads, d] with heads d apart and features adjacent (the kernel's layout; any
     row stride), copied only where it is not."""
     if x.stride(-1) == 1 and x.stride(-2) == d:
@@ -130,4 +130,4 @@ def _rows_of_heads(x: torch.Tensor, d: int) -> torch.Tensor:
     return x.contiguous()
 
 
-__all__ = ["RowsPlan", "attend", "plan", "rotates", "unsupported_reason"]
+__all__ = ["RowsPlan", "attend", "plan", "rotates", "rows_of_heads", "unsupported_reason"]

@@ -134,33 +134,13 @@ template <int N>
 RAGTUNE_BF16_TARGET void score_block(const Prompt& s, int64_t h, const uint32_t* query,
                                      int64_t padded, const char* seen, float* scores) {
   const int64_t half = s.d / 2, blocks = padded / 16;
-  for (int64_t b = 0; b < blocks;) {
+  for (int64_t b = 0; b < blocks; ++b) {
     const int64_t t = b * 16;
     if (!seen[b]) {  // no row of the task sees these keys (a window's far past): zeros
       for (int n = 0; n < N; ++n) _mm512_storeu_ps(scores + n * padded + t, _mm512_setzero_ps());
-      ++b;
       continue;
     }
     const uint16_t* keys = s.keys_packed + (h * s.key_blocks + b) * 16 * s.d;
-    if (b + 1 < blocks && seen[b + 1]) {  // two blocks at once: twice the independent sums
-      const uint16_t* next = keys + 16 * s.d;
-      __m512 acc[N], acc2[N];
-      for (int n = 0; n < N; ++n) acc[n] = acc2[n] = _mm512_setzero_ps();
-      for (int64_t j = 0; j < half; ++j) {
-        const __m512i pairs = _mm512_loadu_si512(keys + j * 32);
-        const __m512i pairs2 = _mm512_loadu_si512(next + j * 32);
-        for (int n = 0; n < N; ++n) {
-          acc[n] = dot_pairs(acc[n], pairs, query[n * half + j]);
-          acc2[n] = dot_pairs(acc2[n], pairs2, query[n * half + j]);
-        }
-      }
-      for (int n = 0; n < N; ++n) {
-        _mm512_storeu_ps(scores + n * padded + t, acc[n]);
-        _mm512_storeu_ps(scores + n * padded + t + 16, acc2[n]);
-      }
-      b += 2;
-      continue;
-    }
     __m512 acc[N];
     for (int n = 0; n < N; ++n) acc[n] = _mm512_setzero_ps();
     for (int64_t j = 0; j < half; ++j) {
@@ -168,7 +148,6 @@ RAGTUNE_BF16_TARGET void score_block(const Prompt& s, int64_t h, const uint32_t*
       for (int n = 0; n < N; ++n) acc[n] = dot_pairs(acc[n], pairs, query[n * half + j]);
     }
     for (int n = 0; n < N; ++n) _mm512_storeu_ps(scores + n * padded + t, acc[n]);
-    ++b;
   }
 }
 
