@@ -84,10 +84,12 @@ def _load(state: ServerState) -> None:
     """Runs on a worker thread: the event loop answers /health while the model loads."""
     from ragtune.models import load_base_model
     from server.engine import Engine
+    from server.engine.kernel_choice import packs_from_checkpoint
 
     try:
         settings = state.settings
-        loaded = load_base_model(settings.model, settings.home)
+        packs = packs_from_checkpoint(settings.engine, settings.model, settings.home)
+        loaded = load_base_model(settings.model, settings.home, packs_projections=packs)
         limits = settings.limits
         max_seq_len = min(
             settings.engine.max_seq_len or limits.max_prompt_tokens + limits.max_new_tokens,

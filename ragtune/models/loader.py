@@ -35,7 +35,7 @@ class LoadedModel:
     fingerprint: str
     device: str
     dtype: Any  # torch.dtype used for compute
-    quantization: str
+    quantization: str  # model.quantization, or "unloaded": no projections (skeleton.py)
 
     @property
     def context_length(self) -> int:
@@ -102,9 +102,21 @@ def pick_device(device: str) -> str:
     return device
 
 
-def load_base_model(config: ModelConfig, home: Path) -> LoadedModel:
+def compute_dtype(config: ModelConfig, device: str, caps: Any = None) -> Any:
+    """The torch dtype `model.dtype` resolves to on `device` (hardware.compute_dtype_name)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    bf16 = compute_dtype_name(config.dtype, device, caps) == "bf16"
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+def load_base_model(
+    config: ModelConfig, home: Path, *, packs_projections: bool = False
+) -> LoadedModel:
+    """`packs_projections`: the caller packs the decoder projections from the checkpoint
+    itself (the compact engine's packed kinds); on a CPU they are then not loaded at all
+    (skeleton.py: quantization "unloaded"), else the whole model loads as configured."""
+    import torch
 
     threads = resolve_threads(config.threads)
     if threads:
@@ -116,28 +128,32 @@ def load_base_model(config: ModelConfig, home: Path) -> LoadedModel:
     warning = slow_setting_warning(dtype_name, device, caps)
     if warning:
         logger.warning(warning)
-    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
-    kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": device}}
-    if config.quantization == "nf4":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_use_double_quant=False,
-        )
-    elif config.quantization == "int8":
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-    logger.info(
-        "loading %s (quantization=%s, dtype=%s%s, device=%s); %s",
-        model_dir,
-        config.quantization,
-        dtype_name,
-        " (auto)" if config.dtype == "auto" else "",
-        device,
-        caps.describe(),
+    dtype = compute_dtype(config, device, caps)
+    described = (
+        f"dtype={dtype_name}{' (auto)' if config.dtype == 'auto' else ''}, device={device}; "
+        f"{caps.describe()}"
     )
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
-    model.eval()
+    model, quantization = None, config.quantization
+    if packs_projections:
+        from ragtune.models.skeleton import load_without_projections
+
+        model, why_not = load_without_projections(model_dir, dtype, device)
+        if model is None:
+            logger.info("loading the whole model (projections included): %s", why_not)
+        else:
+            quantization = "unloaded"
+            logger.info(
+                "loaded %s without its decoder projections (the engine packs them from the "
+                "checkpoint, so model.quantization=%s has nothing to quantize), %s",
+                model_dir,
+                config.quantization,
+                described,
+            )
+    if model is None:
+        logger.info("loading %s (quantization=%s, %s)", model_dir, quantization, described)
+        model = load_whole_model(model_dir, quantization, dtype, device)
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -148,5 +164,24 @@ def load_base_model(config: ModelConfig, home: Path) -> LoadedModel:
         fingerprint=model_fingerprint(model_dir, home),
         device=device,
         dtype=dtype,
-        quantization=config.quantization,
+        quantization=quantization,
     )
+
+
+def load_whole_model(model_dir: Path, quantization: str, dtype: Any, device: str) -> Any:
+    """The Hugging Face model with every weight, bitsandbytes-quantized as configured."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": device}}
+    if quantization == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=False,
+        )
+    elif quantization == "int8":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    model.eval()
+    return model

@@ -5,15 +5,17 @@ explicit choice cannot run. The runner (server/engine/runner.py) builds with the
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 
-from ragtune.config import EngineConfig
-from ragtune.models import LoadedModel
+from ragtune.config import EngineConfig, ModelConfig
+from ragtune.models import LoadedModel, resolve_model_dir
 from ragtune.models.checkpoint import open_checkpoint
+from ragtune.models.loader import compute_dtype, pick_device
 from server.engine import a8, attention_rows, decode_layers, native
 from server.engine.linear import W8A8Linear, is_bnb, packed_weights_supported
-from server.engine.models import DecoderModel
+from server.engine.models import DecoderModel, model_class
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ def decode_weights(config: EngineConfig, loaded: LoadedModel) -> str:
     GPUs (int4 is an opt-in there, measured in docs/performance.md)."""
     kind, dtype, device = config.weights, loaded.dtype, loaded.device
     if kind == "auto":
-        if not (is_cpu(device) and packed_weights_supported("int4", dtype, device)):
+        if not packs_weights(config, dtype, device):
             return "dense"
         if (reason := native.unavailable_reason()) is not None:
             logger.warning("engine.weights auto: int4, as the a8 kernel cannot run: %s", reason)
@@ -62,6 +64,26 @@ def decode_weights(config: EngineConfig, loaded: LoadedModel) -> str:
     if kind == "w4a8" and (reason := native.unavailable_reason()) is not None:
         raise ValueError(f"engine.weights=w4a8 cannot run here: {reason}")
     return kind
+
+
+def packs_weights(config: EngineConfig, dtype: torch.dtype, device: str) -> bool:
+    """Whether engine.weights resolves to a packed kind (not dense) for this compute."""
+    if config.weights == "auto":
+        return is_cpu(device) and packed_weights_supported("int4", dtype, device)
+    return config.weights != "dense"
+
+
+def packs_from_checkpoint(engine: EngineConfig, model: ModelConfig, home: Path) -> bool:
+    """Whether the compact engine will pack this base model's projections from its checkpoint
+    (a compact family, packed weights), so the loader need not load them
+    (load_base_model's `packs_projections`)."""
+    from transformers import AutoConfig
+
+    device = pick_device(model.device)
+    if not packs_weights(engine, compute_dtype(model, device), device):
+        return False
+    family, _ = model_class(AutoConfig.from_pretrained(resolve_model_dir(model.source, home)))
+    return family is not None
 
 
 def attention_kernel(

@@ -237,7 +237,9 @@ def test_the_bundled_model_serves_prompts_through_the_kernel_as_through_torch():
     from ragtune.models import load_base_model
     from tests.engine.test_prompt_gemm import first_logits
 
-    loaded = load_base_model(ModelConfig(source="bundled"), default_home())
+    loaded = load_base_model(
+        ModelConfig(source="bundled"), default_home(), packs_projections=True
+    )  # as served
     kernel = CompactRunner(loaded, EngineConfig(), max_seq_len=2048)
     route = CompactRunner(loaded, EngineConfig(prompt_attention="torch"), max_seq_len=2048)
     assert kernel.kernels()["prompt_attention"] == "kernel"

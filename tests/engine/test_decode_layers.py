@@ -161,7 +161,9 @@ def test_the_bundled_models_decode_the_same_bits_in_one_call(source):
     lengths, half on a random rank-16 adapter on every projection, 24 steps."""
     if not kernel_route_here():
         pytest.skip("the one-call route needs AVX-512 here")
-    loaded = load_base_model(ModelConfig(source=source), default_home())
+    loaded = load_base_model(
+        ModelConfig(source=source), default_home(), packs_projections=True
+    )  # as served
     if loaded.dtype is not torch.bfloat16:
         pytest.skip("this CPU computes in float32: the one-call route is for bf16")
 

@@ -214,7 +214,9 @@ def test_the_bundled_models_prefill_the_same_bits_in_any_chunking(source, route)
     from ragtune.config import EngineConfig, ModelConfig, default_home
     from ragtune.models import load_base_model
 
-    loaded = load_base_model(ModelConfig(source=source), default_home())
+    loaded = load_base_model(
+        ModelConfig(source=source), default_home(), packs_projections=True
+    )  # as served
     whole = CompactRunner(loaded, EngineConfig(prompt_attention=route), max_seq_len=2048)
     if not whole.model.rows_independent:
         pytest.skip("this CPU's prompt rows depend on the chunking: no prefix reuse here")

@@ -135,15 +135,23 @@ class DecoderModel(ForwardPasses, LayerArithmetic):
         self.weights = weights
 
         # Packed kinds quantize from the checkpoint when the loaded model is bitsandbytes-
-        # quantized (see ragtune/models/checkpoint.py); dense serves the loaded model as is.
+        # quantized (see ragtune/models/checkpoint.py) or was loaded without its projections
+        # (ragtune/models/skeleton.py); dense serves the loaded model as is.
         source = open_checkpoint(source_dir) if weights != "dense" else None
 
         def weight(name: str, module: torch.nn.Module) -> torch.Tensor:
             key = f"{name}.weight"
-            if weights != "dense" and is_bnb(module):
+            unloaded = module.weight.is_meta
+            if weights != "dense" and (is_bnb(module) or unloaded):
                 if source is not None and key in source:
                     return source.tensor(key).to(device=device, dtype=dtype).contiguous()
-                logger.warning("%s not in the checkpoint: packing its bitsandbytes weights", key)
+                if not unloaded:
+                    logger.warning("%s not in the checkpoint: packing its bnb weights", key)
+            if unloaded:
+                raise ValueError(
+                    f"{key} was not loaded (model.quantization unloaded) and engine.weights="
+                    f"{weights} does not read it from the checkpoint: load the whole model"
+                )
             return dense_weight(module, dtype)
 
         def linear(*parts: tuple[str, torch.nn.Module]) -> Linear:
