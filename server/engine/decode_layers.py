@@ -23,7 +23,7 @@ import torch
 from server.engine import attention_rows, native
 from server.engine.a8 import A8Linear
 from server.engine.kv_cache import KVCache
-from server.engine.lora import LoraBatch
+from server.engine.lora_apply import LoraBatch
 
 if TYPE_CHECKING:
     from server.engine.models.base import DecoderModel

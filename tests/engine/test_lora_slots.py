@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from server.engine.lora import AdapterWeights, LoraSlots, add_adapters
+from server.engine.lora import AdapterWeights, LoraSlots
+from server.engine.lora_apply import add_adapters
 
 SHAPES = {"q_proj": (32, 32), "k_proj": (32, 16), "v_proj": (32, 16), "o_proj": (32, 32)}
 GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",)}

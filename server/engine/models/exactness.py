@@ -27,7 +27,7 @@ WIDE_ROWS = 24
 # The longest key extent padded_extents_exact checks (its buffers grow with the square)
 CHECKED_EXTENT = 4096
 # The LoRA rank the check multiplies prompt rows by (engine.max_lora_rank's default), in each
-# fused group's shapes (lora.add_lora: a group's factors side by side)
+# fused group's shapes (lora_apply.add_lora: a group's factors side by side)
 LORA_CHECK_RANK = 16
 # Rows of the check's many-row prompt calls: a shared forward holds up to
 # engine.max_batch_tokens (1,024) rows

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from server.engine.linear import Linear
-from server.engine.lora import LayerAdapters, add_adapters, one_kernel_call, project
+from server.engine.lora_apply import LayerAdapters, add_adapters, one_kernel_call, project
 from server.engine.rms_norm import rms_norm
 
 if TYPE_CHECKING:

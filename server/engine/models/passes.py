@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from server.engine import attention_rows
-from server.engine.lora import LayerAdapters
+from server.engine.lora_apply import LayerAdapters
 from server.engine.lora_graph import every_slot_terms, slot_mask
 from server.engine.models.attention import (
     attention,
@@ -26,7 +26,8 @@ from server.engine.sampler import token_logprobs
 
 if TYPE_CHECKING:
     from server.engine.kv_cache import KVCache
-    from server.engine.lora import LoraBatch, LoraSlots
+    from server.engine.lora import LoraSlots
+    from server.engine.lora_apply import LoraBatch
 
 # Prompt rows whose full-vocabulary logprobs exist at once (Gemma's 262k vocabulary: 64 rows
 # are 67 MB of float32)
