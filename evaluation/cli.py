@@ -190,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
     except (RuntimeError, openai.APIError) as exc:
         print(f"ragtune: error: {exc}", file=sys.stderr)
         return 1
-    from evaluation.report import markdown_table, summary_table
+    from evaluation.report_markdown import markdown_table, summary_table
 
     print("\n".join(markdown_table(summary_table(results))))
     print(f"wrote {args.out / 'report.html'}", file=sys.stderr)
