@@ -28,6 +28,12 @@ class Checkpoint:
     def __iter__(self):
         return iter(self._file_of)
 
+    def shape_and_dtype(self, key: str) -> tuple[list[int], str]:
+        """A tensor's shape and safetensors dtype ("BF16", "F8_E4M3", ...), unread."""
+        with safe_open(str(self._file_of[key]), framework="pt") as handle:
+            part = handle.get_slice(key)
+            return part.get_shape(), part.get_dtype()
+
     def tensor(self, key: str) -> torch.Tensor:
         with safe_open(str(self._file_of[key]), framework="pt") as handle:
             return handle.get_tensor(key)

@@ -143,10 +143,12 @@ class DecoderModel(ForwardPasses, LayerArithmetic):
             key = f"{name}.weight"
             unloaded = module.weight.is_meta
             if weights != "dense" and (is_bnb(module) or unloaded):
-                if source is not None and key in source:
-                    return source.tensor(key).to(device=device, dtype=dtype).contiguous()
-                if not unloaded:
-                    logger.warning("%s not in the checkpoint: packing its bnb weights", key)
+                stored = source.tensor(key) if source is not None and key in source else None
+                shape = (module.out_features, module.in_features)
+                if stored is not None and stored.is_floating_point() and stored.shape == shape:
+                    return stored.to(device=device, dtype=dtype).contiguous()
+                if not unloaded:  # absent, or pre-quantized (a bitsandbytes checkpoint)
+                    logger.warning("%s: no float matrix in the checkpoint; packing bnb's", key)
             if unloaded:
                 raise ValueError(
                     f"{key} was not loaded (model.quantization unloaded) and engine.weights="
