@@ -3,6 +3,7 @@ per case (µs a call).
 
     python bench/native_kernels.py attention          # decode attention, 16 rows, hot and cold
     python bench/native_kernels.py prompt             # prompt attention, torch's or the kernel
+    python bench/native_kernels.py prompt --dtype fp32   # ... its float body (the AVX2 kind's)
     python bench/native_kernels.py a8                 # the a8 GEMM per instruction set
     python bench/native_kernels.py norm               # RMSNorm
     python bench/native_kernels.py head               # the int8 vocabulary projection
@@ -98,29 +99,37 @@ PROMPT_CASES = [(1024, 1024, None), (512, 1536, None), (128, 1024, None), (32, 5
                 (1024, 1024, 512), (512, 1536, 512)]  # fmt: skip
 
 
-def prompt_case(heads: int, kv: int, d: int, rows: int, keys: int, window: int | None) -> dict:
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def prompt_case(
+    heads: int, kv: int, d: int, rows: int, keys: int, window: int | None, dtype: torch.dtype
+) -> dict:
     """ms a layer for one prompt chunk's attention (its rows the last of `keys` positions):
-    torch's route (models/attention.py) as a server on this CPU runs it (on AMX: blocks of
-    128 queries, the last padded, over keys padded to a multiple of 32) against the kernel
-    (engine/attention_prompt.py, over the chunk's own keys)."""
+    torch's route (models/attention.py) as a server on this CPU runs it (bf16 on AMX: blocks
+    of 128 queries, the last padded, over keys padded to a multiple of 32; float32: plain, the
+    chunk's own keys) against the kernel (engine/attention_prompt.py, over the chunk's own
+    keys; its body for this dtype and CPU)."""
     from ragtune.hardware import detect
     from server.engine.models.attention import PROMPT_QUERY_BLOCK
     from server.engine.models.exactness import PROMPT_KEY_MULTIPLE
 
-    amx = "amx_bf16" in detect().features  # where the served route pads (runner.py)
+    # where the served bf16 route pads (runner.py)
+    amx = "amx_bf16" in detect().features and dtype is torch.bfloat16
     model = SimpleNamespace(head_dim=d, num_heads=heads, num_kv_heads=kv, q_size=heads * d,
                             scale=d**-0.5, prompt_query_block=PROMPT_QUERY_BLOCK if amx else None,
-                            prompt_kernel=False, device="cpu", dtype=torch.bfloat16)  # fmt: skip
+                            prompt_kernel=False, device="cpu", dtype=dtype)  # fmt: skip
     padded = -(-keys // PROMPT_KEY_MULTIPLE) * PROMPT_KEY_MULTIPLE if amx else keys
-    q = torch.randn(rows, heads, d).bfloat16()
-    keys_t, values = torch.randn(kv, d, padded).bfloat16(), torch.randn(kv, padded, d).bfloat16()
+    q = torch.randn(rows, heads, d).to(dtype)
+    keys_t, values = torch.randn(kv, d, padded).to(dtype), torch.randn(kv, padded, d).to(dtype)
     positions = torch.arange(keys - rows, keys)[:, None]
     hidden = torch.arange(padded)[None] > positions
     if window is not None:
         hidden |= torch.arange(padded)[None] <= positions - window
-    mask = torch.zeros(rows, padded, dtype=torch.bfloat16).masked_fill(hidden, float("-inf"))
+    mask = torch.zeros(rows, padded, dtype=dtype).masked_fill(hidden, float("-inf"))
     result = {"case": "prompt", "heads": heads, "kv_heads": kv, "head_dim": d, "rows": rows,
-              "keys": keys, "window": window,
+              "keys": keys, "window": window, "dtype": str(dtype).removeprefix("torch."),
+              "body": "pairs" if attention_prompt.uses_pairs(model) else "float",
               "torch_route": "query blocks, padded keys" if amx else "plain"}  # fmt: skip
     for name, route, extent in (
         ("torch", prompt_attention, padded),
@@ -258,6 +267,7 @@ def main() -> None:
         "which", choices=["attention", "prompt", "a8", "norm", "head", "rope", "greedy"]
     )
     parser.add_argument("--keys", default="200,1000")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="prompt's dtype")
     args = parser.parse_args()
     if args.which == "attention":
         cases = [
@@ -267,7 +277,7 @@ def main() -> None:
         ]
     elif args.which == "prompt":
         cases = [
-            prompt_case(heads, kv, d, rows, keys, window)
+            prompt_case(heads, kv, d, rows, keys, window, DTYPES[args.dtype])
             for heads, kv, d in ATTENTION_SHAPES
             for rows, keys, window in PROMPT_CASES
             if window is None or d == 256  # the local layers are Gemma 3's

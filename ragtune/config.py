@@ -183,9 +183,9 @@ class EngineConfig(_Section):
         description="Prompt chunks' attention on a CPU: 'kernel' (ragtune's C++ kernel: "
         "a few query rows of a KV head per task share every key read, each row stops at its "
         "own last visible key; decode's arithmetic to the bit, so a row does not depend on "
-        "its chunk; bf16 on AVX-512 BF16), 'torch' (batched GEMMs and a softmax in blocks "
-        "of 128 queries), 'auto' (the kernel wherever it runs; torch's route on CUDA and "
-        "for fp32).",
+        "its chunk; bf16 pairs on AVX-512 BF16, else 8 float lanes for fp32 or bf16), "
+        "'torch' (batched GEMMs and a softmax in blocks of 128 queries), 'auto' (the kernel "
+        "wherever it runs: a CPU, head_dim a multiple of 16; torch's route on CUDA).",
     )
     decode_layers: Literal["auto", "kernel", "python"] = Field(
         "auto",

@@ -1,6 +1,7 @@
 """A prompt chunk's attention in one call per layer: the C++ kernel in csrc/attention_prompt.cpp
-(why, and its arithmetic: decode's bf16 pair path to the bit, a few query rows of a KV head
-per task sharing every key and value read, each row stopping at its own last visible key).
+(why, and its arithmetic: decode's to the bit, its bf16 pair path on AVX-512 BF16 and its 8
+float lanes elsewhere; a few query rows of a KV head per task sharing every key and value
+read, each row stopping at its own last visible key).
 
 A row's result depends on its own visible keys alone, on every CPU that runs it, so prompts
 come out the same whole, chunked or restored from the prefix cache without the fixed query
@@ -26,19 +27,20 @@ logger = logging.getLogger(__name__)
 
 def unsupported_reason(model: DecoderModel) -> str | None:
     """Why this model's prompts cannot attend on the kernel here, or None where they can: a
-    CPU with AVX-512 BF16 (the pair path; elsewhere torch's GEMMs are the fast route), bf16,
-    head_dim a multiple of 32, the kernels built."""
+    CPU, bf16 or float32, head_dim a multiple of 16, the kernels built (AVX2)."""
     if not str(model.device).startswith("cpu"):
         return f"the kernel runs on a CPU, not {model.device}"
-    if model.dtype is not torch.bfloat16:
-        return f"the kernel takes bf16, not {model.dtype}"
-    if model.head_dim % 32:
-        return f"head_dim {model.head_dim} is not a multiple of 32"
-    if (reason := native.unavailable_reason()) is not None:
-        return reason
-    if not native.attention_pairs():
-        return "the CPU lacks AVX-512 BF16"
-    return None
+    if model.dtype not in (torch.bfloat16, torch.float32):
+        return f"the kernel takes bf16 or float32, not {model.dtype}"
+    if model.head_dim % 16:
+        return f"head_dim {model.head_dim} is not a multiple of 16"
+    return native.unavailable_reason()
+
+
+def uses_pairs(model: DecoderModel) -> bool:
+    """Whether the kernel takes its bf16-pair body (else 8 float lanes): where decode
+    attention takes its own (attention_rows.cpp), so a prompt row's bits are a decode step's."""
+    return model.dtype is torch.bfloat16 and model.head_dim % 32 == 0 and native.attention_pairs()
 
 
 def resolve(choice: str, model: DecoderModel) -> bool:
@@ -61,7 +63,7 @@ def attend(
     values: torch.Tensor,  # [kv_heads, end, d]
     mask: torch.Tensor,  # [rows, end] 0 or -inf
 ) -> torch.Tensor:
-    """The chunk's attention [rows, q_size] in bf16. Shapes, dtypes and this CPU are
+    """The chunk's attention [rows, q_size] in the model's dtype. Shapes, dtypes and this CPU are
     checked here: a wrong one would make the kernel read or write past its buffers."""
     if (reason := unsupported_reason(model)) is not None:
         raise ValueError(f"the prompt attention kernel cannot run here: {reason}")
@@ -78,18 +80,19 @@ def attend(
         or values.shape != (model.num_kv_heads, end, d)
         or keys_t.stride(-1) != 1
         or values.stride(-1) != 1
-        or {q.dtype, keys_t.dtype, values.dtype} != {torch.bfloat16}
+        or {q.dtype, keys_t.dtype, values.dtype} != {model.dtype}
     ):
         raise ValueError("prompt attention: q, keys and values do not match the model")
     q, mask = rows_of_heads(q, d), mask.contiguous()
-    out = torch.empty(rows, model.q_size, dtype=torch.bfloat16)
+    out = torch.empty(rows, model.q_size, dtype=model.dtype)
     native.library().attention_prompt(
         q.data_ptr(), q.stride(0), keys_t.data_ptr(), keys_t.stride(0), keys_t.stride(1),
         values.data_ptr(), values.stride(0), values.stride(1), mask.data_ptr(),
         int(mask.dtype is torch.bfloat16), end, rows, model.num_heads, model.num_kv_heads, d,
-        model.scale, out.data_ptr(), torch.get_num_threads(),
+        model.scale, out.data_ptr(), int(model.dtype is torch.bfloat16),
+        int(uses_pairs(model)), torch.get_num_threads(),
     )  # fmt: skip
     return out
 
 
-__all__ = ["attend", "resolve", "unsupported_reason"]
+__all__ = ["attend", "resolve", "unsupported_reason", "uses_pairs"]

@@ -61,6 +61,8 @@ async def test_fp32_defaults_answer_and_keep_rows_independent_of_neighbours(avx2
     alone = [await chat(avx2_client, model, prompt) for model, prompt in jobs]
     together = await asyncio.gather(*[chat(avx2_client, m, p) for m, p in jobs])
     assert list(together) == alone
-    per_model = {m: t for (m, p), (t, _) in zip(jobs, alone, strict=True) if p == PROMPTS[1]}
-    changed = [m for m in ADAPTERS if per_model[m] != per_model[BASE_MODEL]]
-    assert len(changed) >= 2  # the adapters really run (alpha may end like the base here)
+    answers = {job: text for job, (text, _) in zip(jobs, alone, strict=True)}
+    changed = [
+        m for m in ADAPTERS if any(answers[m, p] != answers[BASE_MODEL, p] for p in PROMPTS[:3])
+    ]
+    assert len(changed) >= 2  # the adapters really run (one may end like the base here)

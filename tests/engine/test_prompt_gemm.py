@@ -155,7 +155,8 @@ def test_where_plain_prompt_gemms_fail_the_check_row_blocks_take_over(request, m
 
     def runner(chunk: int) -> CompactRunner:
         calls.clear()
-        config = EngineConfig(weights=weights, prefill_chunk=chunk)
+        # torch's route: the query blocks and padded keys row blocks wire up for it
+        config = EngineConfig(weights=weights, prefill_chunk=chunk, prompt_attention="torch")
         return CompactRunner(loaded, config, max_seq_len=128)
 
     whole = runner(512)
