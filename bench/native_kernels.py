@@ -54,7 +54,7 @@ def attention_case(heads: int, kv: int, d: int, keys: int, layers: int, rows: in
     """µs a layer: torch's three ops (hot), the kernel hot (one layer again and again) and
     cold (`layers` layers in turn after 64 MB of other traffic, as in a real step)."""
     model = SimpleNamespace(head_dim=d, num_heads=heads, num_kv_heads=kv, q_size=heads * d,
-                            scale=d**-0.5)  # fmt: skip
+                            scale=d**-0.5, attn_softcap=None)  # fmt: skip
     cache = KVCache(layers, rows, kv, 4096, d, torch.bfloat16, "cpu")
     cache.reserve(keys, 0)
     cache.ensure_slots(rows, 0)
@@ -118,7 +118,8 @@ def prompt_case(
     amx = "amx_bf16" in detect().features and dtype is torch.bfloat16
     model = SimpleNamespace(head_dim=d, num_heads=heads, num_kv_heads=kv, q_size=heads * d,
                             scale=d**-0.5, prompt_query_block=PROMPT_QUERY_BLOCK if amx else None,
-                            prompt_kernel=False, device="cpu", dtype=dtype)  # fmt: skip
+                            prompt_kernel=False, device="cpu", dtype=dtype,
+                            attn_softcap=None)  # fmt: skip
     padded = -(-keys // PROMPT_KEY_MULTIPLE) * PROMPT_KEY_MULTIPLE if amx else keys
     q = torch.randn(rows, heads, d).to(dtype)
     keys_t, values = torch.randn(kv, d, padded).to(dtype), torch.randn(kv, padded, d).to(dtype)

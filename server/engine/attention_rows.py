@@ -41,6 +41,8 @@ def unsupported_reason(model: DecoderModel, device: str, fixed_layout: bool) -> 
         return f"the kernel takes bf16 or float32, not {model.dtype}"
     if model.head_dim % 16:
         return f"head_dim {model.head_dim} is not a multiple of 16"
+    if getattr(model, "attn_softcap", None) is not None:
+        return "attention scores are soft-capped (torch's route applies the cap)"
     return native.unavailable_reason()
 
 

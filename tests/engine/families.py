@@ -26,6 +26,7 @@ ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 def tiny_config(family: str, vocab_size: int = 512):
     """A two-layer config of the family with its distinguishing features switched on."""
     from transformers import (
+        Gemma2Config,
         Gemma3TextConfig,
         LlamaConfig,
         MistralConfig,
@@ -62,6 +63,15 @@ def tiny_config(family: str, vocab_size: int = 512):
             layer_types=["sliding_attention", "full_attention"],
             query_pre_attn_scalar=24,
         )
+    if family == "gemma2":  # soft caps that bite (tiny_model scales q and k up to meet them)
+        return Gemma2Config(
+            **common,
+            sliding_window=WINDOW,
+            layer_types=["sliding_attention", "full_attention"],
+            query_pre_attn_scalar=24,
+            attn_logit_softcapping=2.0,
+            final_logit_softcapping=5.0,
+        )
     if family == "phi3":  # fused qkv/gate_up; a partial rotary factor as Phi-3.5/4 have
         return Phi3Config(
             **common,
@@ -73,7 +83,7 @@ def tiny_config(family: str, vocab_size: int = 512):
     raise ValueError(family)
 
 
-FAMILY_NAMES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3")
+FAMILY_NAMES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
 # The families `make test` serves and trains end to end (rope scaling; sandwich norms and a
 # window; fused projections and partial rotary); the rest there only in `make test-all`
 # (every family against Hugging Face and PEFT in-process: tests/engine/test_families.py)
@@ -96,6 +106,9 @@ def tiny_model(family: str, vocab_size: int = 512, seed: int = 0):
                 parameter.copy_(parameter + 0.3 * torch.randn_like(parameter))
             elif name.endswith("bias"):
                 parameter.copy_(0.5 * torch.randn_like(parameter))
+            elif family == "gemma2" and name.endswith(("q_proj.weight", "k_proj.weight")):
+                # scores of a few units, so the soft cap (2.0) changes most greedy tokens
+                parameter.mul_(10.0)
     return model.float().eval()
 
 

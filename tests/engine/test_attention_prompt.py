@@ -57,6 +57,7 @@ def model(
     return SimpleNamespace(
         head_dim=d, num_heads=heads, num_kv_heads=kv_heads, q_size=heads * d, scale=d**-0.5,
         prompt_query_block=None, prompt_kernel=kernel, device="cpu", dtype=dtype,
+        attn_softcap=None,
     )  # fmt: skip
 
 

@@ -47,7 +47,12 @@ def path(request, monkeypatch) -> torch.dtype:
 
 def model(heads: int, kv_heads: int, d: int) -> SimpleNamespace:
     return SimpleNamespace(
-        head_dim=d, num_heads=heads, num_kv_heads=kv_heads, q_size=heads * d, scale=d**-0.5
+        head_dim=d,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        q_size=heads * d,
+        scale=d**-0.5,
+        attn_softcap=None,
     )
 
 

@@ -75,8 +75,8 @@ def assert_same_bits(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_one_call_gives_every_familys_layer_by_layer_bits(family, tmp_path):
     """bf16 compute, w4a8 weights: base and LoRA rows of lengths past the sliding window,
-    decoding past it, one call or layer by layer: the same logits (Qwen2's q/k/v biases keep
-    it layer by layer, and it says so)."""
+    decoding past it, one call or layer by layer: the same logits (Qwen2's q/k/v biases and
+    Gemma 2's soft-capped attention keep it layer by layer, and it says so)."""
     model = tiny_model(family).to(torch.bfloat16)
     loaded = LoadedModel(model, None, None, "f" * 64, "cpu", torch.bfloat16, "none")
 
@@ -90,8 +90,12 @@ def test_one_call_gives_every_familys_layer_by_layer_bits(family, tmp_path):
 
     python = runner("python")
     reason = decode_layers.unsupported_reason(python.model)
-    if family == "qwen2":
-        assert reason is not None and "biases" in reason
+    if family in ("qwen2", "gemma2"):
+        expected = "biases" if family == "qwen2" else "decode attention is not on its kernel"
+        assert reason is not None and expected in reason
+        if family == "gemma2":
+            assert python.kernels()["decode_attention"] == "torch"
+            assert python.kernels()["prompt_attention"] == "torch"
         with pytest.raises(ValueError, match="decode_layers=kernel cannot run here"):
             runner("kernel")
         return

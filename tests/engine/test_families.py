@@ -41,6 +41,7 @@ def test_every_family_has_its_module():
         "mistral": "LlamaModel",
         "qwen2": "Qwen2Model",
         "qwen3": "Qwen3Model",
+        "gemma2": "Gemma2Model",
         "gemma3_text": "Gemma3Model",
         "gemma3": "Gemma3Model",
         "phi3": "Phi3Model",
@@ -54,7 +55,7 @@ def test_greedy_tokens_match_hugging_face(family):
     name, loaded = family
     runner = runner_for(loaded)
     assert runner.kernels()["family"] == type(runner.model).__name__.removesuffix("Model").lower()
-    if name in ("mistral", "qwen2", "qwen3", "gemma3", "phi3"):
+    if name in ("mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"):
         assert WINDOW in runner.model.windows
     for prompt in PROMPTS:
         [ours] = generate(runner, [sequence(prompt)], steps=STEPS)

@@ -13,6 +13,7 @@ from server.engine.models.base import (
     module_shapes,
 )
 from server.engine.models.exactness import WIDE_ROWS
+from server.engine.models.gemma2 import Gemma2Model
 from server.engine.models.gemma3 import Gemma3Model
 from server.engine.models.llama import LlamaModel
 from server.engine.models.phi3 import Phi3Model
@@ -23,6 +24,7 @@ FAMILIES: tuple[type[DecoderModel], ...] = (
     LlamaModel,
     Qwen2Model,
     Qwen3Model,
+    Gemma2Model,
     Gemma3Model,
     Phi3Model,
 )

@@ -30,14 +30,30 @@ def attention(
     values: torch.Tensor,  # [batch, length, d]
     bias: torch.Tensor,  # broadcast to [batch, group * queries, length]: 0 or -inf
     scale: float,
+    softcap: float | None = None,  # DecoderModel.attn_softcap
 ) -> torch.Tensor:
     """Hugging Face's eager attention in three ops: the scale and the mask fused into the
     score GEMM on transposed keys, one GEMM for the values. For one query per row the CPU
     flash kernel is mostly overhead (1.47 ms against 0.19 ms at 16 rows x 256 keys); for
     prompts SDPA fell back to its unfused math path."""
-    scores = torch.baddbmm(bias, grouped, keys_t, alpha=scale)
+    scores = scores_of(grouped, keys_t, bias, scale, softcap)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(grouped.dtype)
     return torch.bmm(probs, values)
+
+
+def scores_of(
+    queries: torch.Tensor,  # [batch, rows, d]
+    keys_t: torch.Tensor,  # [batch, d, length]
+    bias: torch.Tensor,  # broadcast to [batch, rows, length]: 0 or -inf
+    scale: float,
+    softcap: float | None,
+) -> torch.Tensor:
+    """Masked attention scores: the scale and the mask fused into the GEMM; with a soft cap
+    (Gemma 2), Hugging Face's order: scaled scores, tanh(s / cap) * cap, then the mask."""
+    if softcap is None:
+        return torch.baddbmm(bias, queries, keys_t, alpha=scale)
+    scores = torch.bmm(queries, keys_t) * scale
+    return torch.tanh(scores / softcap) * softcap + bias
 
 
 def prompt_attention(
@@ -72,7 +88,7 @@ def prompt_attention(
         # the query heads that share a kv head, these rows: [kv_heads, group * rows, d]
         grouped = block_q.transpose(0, 1).reshape(kv, -1, d)
         bias = block_mask.repeat(group, 1)[None]
-        attn = attention(grouped, keys_t, values, bias, model.scale)
+        attn = attention(grouped, keys_t, values, bias, model.scale, model.attn_softcap)
         attn = attn.view(kv, group, rows, d)[:, :, : hi - lo]
         parts.append(attn.permute(2, 0, 1, 3).reshape(hi - lo, model.q_size))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -155,14 +171,16 @@ def decode_attention(
             values.reshape(groups, length, d),
             bias,
             model.scale,
+            model.attn_softcap,
         ).reshape(batch, model.q_size)
     longest = extents.groups[-1][1]
     keys_t, _ = cache.batch_view(layer, batch, longest)
-    scores = torch.baddbmm(
-        extents.shared_bias,
+    scores = scores_of(
         q.reshape(batch * kv, group, d),
         keys_t.reshape(batch * kv, d, longest),
-        alpha=model.scale,
+        extents.shared_bias,
+        model.scale,
+        model.attn_softcap,
     ).view(batch, kv, group, longest)
     if extents.shared_softmax:
         scores = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)

@@ -128,6 +128,8 @@ class DecoderModel(ForwardPasses, LayerArithmetic):
         )
         self.activation = ACTIVATIONS[activation]
         self.logit_softcap: float | None = getattr(config, "final_logit_softcapping", None)
+        # attention scores soft-capped before the mask (Gemma 2): torch's route applies it
+        self.attn_softcap: float | None = getattr(config, "attn_logit_softcapping", None)
 
         inner = self.decoder(hf_model)
         self.embed = self.embedding(inner)

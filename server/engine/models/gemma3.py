@@ -18,8 +18,6 @@ class Gemma3Model(DecoderModel):
     @classmethod
     def unsupported(cls, config) -> str | None:
         config = cls.text_config(config)
-        if getattr(config, "attn_logit_softcapping", None) is not None:
-            return "attention logit soft-capping"
         if getattr(config, "use_bidirectional_attention", False):
             return "bidirectional attention"
         return super().unsupported(config)

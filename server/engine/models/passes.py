@@ -370,6 +370,7 @@ class ForwardPasses:
                 values.reshape(rows * kv, length, d),
                 biases[w.window],
                 self.scale,
+                self.attn_softcap,
             )
             x = self._attention_output(w, x, attn.reshape(rows, self.q_size), layer_lora)
         return self._logits(x)
