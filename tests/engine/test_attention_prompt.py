@@ -211,6 +211,7 @@ def test_engine_prompt_attention_chooses_the_route(tiny, tiny_bf16, monkeypatch)
         SimpleNamespace(device="cpu", dtype=torch.float16, head_dim=64),
         SimpleNamespace(device="cpu", dtype=torch.bfloat16, head_dim=40),
         SimpleNamespace(device="cuda:0", dtype=torch.bfloat16, head_dim=64),
+        SimpleNamespace(device="cpu", dtype=torch.bfloat16, head_dim=64, attn_softcap=50.0),
     ):
         assert not attention_prompt.resolve("auto", unfit)
         with pytest.raises(ValueError, match="cannot run here"):
