@@ -49,6 +49,12 @@ def test_every_family_has_its_module():
     assert Phi3Model.LORA_GROUPS["qkv"] == ("qkv_proj",)
     assert LlamaModel.LORA_GROUPS["qkv"] == ("q_proj", "k_proj", "v_proj")
     assert Gemma3Model.MODEL_TYPES[0] == "gemma3_text"
+    from transformers import Gemma2Config
+
+    from server.engine.models import model_class
+
+    # biases the projections would drop: the fallback runner, with the reason
+    assert model_class(Gemma2Config(attention_bias=True)) == (None, "attention biases")
 
 
 def test_greedy_tokens_match_hugging_face(family):

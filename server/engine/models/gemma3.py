@@ -18,6 +18,8 @@ class Gemma3Model(DecoderModel):
     @classmethod
     def unsupported(cls, config) -> str | None:
         config = cls.text_config(config)
+        if getattr(config, "attention_bias", False):  # llama_projections reads no biases
+            return "attention biases"
         if getattr(config, "use_bidirectional_attention", False):
             return "bidirectional attention"
         return super().unsupported(config)
