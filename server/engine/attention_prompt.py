@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from server.engine import native
-from server.engine.attention_rows import rows_of_heads
+from server.engine.attention_rows import cpu_kernel_reason, rows_of_heads
 
 if TYPE_CHECKING:
     from server.engine.models.base import DecoderModel
@@ -26,17 +26,9 @@ logger = logging.getLogger(__name__)
 
 
 def unsupported_reason(model: DecoderModel) -> str | None:
-    """Why this model's prompts cannot attend on the kernel here, or None where they can: a
-    CPU, bf16 or float32, head_dim a multiple of 16, the kernels built (AVX2)."""
-    if not str(model.device).startswith("cpu"):
-        return f"the kernel runs on a CPU, not {model.device}"
-    if model.dtype not in (torch.bfloat16, torch.float32):
-        return f"the kernel takes bf16 or float32, not {model.dtype}"
-    if model.head_dim % 16:
-        return f"head_dim {model.head_dim} is not a multiple of 16"
-    if getattr(model, "attn_softcap", None) is not None:
-        return "attention scores are soft-capped (torch's route applies the cap)"
-    return native.unavailable_reason()
+    """Why this model's prompts cannot attend on the kernel here, or None where they can:
+    what every CPU attention kernel needs (attention_rows.cpu_kernel_reason)."""
+    return cpu_kernel_reason(model, model.device)
 
 
 def uses_pairs(model: DecoderModel) -> bool:

@@ -31,12 +31,18 @@ class RowsPlan:
 
 def unsupported_reason(model: DecoderModel, device: str, fixed_layout: bool) -> str | None:
     """Why this model's decode steps cannot take the kernel here, or None where they can:
-    a CPU, a cache in bf16 or float32 whose layout moves (CUDA graphs keep theirs), head_dim
-    a multiple of 16, the kernels built."""
+    a cache whose layout moves (CUDA graphs keep theirs), and what every CPU attention
+    kernel needs (cpu_kernel_reason)."""
+    if fixed_layout and str(device).startswith("cpu"):
+        return "CUDA graphs' fixed cache layout"
+    return cpu_kernel_reason(model, device)
+
+
+def cpu_kernel_reason(model: DecoderModel, device: str) -> str | None:
+    """What ragtune's CPU attention kernels (decode's, and the prompt kernel's) need, or None:
+    a CPU, bf16 or float32, head_dim a multiple of 16, no soft cap, the kernels built."""
     if not str(device).startswith("cpu"):
         return f"the kernel runs on a CPU, not {device}"
-    if fixed_layout:
-        return "CUDA graphs' fixed cache layout"
     if model.dtype not in (torch.bfloat16, torch.float32):
         return f"the kernel takes bf16 or float32, not {model.dtype}"
     if model.head_dim % 16:
@@ -132,4 +138,12 @@ def rows_of_heads(x: torch.Tensor, d: int) -> torch.Tensor:
     return x.contiguous()
 
 
-__all__ = ["RowsPlan", "attend", "plan", "rotates", "rows_of_heads", "unsupported_reason"]
+__all__ = [
+    "RowsPlan",
+    "attend",
+    "cpu_kernel_reason",
+    "plan",
+    "rotates",
+    "rows_of_heads",
+    "unsupported_reason",
+]

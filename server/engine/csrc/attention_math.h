@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "vec8.h"
 
@@ -129,6 +130,22 @@ inline uint32_t pair_at(const uint16_t* x, int64_t i) {
   uint32_t pair;
   std::memcpy(&pair, x + i, 4);
   return pair;
+}
+
+// f(std::integral_constant<int, G>{}) with G = n for 1..7, else 8: the attention kernels
+// are templated on the query heads one task takes (their score sums live in registers)
+template <typename F>
+inline void with_heads(int64_t n, F&& f) {
+  switch (n) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{});
+  }
 }
 
 }  // namespace ragtune

@@ -256,26 +256,12 @@ constexpr int rows_for(int G) { return kMaxVectors / G > 0 ? kMaxVectors / G : 1
 // Rows [row0, row_end) of query heads first.. (G) of KV head h, rows_for(G) at a time
 void attend(const Prompt& s, int64_t h, int64_t first, int G, int64_t row0, int64_t row_end,
             Work& w) {
-  switch (G) {
-#define RAGTUNE_CASE(g)                                                 \
-  case g:                                                               \
-    for (int64_t r = row0; r < row_end; r += rows_for(g)) {             \
-      attend_block<rows_for(g), g>(s, h, first, r, row_end, w);         \
-    }                                                                   \
-    break;
-    RAGTUNE_CASE(1)
-    RAGTUNE_CASE(2)
-    RAGTUNE_CASE(3)
-    RAGTUNE_CASE(4)
-    RAGTUNE_CASE(5)
-    RAGTUNE_CASE(6)
-    RAGTUNE_CASE(7)
-    default:
-      for (int64_t r = row0; r < row_end; r += rows_for(8)) {
-        attend_block<rows_for(8), 8>(s, h, first, r, row_end, w);
-      }
-#undef RAGTUNE_CASE
-  }
+  ragtune::with_heads(G, [&](auto heads) {
+    constexpr int kG = decltype(heads)::value;
+    for (int64_t r = row0; r < row_end; r += rows_for(kG)) {
+      attend_block<rows_for(kG), kG>(s, h, first, r, row_end, w);
+    }
+  });
 }
 
 // ------------------------------------------------ 8 float lanes (float32, or bf16 without
@@ -466,26 +452,12 @@ __attribute__((target("avx2,fma"))) void attend_block_float(const Prompt& s, int
 
 void attend_float(const Prompt& s, int64_t h, int64_t first, int G, int64_t row0,
                   int64_t row_end, Work& w) {
-  switch (G) {
-#define RAGTUNE_CASE(g)                                                 \
-  case g:                                                               \
-    for (int64_t r = row0; r < row_end; r += rows_for(g)) {             \
-      attend_block_float<rows_for(g), g>(s, h, first, r, row_end, w);   \
-    }                                                                   \
-    break;
-    RAGTUNE_CASE(1)
-    RAGTUNE_CASE(2)
-    RAGTUNE_CASE(3)
-    RAGTUNE_CASE(4)
-    RAGTUNE_CASE(5)
-    RAGTUNE_CASE(6)
-    RAGTUNE_CASE(7)
-    default:
-      for (int64_t r = row0; r < row_end; r += rows_for(8)) {
-        attend_block_float<rows_for(8), 8>(s, h, first, r, row_end, w);
-      }
-#undef RAGTUNE_CASE
-  }
+  ragtune::with_heads(G, [&](auto heads) {
+    constexpr int kG = decltype(heads)::value;
+    for (int64_t r = row0; r < row_end; r += rows_for(kG)) {
+      attend_block_float<rows_for(kG), kG>(s, h, first, r, row_end, w);
+    }
+  });
 }
 
 }  // namespace

@@ -402,22 +402,10 @@ void attend(const Step& s, int64_t row, int64_t h, std::vector<float>& work, boo
   const int64_t group = s.heads / s.kv_heads;
   for (int64_t first = 0; first < group; first += kMaxGroup) {
     const int64_t n = group - first < kMaxGroup ? group - first : kMaxGroup;
-#define RAGTUNE_CASE(G)                                                       \
-  case G:                                                                     \
-    (pairs ? attend_heads_bf16<G> : attend_heads<G>)(s, row, h, first, work); \
-    break;
-    switch (n) {
-      RAGTUNE_CASE(1)
-      RAGTUNE_CASE(2)
-      RAGTUNE_CASE(3)
-      RAGTUNE_CASE(4)
-      RAGTUNE_CASE(5)
-      RAGTUNE_CASE(6)
-      RAGTUNE_CASE(7)
-      default:
-        (pairs ? attend_heads_bf16<8> : attend_heads<8>)(s, row, h, first, work);
-    }
-#undef RAGTUNE_CASE
+    ragtune::with_heads(n, [&](auto heads) {
+      constexpr int kG = decltype(heads)::value;
+      (pairs ? attend_heads_bf16<kG> : attend_heads<kG>)(s, row, h, first, work);
+    });
   }
 }
 
