@@ -78,7 +78,8 @@ class ModelConfig(_Section):
     threads: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
         "auto",
         description="torch intra-op threads: 'auto' follows the CPU share (cgroup quota, "
-        "CPU affinity, a Ray replica's num_cpus); a number; null for every core.",
+        "CPU affinity, a Ray replica's num_cpus), and the engine's team gives up a thread "
+        "while other work holds its cores; a number (that team, always); null for every core.",
     )
 
     @field_validator("source", mode="after")

@@ -95,7 +95,9 @@ def _load(state: ServerState) -> None:
             settings.engine.max_seq_len or limits.max_prompt_tokens + limits.max_new_tokens,
             loaded.context_length,
         )
-        engine = Engine(loaded, settings.engine, limits.max_queue, max_seq_len)
+        engine = Engine(
+            loaded, settings.engine, limits.max_queue, max_seq_len, settings.model.threads
+        )
         registry = build_registry(settings, engine)
         if settings.store.url is not None:  # follow the shared store from the start
             state.store_sync = StoreSync(settings, registry)

@@ -73,6 +73,12 @@ class Metrics:
         self.waiting = Gauge(
             "ragtune_sequences_waiting", "Requests waiting for a slot (queue depth)", registry=r
         )
+        self.engine_threads = Gauge(
+            "ragtune_engine_threads",
+            "Threads in the engine's team now (fewer than the CPU share while other work "
+            "holds its cores: model.threads auto)",
+            registry=r,
+        )
         self.prefix_hit_tokens = Gauge(
             "ragtune_prefix_cache_hit_tokens",
             "Prompt tokens restored from the prefix cache instead of computed, since start",
@@ -157,6 +163,7 @@ class Metrics:
         self.engine_info.info({**detect().as_labels(), **engine.runner.kernels()})
         self.running.set_function(lambda: engine.num_running)
         self.waiting.set_function(lambda: engine.num_waiting)
+        self.engine_threads.set_function(lambda: engine.team.threads)
         prefix = getattr(engine.runner, "prefix_cache", None)
         if prefix is not None:
             self.prefix_hit_tokens.set_function(lambda: prefix.hit_tokens)

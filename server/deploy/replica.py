@@ -68,9 +68,6 @@ class EngineReplica:
         await asyncio.to_thread(self.state.loaded.wait)
         if self.state.serving is None:
             raise RuntimeError(self.state.load_error or "the model did not load")
-        import torch
-
-        self.threads = torch.get_num_threads()  # model.threads: auto follows num_cpus
         self._reporter = asyncio.create_task(self._report_forever())
         logger.info("replica %s ready on %s (pid %d)", self.replica_id, self.host, os.getpid())
 
@@ -119,7 +116,7 @@ class EngineReplica:
             "resident_adapters": serving.registry.resident_ids() if serving else [],
             "running": serving.engine.num_running if serving else 0,
             "waiting": serving.engine.num_waiting if serving else 0,
-            "threads": self.threads,
+            "threads": serving.engine.team.threads if serving else 0,
             "admin_lease": self.front.held_lease(),
         }
         if with_metrics:

@@ -14,6 +14,7 @@ from ragtune.models import LoadedModel
 from server.engine.runner import build_runner
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Sequence
+from server.engine.team_size import team_for
 from server.engine.types import (
     EngineStoppedError,
     GenerationRequest,
@@ -69,7 +70,16 @@ class RequestStream:
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, config: EngineConfig, max_queue: int, max_seq_len: int):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        config: EngineConfig,
+        max_queue: int,
+        max_seq_len: int,
+        threads_setting: int | str | None = None,
+    ):
+        """`threads_setting`: `model.threads`; with `auto` the team shrinks while other work
+        holds its cores (team_size.py)."""
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.max_queue = max_queue
@@ -78,6 +88,7 @@ class Engine:
         self.runner = build_runner(loaded, config, max_seq_len)
         self.scheduler = Scheduler(self.runner, config.max_batch_tokens)
         self.scheduler.after_prefill = self.flush
+        self.team = team_for(loaded.device, threads_setting)
         self._wake = threading.Event()
         self._stopping = False
         self._closed = False
@@ -145,6 +156,7 @@ class Engine:
     def _loop(self) -> None:
         while not self._closed:
             if not self.scheduler.has_work():
+                self.team.pause()
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
@@ -154,6 +166,7 @@ class Engine:
                 logger.exception("engine step failed; failing the running requests")
                 self.scheduler.fail_running("generation failed: internal engine error")
             self.flush()
+            self.team.after_step()
 
 
 def _deliver(batch: list[tuple[RequestStream, StepOutput]]) -> None:

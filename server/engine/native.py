@@ -3,8 +3,9 @@ C++ compiler and loaded with ctypes. No torch headers: a plain library builds in
 and shares torch's OpenMP runtime (same soname, already loaded), so its threads are torch's.
 The kernels: the a8 GEMM (engine/a8.py), the decode LoRA rows (engine/lora_rowwise.py),
 decode and prompt attention (engine/attention_rows.py), RMSNorm (engine/rms_norm.py), the int8 head
-(engine/channel_int8.py), the sampler's greedy pass (engine/sampler.py) and a decode step's
-layers in one call (engine/decode_layers.py)."""
+(engine/channel_int8.py), the sampler's greedy pass (engine/sampler.py), a decode step's
+layers in one call (engine/decode_layers.py) and the ids of an OpenMP team's threads
+(engine/team_size.py)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ SOURCES = [
     CSRC / "channel_int8.cpp",
     CSRC / "argmax_rows.cpp",
     CSRC / "decode_layers.cpp",
+    CSRC / "team.cpp",
 ]
 HEADERS = [
     CSRC / "vec8.h",
@@ -159,6 +161,8 @@ def library() -> ctypes.CDLL:
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
         ctypes.c_int,
     ]  # fmt: skip
+    lib.team_thread_ids.restype = ctypes.c_int
+    lib.team_thread_ids.argtypes = [ctypes.c_int, ctypes.c_void_p]
     if lib.a8_isa() == 0:
         raise KernelUnavailable("ragtune's kernels need AVX2 and FMA, which this CPU lacks")
     return lib

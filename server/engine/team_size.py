@@ -1,0 +1,177 @@
+"""The engine's thread team, one thread smaller while other work holds its cores.
+
+Why: a decode step is hundreds of parallel regions, and each ends at a barrier that every
+thread of the team must reach. When a busy process shares a core with one of the team's
+threads, that thread gets the core only part of the time, in slices of milliseconds, and
+every region waits for it. Beside one busy-looping process the bundled SmolLM2 on 2 cores
+served c=16 at 42 tok/s against 642 alone (15x less); with one thread fewer the process has
+a core of its own and the engine runs at about half speed instead. `model.threads: auto`
+sizes the team from the CPU share an operator set (ragtune/cpu_share.py); this handles the
+work nobody accounted for (a build beside the server, a second server on the same cores).
+
+How: every thread of the team counts the time it was runnable but waited for a core (the
+kernel's /proc/self/task/<tid>/schedstat). Over each `window_s` of engine steps, the thread
+that waited longest decides: alone the team's threads wait 3-11 % (the server's event loop,
+a client on the same machine), beside a busy process 44-47 %. Above `wait_share` the team
+loses a thread, down to one; it tries one more after `first_retry_s`, doubling the delay
+while tries fail, up to `longest_retry_s`. A try is judged over `try_window_s`: a failed
+one costs a step or two at the contended speed.
+ragtune's kernels give the same bits at any thread count (csrc/), so a team change alters
+none of their results; torch's own GEMMs (prompt chunks) may round differently at another
+count.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TeamPolicy:
+    window_s: float = 0.5  # engine time each verdict sums the waits over
+    try_window_s: float = 0.1  # ... and a try's (one step, where the try slows steps)
+    wait_share: float = 0.25  # a thread waiting more of a window than this: cores contended
+    first_retry_s: float = 1.0  # after a shrink, when the team first tries one more thread
+    longest_retry_s: float = 15.0  # the longest delay between tries while they fail
+
+
+def schedstat_waits(tids: Sequence[int]) -> list[int] | None:
+    """ns each thread has waited for a core so far (schedstat's second field); None where a
+    thread has ended or the kernel keeps no schedstat."""
+    try:
+        return [int(Path(f"/proc/self/task/{t}/schedstat").read_text().split()[1]) for t in tids]
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def native_team_ids(threads: int) -> list[int]:
+    """The OS ids of the calling thread's OpenMP team of `threads` (csrc/team.cpp)."""
+    from server.engine import native
+
+    ids = (ctypes.c_int64 * threads)()
+    size = native.library().team_thread_ids(threads, ids)
+    return list(ids[:size])
+
+
+class FixedTeam:
+    """The team as started: `model.threads` set to a number, a GPU, or no way to see waits."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+
+    def pause(self) -> None:
+        pass
+
+    def after_step(self) -> None:
+        pass
+
+
+class TeamSizer:
+    """Called by the engine's thread only: after each step, and when it goes idle."""
+
+    def __init__(
+        self,
+        most: int,
+        policy: TeamPolicy = TeamPolicy(),
+        *,
+        team_ids: Callable[[int], list[int]] = native_team_ids,
+        waits: Callable[[Sequence[int]], list[int] | None] = schedstat_waits,
+        resize: Callable[[int], None] = torch.set_num_threads,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.most = most
+        self.threads = most
+        self.policy = policy
+        self._team_ids, self._waits, self._resize, self._clock = team_ids, waits, resize, clock
+        self._tids: list[int] | None = None  # read on the engine's thread, at its first step
+        self._window: tuple[float, list[int]] | None = None  # (start, waits then)
+        self._retry_at = 0.0
+        self._retry_delay = policy.first_retry_s
+        self._trying = False  # the team just grew: its next window is the try's verdict
+
+    def pause(self) -> None:
+        """The engine goes idle: the window restarts with the next step (idle time would
+        dilute the waits)."""
+        self._window = None
+
+    def after_step(self) -> None:
+        now = self._clock()
+        if self._window is None:
+            self._start(now)
+            return
+        start, before = self._window
+        if now - start < (self.policy.try_window_s if self._trying else self.policy.window_s):
+            return
+        after = self._waits(self._tids or [])
+        if after is None:  # a thread of the team ended: read the team again
+            self._start(now, fresh_ids=True)
+            return
+        waited = max(b - a for a, b in zip(before, after, strict=True))
+        share = waited / 1e9 / (now - start)
+        if share > self.policy.wait_share and self.threads > 1:
+            self._shrink(now, share, now - start)
+        elif self._trying:
+            self._trying = False
+            self._retry_delay = self.policy.first_retry_s
+            self._retry_at = now + self._retry_delay
+            logger.info("engine threads stay %d: the team waited %.0f%% for a core",
+                        self.threads, 100 * share)  # fmt: skip
+        elif self.threads < self.most and now >= self._retry_at:
+            self._set(self.threads + 1)
+            self._trying = True
+            logger.info("engine threads %d -> %d: trying one more", self.threads - 1, self.threads)
+        self._start(now, fresh_ids=self._tids is None or len(self._tids) != self.threads)
+
+    def _shrink(self, now: float, share: float, seconds: float) -> None:
+        if self._trying:  # the try failed: wait longer before the next
+            self._retry_delay = min(2 * self._retry_delay, self.policy.longest_retry_s)
+        else:
+            self._retry_delay = self.policy.first_retry_s
+        self._trying = False
+        self._retry_at = now + self._retry_delay
+        self._set(self.threads - 1)
+        logger.info(
+            "engine threads %d -> %d: a thread of the team waited %.0f%% of the last %.1f s "
+            "for a core (other work on these cores); trying %d again in %.0f s",
+            self.threads + 1, self.threads, 100 * share, seconds,
+            self.threads + 1, self._retry_delay,
+        )  # fmt: skip
+
+    def _set(self, threads: int) -> None:
+        self.threads = threads
+        self._resize(threads)
+
+    def _start(self, now: float, fresh_ids: bool = False) -> None:
+        if self._tids is None or fresh_ids:
+            self._tids = self._team_ids(self.threads)
+        waits = self._waits(self._tids)
+        self._window = (now, waits) if waits is not None else None
+        if waits is None:  # a thread of the team ended meanwhile: read the team again
+            self._tids = None
+
+
+def team_for(device: str, threads_setting: int | str | None) -> TeamSizer | FixedTeam:
+    """A sizer where the team may be shrunk: `model.threads: auto` on a CPU of more than one
+    thread, with the kernels built (they name the team's threads) and schedstat to read."""
+    threads = torch.get_num_threads()
+    if device != "cpu" or threads_setting != "auto" or threads < 2:
+        return FixedTeam(threads)
+    from server.engine import native
+
+    reason = native.unavailable_reason()
+    if reason is None and schedstat_waits([threading.get_native_id()]) is None:
+        reason = "this kernel keeps no /proc/self/task/<tid>/schedstat"
+    if reason is not None:
+        logger.info("engine threads stay %d whatever else runs here: %s", threads, reason)
+        return FixedTeam(threads)
+    return TeamSizer(threads)
