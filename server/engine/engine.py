@@ -156,10 +156,10 @@ class Engine:
     def _loop(self) -> None:
         while not self._closed:
             if not self.scheduler.has_work():
-                self.team.pause()
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
+            self.team.before_step()
             try:
                 self.scheduler.step()
             except Exception:  # the engine thread must outlive any one step

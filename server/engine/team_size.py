@@ -12,10 +12,11 @@ work nobody accounted for (a build beside the server, a second server on the sam
 How: every thread of the team counts the time it was runnable but waited for a core (the
 kernel's /proc/self/task/<tid>/schedstat). Over each `window_s` of engine steps, the thread
 that waited longest decides: alone the team's threads wait 3-11 % (the server's event loop,
-a client on the same machine), beside a busy process 44-47 %. Above `wait_share` the team
-loses a thread, down to one; it tries one more after `first_retry_s`, doubling the delay
-while tries fail, up to `longest_retry_s`. A try is judged over `try_window_s`: a failed
-one costs a step or two at the contended speed.
+a client on the same machine), behind Ray Serve's path at c=16 up to ~28 % (HAProxy, Ray's
+workers waking), beside a busy process 43-48 %. Above `wait_share` in `contended_windows`
+verdicts in a row the team loses a thread, down to one; it tries one more after
+`first_retry_s`, doubling the delay while tries fail, up to `longest_retry_s`. A try is
+judged over `try_window_s`: a failed one costs a step or two at the contended speed.
 ragtune's kernels give the same bits at any thread count (csrc/), so a team change alters
 none of their results; torch's own GEMMs (prompt chunks) may round differently at another
 count.
@@ -38,9 +39,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TeamPolicy:
-    window_s: float = 0.5  # engine time each verdict sums the waits over
-    try_window_s: float = 0.1  # ... and a try's (one step, where the try slows steps)
-    wait_share: float = 0.25  # a thread waiting more of a window than this: cores contended
+    window_s: float = 0.5  # seconds of engine steps each verdict sums the waits over
+    try_window_s: float = 0.1  # ... and a try's (a step or two where the try slows steps)
+    wait_share: float = 0.35  # a thread waiting more of a window than this: cores contended
+    contended_windows: int = 2  # verdicts in a row that take a thread away
     first_retry_s: float = 1.0  # after a shrink, when the team first tries one more thread
     longest_retry_s: float = 15.0  # the longest delay between tries while they fail
 
@@ -69,7 +71,7 @@ class FixedTeam:
     def __init__(self, threads: int) -> None:
         self.threads = threads
 
-    def pause(self) -> None:
+    def before_step(self) -> None:
         pass
 
     def after_step(self) -> None:
@@ -77,7 +79,9 @@ class FixedTeam:
 
 
 class TeamSizer:
-    """Called by the engine's thread only: after each step, and when it goes idle."""
+    """Called by the engine's thread only, around each step. Windows count the time steps
+    take, not idle time (an idle team waits for nothing), so short requests with gaps
+    between them add up to windows too."""
 
     def __init__(
         self,
@@ -94,32 +98,41 @@ class TeamSizer:
         self.policy = policy
         self._team_ids, self._waits, self._resize, self._clock = team_ids, waits, resize, clock
         self._tids: list[int] | None = None  # read on the engine's thread, at its first step
-        self._window: tuple[float, list[int]] | None = None  # (start, waits then)
+        self._busy = 0.0  # seconds of steps so far
+        self._step_began: float | None = None
+        self._window: tuple[float, list[int]] | None = None  # (busy then, waits then)
+        self._contended = 0  # contended verdicts in a row
         self._retry_at = 0.0
         self._retry_delay = policy.first_retry_s
         self._trying = False  # the team just grew: its next window is the try's verdict
 
-    def pause(self) -> None:
-        """The engine goes idle: the window restarts with the next step (idle time would
-        dilute the waits)."""
-        self._window = None
+    def before_step(self) -> None:
+        self._step_began = self._clock()
 
     def after_step(self) -> None:
         now = self._clock()
+        if self._step_began is not None:
+            self._busy += now - self._step_began
         if self._window is None:
-            self._start(now)
+            self._start()
             return
-        start, before = self._window
-        if now - start < (self.policy.try_window_s if self._trying else self.policy.window_s):
+        busy_then, before = self._window
+        seconds = self._busy - busy_then
+        if seconds < (self.policy.try_window_s if self._trying else self.policy.window_s):
             return
         after = self._waits(self._tids or [])
         if after is None:  # a thread of the team ended: read the team again
-            self._start(now, fresh_ids=True)
+            self._start(fresh_ids=True)
             return
-        waited = max(b - a for a, b in zip(before, after, strict=True))
-        share = waited / 1e9 / (now - start)
-        if share > self.policy.wait_share and self.threads > 1:
-            self._shrink(now, share, now - start)
+        waited = max(b - a for a, b in zip(before, after, strict=True)) / 1e9
+        share = waited / seconds
+        logger.debug("engine threads %d: one waited %.0f%% of %.2f s of steps for a core",
+                     self.threads, 100 * share, seconds)  # fmt: skip
+        self._contended = self._contended + 1 if share > self.policy.wait_share else 0
+        if self._contended and self._trying and self.threads > 1:
+            self._shrink(now, share, seconds)  # the try failed
+        elif self._contended >= self.policy.contended_windows and self.threads > 1:
+            self._shrink(now, share, seconds)
         elif self._trying:
             self._trying = False
             self._retry_delay = self.policy.first_retry_s
@@ -130,7 +143,7 @@ class TeamSizer:
             self._set(self.threads + 1)
             self._trying = True
             logger.info("engine threads %d -> %d: trying one more", self.threads - 1, self.threads)
-        self._start(now, fresh_ids=self._tids is None or len(self._tids) != self.threads)
+        self._start(fresh_ids=self._tids is None or len(self._tids) != self.threads)
 
     def _shrink(self, now: float, share: float, seconds: float) -> None:
         if self._trying:  # the try failed: wait longer before the next
@@ -138,11 +151,12 @@ class TeamSizer:
         else:
             self._retry_delay = self.policy.first_retry_s
         self._trying = False
+        self._contended = 0
         self._retry_at = now + self._retry_delay
         self._set(self.threads - 1)
         logger.info(
             "engine threads %d -> %d: a thread of the team waited %.0f%% of the last %.1f s "
-            "for a core (other work on these cores); trying %d again in %.0f s",
+            "of steps for a core (other work on these cores); trying %d again in %.0f s",
             self.threads + 1, self.threads, 100 * share, seconds,
             self.threads + 1, self._retry_delay,
         )  # fmt: skip
@@ -151,11 +165,11 @@ class TeamSizer:
         self.threads = threads
         self._resize(threads)
 
-    def _start(self, now: float, fresh_ids: bool = False) -> None:
+    def _start(self, fresh_ids: bool = False) -> None:
         if self._tids is None or fresh_ids:
             self._tids = self._team_ids(self.threads)
         waits = self._waits(self._tids)
-        self._window = (now, waits) if waits is not None else None
+        self._window = (self._busy, waits) if waits is not None else None
         if waits is None:  # a thread of the team ended meanwhile: read the team again
             self._tids = None
 

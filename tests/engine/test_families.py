@@ -215,3 +215,20 @@ def test_sliding_window_layers_keep_a_ring_of_positions_and_still_match_hugging_
     assert again == first == hf_greedy(loaded.model, long, 3), name
     for ours, theirs in zip(again_kv, first_kv, strict=True):
         assert torch.equal(ours, theirs)
+
+
+def test_gemma2_caps_the_final_logits_in_the_heads_dtype():
+    """Gemma2ForCausalLM divides, tanhs and multiplies the head's bf16 logits; capping them
+    after widening to float32 gives other values (and other ties for greedy decoding)."""
+    model = tiny_model("gemma2").to(torch.bfloat16)
+    loaded = LoadedModel(model, None, None, "f" * 64, "cpu", torch.bfloat16, "none")
+    ours = runner_for(loaded).model
+    hidden = torch.randn(4, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    hidden = (8 * hidden).to(torch.bfloat16)
+    cap = model.config.final_logit_softcapping
+    with torch.inference_mode():
+        head = model.lm_head(model.model.norm(hidden))
+        expected = (torch.tanh(head / cap) * cap).float()
+        assert torch.equal(ours._logits(hidden), expected)
+        widened = torch.tanh(head.float() / cap) * cap
+    assert not torch.equal(widened, expected)  # the test tells the two apart

@@ -88,14 +88,17 @@ class DecoderModel(ForwardPasses, LayerArithmetic):
     @classmethod
     def unsupported(cls, config) -> str | None:
         """None when this family's forward can run the model, else the reason it cannot."""
-        activation = getattr(config, "hidden_act", None) or getattr(
-            config, "hidden_activation", "silu"
-        )
+        activation = cls.activation_name(config)
         if activation not in ACTIVATIONS:
             return f"activation {activation!r}"
         if getattr(config, "mlp_bias", False):
             return "MLP biases"
         return None
+
+    @classmethod
+    def activation_name(cls, config) -> str:
+        """The MLP's activation, read as the family's Hugging Face code reads it."""
+        return getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", "silu")
 
     def __init__(
         self,
@@ -123,10 +126,7 @@ class DecoderModel(ForwardPasses, LayerArithmetic):
         self._kernel_norm_weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.vocab_size = config.vocab_size
         self.num_layers = config.num_hidden_layers
-        activation = getattr(config, "hidden_act", None) or getattr(
-            config, "hidden_activation", "silu"
-        )
-        self.activation = ACTIVATIONS[activation]
+        self.activation = ACTIVATIONS[self.activation_name(config)]
         self.logit_softcap: float | None = getattr(config, "final_logit_softcapping", None)
         # attention scores soft-capped before the mask (Gemma 2): torch's route applies it
         self.attn_softcap: float | None = getattr(config, "attn_logit_softcapping", None)

@@ -21,6 +21,11 @@ class GemmaFamily(DecoderModel):
             return "attention biases"
         return super().unsupported(config)
 
+    @classmethod
+    def activation_name(cls, config) -> str:
+        # Gemma*MLP reads `hidden_activation`; checkpoints may carry an older `hidden_act`
+        return getattr(config, "hidden_activation", None) or super().activation_name(config)
+
     def embedding(self, inner) -> torch.Tensor:
         # Gemma*TextScaledWordEmbedding: the row times sqrt(hidden) rounded to the dtype
         weight = inner.embed_tokens.weight.detach().to(self.dtype)

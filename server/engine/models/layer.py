@@ -155,7 +155,7 @@ class LayerArithmetic:
         return None if weight is None else (self._kernel_norm_weight(weight), self.eps)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(self._rms_norm(x, self.norm)).float()
-        if self.logit_softcap:
+        logits = self.lm_head(self._rms_norm(x, self.norm))
+        if self.logit_softcap:  # in the head's dtype, as Gemma2ForCausalLM caps them
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
-        return logits
+        return logits.float()
