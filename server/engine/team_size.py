@@ -4,10 +4,11 @@ Why: a decode step is hundreds of parallel regions, and each ends at a barrier t
 thread of the team must reach. When a busy process shares a core with one of the team's
 threads, that thread gets the core only part of the time, in slices of milliseconds, and
 every region waits for it. Beside one busy-looping process the bundled SmolLM2 on 2 cores
-served c=16 at 42 tok/s against 642 alone (15x less); with one thread fewer the process has
-a core of its own and the engine runs at about half speed instead. `model.threads: auto`
-sizes the team from the CPU share an operator set (ragtune/cpu_share.py); this handles the
-work nobody accounted for (a build beside the server, a second server on the same cores).
+served c=16 at 36 tok/s against 773-874 alone (21x less); with one thread fewer the
+process has a core of its own and the engine runs at about half speed instead (456-496
+tok/s). `model.threads: auto` sizes the team from the CPU share an operator set
+(ragtune/cpu_share.py); this handles the work nobody accounted for (a build beside the
+server, a second server on the same cores).
 
 How: every thread of the team counts the time it was runnable but waited for a core (the
 kernel's /proc/self/task/<tid>/schedstat). Over each `window_s` of engine steps, the thread
