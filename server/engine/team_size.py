@@ -5,10 +5,10 @@ thread of the team must reach. When a busy process shares a core with one of the
 threads, that thread gets the core only part of the time, in slices of milliseconds, and
 every region waits for it. Beside one busy-looping process the bundled SmolLM2 on 2 cores
 served c=16 at 36 tok/s against 773-874 alone (21x less); with one thread fewer the
-process has a core of its own and the engine runs at about half speed instead (456-496
-tok/s). `model.threads: auto` sizes the team from the CPU share an operator set
-(ragtune/cpu_share.py); this handles the work nobody accounted for (a build beside the
-server, a second server on the same cores).
+process has a core of its own and the engine runs at about half speed instead (495 tok/s,
+97 % of a one-thread server's). `model.threads: auto` sizes the team from the CPU share an
+operator set (ragtune/cpu_share.py); this handles the work nobody accounted for (a build
+beside the server, a second server on the same cores).
 
 How: every thread of the team counts the time it was runnable but waited for a core (the
 kernel's /proc/self/task/<tid>/schedstat). Over each `window_s` of engine steps, the thread
@@ -16,8 +16,11 @@ that waited longest decides: alone the team's threads wait 3-11 % (the server's 
 a client on the same machine), behind Ray Serve's path at c=16 up to ~28 % (HAProxy, Ray's
 workers waking), beside a busy process 43-48 %. Above `wait_share` in `contended_windows`
 verdicts in a row the team loses a thread, down to one; it tries one more after
-`first_retry_s`, doubling the delay while tries fail, up to `longest_retry_s`. A try is
-judged over `try_window_s`: a failed one costs a step or two at the contended speed.
+`first_retry_s`, doubling the delay while tries fail, up to `longest_retry_s`. Where
+/proc/stat shows the process's CPUs idle `free_cores` of a window (the other work has gone),
+a try comes at that verdict (`first_retry_s` after the last change at the soonest); while
+they show no free core, only every `longest_retry_s` (in case the idle time misleads). A
+try is judged over `try_window_s`: a failed one costs a step or two at the contended speed.
 ragtune's kernels give the same bits at any thread count (csrc/), so a team change alters
 none of their results; torch's own GEMMs (prompt chunks) may round differently at another
 count.
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -46,6 +50,7 @@ class TeamPolicy:
     contended_windows: int = 2  # verdicts in a row that take a thread away
     first_retry_s: float = 1.0  # after a shrink, when the team first tries one more thread
     longest_retry_s: float = 15.0  # the longest delay between tries while they fail
+    free_cores: float = 0.5  # idle cores (of this process's CPUs) a try needs, where known
 
 
 def schedstat_waits(tids: Sequence[int]) -> list[int] | None:
@@ -55,6 +60,23 @@ def schedstat_waits(tids: Sequence[int]) -> list[int] | None:
         return [int(Path(f"/proc/self/task/{t}/schedstat").read_text().split()[1]) for t in tids]
     except (OSError, IndexError, ValueError):
         return None
+
+
+def idle_reader(cpus: set[int]) -> Callable[[], float | None]:
+    """Seconds `cpus` have been idle so far (/proc/stat: idle + iowait), or None where
+    /proc/stat is not there to read."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    names = {f"cpu{cpu}" for cpu in cpus}
+
+    def idle() -> float | None:
+        try:
+            lines = Path("/proc/stat").read_text().splitlines()
+            fields = [line.split() for line in lines if line.split(" ", 1)[0] in names]
+            return sum(int(f[4]) + int(f[5]) for f in fields) / tick if fields else None
+        except (OSError, IndexError, ValueError):
+            return None
+
+    return idle
 
 
 def native_team_ids(threads: int) -> list[int]:
@@ -93,18 +115,22 @@ class TeamSizer:
         waits: Callable[[Sequence[int]], list[int] | None] = schedstat_waits,
         resize: Callable[[int], None] = torch.set_num_threads,
         clock: Callable[[], float] = time.monotonic,
+        idle: Callable[[], float | None] = lambda: None,
     ) -> None:
         self.most = most
         self.threads = most
         self.policy = policy
         self._team_ids, self._waits, self._resize, self._clock = team_ids, waits, resize, clock
+        self._idle = idle
         self._tids: list[int] | None = None  # read on the engine's thread, at its first step
         self._busy = 0.0  # seconds of steps so far
         self._step_began: float | None = None
-        self._window: tuple[float, list[int]] | None = None  # (busy then, waits then)
+        # busy time, the team's waits, wall time and the CPUs' idle time when it began
+        self._window: tuple[float, list[int], float, float | None] | None = None
         self._contended = 0  # contended verdicts in a row
         self._retry_at = 0.0
         self._retry_delay = policy.first_retry_s
+        self._changed_at = 0.0  # when the team last changed size
         self._trying = False  # the team just grew: its next window is the try's verdict
 
     def before_step(self) -> None:
@@ -117,7 +143,7 @@ class TeamSizer:
         if self._window is None:
             self._start()
             return
-        busy_then, before = self._window
+        busy_then, before, wall_then, idle_then = self._window
         seconds = self._busy - busy_then
         if seconds < (self.policy.try_window_s if self._trying else self.policy.window_s):
             return
@@ -140,11 +166,22 @@ class TeamSizer:
             self._retry_at = now + self._retry_delay
             logger.info("engine threads stay %d: the team waited %.0f%% for a core",
                         self.threads, 100 * share)  # fmt: skip
-        elif self.threads < self.most and now >= self._retry_at:
+        elif self.threads < self.most and self._try_due(now, wall_then, idle_then):
             self._set(self.threads + 1)
             self._trying = True
             logger.info("engine threads %d -> %d: trying one more", self.threads - 1, self.threads)
         self._start(fresh_ids=self._tids is None or len(self._tids) != self.threads)
+
+    def _try_due(self, now: float, wall_then: float, idle_then: float | None) -> bool:
+        """Where the CPUs' idle time is known, a try waits for a free core (the other work
+        has gone), and for `longest_retry_s` at most; elsewhere it follows the delays."""
+        idle_now = self._idle()
+        if idle_then is None or idle_now is None or now <= wall_then:
+            return now >= self._retry_at
+        free = (idle_now - idle_then) / (now - wall_then)
+        since = now - self._changed_at
+        room = free >= self.policy.free_cores and since >= self.policy.first_retry_s
+        return room or since >= self.policy.longest_retry_s
 
     def _shrink(self, now: float, share: float, seconds: float) -> None:
         if self._trying:  # the try failed: wait longer before the next
@@ -164,13 +201,14 @@ class TeamSizer:
 
     def _set(self, threads: int) -> None:
         self.threads = threads
+        self._changed_at = self._clock()
         self._resize(threads)
 
     def _start(self, fresh_ids: bool = False) -> None:
         if self._tids is None or fresh_ids:
             self._tids = self._team_ids(self.threads)
         waits = self._waits(self._tids)
-        self._window = (self._busy, waits) if waits is not None else None
+        self._window = None if waits is None else (self._busy, waits, self._clock(), self._idle())
         if waits is None:  # a thread of the team ended meanwhile: read the team again
             self._tids = None
 
@@ -189,4 +227,4 @@ def team_for(device: str, threads_setting: int | str | None) -> TeamSizer | Fixe
     if reason is not None:
         logger.info("engine threads stay %d whatever else runs here: %s", threads, reason)
         return FixedTeam(threads)
-    return TeamSizer(threads)
+    return TeamSizer(threads, idle=idle_reader(os.sched_getaffinity(0)))

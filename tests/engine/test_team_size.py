@@ -39,16 +39,19 @@ class Machine:
         self.resized: list[int] = []
         self.ids_read = 0
         self.gone = False  # a thread of the team has ended: its schedstat cannot be read
+        self.free = 0.0  # idle cores of the process's CPUs while time passes
+        self.idle_total = 0.0  # seconds those CPUs have been idle so far
 
     def advance(self, seconds: float, sizer: TeamSizer) -> None:
         """Steps of 0.05 s for `seconds`, the sizer called around each."""
         for _ in range(round(seconds / 0.05)):
             sizer.before_step()
             self.now += 0.05
+            self.idle_total += self.free * 0.05
             self.waited = [w + int(self.share * 0.05e9) for w in self.waited]
             sizer.after_step()
 
-    def sizer(self, most: int = 2) -> TeamSizer:
+    def sizer(self, most: int = 2, idle_known: bool = False) -> TeamSizer:
         def team_ids(threads: int) -> list[int]:
             self.ids_read += 1
             return list(range(threads))
@@ -60,6 +63,7 @@ class Machine:
             waits=lambda tids: None if self.gone else [self.waited[t] for t in tids],
             resize=self.resized.append,
             clock=lambda: self.now,
+            idle=(lambda: self.idle_total) if idle_known else (lambda: None),
         )
 
 
@@ -133,6 +137,28 @@ def test_the_team_shrinks_one_thread_at_a_time_and_grows_back_to_its_share() -> 
     machine.share = 0.0
     machine.advance(8, sizer)
     assert sizer.threads == 4 and machine.resized == [3, 2, 3, 4]
+
+
+def test_where_idle_time_is_known_tries_wait_for_a_free_core() -> None:
+    """/proc/stat's idle time of the process's CPUs: while the busy process holds its core
+    there is no free core and the team tries only every `longest_retry_s` (4 s here) instead
+    of after 1, 2, 4 s; once it ends the idle core shows and the team is whole at the next
+    verdict."""
+    machine = Machine()
+    sizer = machine.sizer(idle_known=True)
+    machine.share, machine.free = 0.5, 0.0
+    machine.advance(1.1, sizer)
+    assert machine.resized == [1]
+    machine.advance(10, sizer)
+    tries = machine.resized.count(2)
+    assert tries == 2  # at ~5 s and ~9 s (the blind delays would have tried 4 times)
+    machine.share, machine.free = 0.03, 0.9  # the busy process ended: a core sits idle
+    ended = machine.now
+    while sizer.threads < 2 and machine.now < ended + 5:
+        machine.advance(0.05, sizer)
+    assert sizer.threads == 2 and machine.now - ended <= POLICY.window_s + 0.11
+    machine.advance(5, sizer)
+    assert sizer.threads == 2
 
 
 def test_short_requests_with_idle_gaps_add_up_to_windows() -> None:
