@@ -134,6 +134,27 @@ struct Work {
   std::vector<char> seen;      // [padded / 16] whether any row sees a block of keys
 };
 
+// A block of R query rows (rows of them real): ext[r] = each row's key extent (0 past the
+// real rows); w.seen = which blocks of 16 keys any of them sees (masked scores weigh
+// nothing: their sums need not be computed). Returns the longest extent.
+// Both bodies' set-up.
+template <int R>
+inline int64_t block_extents(const Prompt& s, int64_t row0, int64_t rows, int64_t* ext,
+                             Work& w) {
+  int64_t extent = 0;
+  for (int r = 0; r < R; ++r) {
+    ext[r] = r < rows ? s.extents[row0 + r] : 0;
+    if (ext[r] > extent) extent = ext[r];
+  }
+  const int64_t padded = (extent + 15) / 16 * 16;
+  w.seen.assign(padded / 16, 0);
+  for (int r = 0; r < rows; ++r) {
+    const char* sees = s.sees + (row0 + r) * s.key_blocks;
+    for (int64_t b = 0; b < padded / 16; ++b) w.seen[b] |= sees[b];
+  }
+  return extent;
+}
+
 // scores[n][0..padded) = q_n . key_t (lanes past `length`: zero keys; past a row's own
 // extent: keys its softmax masks)
 template <int N>
@@ -199,19 +220,8 @@ RAGTUNE_BF16_TARGET void attend_block(const Prompt& s, int64_t h, int64_t first,
   const int64_t rows = row_end - row0 < R ? row_end - row0 : R;
   const float* bias = s.bias_f + row0 * s.length;  // the rows' masks, length apart
   int64_t ext[R];
-  int64_t extent = 0;
-  for (int r = 0; r < R; ++r) {
-    ext[r] = r < rows ? s.extents[row0 + r] : 0;
-    if (ext[r] > extent) extent = ext[r];
-  }
+  const int64_t extent = block_extents<R>(s, row0, rows, ext, w);
   const int64_t padded = (extent + 15) / 16 * 16;
-  // which blocks of 16 keys any of the rows sees (masked scores weigh nothing: their sums
-  // need not be computed)
-  w.seen.assign(padded / 16, 0);
-  for (int r = 0; r < rows; ++r) {
-    const char* sees = s.sees + (row0 + r) * s.key_blocks;
-    for (int64_t b = 0; b < padded / 16; ++b) w.seen[b] |= sees[b];
-  }
   w.query.assign(N * half, 0u);
   for (int r = 0; r < rows; ++r) {
     const uint16_t* q = s.q + (row0 + r) * s.q_stride + first * d;
@@ -412,17 +422,8 @@ __attribute__((target("avx2,fma"))) void attend_block_float(const Prompt& s, int
   const int64_t rows = row_end - row0 < R ? row_end - row0 : R;
   const float* bias = s.bias_f + row0 * s.length;
   int64_t ext[R];
-  int64_t extent = 0;
-  for (int r = 0; r < R; ++r) {
-    ext[r] = r < rows ? s.extents[row0 + r] : 0;
-    if (ext[r] > extent) extent = ext[r];
-  }
+  const int64_t extent = block_extents<R>(s, row0, rows, ext, w);
   const int64_t padded = (extent + 15) / 16 * 16;
-  w.seen.assign(padded / 16, 0);
-  for (int r = 0; r < rows; ++r) {
-    const char* sees = s.sees + (row0 + r) * s.key_blocks;
-    for (int64_t b = 0; b < padded / 16; ++b) w.seen[b] |= sees[b];
-  }
   w.query_float.assign(N * d, 0.0f);
   for (int r = 0; r < rows; ++r) {
     const int64_t at = (row0 + r) * s.q_stride + first * d;
