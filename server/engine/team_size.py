@@ -208,7 +208,8 @@ class TeamSizer:
         if self._tids is None or fresh_ids:
             self._tids = self._team_ids(self.threads)
         waits = self._waits(self._tids)
-        self._window = None if waits is None else (self._busy, waits, self._clock(), self._idle())
+        idle = self._idle() if self.threads < self.most else None  # only tries read it
+        self._window = None if waits is None else (self._busy, waits, self._clock(), idle)
         if waits is None:  # a thread of the team ended meanwhile: read the team again
             self._tids = None
 
