@@ -79,6 +79,12 @@ class Metrics:
             "holds its cores: model.threads auto)",
             registry=r,
         )
+        self.engine_threads_fewest = Gauge(
+            "ragtune_engine_threads_fewest",
+            "The fewest threads the engine's team may shrink to: the smallest team that gives "
+            "the full team's bits (checked at start-up); the team's size where it never shrinks",
+            registry=r,
+        )
         self.prefix_hit_tokens = Gauge(
             "ragtune_prefix_cache_hit_tokens",
             "Prompt tokens restored from the prefix cache instead of computed, since start",
@@ -164,6 +170,7 @@ class Metrics:
         self.running.set_function(lambda: engine.num_running)
         self.waiting.set_function(lambda: engine.num_waiting)
         self.engine_threads.set_function(lambda: engine.team.threads)
+        self.engine_threads_fewest.set(engine.team.fewest)
         prefix = getattr(engine.runner, "prefix_cache", None)
         if prefix is not None:
             self.prefix_hit_tokens.set_function(lambda: prefix.hit_tokens)

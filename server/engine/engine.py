@@ -14,6 +14,7 @@ from ragtune.models import LoadedModel
 from server.engine.runner import build_runner
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Sequence
+from server.engine.team_exactness import fewest_exact_threads
 from server.engine.team_size import team_for
 from server.engine.types import (
     EngineStoppedError,
@@ -88,7 +89,11 @@ class Engine:
         self.runner = build_runner(loaded, config, max_seq_len)
         self.scheduler = Scheduler(self.runner, config.max_batch_tokens)
         self.scheduler.after_prefill = self.flush
-        self.team = team_for(loaded.device, threads_setting)
+        self.team = team_for(
+            loaded.device,
+            threads_setting,
+            lambda most: fewest_exact_threads(self.runner, self.tokenizer, most),
+        )
         self._wake = threading.Event()
         self._stopping = False
         self._closed = False

@@ -80,6 +80,11 @@ class Sequence:
         elif text:
             self._emit(self._output(text))
 
+    @property
+    def prompt_scores(self) -> list[TokenLogprobs | None] | None:
+        """The prompt logprobs gathered so far (the first token's None), until handed out."""
+        return self._prompt_logprobs
+
     def add_prompt_logprobs(self, targets: list[int], scores) -> None:
         """One prompt chunk's scores (server.engine.models.RowScores) for `targets`."""
         if self._prompt_logprobs is None:

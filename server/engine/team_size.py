@@ -15,15 +15,15 @@ kernel's /proc/self/task/<tid>/schedstat). Over each `window_s` of engine steps,
 that waited longest decides: alone the team's threads wait 3-11 % (the server's event loop,
 a client on the same machine), behind Ray Serve's path at c=16 up to ~28 % (HAProxy, Ray's
 workers waking), beside a busy process 43-48 %. Above `wait_share` in `contended_windows`
-verdicts in a row the team loses a thread, down to one; it tries one more after
+verdicts in a row the team loses a thread, down to one (or to the fewest threads that give
+the full team's bits: team_exactness.py); it tries one more after
 `first_retry_s`, doubling the delay while tries fail, up to `longest_retry_s`. Where
 /proc/stat shows the process's CPUs idle `free_cores` of a window (the other work has gone),
 a try comes at that verdict (`first_retry_s` after the last change at the soonest); while
 they show no free core, only every `longest_retry_s` (in case the idle time misleads). A
 try is judged over `try_window_s`: a failed one costs a step or two at the contended speed.
-ragtune's kernels give the same bits at any thread count (csrc/), so a team change alters
-none of their results; torch's own GEMMs (prompt chunks) may round differently at another
-count.
+ragtune's kernels give the same bits at any thread count (csrc/); the library routes beside
+them are checked at start-up at every size the team may take (team_exactness.py).
 """
 
 from __future__ import annotations
@@ -93,6 +93,7 @@ class FixedTeam:
 
     def __init__(self, threads: int) -> None:
         self.threads = threads
+        self.fewest = threads
 
     def before_step(self) -> None:
         pass
@@ -116,8 +117,10 @@ class TeamSizer:
         resize: Callable[[int], None] = torch.set_num_threads,
         clock: Callable[[], float] = time.monotonic,
         idle: Callable[[], float | None] = lambda: None,
+        fewest: int = 1,
     ) -> None:
         self.most = most
+        self.fewest = fewest  # the smallest team with the full team's bits (team_exactness.py)
         self.threads = most
         self.policy = policy
         self._team_ids, self._waits, self._resize, self._clock = team_ids, waits, resize, clock
@@ -156,9 +159,9 @@ class TeamSizer:
         logger.debug("engine threads %d: one waited %.0f%% of %.2f s of steps for a core",
                      self.threads, 100 * share, seconds)  # fmt: skip
         self._contended = self._contended + 1 if share > self.policy.wait_share else 0
-        if self._contended and self._trying and self.threads > 1:
+        if self._contended and self._trying and self.threads > self.fewest:
             self._shrink(now, share, seconds)  # the try failed
-        elif self._contended >= self.policy.contended_windows and self.threads > 1:
+        elif self._contended >= self.policy.contended_windows and self.threads > self.fewest:
             self._shrink(now, share, seconds)
         elif self._trying:
             self._trying = False
@@ -214,9 +217,14 @@ class TeamSizer:
             self._tids = None
 
 
-def team_for(device: str, threads_setting: int | str | None) -> TeamSizer | FixedTeam:
+def team_for(
+    device: str,
+    threads_setting: int | str | None,
+    fewest_exact: Callable[[int], tuple[int, str | None]] = lambda most: (1, None),
+) -> TeamSizer | FixedTeam:
     """A sizer where the team may be shrunk: `model.threads: auto` on a CPU of more than one
-    thread, with the kernels built (they name the team's threads) and schedstat to read."""
+    thread, with the kernels built (they name the team's threads) and schedstat to read, down
+    to the smallest size `fewest_exact` finds giving the full team's bits (team_exactness.py)."""
     threads = torch.get_num_threads()
     if device != "cpu" or threads_setting != "auto" or threads < 2:
         return FixedTeam(threads)
@@ -225,7 +233,14 @@ def team_for(device: str, threads_setting: int | str | None) -> TeamSizer | Fixe
     reason = native.unavailable_reason()
     if reason is None and schedstat_waits([threading.get_native_id()]) is None:
         reason = "this kernel keeps no /proc/self/task/<tid>/schedstat"
+    fewest = 1
+    if reason is None:
+        fewest, why = fewest_exact(threads)
+        if why is not None:
+            logger.warning("engine threads shrink to %d at the fewest: %s", fewest, why)
+        if fewest >= threads:
+            reason = why
     if reason is not None:
         logger.info("engine threads stay %d whatever else runs here: %s", threads, reason)
         return FixedTeam(threads)
-    return TeamSizer(threads, idle=idle_reader(os.sched_getaffinity(0)))
+    return TeamSizer(threads, idle=idle_reader(os.sched_getaffinity(0)), fewest=fewest)

@@ -51,7 +51,7 @@ class Machine:
             self.waited = [w + int(self.share * 0.05e9) for w in self.waited]
             sizer.after_step()
 
-    def sizer(self, most: int = 2, idle_known: bool = False) -> TeamSizer:
+    def sizer(self, most: int = 2, idle_known: bool = False, fewest: int = 1) -> TeamSizer:
         def team_ids(threads: int) -> list[int]:
             self.ids_read += 1
             return list(range(threads))
@@ -64,6 +64,7 @@ class Machine:
             resize=self.resized.append,
             clock=lambda: self.now,
             idle=(lambda: self.idle_total) if idle_known else (lambda: None),
+            fewest=fewest,
         )
 
 
@@ -137,6 +138,17 @@ def test_the_team_shrinks_one_thread_at_a_time_and_grows_back_to_its_share() -> 
     machine.share = 0.0
     machine.advance(8, sizer)
     assert sizer.threads == 4 and machine.resized == [3, 2, 3, 4]
+
+
+def test_the_team_shrinks_no_further_than_its_exact_sizes() -> None:
+    machine = Machine()
+    sizer = machine.sizer(most=4, fewest=3)  # 2 threads gave other bits at start-up
+    machine.share = 0.5
+    machine.advance(6, sizer)  # failed tries of 4 come and go; 2 is never taken
+    assert sizer.threads == 3 and min(machine.resized) == 3
+    machine.share = 0.0
+    machine.advance(8, sizer)
+    assert sizer.threads == 4 and min(machine.resized) == 3
 
 
 def test_where_idle_time_is_known_tries_wait_for_a_free_core() -> None:
@@ -219,3 +231,8 @@ def test_which_engines_size_their_team(monkeypatch: pytest.MonkeyPatch) -> None:
     assert isinstance(team_for("cuda", "auto"), FixedTeam)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     assert isinstance(team_for("cpu", "auto"), FixedTeam)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    sizer = team_for("cpu", "auto", lambda most: (2, "1 thread gives other bits than 4"))
+    assert isinstance(sizer, TeamSizer) and (sizer.most, sizer.fewest) == (4, 2)
+    fixed = team_for("cpu", "auto", lambda most: (most, "3 threads give other bits than 4"))
+    assert isinstance(fixed, FixedTeam) and fixed.threads == fixed.fewest == 4

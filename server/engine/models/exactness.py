@@ -75,13 +75,6 @@ def gemm_rows_independent(model: DecoderModel) -> bool:
         factor = factor.to(model.dtype).to(model.device)
         return lambda x, wide: x @ factor
 
-    from server.engine.models.base import module_shapes  # base imports this module
-
-    by_module, lora_shapes = module_shapes(model), set()
-    for modules in model.LORA_GROUPS.values():  # (in, out) of A then B, as LoraSlots lays out
-        width = len(modules) * LORA_CHECK_RANK
-        lora_shapes.add((by_module[modules[0]][0], width))
-        lora_shapes.add((width, sum(by_module[m][1] for m in modules)))
     rows = WIDE_CHECK_ROWS
     return (
         all(same_rows(linear, n, False, 96, narrow) for linear, n in shapes)
@@ -90,9 +83,23 @@ def gemm_rows_independent(model: DecoderModel) -> bool:
         and same_rows(dense(64, model.hidden), model.hidden, False, 96, narrow)
         and same_rows(dense(model.hidden, 64), 64, False, 96, narrow)
         and all(
-            same_rows(lora_prompt(n, m), n, True, rows, lora_wide) for n, m in sorted(lora_shapes)
+            same_rows(lora_prompt(n, m), n, True, rows, lora_wide)
+            for n, m in lora_factor_shapes(model)
         )
     )
+
+
+def lora_factor_shapes(model: DecoderModel) -> list[tuple[int, int]]:
+    """(in, out) of each fused group's A then B factors at LORA_CHECK_RANK, as LoraSlots lays
+    them out (lora_apply.add_lora: a group's factors side by side)."""
+    from server.engine.models.base import module_shapes  # base imports this module
+
+    by_module, shapes = module_shapes(model), set()
+    for modules in model.LORA_GROUPS.values():
+        width = len(modules) * LORA_CHECK_RANK
+        shapes.add((by_module[modules[0]][0], width))
+        shapes.add((width, sum(by_module[m][1] for m in modules)))
+    return sorted(shapes)
 
 
 def prompt_attention_exact(model: DecoderModel, max_len: int, length: int = 1600) -> bool:
@@ -281,6 +288,7 @@ __all__ = [
     "PaddedExtents",
     "describe_sharing",
     "gemm_rows_independent",
+    "lora_factor_shapes",
     "padded_extents_exact",
     "prompt_attention_exact",
     "settle_wide_gemms",
