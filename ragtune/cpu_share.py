@@ -75,6 +75,22 @@ def resolve_threads(setting: int | str | None) -> int | None:
     return share.threads
 
 
+# MKL's strict conditional numerical reproducibility: its GEMMs' bits independent of the
+# thread count, on the best code path for the CPU
+MKL_STRICT_REPRODUCIBILITY = "AUTO,STRICT"
+
+
+def gemms_exact_at_any_thread_count() -> None:
+    """The engine's team sizer (server/engine/team_size.py) changes the thread count while it
+    serves. MKL's fp32 GEMMs (the prompt path where the CPU has no bf16: AVX2) split their
+    sums by it: at 1 and 2 threads, 16-112 rows times a 1536-deep weight came out in other
+    bits, and a prompt's logits with them. MKL's strict reproducible mode keeps them the same
+    (docs/performance.md gives its cost). MKL reads it once, at its first call in the
+    process, so this runs before the model loads; server/engine/team_exactness.py checks the
+    result. An operator's own MKL_CBWR is kept."""
+    os.environ.setdefault("MKL_CBWR", MKL_STRICT_REPRODUCIBILITY)
+
+
 def affinity_cpus() -> int | None:
     getter = getattr(os, "sched_getaffinity", None)
     if getter is None:  # macOS

@@ -82,12 +82,15 @@ class ServerState:
 
 def _load(state: ServerState) -> None:
     """Runs on a worker thread: the event loop answers /health while the model loads."""
+    from ragtune.cpu_share import gemms_exact_at_any_thread_count
     from ragtune.models import load_base_model
     from server.engine import Engine
     from server.engine.kernel_choice import packs_from_checkpoint
 
     try:
         settings = state.settings
+        if settings.model.threads == "auto":  # the engine's team may be resized
+            gemms_exact_at_any_thread_count()
         packs = packs_from_checkpoint(settings.engine, settings.model, settings.home)
         loaded = load_base_model(settings.model, settings.home, packs_projections=packs)
         limits = settings.limits

@@ -66,3 +66,15 @@ async def test_fp32_defaults_answer_and_keep_rows_independent_of_neighbours(avx2
         m for m in ADAPTERS if any(answers[m, p] != answers[BASE_MODEL, p] for p in PROMPTS[:3])
     ]
     assert len(changed) >= 2  # the adapters really run (one may end like the base here)
+
+
+def test_a_team_change_keeps_every_bit_on_the_fp32_path(avx2_server):
+    """fp32's prompt GEMMs are MKL's, which split their sums by the thread count unless in its
+    strict reproducible mode (ragtune/cpu_share.py); the start-up probe lets the team shrink
+    only where that holds (server/engine/team_exactness.py)."""
+    import openai
+
+    from tests.server.test_busy_neighbour import assert_team_changes_keep_every_bit
+
+    client = openai.OpenAI(base_url=avx2_server.v1, api_key=API_KEY, max_retries=0, timeout=120)
+    assert_team_changes_keep_every_bit(avx2_server, client)
