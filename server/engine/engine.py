@@ -86,7 +86,7 @@ class Engine:
         self.max_queue = max_queue
         self.max_seq_len = max_seq_len
         self.eos_ids = _eos_ids(loaded)
-        self.runner = build_runner(loaded, config, max_seq_len)
+        self.runner = build_runner(loaded, config, max_seq_len, threads_setting == "auto")
         self.scheduler = Scheduler(self.runner, config.max_batch_tokens)
         self.scheduler.after_prefill = self.flush
         self.team = team_for(

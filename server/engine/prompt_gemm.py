@@ -61,6 +61,7 @@ class WideWeight:
     def __init__(self, source: torch.Tensor | Callable[[], torch.Tensor]):
         self.source: torch.Tensor | Callable[[], torch.Tensor] | None = source
         self.packed: torch.Tensor | None = None  # set by use_row_blocks
+        self.block = ROW_BLOCK
         self.out_features = 0
 
     def dense(self) -> torch.Tensor:
@@ -68,14 +69,15 @@ class WideWeight:
             raise RuntimeError("the plain dense weight was freed for the blocked prompt GEMM")
         return self.source() if callable(self.source) else self.source
 
-    def use_row_blocks(self, on: bool) -> None:
-        """Blocks of ROW_BLOCK rows on prepacked weights (on), or one call per chunk (off)."""
+    def use_row_blocks(self, on: bool, block: int = ROW_BLOCK) -> None:
+        """Blocks of `block` rows on prepacked weights (on), or one call per chunk (off)."""
         if not on:
             self.packed = None
             return
         weight = self.dense()
         self.out_features = weight.shape[0]
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, ROW_BLOCK)
+        self.block = block
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, block)
 
     def drop_plain(self) -> None:
         """Free the plain dense copy once blocks are settled on (the packed one replaces it)."""
@@ -86,14 +88,41 @@ class WideWeight:
         if self.packed is None:
             return wide_linear(x, self.dense())
         rows = x.reshape(-1, x.shape[-1]).contiguous()
-        count = rows.shape[0]
-        if count % ROW_BLOCK:
-            rows = torch.cat((rows, rows.new_zeros(ROW_BLOCK - count % ROW_BLOCK, rows.shape[1])))
+        count, block = rows.shape[0], self.block
+        if count % block:
+            rows = torch.cat((rows, rows.new_zeros(block - count % block, rows.shape[1])))
         blocks = [
             torch.ops.mkldnn._linear_pointwise(
-                rows[start : start + ROW_BLOCK], self.packed, None, "none", [], ""
+                rows[start : start + block], self.packed, None, "none", [], ""
             )
-            for start in range(0, rows.shape[0], ROW_BLOCK)
+            for start in range(0, rows.shape[0], block)
         ]
         out = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
         return out[:count].view(*x.shape[:-1], self.out_features)
+
+
+def team_exact_block(weight: torch.Tensor, most: int) -> int:
+    """The largest row block (ROW_BLOCK, then halves down to a quarter of it) whose prepacked
+    GEMM on `weight` gives the same bits at every team size up to `most`, else ROW_BLOCK.
+
+    Why: oneDNN's AMX kernels may split a block's sums among the threads, by shape (on the
+    Xeon, 2 threads against 1: Gemma 3's down projection, 640 x 2048, differs in blocks of 128
+    and 256 rows, not 64; SmolLM2's four projections in none up to 128), and the engine's
+    team changes size while it serves (engine/team_size.py). A smaller block costs that GEMM
+    speed (Gemma's down at 512 rows: 1.88 ms in blocks of 64 against 1.48); where none keeps
+    the bits, the team's start-up probe keeps the team whole (engine/team_exactness.py)."""
+    generator = torch.Generator().manual_seed(4)
+    before = torch.get_num_threads()
+    try:
+        for block in (ROW_BLOCK, ROW_BLOCK // 2, ROW_BLOCK // 4):
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight, block)
+            x = torch.randn(block, weight.shape[1], generator=generator).to(weight.dtype)
+            outputs = []
+            for threads in range(most, 0, -1):
+                torch.set_num_threads(threads)
+                outputs.append(torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
+            if all(torch.equal(out, outputs[0]) for out in outputs[1:]):
+                return block
+    finally:
+        torch.set_num_threads(before)
+    return ROW_BLOCK

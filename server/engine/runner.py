@@ -35,9 +35,8 @@ from server.engine.models import (
     model_class,
     module_shapes,
 )
-from server.engine.models.exactness import PROMPT_KEY_MULTIPLE, describe_sharing
+from server.engine.models.exactness import PROMPT_KEY_MULTIPLE, describe_sharing, wide_weights
 from server.engine.prefix_cache import PrefixCache
-from server.engine.prompt_gemm import ROW_BLOCK
 from server.engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
@@ -59,6 +58,7 @@ class CompactRunner:
         max_seq_len: int,
         family: type[DecoderModel] | None = None,  # default: the one for the model's config
         static_decode: bool | None = None,  # default: on CUDA with engine.cuda_graphs
+        team_may_shrink: bool = False,  # model.threads auto (engine/team_size.py)
     ):
         if family is None:
             family, reason = model_class(loaded.model.config)
@@ -73,6 +73,7 @@ class CompactRunner:
             max_positions=max_seq_len,
             row_blocks=config.prompt_row_blocks,
             prompt_attention=config.prompt_attention,
+            team_may_shrink=team_may_shrink,
         )
         self.device = loaded.device
         self.max_seq_len = max_seq_len
@@ -177,7 +178,7 @@ class CompactRunner:
             "prefix_cache": "on" if self.prefix_cache is not None else "off",
             "prefill_rows": str(m.fixed_prefill_rows or "any"),
             # prompt chunks' dense GEMMs: one call a chunk, or fixed row blocks (prompt_gemm.py)
-            "prompt_gemm": f"blocks of {ROW_BLOCK}" if m.row_blocks else "plain",
+            "prompt_gemm": prompt_blocks(m) if m.row_blocks else "plain",
             # sliding-window layers' KV: a ring of this many positions, or the whole length
             "window_kv": f"ring {self.cache.ring}" if self.cache.ring else "full",
             "decode_graphs": self.graphs.describe() if self.graphs is not None else "off",
@@ -363,10 +364,18 @@ def prefix_namespace(seq: Sequence) -> str:
     return f"{adapter}|{seq.prompt_len > WIDE_ROWS}|{request.cache_namespace}"
 
 
-def build_runner(loaded: LoadedModel, config: EngineConfig, max_seq_len: int):
+def prompt_blocks(model: DecoderModel) -> str:
+    """The prompt GEMMs' row blocks, for the start-up log and the engine info metric."""
+    sizes = sorted({weight.block for layer in wide_weights(model) for weight in layer})
+    return "blocks of " + "/".join(str(size) for size in sizes)
+
+
+def build_runner(
+    loaded: LoadedModel, config: EngineConfig, max_seq_len: int, team_may_shrink: bool = False
+):
     family, reason = model_class(loaded.model.config)
     if family is not None:
-        return CompactRunner(loaded, config, max_seq_len, family)
+        return CompactRunner(loaded, config, max_seq_len, family, team_may_shrink=team_may_shrink)
     logger.warning(
         "compact engine does not support %s; using the serial fallback (no LoRA)", reason
     )

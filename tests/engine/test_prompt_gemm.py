@@ -17,7 +17,12 @@ from server.engine.a8 import A8Linear
 from server.engine.linear import DenseLinear, Int4Linear, Int8Linear, W8A8Layer, W8A8Linear
 from server.engine.models.attention import PROMPT_QUERY_BLOCK
 from server.engine.models.exactness import wide_weights
-from server.engine.prompt_gemm import ROW_BLOCK, row_blocks_supported, wide_linear
+from server.engine.prompt_gemm import (
+    ROW_BLOCK,
+    row_blocks_supported,
+    team_exact_block,
+    wide_linear,
+)
 from server.engine.runner import CompactRunner
 from tests.engine.test_runner import tiny, tiny_bf16  # noqa: F401  (fixtures)
 
@@ -81,11 +86,12 @@ needs_blocks = pytest.mark.skipif(
 
 
 @needs_blocks
+@pytest.mark.parametrize("block", [ROW_BLOCK, ROW_BLOCK // 2])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(("name", "kind"), prompt_kinds())
 @pytest.mark.parametrize(("out_features", "in_features"), SHAPES)
 def test_row_blocks_give_each_row_the_same_bits_in_any_chunk(
-    name, kind, out_features, in_features, dtype
+    name, kind, out_features, in_features, dtype, block
 ):
     """In blocks, a row's bits depend neither on the rows beside it nor on how many share its
     chunk (one, two, a block and one, several blocks), and the product is the dense one."""
@@ -93,11 +99,11 @@ def test_row_blocks_give_each_row_the_same_bits_in_any_chunk(
     weight = torch.randn(out_features, in_features, generator=generator).to(dtype)
     linear = kind(weight)
     plain = linear.wide.dense().clone()
-    linear.wide.use_row_blocks(True)
-    x = torch.randn(3 * ROW_BLOCK + 5, in_features, generator=generator).to(dtype)
+    linear.wide.use_row_blocks(True, block)
+    x = torch.randn(3 * block + 5, in_features, generator=generator).to(dtype)
     whole = linear(x, wide=True)
     assert whole.shape == (x.shape[0], out_features)
-    for lo, hi in ((0, 1), (0, 2), (7, 8), (3, 40), (1, ROW_BLOCK + 2), (50, x.shape[0])):
+    for lo, hi in ((0, 1), (0, 2), (7, 8), (3, 40), (1, block + 2), (50, x.shape[0])):
         assert torch.equal(linear(x[lo:hi], wide=True), whole[lo:hi]), (name, lo, hi)
     assert linear(x[:3].view(1, 3, -1), wide=True).shape == (1, 3, out_features)
     tolerance = (
@@ -108,6 +114,35 @@ def test_row_blocks_give_each_row_the_same_bits_in_any_chunk(
     assert torch.equal(linear(x[5:9], wide=True), whole[5:9])
     with pytest.raises(RuntimeError, match="freed"):
         linear.wide.dense()
+
+
+@pytest.mark.parametrize(("out_features", "in_features"), [*SHAPES, (640, 2048)])
+def test_the_blocks_chosen_for_a_shrinking_team_keep_their_bits_at_every_size(
+    out_features, in_features
+):
+    """(640, 2048): Gemma 3's down projection, which oneDNN's AMX kernels split among two
+    threads in blocks of 128 rows on the Xeon measured."""
+    if not row_blocks_supported(torch.bfloat16):
+        pytest.skip("no oneDNN prepacked bf16 linear here")
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randn(out_features, in_features, generator=generator).bfloat16()
+    before = torch.get_num_threads()
+    block = team_exact_block(weight, 2)
+    assert block in (ROW_BLOCK, ROW_BLOCK // 2, ROW_BLOCK // 4)
+    assert torch.get_num_threads() == before
+    wide = DenseLinear(weight).wide
+    wide.use_row_blocks(True, block)
+    x = torch.randn(3 * block + 5, in_features, generator=generator).bfloat16()
+    try:
+        torch.set_num_threads(2)
+        two = wide(x)
+        torch.set_num_threads(1)
+        one = wide(x)
+    finally:
+        torch.set_num_threads(before)
+    if block == ROW_BLOCK and not torch.equal(one, two):
+        pytest.skip("no block keeps this shape's bits here: the team's probe keeps the team")
+    assert torch.equal(one, two)
 
 
 def first_logits(runner: CompactRunner, prompts: list[list[int]]) -> list[torch.Tensor]:

@@ -110,6 +110,7 @@ class DecoderModel(ForwardPasses, LayerArithmetic):
         max_positions: int | None = None,  # the longest sequence served (rotary tables)
         row_blocks: bool = True,  # engine.prompt_row_blocks (exactness.settle_wide_gemms)
         prompt_attention: str = "auto",  # engine.prompt_attention (attention_prompt.resolve)
+        team_may_shrink: bool = False,  # model.threads auto: the engine's team changes size
     ):
         config = self.text_config(hf_model.config)
         self.config = config
@@ -188,7 +189,7 @@ class DecoderModel(ForwardPasses, LayerArithmetic):
         # any chunking by construction), else on torch's GEMMs (models/attention.py)
         self.prompt_kernel = attention_prompt.resolve(prompt_attention, self)
         self.rows_independent, self.row_blocks, self.padded_extents = settle_wide_gemms(
-            self, length, row_blocks
+            self, length, row_blocks, team_may_shrink
         )
         # Where the device sums by the row count (AMX bf16 kernels, MKL's fp32 GEMMs; with
         # prompt row blocks or without), decode's library GEMMs

@@ -14,7 +14,7 @@ import torch
 from server.engine.kv_cache import extent_classes
 from server.engine.linear import DenseLinear
 from server.engine.models.attention import PROMPT_QUERY_BLOCK, prompt_attention
-from server.engine.prompt_gemm import WideWeight, row_blocks_supported
+from server.engine.prompt_gemm import WideWeight, row_blocks_supported, team_exact_block
 
 if TYPE_CHECKING:
     from server.engine.models.base import DecoderModel
@@ -156,7 +156,7 @@ def wide_weights(model: DecoderModel) -> list[list[WideWeight]]:
 
 
 def settle_wide_gemms(
-    model: DecoderModel, max_len: int, allow_blocks: bool = True
+    model: DecoderModel, max_len: int, allow_blocks: bool = True, team_may_shrink: bool = False
 ) -> tuple[bool, bool, PaddedExtents]:
     """(rows independent, prompt GEMMs in row blocks, what decode attention may share).
 
@@ -166,7 +166,9 @@ def settle_wide_gemms(
     over padded keys too (prompt_attention_exact), the prompt GEMMs try fixed row blocks
     (prompt_gemm.py; not with `allow_blocks` false: engine.prompt_row_blocks). The check
     reads the first layer, so that layer goes first; the rest follow only if it passes, each
-    weight's plain dense copy freed as its packed one is made (peak: one layer's copies)."""
+    weight's plain dense copy freed as its packed one is made (peak: one layer's copies).
+    Where the engine's team may shrink (`model.threads: auto`), each weight shape's block is
+    the largest whose bits hold at every team size (prompt_gemm.team_exact_block)."""
     if gemm_rows_independent(model):
         return True, False, PaddedExtents()
     padded = padded_extents_exact(model, max_len)
@@ -176,10 +178,22 @@ def settle_wide_gemms(
         model.prompt_query_block = PROMPT_QUERY_BLOCK
         if not prompt_attention_exact(model, max_len):
             reason = "prompt attention depends on the chunking over padded keys"
+    blocks: dict[tuple[int, ...], int] = {}  # weight shape -> its row block
+
+    def use_blocks(weight: WideWeight) -> None:
+        if not team_may_shrink:
+            weight.use_row_blocks(True)
+            return
+        dense = weight.dense()
+        shape = tuple(dense.shape)
+        if shape not in blocks:
+            blocks[shape] = team_exact_block(dense, torch.get_num_threads())
+        weight.use_row_blocks(True, blocks[shape])
+
     if reason is None:
         try:
             for weight in layers[0]:
-                weight.use_row_blocks(True)
+                use_blocks(weight)
         except RuntimeError as error:  # oneDNN could not pack this dtype here
             reason = f"oneDNN could not prepack the weights: {error}"
     if reason is None and not gemm_rows_independent(model):
@@ -193,7 +207,7 @@ def settle_wide_gemms(
     for layer in layers:
         for weight in layer:
             if weight.packed is None:
-                weight.use_row_blocks(True)
+                use_blocks(weight)
             weight.drop_plain()
     return True, True, padded
 
