@@ -35,7 +35,13 @@ from server.engine.models import (
     model_class,
     module_shapes,
 )
-from server.engine.models.exactness import PROMPT_KEY_MULTIPLE, describe_sharing, wide_weights
+from server.engine.models.exactness import (
+    PROMPT_KEY_MULTIPLE,
+    describe_sharing,
+    padded_extents_exact,
+    torch_attention_unexact,
+    wide_weights,
+)
 from server.engine.prefix_cache import PrefixCache
 from server.engine.sequence import Sequence
 
@@ -79,6 +85,15 @@ class CompactRunner:
         self.max_seq_len = max_seq_len
         self.prefill_chunk = config.prefill_chunk
         m = self.model
+        if static_decode is None:
+            static_decode = config.cuda_graphs and str(loaded.device).startswith("cuda")
+        m.attention_kernel = attention_kernel(config, m, loaded.device, static_decode)
+        if m.rows_independent and not m.row_blocks and is_cpu(loaded.device):
+            reason = torch_attention_unexact(m, max_seq_len)
+            if reason is not None:  # computed apart, as where the GEMMs sum by the row count
+                logger.info("prompt rows computed apart: %s", reason)
+                m.rows_independent = False
+                m.padded_extents = padded_extents_exact(m, max_seq_len)
         if not m.rows_independent or m.row_blocks:  # this device sums by the row count
             m.fixed_decode_rows = config.max_batch_size
             if not is_cpu(loaded.device):  # padding a prompt forward is cheap beside launches
@@ -90,9 +105,6 @@ class CompactRunner:
                 # kernel's rows depend on their own keys alone: no padding)
                 if m.padded_extents.values and not m.prompt_kernel:
                     m.prompt_key_multiple = PROMPT_KEY_MULTIPLE
-        if static_decode is None:
-            static_decode = config.cuda_graphs and str(loaded.device).startswith("cuda")
-        m.attention_kernel = attention_kernel(config, m, loaded.device, static_decode)
         m.decode_layers = layers_kernel(config, m, loaded.device)
         # decode rows attend over extent classes (models/attention.py): torch's attention
         # on GEMMs whose summation order follows the extent

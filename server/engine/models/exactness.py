@@ -102,9 +102,11 @@ def lora_factor_shapes(model: DecoderModel) -> list[tuple[int, int]]:
     return sorted(shapes)
 
 
-def prompt_attention_exact(model: DecoderModel, max_len: int, length: int = 1600) -> bool:
+def prompt_attention_exact(
+    model: DecoderModel, max_len: int, length: int = 1600, key_multiple: int = PROMPT_KEY_MULTIPLE
+) -> bool:
     """Whether a prompt's attention rows come out the same computed whole and in chunks
-    (other query counts, other ends), each call over keys rounded up to PROMPT_KEY_MULTIPLE
+    (other query counts, other ends), each call over keys rounded up to `key_multiple`
     and masked past the row's position, with the model's head shapes in the cache's layout
     (what prefix reuse needs of attention where the GEMMs sum by the row count)."""
     generator = torch.Generator().manual_seed(2)
@@ -122,7 +124,7 @@ def prompt_attention_exact(model: DecoderModel, max_len: int, length: int = 1600
     )
 
     def rows(lo: int, hi: int) -> torch.Tensor:
-        end = min(-(-hi // PROMPT_KEY_MULTIPLE) * PROMPT_KEY_MULTIPLE, extent)
+        end = min(-(-hi // key_multiple) * key_multiple, extent)
         mask = model.mask(torch.arange(lo, hi, device=device), end, None)
         return prompt_attention(model, q[lo:hi], keys_t[:, :, :end], values[:, :end], mask)
 
@@ -141,6 +143,22 @@ def prompt_attention_exact(model: DecoderModel, max_len: int, length: int = 1600
     )
     chunks = [(lo, min(hi, length)) for lo, hi in cuts if lo < length]
     return all(torch.equal(rows(lo, hi), whole[lo:hi]) for lo, hi in chunks)
+
+
+def torch_attention_unexact(model: DecoderModel, max_len: int) -> str | None:
+    """Where every GEMM gives a row the same bits in any batch (no padding, no row blocks)
+    but attention runs on torch's GEMMs, why those would make a row's bits depend on its
+    chunking (prompt: keys end where the chunk ends) or on its batch (decode: rows attend
+    over the batch's longest extent, masked), else None. ragtune's attention kernels are
+    exact in both by construction; torch's bf16 GEMMs were, MKL's float32 ones sum the keys
+    by the extent (the AVX2 kind, whose GEMMs are row-independent in MKL's strict mode)."""
+    if not model.prompt_kernel and not prompt_attention_exact(model, max_len, key_multiple=1):
+        return "prompt attention on torch's GEMMs depends on the chunking here"
+    if not model.attention_kernel:
+        padded = padded_extents_exact(model, max_len)
+        if not (padded.softmax and padded.values):
+            return "decode attention on torch's GEMMs depends on the batch's longest extent here"
+    return None
 
 
 def wide_weights(model: DecoderModel) -> list[list[WideWeight]]:
@@ -306,5 +324,6 @@ __all__ = [
     "padded_extents_exact",
     "prompt_attention_exact",
     "settle_wide_gemms",
+    "torch_attention_unexact",
     "wide_weights",
 ]
