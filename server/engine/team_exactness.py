@@ -12,15 +12,14 @@ as the probe below gives the full team's bits: a size that fails costs speed bes
 
 The probe: two prompts (one on the wide prompt path, its prompt logprobs asked for as an echo
 asks, one short) prefilled and decoded together through the runner, greedy, their logits and
-logprobs compared bit for bit; then LoRA's library
-GEMMs at the model's factor shapes (LoRA factors are not in the probe's forward). The serial
-fallback runner (Hugging Face's modules, one sequence at a time) is outside ragtune's
-exactness checks altogether: there every size is allowed.
+logprobs compared bit for bit; then LoRA's library GEMMs at the model's factor shapes (LoRA
+factors are not in the probe's forward). The serial fallback runner (Hugging Face's modules,
+one sequence at a time) is outside ragtune's exactness checks altogether: there every size is
+allowed.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 
 import torch
@@ -29,8 +28,6 @@ from server.engine.models.exactness import lora_factor_shapes
 from server.engine.runner import CompactRunner
 from server.engine.sequence import Sequence
 from server.engine.types import GenerationRequest, SamplingParams
-
-logger = logging.getLogger(__name__)
 
 # a prompt longer than exactness.WIDE_ROWS (the wide prompt path, several chunks where
 # engine.prefill_chunk is short) and a short one, prefilled and decoded together
