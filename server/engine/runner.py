@@ -89,11 +89,11 @@ class CompactRunner:
             static_decode = config.cuda_graphs and str(loaded.device).startswith("cuda")
         m.attention_kernel = attention_kernel(config, m, loaded.device, static_decode)
         if m.rows_independent and not m.row_blocks and is_cpu(loaded.device):
-            reason = torch_attention_unexact(m, max_seq_len)
+            reason, padded = torch_attention_unexact(m, max_seq_len)
             if reason is not None:  # computed apart, as where the GEMMs sum by the row count
                 logger.info("prompt rows computed apart: %s", reason)
                 m.rows_independent = False
-                m.padded_extents = padded_extents_exact(m, max_seq_len)
+                m.padded_extents = padded or padded_extents_exact(m, max_seq_len)
         if not m.rows_independent or m.row_blocks:  # this device sums by the row count
             m.fixed_decode_rows = config.max_batch_size
             if not is_cpu(loaded.device):  # padding a prompt forward is cheap beside launches

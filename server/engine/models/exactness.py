@@ -145,20 +145,26 @@ def prompt_attention_exact(
     return all(torch.equal(rows(lo, hi), whole[lo:hi]) for lo, hi in chunks)
 
 
-def torch_attention_unexact(model: DecoderModel, max_len: int) -> str | None:
+def torch_attention_unexact(
+    model: DecoderModel, max_len: int
+) -> tuple[str | None, PaddedExtents | None]:
     """Where every GEMM gives a row the same bits in any batch (no padding, no row blocks)
     but attention runs on torch's GEMMs, why those would make a row's bits depend on its
     chunking (prompt: keys end where the chunk ends) or on its batch (decode: rows attend
-    over the batch's longest extent, masked), else None. ragtune's attention kernels are
-    exact in both by construction; torch's bf16 GEMMs were, MKL's float32 ones sum the keys
-    by the extent (the AVX2 kind, whose GEMMs are row-independent in MKL's strict mode)."""
+    over the batch's longest extent, masked), else None; with the decode check's result
+    where it ran (a runner that computes rows apart keeps it). ragtune's attention kernels
+    are exact in both by construction; torch's bf16 GEMMs were, MKL's float32 ones sum the
+    keys by the extent (the AVX2 kind, whose GEMMs are row-independent in MKL's strict
+    mode)."""
     if not model.prompt_kernel and not prompt_attention_exact(model, max_len, key_multiple=1):
-        return "prompt attention on torch's GEMMs depends on the chunking here"
-    if not model.attention_kernel:
-        padded = padded_extents_exact(model, max_len)
-        if not (padded.softmax and padded.values):
-            return "decode attention on torch's GEMMs depends on the batch's longest extent here"
-    return None
+        return "prompt attention on torch's GEMMs depends on the chunking here", None
+    if model.attention_kernel:
+        return None, None
+    padded = padded_extents_exact(model, max_len)
+    if not (padded.softmax and padded.values):
+        reason = "decode attention on torch's GEMMs depends on the batch's longest extent here"
+        return reason, padded
+    return None, padded
 
 
 def wide_weights(model: DecoderModel) -> list[list[WideWeight]]:
