@@ -40,6 +40,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -125,7 +126,10 @@ def load_adapters(url: str, admin: dict, root: Path, names: list[str]) -> None:
 
 
 def replicas_now(url: str, admin: dict) -> list[dict]:
-    return httpx.get(f"{url}/v1/replicas", headers=admin, timeout=10).json()["data"]
+    """The replicas listed now; none while no replica can answer (one replica, restarting:
+    HAProxy's 503)."""
+    response = httpx.get(f"{url}/v1/replicas", headers=admin, timeout=10)
+    return response.json()["data"] if response.status_code == 200 else []
 
 
 async def affinity(args, url: str, admin: dict, client: dict) -> dict:
@@ -222,7 +226,8 @@ async def failover(args, url: str, admin: dict, client: dict) -> dict:
         "in_flight_at_kill": victim["running"] + victim["waiting"],
         "failed_in_flight": len(failed_before),
         "failed_after_kill": len(failed_after),
-        "failed_statuses": sorted({str(r["status"]) for r in failed_before + failed_after}),
+        "failed_in_flight_statuses": dict(Counter(str(r["status"]) for r in failed_before)),
+        "failed_after_kill_statuses": dict(Counter(str(r["status"]) for r in failed_after)),
         "failure_samples": sorted({r["error"] for r in failed_before + failed_after})[:5],
         "recovery_s": round(recovered_at - killed_at, 1) if recovered_at else None,
         "served_by": sorted({r["replica"] for r in results if r["replica"]}),

@@ -10,5 +10,6 @@ router.py         adapter-affinity routing policy (Ray Serve's RequestRouter)
 directory.py      where replicas report themselves (resident adapters, load, metrics); admin lease
 app.py            the Serve application (also `serve run configs/ray/serve.yaml`)
 launch.py         the `ragtune serve --replicas` process: environment, Ray cluster, Serve, signals
+haproxy_errors.py `ragtune-haproxy`: Serve's HAProxy, its own errors in OpenAI's shape
 process.py        start that process and wait until every replica is ready (tests, bench)
 """

@@ -10,7 +10,9 @@ Replicas scale between `serve.min_replicas` and `serve.max_replicas` when both a
 
 from __future__ import annotations
 
+import logging
 import os
+from pathlib import Path
 from typing import Any
 
 from ray.serve import Application
@@ -18,9 +20,12 @@ from ray.serve.config import AutoscalingConfig, RequestRouterConfig
 
 from ragtune.config import Settings, load_settings
 from server.auth import KeyStore
+from server.deploy.haproxy_errors import WRAPPER_NAME
 from server.deploy.replica import EngineReplica
 from server.deploy.route_chooser import RouteChooser
 from server.deploy.router import STATS_PERIOD_S, AffinityRouter
+
+logger = logging.getLogger(__name__)
 
 
 def shared_settings(settings: Settings) -> tuple[dict[str, Any], KeyStore]:
@@ -41,6 +46,13 @@ def build(settings: Settings, replicas: int | None = None) -> Application:
             "ragtune on Ray Serve needs Serve's HAProxy ingress: start Ray (and `serve run`) "
             "with RAY_SERVE_ENABLE_HA_PROXY=1 and RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY=1 "
             "in the environment (docs/deploy.md); `ragtune serve --replicas` sets them itself"
+        )
+    if Path(os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH", "")).name != WRAPPER_NAME:
+        logger.warning(
+            "RAY_SERVE_HAPROXY_BINARY_PATH does not name %s: HAProxy's own answers (no "
+            "replica up, the route chooser restarting) reach clients as Serve's plain text, "
+            "not OpenAI's error JSON (docs/deploy.md)",
+            WRAPPER_NAME,
         )
     data, keys = shared_settings(settings)
     serve_config = settings.serve

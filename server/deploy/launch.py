@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
+import sys
 import threading
 import time
+from pathlib import Path
 
 from ragtune.config import Settings
 from ragtune.cpu_share import cpu_share
 from ragtune.launcher import free_settled_port
+from server.deploy.haproxy_errors import WRAPPER_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -57,9 +61,19 @@ def router_buffer_bytes(settings: Settings) -> int:
     return settings.limits.max_body_bytes + HEADER_ROOM_BYTES
 
 
+def haproxy_wrapper() -> str | None:
+    """The installed `ragtune-haproxy` script (Serve's HAProxy answering its own errors in
+    OpenAI's shape: haproxy_errors.py): beside this interpreter, else on PATH."""
+    beside = Path(sys.executable).with_name(WRAPPER_NAME)
+    return str(beside) if os.access(beside, os.X_OK) else shutil.which(WRAPPER_NAME)
+
+
 def run_replicated(settings: Settings, replicas: int, address: str | None) -> int:
     for name, value in SERVE_ENVIRONMENT.items():
         os.environ.setdefault(name, value)
+    wrapper = haproxy_wrapper()
+    if wrapper is not None:
+        os.environ.setdefault("RAY_SERVE_HAPROXY_BINARY_PATH", wrapper)
     os.environ.setdefault(
         "RAY_SERVE_HAPROXY_INGRESS_REQUEST_ROUTER_BUFSIZE", str(router_buffer_bytes(settings))
     )

@@ -14,6 +14,7 @@ import os
 import signal
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
@@ -108,6 +109,29 @@ def test_ready_counts_replicas_the_router_sends_to(cluster: ReplicatedServer) ->
             served.add(response.headers["x-ragtune-replica"])
     assert served == {r["id"] for r in replicas(cluster) if r["ready"]}
     assert len(served) == 2, served
+
+
+def serving_haproxy_configs(port: int) -> list[Path]:
+    """The configs of the HAProxy processes bound to `port`, as their command lines name them."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+            if "-f" in args[:-1] and Path(args[0]).name == "haproxy":
+                config = Path(args[args.index("-f") + 1])
+                if f"bind 127.0.0.1:{port}\n" in config.read_text():
+                    found.append(config)
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+def test_haproxy_runs_the_config_rewritten_for_openai_errors(cluster: ReplicatedServer) -> None:
+    """`ragtune serve --replicas` starts Serve's HAProxy through `ragtune-haproxy`
+    (tests/deploy/test_haproxy_errors.py: what the rewritten config answers)."""
+    port = int(cluster.base_url.rsplit(":", 1)[1])
+    configs = serving_haproxy_configs(port)
+    assert configs and all(c.name == "haproxy.ragtune.cfg" for c in configs)
 
 
 def test_openai_client_unchanged(cluster: ReplicatedServer) -> None:

@@ -24,7 +24,7 @@ pytest.importorskip("ray.serve")
 
 from ragtune.config import Settings
 from ragtune.launcher import free_settled_port
-from server.deploy.launch import SERVE_ENVIRONMENT, router_buffer_bytes
+from server.deploy.launch import SERVE_ENVIRONMENT, haproxy_wrapper, router_buffer_bytes
 from tests.deploy.tiny_cluster import tiny_replica_env
 from tests.engine.families import save_model_dir
 
@@ -80,6 +80,7 @@ def served(tmp_path_factory):
         **os.environ,
         **SERVE_ENVIRONMENT,  # what docs/deploy.md asks every `ray start` and `serve run` for
         "RAY_SERVE_HAPROXY_INGRESS_REQUEST_ROUTER_BUFSIZE": str(router_buffer_bytes(Settings())),
+        "RAY_SERVE_HAPROXY_BINARY_PATH": haproxy_wrapper(),  # $(command -v ragtune-haproxy)
         "RAY_SERVE_HAPROXY_STATS_PORT": str(free_settled_port()),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_settled_port()),
         **tiny_replica_env(root, API_KEY, ADMIN_KEY, BASE),
@@ -159,6 +160,30 @@ def test_keys_from_the_environment_hold(served) -> None:
         f"{base_url}/v1/replicas", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10
     )
     assert response.status_code == 403, response.text
+
+
+def test_a_route_chooser_restart_answers_in_openai_shape(served) -> None:
+    """POSTs while Serve restarts a SIGKILLed route chooser get OpenAI's error JSON (a 503 the
+    `openai` client retries), not HAProxy's plain text; then they are served again."""
+    import openai
+
+    base_url, _, _, tag = served
+    chooser = next(
+        pid
+        for pid in cluster_processes(tag)
+        if b"RouteChooser" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    )
+    os.kill(chooser, signal.SIGKILL)
+    body = {"model": BASE, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    response = httpx.post(f"{base_url}/v1/chat/completions", json=body, headers=auth, timeout=30)
+    assert response.status_code == 503, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert response.json()["error"]["code"] == "route_unavailable"
+    assert response.headers["retry-after"] == "1"
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=API_KEY, max_retries=30)
+    answer = client.chat.completions.create(**body)  # retried on each 503 until it is back
+    assert answer.choices[0].message.content is not None
 
 
 def test_ctrl_c_takes_the_cluster_down(served) -> None:
