@@ -1,5 +1,6 @@
 """How far the engine's thread team may shrink without changing a result: checked at start-up
-on this device, with the model's own forward, at every team size below the full one.
+on this device, with the model's own forward, at the team sizes below the full one (going
+down, for up to `PROBE_BUDGET_S` seconds of start-up).
 
 Why: the team sizer (team_size.py) changes the engine's thread count while it serves.
 ragtune's kernels (csrc/) split their work so that no sum depends on the thread count, but
@@ -20,6 +21,7 @@ allowed.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
@@ -35,6 +37,9 @@ PROBE_PROMPT_LENGTHS = (97, 5)
 PROBE_DECODE_STEPS = 3
 # rows of the LoRA probe's GEMMs: a decode batch and a prompt chunk
 PROBE_LORA_ROWS = (16, 100)
+# seconds of start-up the probe may take before it stops going down (on 2 cores it takes
+# 0.4-2.2 s in all: docs/performance.md, stop 40)
+PROBE_BUDGET_S = 5.0
 
 
 def probe_sequences(runner: CompactRunner, tokenizer) -> list[Sequence]:
@@ -119,19 +124,34 @@ def probe_outputs(runner: CompactRunner, tokenizer) -> list[torch.Tensor]:
 
 
 def fewest_exact_threads(
-    runner, tokenizer, most: int, resize: Callable[[int], None] = torch.set_num_threads
+    runner,
+    tokenizer,
+    most: int,
+    resize: Callable[[int], None] = torch.set_num_threads,
+    budget_s: float = PROBE_BUDGET_S,
+    clock: Callable[[], float] = time.monotonic,
 ) -> tuple[int, str | None]:
     """(the smallest team size from which every size up to `most` gives the full team's bits,
-    why it is not 1). Runs on the calling thread's team, which it leaves at `most`."""
+    why it is not 1). Runs on the calling thread's team, which it leaves at `most`. Sizes are
+    probed downwards, one forward each, until `budget_s` is spent (the next size below the
+    full team always): start-up stays bounded on a machine of many cores, and a team beside
+    busy work rarely needs to lose more than the few threads that work holds."""
     if not isinstance(runner, CompactRunner):
         return 1, None
     if runner.slots:  # the engine has not started yet: nothing may be resident
         raise RuntimeError("the team probe needs an idle runner")
+    started = clock()
     resize(most)
     full = probe_outputs(runner, tokenizer)
     fewest, reason = most, None
     try:
         for threads in range(most - 1, 0, -1):
+            if threads < most - 1 and clock() - started > budget_s:
+                reason = (
+                    f"sizes below {fewest} threads are unchecked: the start-up probe stops "
+                    f"after {budget_s:g} s"
+                )
+                break
             resize(threads)
             outputs = probe_outputs(runner, tokenizer)
             same = len(outputs) == len(full) and all(

@@ -78,6 +78,15 @@ def test_the_first_size_with_other_bits_is_the_floor(runner, threads, monkeypatc
     assert fewest_exact_threads(runner, None, 3)[0] == 3  # the team never shrinks
 
 
+def test_the_probe_stops_going_down_when_its_time_is_spent(runner, threads) -> None:
+    ticks = iter(range(100))
+    fewest, reason = fewest_exact_threads(runner, None, 4, budget_s=1.5, clock=lambda: next(ticks))
+    # started at 0; size 3 always; size 2 at 1 s; at 2 s the budget is spent
+    assert fewest == 2 and "sizes below 2 threads are unchecked" in reason
+    assert torch.get_num_threads() == 4
+    assert fewest_exact_threads(runner, None, 2, budget_s=0)[0] in (1, 2)  # one size: probed
+
+
 def test_the_serial_fallback_allows_every_size(tiny) -> None:  # noqa: F811  (a fixture)
     fallback = HFModelRunner(tiny, EngineConfig(max_batch_size=4), max_seq_len=128)
     assert fewest_exact_threads(fallback, None, 2) == (1, None)
