@@ -1,7 +1,9 @@
 # CPU image for `ragtune serve`; installs exactly as the Makefile does (make install + models).
 FROM python:3.11-slim
 
-ENV PYTHONDONTWRITEBYTECODE=1 \
+# the virtualenv's scripts on PATH: `ragtune`, and `ragtune-haproxy` for Ray Serve's HAProxy
+ENV PATH=/app/.venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     RAGTUNE_HOME=/data/ragtune \

@@ -129,7 +129,10 @@ def replicas_now(url: str, admin: dict) -> list[dict]:
     """The replicas listed now; none while no replica can answer (one replica, restarting:
     HAProxy's 503)."""
     response = httpx.get(f"{url}/v1/replicas", headers=admin, timeout=10)
-    return response.json()["data"] if response.status_code == 200 else []
+    if response.status_code == 503:
+        return []
+    response.raise_for_status()
+    return response.json()["data"]
 
 
 async def affinity(args, url: str, admin: dict, client: dict) -> dict:

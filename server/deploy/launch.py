@@ -21,7 +21,7 @@ from pathlib import Path
 from ragtune.config import Settings
 from ragtune.cpu_share import cpu_share
 from ragtune.launcher import free_settled_port
-from server.deploy.haproxy_errors import WRAPPER_NAME
+from server.deploy.haproxy_errors import HAPROXY_BINARY_VARIABLE, WRAPPER_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +72,9 @@ def run_replicated(settings: Settings, replicas: int, address: str | None) -> in
     for name, value in SERVE_ENVIRONMENT.items():
         os.environ.setdefault(name, value)
     wrapper = haproxy_wrapper()
-    if wrapper is not None:
-        os.environ.setdefault("RAY_SERVE_HAPROXY_BINARY_PATH", wrapper)
+    if address is None and wrapper is not None and not os.environ.get(HAPROXY_BINARY_VARIABLE):
+        # a cluster this process starts inherits it; one it joins has its own (docs/deploy.md)
+        os.environ[HAPROXY_BINARY_VARIABLE] = wrapper
     os.environ.setdefault(
         "RAY_SERVE_HAPROXY_INGRESS_REQUEST_ROUTER_BUFSIZE", str(router_buffer_bytes(settings))
     )

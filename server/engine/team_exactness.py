@@ -1,6 +1,6 @@
 """How far the engine's thread team may shrink without changing a result: checked at start-up
 on this device, with the model's own forward, at the team sizes below the full one (going
-down, for up to `PROBE_BUDGET_S` seconds of start-up).
+down, starting none after `PROBE_BUDGET_S` seconds of start-up).
 
 Why: the team sizer (team_size.py) changes the engine's thread count while it serves.
 ragtune's kernels (csrc/) split their work so that no sum depends on the thread count, but
@@ -133,9 +133,9 @@ def fewest_exact_threads(
 ) -> tuple[int, str | None]:
     """(the smallest team size from which every size up to `most` gives the full team's bits,
     why it is not 1). Runs on the calling thread's team, which it leaves at `most`. Sizes are
-    probed downwards, one forward each, until `budget_s` is spent (the next size below the
-    full team always): start-up stays bounded on a machine of many cores, and a team beside
-    busy work rarely needs to lose more than the few threads that work holds."""
+    probed downwards, one forward each, starting none once `budget_s` is spent (the next
+    size below the full team always): start-up stays bounded on a machine of many cores,
+    and a team beside busy work rarely needs to lose more than the few threads it holds."""
     if not isinstance(runner, CompactRunner):
         return 1, None
     if runner.slots:  # the engine has not started yet: nothing may be resident

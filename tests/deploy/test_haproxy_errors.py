@@ -100,20 +100,39 @@ def test_every_rule_it_rewrites_is_in_serves_template(tmp_path: Path) -> None:
         assert response.startswith(f"HTTP/1.1 {status} ".encode())
 
 
+def test_a_config_rewritten_already_comes_back_unchanged(tmp_path: Path) -> None:
+    """Serve may start HAProxy again on a config it has not written anew (a restart)."""
+    config = render_serve_config(tmp_path, free_port(), free_port())
+    once, _ = rewrite(config.read_text(), tmp_path)
+    assert rewrite(once, tmp_path) == (once, [])
+
+
+def test_serves_arguments_go_through_unchanged_whatever_the_rewrite_meets(tmp_path) -> None:
+    """HAProxy starts on Serve's own arguments (Serve finds its processes by the config path
+    in their command line), even where the config cannot be rewritten: then it says why."""
+    wrapper = haproxy_wrapper()
+    assert wrapper is not None
+    args = ["-db", "-f", str(tmp_path / "missing.cfg"), "-dR", "-sf", "123"]
+    env = {"RAGTUNE_HAPROXY_BINARY": "/bin/echo", "PATH": "/usr/bin:/bin"}
+    ran = subprocess.run([wrapper, *args], env=env, capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 0 and ran.stdout.split() == args
+    assert "missing.cfg" in ran.stderr and "stay plain text" in ran.stderr
+
+
 def test_what_it_cannot_find_it_names(tmp_path: Path) -> None:
     _, missing = rewrite("global\n    maxconn 10\n", tmp_path)
-    assert missing == [
-        "the route chooser's 503",
-        "the default backend's 404",
-        "the errorfile lines",
-    ]
+    assert missing == ["the default backend's 404", "the errorfile lines"]
+    # the chooser's rule only once Serve asks the chooser (it has replicas to choose among)
+    asking = "    http-request lua.route_via_ingress_request_router if METH_POST\n"
+    _, missing = rewrite(asking, tmp_path)
+    assert missing[0] == "the route chooser's 503"
 
 
 def test_the_route_chooser_unreachable_is_an_openai_503(haproxy) -> None:
     import openai
 
     base_url, folder = haproxy
-    assert (folder / "haproxy.ragtune.cfg").exists()  # Serve's config as the wrapper rewrote it
+    assert "route_unavailable" in (folder / "haproxy.cfg").read_text()  # rewritten in place
     client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="any", max_retries=0)
     with pytest.raises(openai.APIStatusError) as raised:
         client.completions.create(model="tiny", prompt="hi", max_tokens=2)
@@ -121,7 +140,7 @@ def test_the_route_chooser_unreachable_is_an_openai_503(haproxy) -> None:
     assert raised.value.code == "route_unavailable"
     assert "router_unreachable" in raised.value.message
     response = raised.value.response
-    assert response.headers["retry-after"] == "1"
+    assert response.headers["retry-after"] == "5"  # the SDK's 2 retries span a restart
     assert openai_error(response)["type"] == "service_unavailable"
 
 
