@@ -25,8 +25,7 @@ import torch
 
 from ragtune.config import load_settings
 from ragtune.cpu_share import gemms_exact_at_any_thread_count
-from ragtune.models import load_base_model
-from server.engine.kernel_choice import packs_from_checkpoint
+from server.engine.loading import load_for_engine
 from server.engine.runner import build_runner
 from server.engine.team_exactness import PROBE_BUDGET_S, fewest_exact_threads, probe_outputs
 
@@ -39,13 +38,7 @@ def main() -> None:
     args = parser.parse_args()
     gemms_exact_at_any_thread_count()  # as `model.threads: auto` does, before the first GEMM
     settings = load_settings()
-    packs = packs_from_checkpoint(settings.engine, settings.model, settings.home)
-    loaded = load_base_model(settings.model, settings.home, packs_projections=packs)
-    limits = settings.limits
-    max_seq_len = min(
-        settings.engine.max_seq_len or limits.max_prompt_tokens + limits.max_new_tokens,
-        loaded.context_length,
-    )
+    loaded, max_seq_len = load_for_engine(settings)
     runner = build_runner(loaded, settings.engine, max_seq_len, team_may_shrink=True)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()

@@ -83,23 +83,16 @@ class ServerState:
 def _load(state: ServerState) -> None:
     """Runs on a worker thread: the event loop answers /health while the model loads."""
     from ragtune.cpu_share import gemms_exact_at_any_thread_count
-    from ragtune.models import load_base_model
     from server.engine import Engine
-    from server.engine.kernel_choice import packs_from_checkpoint
+    from server.engine.loading import load_for_engine
 
     try:
         settings = state.settings
         if settings.model.threads == "auto":  # the engine's team may be resized
             gemms_exact_at_any_thread_count()
-        packs = packs_from_checkpoint(settings.engine, settings.model, settings.home)
-        loaded = load_base_model(settings.model, settings.home, packs_projections=packs)
-        limits = settings.limits
-        max_seq_len = min(
-            settings.engine.max_seq_len or limits.max_prompt_tokens + limits.max_new_tokens,
-            loaded.context_length,
-        )
+        loaded, max_seq_len = load_for_engine(settings)
         engine = Engine(
-            loaded, settings.engine, limits.max_queue, max_seq_len, settings.model.threads
+            loaded, settings.engine, settings.limits.max_queue, max_seq_len, settings.model.threads
         )
         registry = build_registry(settings, engine)
         if settings.store.url is not None:  # follow the shared store from the start
